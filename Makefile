@@ -1,0 +1,39 @@
+# Set-up and the two main commands, from a fresh machine with only Python:
+#   make test   create .venv if missing, install, run the test suite (what CI runs)
+#   make bench  same set-up, then the benchmark report for this machine (table, JSON, PNG, gates)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmkernels-installed
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml requirements/dev.txt requirements/constraints.txt
+BENCH_OUT ?= bench/out
+
+.PHONY: install test bench compile-gate info clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# --no-build-isolation: the extension builds against the torch already in the venv. An isolated
+# build would resolve "torch" on its own and download a multi-GB CUDA wheel.
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+
+bench: $(STAMP)
+	$(PY) -m mmkernels.cli bench --gate --out $(BENCH_OUT)
+
+compile-gate: $(STAMP)
+	$(PY) -m mmkernels.cli compile-gate
+
+info: $(STAMP)
+	$(PY) -m mmkernels.cli info
+
+clean:
+	rm -rf build *.egg-info mmkernels/*.so $(BENCH_OUT)

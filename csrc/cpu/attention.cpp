@@ -1,0 +1,271 @@
+// CPU attention driver (baseline flags, no torch headers): picks the ISA path, splits the work,
+// packs K/V once per (sequence, kv head), runs the items in one OpenMP region and reduces the
+// scores partial rows in a fixed order (deterministic for any thread count or schedule).
+#include "cpu/attention.h"
+
+#include <omp.h>
+
+#include <sched.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+namespace mmk {
+namespace cpu {
+
+namespace {
+
+int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up64(int64_t a, int64_t b) { return ceil_div64(a, b) * b; }
+
+const AttnImpl* impl_for(Isa isa, int dtype) {
+  switch (isa) {
+    case Isa::Avx512Bf16: return attn_impl_avx512(dtype, true);
+    case Isa::Avx512: return attn_impl_avx512(dtype, false);
+    case Isa::Avx2: return attn_impl_avx2(dtype);
+    default: return attn_impl_scalar(dtype);
+  }
+}
+
+void* alloc64(size_t bytes) {
+  if (bytes == 0) bytes = 64;
+  return std::aligned_alloc(64, round_up64((int64_t)bytes, 64));
+}
+
+// One reusable arena for packed K/V, scores partials and per-thread scratch. Fresh large
+// allocations cost a page fault per 4 KiB on first touch (several ms for ViT-sized calls), so the
+// arena is kept between calls. A concurrent call that finds it busy uses a temporary allocation.
+struct Arena {
+  std::mutex mu;
+  void* ptr = nullptr;
+  size_t cap = 0;
+  bool busy = false;
+};
+Arena g_arena;
+
+struct ArenaLease {
+  void* ptr = nullptr;
+  bool owned = false;  // true: temporary allocation, freed on release
+  explicit ArenaLease(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(g_arena.mu);
+      if (!g_arena.busy) {
+        if (g_arena.cap < bytes) {
+          std::free(g_arena.ptr);
+          g_arena.cap = 0;
+          g_arena.ptr = alloc64(bytes);
+          if (g_arena.ptr) g_arena.cap = bytes;
+        }
+        if (g_arena.ptr) {
+          g_arena.busy = true;
+          ptr = g_arena.ptr;
+          return;
+        }
+      }
+    }
+    ptr = alloc64(bytes);
+    owned = true;
+  }
+  ~ArenaLease() {
+    if (owned) {
+      std::free(ptr);
+    } else if (ptr) {
+      std::lock_guard<std::mutex> lock(g_arena.mu);
+      g_arena.busy = false;
+    }
+  }
+};
+
+}  // namespace
+
+const char* attention_cpu_isa(const char** error) { return isa_name(selected_isa(error)); }
+
+const char* attention_forward_cpu(const AttnParams& p) {
+  const char* err = nullptr;
+  const Isa isa = selected_isa(&err);
+  if (err) return err;
+  const AttnImpl* impl = impl_for(isa, p.dtype);
+  if (impl == nullptr) return "mmkernels: no CPU attention kernel in this build for the selected ISA";
+  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) return "mmkernels: Hq must be a multiple of Hkv";
+
+  const int64_t nseq = p.nseq;
+  const bool varlen = p.cu_q != nullptr;
+  std::vector<AttnSeq> seqs((size_t)nseq);
+  int64_t lk_max = 0;
+  for (int64_t b = 0; b < nseq; ++b) {
+    AttnSeq& s = seqs[b];
+    if (varlen) {
+      const int64_t q0 = p.cu_q[b], q1 = p.cu_q[b + 1], k0 = p.cu_k[b], k1 = p.cu_k[b + 1];
+      if (q0 < 0 || q1 < q0 || q1 > p.Sq)
+        return "mmkernels: cu_seqlens_q must be non-decreasing, start >= 0 and end <= total query rows";
+      if (k0 < 0 || k1 < k0 || k1 > p.Sk)
+        return "mmkernels: cu_seqlens_k must be non-decreasing, start >= 0 and end <= total key rows";
+      s = AttnSeq{0, 0, q0, k0, q1 - q0, k1 - k0};
+    } else {
+      s = AttnSeq{b, b, 0, 0, p.Sq, p.Sk};
+    }
+    if (s.Lk > lk_max) lk_max = s.Lk;
+  }
+
+  const int W = impl->W;
+  const int64_t eb = impl->elem_bytes;
+  const int64_t Dvp = round_up64(p.Dv, W);
+  const int Hq = p.Hq, Hkv = p.Hkv, group = p.Hq / p.Hkv;
+
+  // Packed K/V offsets per (sequence, kv head); -1 when nothing reads them.
+  const int64_t npack = nseq * Hkv;
+  std::vector<int64_t> koff((size_t)npack, -1), voff((size_t)npack, -1);
+  int64_t total = 0;
+  for (int64_t b = 0; b < nseq; ++b) {
+    const AttnSeq& s = seqs[b];
+    if (s.Lq == 0 || s.Lk == 0) continue;
+    const int64_t lkp = round_up64(s.Lk, W);
+    for (int kvh = 0; kvh < Hkv; ++kvh) {
+      koff[b * Hkv + kvh] = total;
+      total += round_up64(lkp * p.D * eb, 64);
+      voff[b * Hkv + kvh] = total;
+      total += round_up64(lkp * Dvp * eb, 64);
+    }
+  }
+
+  // Work items: (sequence, head, block of query rows). Blocks are balanced within a sequence and
+  // a multiple of the row tile where possible.
+  std::vector<AttnItem> items;
+  std::vector<int64_t> seq_item0((size_t)nseq + 1, 0);
+  for (int64_t b = 0; b < nseq; ++b) {
+    seq_item0[b] = (int64_t)items.size();
+    const int64_t Lq = seqs[b].Lq;
+    if (Lq == 0) continue;
+    const int64_t nblk = ceil_div64(Lq, kBQ);
+    int64_t rows = round_up64(ceil_div64(Lq, nblk), impl->row_tile);
+    if (rows > kBQ) rows = kBQ;
+    for (int h = 0; h < Hq; ++h)
+      for (int64_t q0 = 0; q0 < Lq; q0 += rows) {
+        const int64_t nq = Lq - q0 < rows ? Lq - q0 : rows;
+        items.push_back(AttnItem{b, h, (int32_t)q0, (int32_t)nq, nullptr});
+      }
+  }
+  seq_item0[nseq] = (int64_t)items.size();
+  const int64_t nitems = (int64_t)items.size();
+
+  // Scores partial rows and per-thread scratch sizes (floats).
+  const int mode = (p.scores != nullptr) ? p.scores_mode : 0;
+  const int64_t ldp = round_up64(lk_max > 0 ? lk_max : 1, kBK);
+  const int64_t nkb = ceil_div64(ldp, kBK);
+  int64_t npart = 0;
+  if (mode == 3) npart = nitems * ldp;
+  else if (mode == 1 || mode == 2) npart = nseq * Hq * ldp;
+  const int64_t nS = (int64_t)kBQ * kBK, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
+  const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
+  const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
+                             4 * kBQ + round_up64(nKeep, 16) + round_up64(nKeepM, 16);
+  int nthreads = p.nthreads > 0 ? p.nthreads : 1;
+  const int64_t maxwork = nitems > npack ? nitems : npack;
+  if (maxwork < nthreads) nthreads = maxwork > 0 ? (int)maxwork : 1;
+
+  const int64_t part_bytes = round_up64(npart * (int64_t)sizeof(float), 64);
+  const int64_t thread_bytes = round_up64(per_thread * (int64_t)sizeof(float), 64);
+  ArenaLease lease((size_t)(total + part_bytes + thread_bytes * nthreads));
+  if (!lease.ptr) return "mmkernels: out of memory (attention workspace)";
+  unsigned char* packbuf = (unsigned char*)lease.ptr;
+  float* part = (float*)(packbuf + total);
+  unsigned char* thread_mem = packbuf + total + part_bytes;
+  if (mode == 3) {
+    for (int64_t i = 0; i < nitems; ++i) items[i].part = part + i * ldp;
+  } else if (mode == 1 || mode == 2) {
+    for (int64_t i = 0; i < nitems; ++i) {
+      AttnItem& it = items[i];
+      const int64_t tr = mode == 1 ? 0 : seqs[it.seq].Lq - 1;
+      if (tr >= it.q0 && tr < it.q0 + it.nq) it.part = part + (it.seq * Hq + it.h) * ldp;
+    }
+  }
+
+
+  // K/V of a (sequence, kv head) are packed by the first thread that needs them (0 = not packed,
+  // 1 = being packed, 2 = ready): no separate packing pass, and the packed panels are still in
+  // cache when the items that read them run.
+  std::unique_ptr<std::atomic<int>[]> pack_state(new std::atomic<int>[npack > 0 ? npack : 1]);
+  for (int64_t t = 0; t < npack; ++t) pack_state[t].store(0, std::memory_order_relaxed);
+  auto ensure_packed = [&](int64_t t) {
+    std::atomic<int>& st = pack_state[t];
+    if (st.load(std::memory_order_acquire) == 2) return;
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      impl->pack(p, seqs[t / Hkv], (int)(t % Hkv), packbuf + koff[t], packbuf + voff[t]);
+      st.store(2, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; st.load(std::memory_order_acquire) != 2; ++spins) {
+      if (spins > 256) sched_yield();
+    }
+  };
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    float* mem = (float*)(thread_mem + thread_bytes * omp_get_thread_num());
+    AttnScratch sc{};
+    {
+      float* cur = mem;
+      sc.S = cur; cur += round_up64(nS, 16);
+      sc.P = cur; cur += round_up64(nS, 16);
+      sc.O = cur; cur += round_up64(nO, 16);
+      sc.Qf = cur; cur += round_up64(nQ, 16);
+      sc.rowbuf = cur; cur += 4 * kBQ;
+      sc.keep = mode ? cur : nullptr; cur += round_up64(nKeep, 16);
+      sc.keep_m = mode ? cur : nullptr;
+      sc.ldk = ldp;
+      sc.nkb = nkb;
+    }
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nitems; ++i) {
+      const AttnItem& it = items[i];
+      const int64_t t = it.seq * Hkv + it.h / group;
+      ensure_packed(t);
+      impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc);
+    }
+
+    if (mode != 0) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < nseq; ++b) {
+        const AttnSeq& s = seqs[b];
+        float* dst = p.scores + s.bq * p.sc_sb + s.k_begin * p.sc_ss;
+        if (s.Lq == 0) {
+          for (int64_t j = 0; j < s.Lk; ++j) dst[j * p.sc_ss] = 0.f;
+          continue;
+        }
+        // Sum partial rows in a fixed order into the first one, then scale.
+        float* acc;
+        int64_t nrows, stride;
+        float denom;
+        if (mode == 3) {
+          acc = items[seq_item0[b]].part;
+          nrows = seq_item0[b + 1] - seq_item0[b];
+          stride = ldp;  // items of one sequence have consecutive partial rows
+          denom = (float)Hq * (float)s.Lq;
+        } else {
+          acc = part + b * Hq * ldp;
+          nrows = Hq;
+          stride = ldp;
+          denom = (float)Hq;
+        }
+        for (int64_t r = 1; r < nrows; ++r) {
+          const float* src = acc + r * stride;
+          for (int64_t j = 0; j < s.Lk; ++j) acc[j] += src[j];
+        }
+        const float inv = 1.f / denom;
+        for (int64_t j = 0; j < s.Lk; ++j) dst[j * p.sc_ss] = acc[j] * inv;
+      }
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace cpu
+}  // namespace mmk

@@ -1,0 +1,103 @@
+// Fused attention forward on CPU: plain-pointer interface shared by the driver (attention.cpp), the
+// per-ISA kernels (attention_{avx512,avx2,scalar}.cpp) and the torch binding (ops.cpp).
+// No torch headers here: the ISA translation units include this file.
+// Semantics: docs/attention_kernel_contract.md.
+#pragma once
+
+#include <cstdint>
+
+namespace mmk {
+namespace cpu {
+
+enum AttnDtype : int { kF32 = 0, kBF16 = 1 };
+
+// Strides are in elements. The innermost stride of q/k/v/out/bias is 1 (checked in ops.cpp).
+struct AttnParams {
+  int dtype = kF32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_sb = 0, q_sh = 0, q_ss = 0;
+  int64_t k_sb = 0, k_sh = 0, k_ss = 0;
+  int64_t v_sb = 0, v_sh = 0, v_ss = 0;
+  int64_t o_sb = 0, o_sh = 0, o_ss = 0;
+  const float* bias = nullptr;  // (Bb, Hq, Sk); bias_sb = 0 when Bb == 1 in dense mode
+  int64_t bias_sb = 0, bias_sh = 0;
+  float* lse = nullptr;  // (B', Hq, Sq)
+  int64_t lse_sb = 0, lse_sh = 0, lse_ss = 0;
+  float* scores = nullptr;  // (B', Sk)
+  int64_t sc_sb = 0, sc_ss = 0;
+  const int32_t* cu_q = nullptr;  // varlen when non-null (then cu_k too)
+  const int32_t* cu_k = nullptr;
+  int64_t nseq = 0;               // number of sequences
+  int64_t Sq = 0, Sk = 0;         // dense lengths (per-sequence in dense mode)
+  int Hq = 0, Hkv = 0, D = 0, Dv = 0;
+  bool causal = false;
+  float scale = 1.f;
+  int scores_mode = 0;  // 0 none, 1 cls, 2 last, 3 mean
+  int nthreads = 1;
+};
+
+// One sequence's placement.
+struct AttnSeq {
+  int64_t bq;      // batch index into q/out/lse (0 in varlen mode)
+  int64_t bk;      // batch index into k/v/bias (0 in varlen mode)
+  int64_t q_begin; // first query row in the Sq axis
+  int64_t k_begin; // first key row in the Sk axis
+  int64_t Lq, Lk;
+};
+
+// One unit of parallel work: query rows [q0, q0 + nq) of sequence `seq`, head h.
+struct AttnItem {
+  int64_t seq;
+  int32_t h;
+  int32_t q0, nq;
+  float* part;  // scores partial row for this item (mean mode) or for (seq, h) (cls/last); may be null
+};
+
+// Per-thread scratch, allocated by the driver (sizes from the block constants below).
+struct AttnScratch {
+  float* S;      // BQ * BK   logits of the current block
+  float* P;      // BQ * BK   probabilities (fp32, or bf16 pairs for the dot-product path)
+  float* O;      // BQ * Dvp  output accumulator
+  float* Qf;     // BQ * D    query rows converted to float (bf16 input on non-bf16 paths)
+  float* rowbuf; // 4 * BQ    m, l, alpha, limits
+  float* keep;   // BQ * ldk  kept probabilities for scores (rows that contribute), may be null
+  float* keep_m; // BQ * nkb  running max at the time each block's probabilities were kept
+  int64_t ldk;   // row stride of keep (>= Lk max rounded up to BK)
+  int64_t nkb;   // row stride of keep_m
+};
+
+// Block sizes shared by every path (the driver sizes scratch with them).
+constexpr int kBQ = 64;   // max query rows per item
+constexpr int kBK = 64;   // keys per block (multiple of every panel width, even)
+
+// What one ISA path provides.
+struct AttnImpl {
+  const char* name;
+  int W;           // key panel width (lanes)
+  int elem_bytes;  // bytes per packed K/V element (4 float, 2 bf16 pairs)
+  int row_tile;    // preferred query-row multiple for blocks
+  // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
+  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero.
+  void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp);
+  // Computes one item (out, lse, scores partial).
+  void (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
+              const void* vp, const AttnScratch& sc);
+};
+
+// Implementations available in this build; nullptr if the path does not support the dtype.
+const AttnImpl* attn_impl_scalar(int dtype);
+const AttnImpl* attn_impl_avx2(int dtype);
+const AttnImpl* attn_impl_avx512(int dtype, bool bf16_dot);
+
+// Runs the op. Returns nullptr on success, else a static error message.
+const char* attention_forward_cpu(const AttnParams& p);
+
+// Name of the path a call with this dtype would use now ("avx512_bf16", "avx512", "avx2",
+// "scalar"); sets *error if MMKERNELS_CPU_ISA is invalid.
+const char* attention_cpu_isa(const char** error);
+
+}  // namespace cpu
+}  // namespace mmk

@@ -1,0 +1,83 @@
+// AVX2 + FMA attention path (compiled with -mavx2 -mfma -mf16c by setup.py). fp32 micro-kernels;
+// bf16 inputs are widened to fp32 when packing. No torch headers in this file (see attention.h).
+#include "cpu/attention.h"
+
+#if !defined(MMK_NO_X86)
+#include <immintrin.h>
+
+#include "cpu/attention_kernel.h"
+
+namespace mmk {
+namespace cpu {
+namespace {
+
+struct V256 {
+  static constexpr int W = 8;
+  static constexpr int RS = 6;   // S tile: 6 rows x 2 panels = 12 accumulators
+  static constexpr int RPV = 4;  // P.V tile: 4 rows x up to 2 vectors
+  static constexpr int CPV = 2;
+  using T = __m256;
+  static inline T zero() { return _mm256_setzero_ps(); }
+  static inline T set1(float x) { return _mm256_set1_ps(x); }
+  static inline T load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static inline __m256i lanes(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline T loadn(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
+  static inline void storen(float* p, T v, int n) { _mm256_maskstore_ps(p, lanes(n), v); }
+  static inline T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static inline T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static inline T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static inline float hmax(T a) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  static inline float hsum(T a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  static inline float first(T a) { return _mm256_cvtss_f32(a); }
+  static inline T mask_ge(T x, int n) {
+    return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, _mm256_castsi256_ps(lanes(n)));
+  }
+  // 2^x for x <= 0 (x = -inf -> 0): 2^n built in the exponent field; n = -127 gives +0.
+  static inline T exp2(T x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
+    const T n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T r = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(kLn2));
+    T y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+};
+
+using K256 = AttnKernel<V256, MicroF32<V256>>;
+const AttnImpl kImpl = {"avx2", 8, 4, 6, &K256::pack, &K256::run};
+
+}  // namespace
+
+const AttnImpl* attn_impl_avx2(int) { return &kImpl; }
+
+}  // namespace cpu
+}  // namespace mmk
+
+#else  // MMK_NO_X86
+namespace mmk {
+namespace cpu {
+const AttnImpl* attn_impl_avx2(int) { return nullptr; }
+}  // namespace cpu
+}  // namespace mmk
+#endif

@@ -1,0 +1,264 @@
+// AVX-512 attention path (compiled with -mavx512f/bw/vl/dq/bf16/vnni -mfma -mf16c by setup.py).
+// Two flavours:
+//   "avx512"      fp32 FMA micro-kernels; bf16 inputs are widened to fp32 when packing.
+//   "avx512_bf16" bf16 inputs only: Q.K^T and P.V with vdpbf16ps on pair-interleaved panels,
+//                 P rounded to bf16 for P.V, fp32 accumulation. Only selected when CPUID reports
+//                 AVX512_BF16; no bf16 instruction is reachable from the plain "avx512" flavour.
+// No torch headers in this file (see attention.h).
+#include "cpu/attention.h"
+
+#if !defined(MMK_NO_X86)
+// GCC 12 reports false "may be used uninitialized" inside its own _mm512_reduce_* intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "cpu/attention_kernel.h"
+
+namespace mmk {
+namespace cpu {
+namespace {
+
+struct V512 {
+  static constexpr int W = 16;
+  static constexpr int RS = 8;   // S tile: 8 rows x 2 panels = 16 accumulators
+  static constexpr int RPV = 4;  // P.V tile: 4 rows x up to 4 vectors
+  static constexpr int CPV = 4;
+  using T = __m512;
+  static inline T zero() { return _mm512_setzero_ps(); }
+  static inline T set1(float x) { return _mm512_set1_ps(x); }
+  static inline T load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static inline __mmask16 lanes(int n) {
+    return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+  }
+  static inline T loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  static inline void storen(float* p, T v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+  static inline T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static inline T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static inline T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static inline T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static inline float hmax(T a) { return _mm512_reduce_max_ps(a); }
+  static inline float hsum(T a) { return _mm512_reduce_add_ps(a); }
+  static inline float first(T a) { return _mm512_cvtss_f32(a); }
+  // lanes >= n become -inf
+  static inline T mask_ge(T x, int n) {
+    return _mm512_mask_blend_ps(lanes(n), _mm512_set1_ps(kNegInf), x);
+  }
+  // 2^x for x <= 0 (x = -inf -> 0). Cephes expf polynomial on r = f*ln2, |f| <= 0.5.
+  static inline T exp2(T x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+    const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
+    T y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+  }
+};
+
+// bf16 dot-product micro-kernels.
+//   K panels: [panel][d/2][16 keys][2]  (a 64-byte vector holds the (d, d+1) pair of 16 keys)
+//   V:        [j/2][Dvp][2]             (a 64-byte vector holds the (j, j+1) pair of 16 columns)
+//   P:        bf16 rows of kBK          (pairs broadcast as 32-bit)
+struct MicroBf16Dot {
+  static constexpr int W = 16;
+  using T = __m512;
+  using KT = uint16_t;
+  using QT = uint16_t;
+
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+    uint16_t* kp = (uint16_t*)kp_;
+    uint16_t* vp = (uint16_t*)vp_;
+    const int D = p.D, D2 = D / 2, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
+    const int64_t Lk = s.Lk, npan = ceil_div(Lk, W), Lkp = npan * W;
+    const int64_t kbase = s.bk * p.k_sb + kvh * p.k_sh + s.k_begin * p.k_ss;
+    const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
+    for (int64_t pn = 0; pn < npan; ++pn) {
+      uint32_t* dst = (uint32_t*)(kp + pn * D * W);  // [d2][w] of 32-bit pairs
+      for (int w = 0; w < W; ++w) {
+        const int64_t j = pn * W + w;
+        if (j < Lk) {
+          const uint16_t* src = (const uint16_t*)p.k + kbase + j * p.k_ss;
+          for (int d2 = 0; d2 < D2; ++d2) {
+            uint32_t pair;
+            std::memcpy(&pair, src + 2 * d2, 4);
+            dst[d2 * W + w] = pair;
+          }
+        } else {
+          for (int d2 = 0; d2 < D2; ++d2) dst[d2 * W + w] = 0u;
+        }
+      }
+    }
+    for (int64_t j = 0; j < Lkp; ++j) {
+      uint16_t* dst = vp + (j >> 1) * Dvp * 2 + (j & 1);
+      int c = 0;
+      if (j < Lk) {
+        const uint16_t* src = (const uint16_t*)p.v + vbase + j * p.v_ss;
+        for (; c < Dv; ++c) dst[2 * c] = src[c];
+      }
+      for (; c < Dvp; ++c) dst[2 * c] = 0;
+    }
+  }
+
+  static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
+                             const AttnScratch&, int64_t* qs) {
+    *qs = p.q_ss;
+    return (const uint16_t*)p.q + s.bq * p.q_sb + it.h * p.q_sh + (s.q_begin + it.q0) * p.q_ss;
+  }
+
+  static inline __m512i bcast_pair(const uint16_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+
+  template <int R, int NP>
+  static inline void s_tile(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, float* S) {
+    const int D2 = D / 2;
+    __m512 acc[R][NP];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int d2 = 0; d2 < D2; ++d2) {
+      __m512i kv[NP];
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c)
+        kv[c] = _mm512_loadu_si512((const void*)(kp + ((int64_t)c * D2 + d2) * 32));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i qb = bcast_pair(q + r * qs + 2 * d2);
+#pragma GCC unroll 2
+        for (int c = 0; c < NP; ++c)
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)kv[c], (__m512bh)qb);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c) _mm512_storeu_ps(S + r * kBK + c * W, acc[r][c]);
+  }
+
+  template <int R>
+  static void s_rows(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int npan, float* S) {
+    int pn = 0;
+    for (; pn + 2 <= npan; pn += 2) s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+  }
+
+  static void s_block(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int nq, int npan,
+                      float* S) {
+    int r0 = 0;
+    for (; r0 + 8 <= nq; r0 += 8) s_rows<8>(q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+    const int rem = nq - r0;
+    const uint16_t* qr = q + r0 * qs;
+    float* Sr = S + r0 * kBK;
+    switch (rem) {
+      case 0: break;
+      case 1: s_rows<1>(qr, qs, kp, D, npan, Sr); break;
+      case 2: s_rows<2>(qr, qs, kp, D, npan, Sr); break;
+      case 3: s_rows<3>(qr, qs, kp, D, npan, Sr); break;
+      case 4: s_rows<4>(qr, qs, kp, D, npan, Sr); break;
+      case 5: s_rows<5>(qr, qs, kp, D, npan, Sr); break;
+      case 6: s_rows<6>(qr, qs, kp, D, npan, Sr); break;
+      default: s_rows<7>(qr, qs, kp, D, npan, Sr); break;
+    }
+  }
+
+  static inline void store_p(float* P, int r, int jv, __m512 e) {
+    uint16_t* dst = (uint16_t*)P + r * kBK + jv;
+    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  static inline void zero_p(float* P, int r, int n) {
+    uint16_t* dst = (uint16_t*)P + r * kBK;
+    for (int j = 0; j < n; j += W) _mm256_storeu_si256((__m256i*)(dst + j), _mm256_setzero_si256());
+  }
+
+  template <int R, int C>
+  static inline void pv_tile(const uint16_t* P, const uint16_t* vp, int Dvp, int npairs, float* O,
+                             const float* alpha) {
+    __m512 acc[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * Dvp + c * W), a);
+    }
+    for (int jp = 0; jp < npairs; ++jp) {
+      __m512i vv[C];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c)
+        vv[c] = _mm512_loadu_si512((const void*)(vp + ((int64_t)jp * Dvp + c * W) * 2));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i pb = bcast_pair(P + r * kBK + 2 * jp);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c)
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * Dvp + c * W, acc[r][c]);
+  }
+
+  template <int R>
+  static void pv_rows(int C, const uint16_t* P, const uint16_t* vp, int Dvp, int np, float* O,
+                      const float* alpha) {
+    switch (C) {
+      case 1: pv_tile<R, 1>(P, vp, Dvp, np, O, alpha); break;
+      case 2: pv_tile<R, 2>(P, vp, Dvp, np, O, alpha); break;
+      case 3: pv_tile<R, 3>(P, vp, Dvp, np, O, alpha); break;
+      default: pv_tile<R, 4>(P, vp, Dvp, np, O, alpha); break;
+    }
+  }
+
+  // vp points at the V pair-row of the block's first key (k0 is even).
+  static void pv_block(const float* P_, const uint16_t* vp, int Dvp, int nq, int kb, float* O,
+                       const float* alpha) {
+    const uint16_t* P = (const uint16_t*)P_;
+    const int npairs = (kb + 1) / 2;
+    const int nv = Dvp / W;
+    const int nch = (nv + 3) / 4;
+    for (int ch = 0; ch < nch; ++ch) {
+      int c0;
+      const int C = pv_chunk(nv, 4, ch, &c0);
+      const uint16_t* vpc = vp + c0 * W * 2;
+      float* Oc = O + c0 * W;
+      int r0 = 0;
+      for (; r0 + 4 <= nq; r0 += 4)
+        pv_rows<4>(C, P + r0 * kBK, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
+      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kBK, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
+    }
+  }
+};
+
+using K512 = AttnKernel<V512, MicroF32<V512>>;
+using K512Dot = AttnKernel<V512, MicroBf16Dot>;
+
+const AttnImpl kImplF32 = {"avx512", 16, 4, 8, &K512::pack, &K512::run};
+const AttnImpl kImplDot = {"avx512_bf16", 16, 2, 8, &K512Dot::pack, &K512Dot::run};
+
+}  // namespace
+
+const AttnImpl* attn_impl_avx512(int dtype, bool bf16_dot) {
+  if (dtype == kBF16 && bf16_dot) return &kImplDot;
+  return &kImplF32;
+}
+
+}  // namespace cpu
+}  // namespace mmk
+
+#else  // MMK_NO_X86
+namespace mmk {
+namespace cpu {
+const AttnImpl* attn_impl_avx512(int, bool) { return nullptr; }
+}  // namespace cpu
+}  // namespace mmk
+#endif

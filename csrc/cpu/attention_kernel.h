@@ -1,0 +1,415 @@
+// Flash-style attention forward, written once over a vector-traits class `V` and a micro-kernel
+// class `M`, and instantiated in each ISA translation unit (attention_{avx512,avx2,scalar}.cpp).
+//
+// Include this ONLY from an ISA translation unit, after defining the traits. Everything here has
+// internal linkage (anonymous namespace) so that code compiled with ISA flags can never be merged
+// by the linker with code from another translation unit. No standard-library templates are
+// instantiated here for the same reason.
+//
+// Algorithm for one work item (sequence s, query head h, query rows [q0, q0+nq)):
+//   for each block of kBK keys (up to the causal limit of the last row):
+//     S = Q_blk . K_blk^T            (M::s_block: register tiles of rows x 16-key panels)
+//     S = S*scale*log2(e) + bias*log2(e), masked to -inf past each row's key limit
+//     m' = max(m, rowmax S); alpha = 2^(m-m'); P = 2^(S-m'); l = l*alpha + rowsum P
+//     O = O*alpha + P . V_blk        (M::pv_block)
+//   out = O / l, lse = (m + log2 l) * ln 2   (l == 0: fully masked row -> out 0, lse -inf)
+// Work is in base 2 (exp2) throughout; only lse is converted back to natural log.
+// Scores: rows that contribute keep their (unnormalised) P and the running max of each block in
+// per-thread scratch; after the last block each kept value is scaled by 2^(m_blk - m) / l and
+// summed over rows into the item's partial row (the driver reduces partial rows in a fixed order).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/attention.h"
+
+namespace mmk {
+namespace cpu {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_inff();
+
+inline float bf16_to_f32(uint16_t x) {
+  uint32_t u = (uint32_t)x << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline float fmaxf_(float a, float b) { return a > b ? a : b; }
+
+inline float load_elem(const void* base, int64_t off, int dtype) {
+  return dtype == kF32 ? ((const float*)base)[off] : bf16_to_f32(((const uint16_t*)base)[off]);
+}
+inline uint16_t load_bits(const void* base, int64_t off) { return ((const uint16_t*)base)[off]; }
+
+// Column chunks for P.V: split nv vectors into chunks of at most cmax, as even as possible.
+inline int pv_chunk(int nv, int cmax, int idx, int* start) {
+  const int nch = (nv + cmax - 1) / cmax, base = nv / nch, extra = nv % nch;
+  *start = idx * base + (idx < extra ? idx : extra);
+  return base + (idx < extra ? 1 : 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp32 micro-kernels: K packed as panels [panel][d][W] (float), V as rows [j][Dvp] (float),
+// P as float rows of kBK.
+// ---------------------------------------------------------------------------------------------
+template <class V>
+struct MicroF32 {
+  static constexpr int W = V::W;
+  using T = typename V::T;
+  using KT = float;
+  using QT = float;
+
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+    float* kp = (float*)kp_;
+    float* vp = (float*)vp_;
+    const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
+    const int64_t Lk = s.Lk, npan = ceil_div(Lk, W);
+    const int64_t kbase = s.bk * p.k_sb + kvh * p.k_sh + s.k_begin * p.k_ss;
+    const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
+    for (int64_t pn = 0; pn < npan; ++pn) {
+      float* dst = kp + pn * D * W;
+      for (int w = 0; w < W; ++w) {
+        const int64_t j = pn * W + w;
+        if (j < Lk) {
+          const int64_t off = kbase + j * p.k_ss;
+          if (p.dtype == kF32) {
+            const float* src = (const float*)p.k + off;
+            for (int d = 0; d < D; ++d) dst[d * W + w] = src[d];
+          } else {
+            const uint16_t* src = (const uint16_t*)p.k + off;
+            for (int d = 0; d < D; ++d) dst[d * W + w] = bf16_to_f32(src[d]);
+          }
+        } else {
+          for (int d = 0; d < D; ++d) dst[d * W + w] = 0.f;
+        }
+      }
+    }
+    const int64_t Lkp = npan * W;
+    for (int64_t j = 0; j < Lkp; ++j) {
+      float* dst = vp + j * Dvp;
+      int c = 0;
+      if (j < Lk) {
+        const int64_t off = vbase + j * p.v_ss;
+        if (p.dtype == kF32) {
+          const float* src = (const float*)p.v + off;
+          for (; c < Dv; ++c) dst[c] = src[c];
+        } else {
+          const uint16_t* src = (const uint16_t*)p.v + off;
+          for (; c < Dv; ++c) dst[c] = bf16_to_f32(src[c]);
+        }
+      }
+      for (; c < Dvp; ++c) dst[c] = 0.f;
+    }
+  }
+
+  // Query rows as float: direct for fp32 input, converted into scratch for bf16 input.
+  static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
+                             const AttnScratch& sc, int64_t* qs) {
+    const int64_t off = s.bq * p.q_sb + it.h * p.q_sh + (s.q_begin + it.q0) * p.q_ss;
+    if (p.dtype == kF32) {
+      *qs = p.q_ss;
+      return (const float*)p.q + off;
+    }
+    const uint16_t* src = (const uint16_t*)p.q + off;
+    for (int r = 0; r < it.nq; ++r)
+      for (int d = 0; d < p.D; ++d) sc.Qf[r * p.D + d] = bf16_to_f32(src[r * p.q_ss + d]);
+    *qs = p.D;
+    return sc.Qf;
+  }
+
+  template <int R, int NP>
+  static inline void s_tile(const float* q, int64_t qs, const float* kp, int D, float* S) {
+    T acc[R][NP];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c) acc[r][c] = V::zero();
+    for (int d = 0; d < D; ++d) {
+      T kv[NP];
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c) kv[c] = V::load(kp + ((int64_t)c * D + d) * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const T qb = V::set1(q[r * qs + d]);
+#pragma GCC unroll 2
+        for (int c = 0; c < NP; ++c) acc[r][c] = V::fmadd(qb, kv[c], acc[r][c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int c = 0; c < NP; ++c) V::store(S + r * kBK + c * W, acc[r][c]);
+  }
+
+  template <int R>
+  static void s_rows(const float* q, int64_t qs, const float* kp, int D, int npan, float* S) {
+    int pn = 0;
+    for (; pn + 2 <= npan; pn += 2) s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+  }
+
+  // S[r][0 : npan*W] = q_r . k_j for the npan panels starting at kp.
+  static void s_block(const float* q, int64_t qs, const float* kp, int D, int nq, int npan,
+                      float* S) {
+    int r0 = 0;
+    for (; r0 + V::RS <= nq; r0 += V::RS) s_rows<V::RS>(q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+    const int rem = nq - r0;
+    if (rem > 0) dispatch_rows(rem, q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+  }
+  static void dispatch_rows(int rem, const float* q, int64_t qs, const float* kp, int D, int npan,
+                            float* S) {
+    switch (rem) {
+      case 1: s_rows<1>(q, qs, kp, D, npan, S); break;
+      case 2: s_rows<2>(q, qs, kp, D, npan, S); break;
+      case 3: s_rows<3>(q, qs, kp, D, npan, S); break;
+      case 4: s_rows<4>(q, qs, kp, D, npan, S); break;
+      case 5: s_rows<(5 < V::RS ? 5 : 1)>(q, qs, kp, D, npan, S); break;
+      case 6: s_rows<(6 < V::RS ? 6 : 1)>(q, qs, kp, D, npan, S); break;
+      default: s_rows<(7 < V::RS ? 7 : 1)>(q, qs, kp, D, npan, S); break;
+    }
+  }
+
+  static inline void store_p(float* P, int r, int jv, T e) { V::store(P + r * kBK + jv, e); }
+  static inline void zero_p(float* P, int r, int n) {
+    for (int j = 0; j < n; j += W) V::store(P + r * kBK + j, V::zero());
+  }
+
+  template <int R, int C>
+  static inline void pv_tile(const float* P, const float* vp, int Dvp, int kb, float* O,
+                             const float* alpha) {
+    T acc[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T a = V::set1(alpha[r]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = V::mul(V::load(O + r * Dvp + c * W), a);
+    }
+    for (int j = 0; j < kb; ++j) {
+      T vv[C];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) vv[c] = V::load(vp + (int64_t)j * Dvp + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const T pb = V::set1(P[r * kBK + j]);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) V::store(O + r * Dvp + c * W, acc[r][c]);
+  }
+
+  template <int R>
+  static void pv_rows(int C, const float* P, const float* vp, int Dvp, int kb, float* O,
+                      const float* alpha) {
+    switch (C) {
+      case 1: pv_tile<R, 1>(P, vp, Dvp, kb, O, alpha); break;
+      case 2: pv_tile<R, 2>(P, vp, Dvp, kb, O, alpha); break;
+      case 3: pv_tile<R, (3 <= V::CPV ? 3 : 1)>(P, vp, Dvp, kb, O, alpha); break;
+      default: pv_tile<R, (4 <= V::CPV ? 4 : 1)>(P, vp, Dvp, kb, O, alpha); break;
+    }
+  }
+
+  // O[r] = O[r]*alpha[r] + sum_j P[r][j] V[j] for j < kb, vp = V row of the block's first key.
+  static void pv_block(const float* P, const float* vp, int Dvp, int nq, int kb, float* O,
+                       const float* alpha) {
+    const int nv = Dvp / W;
+    const int nch = (nv + V::CPV - 1) / V::CPV;
+    for (int ch = 0; ch < nch; ++ch) {
+      int c0;
+      const int C = pv_chunk(nv, V::CPV, ch, &c0);
+      const float* vpc = vp + c0 * W;
+      float* Oc = O + c0 * W;
+      int r0 = 0;
+      for (; r0 + V::RPV <= nq; r0 += V::RPV)
+        pv_rows<V::RPV>(C, P + r0 * kBK, vpc, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
+      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kBK, vpc, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The per-item kernel, shared by every micro-kernel.
+// ---------------------------------------------------------------------------------------------
+template <class V, class M>
+struct AttnKernel {
+  static constexpr int W = V::W;
+  using T = typename V::T;
+  using KT = typename M::KT;
+  using QT = typename M::QT;
+
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp) {
+    M::pack(p, s, kvh, kp, vp);
+  }
+
+  static void run(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp_,
+                  const void* vp_, const AttnScratch& sc) {
+    const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
+    const int nq = it.nq, h = it.h;
+    const int64_t Lq = s.Lq, Lk = s.Lk;
+    const KT* kp = (const KT*)kp_;
+    const KT* vp = (const KT*)vp_;
+
+    float* m = sc.rowbuf;
+    float* l = m + kBQ;
+    float* alpha = l + kBQ;
+    int32_t* lim = (int32_t*)(alpha + kBQ);
+    const int64_t off = Lk - Lq;
+    for (int r = 0; r < nq; ++r) {
+      lim[r] = (int32_t)(p.causal ? imax(0, imin(Lk, it.q0 + r + off + 1)) : Lk);
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+    const int64_t kend = nq > 0 ? lim[nq - 1] : 0;
+    for (int64_t i = 0; i < (int64_t)nq * Dvp; i += W) V::store(sc.O + i, V::zero());
+
+    // Rows whose probabilities are kept for the scores.
+    int keep_lo = 0, keep_hi = 0;
+    if (it.part != nullptr) {
+      if (p.scores_mode == 3) {
+        keep_hi = nq;
+      } else {
+        const int64_t tr = (p.scores_mode == 1 ? 0 : Lq - 1) - it.q0;
+        if (tr >= 0 && tr < nq) {
+          keep_lo = (int)tr;
+          keep_hi = (int)tr + 1;
+        }
+      }
+    }
+
+    int64_t qs = 0;
+    const QT* q = M::prepare_q(p, s, it, sc, &qs);
+    const float* bias = p.bias ? p.bias + s.bk * p.bias_sb + h * p.bias_sh + s.k_begin : nullptr;
+    const T scale2 = V::set1(p.scale * kLog2e);
+    const T log2e = V::set1(kLog2e);
+    const T neginf = V::set1(kNegInf);
+
+    int kbi = 0;
+    for (int64_t k0 = 0; k0 < kend; k0 += kBK, ++kbi) {
+      const int kb = (int)imin(kBK, kend - k0);
+      const int npan = (int)ceil_div(kb, W);
+      const int kbp = npan * W;
+      M::s_block(q, qs, kp + k0 * D, D, nq, npan, sc.S);
+
+      for (int r = 0; r < nq; ++r) {
+        float* srow = sc.S + r * kBK;
+        const bool keep = r >= keep_lo && r < keep_hi;
+        float* krow = keep ? sc.keep + r * sc.ldk + k0 : nullptr;
+        const int nvalid = (int)imax(0, imin((int64_t)lim[r] - k0, kb));
+        T mx = neginf;
+        if (nvalid > 0) {
+          for (int jv = 0; jv < kbp; jv += W) {
+            T x = V::load(srow + jv);
+            if (bias) {
+              const int64_t j = k0 + jv;
+              const T b = (j + W <= Lk) ? V::load(bias + j) : V::loadn(bias + j, (int)(Lk - j));
+              x = V::fmadd(x, scale2, V::mul(b, log2e));
+            } else {
+              x = V::mul(x, scale2);
+            }
+            if (jv + W > nvalid) x = V::mask_ge(x, nvalid - jv);
+            V::store(srow + jv, x);
+            mx = V::max(mx, x);
+          }
+        }
+        const float mnew = fmaxf_(m[r], V::hmax(mx));
+        if (nvalid == 0 || mnew == kNegInf) {  // no visible key in this block, or none yet
+          alpha[r] = 1.f;
+          M::zero_p(sc.P, r, kbp);
+          if (keep) {
+            for (int jv = 0; jv < kbp; jv += W) V::store(krow + jv, V::zero());
+            sc.keep_m[r * sc.nkb + kbi] = kNegInf;
+          }
+          continue;
+        }
+        const float a = V::first(V::exp2(V::set1(m[r] - mnew)));
+        const T mn = V::set1(mnew);
+        T sum = V::zero();
+        for (int jv = 0; jv < kbp; jv += W) {
+          const T e = V::exp2(V::sub(V::load(srow + jv), mn));
+          sum = V::add(sum, e);
+          M::store_p(sc.P, r, jv, e);
+          if (keep) V::store(krow + jv, e);
+        }
+        l[r] = l[r] * a + V::hsum(sum);
+        m[r] = mnew;
+        alpha[r] = a;
+        if (keep) sc.keep_m[r * sc.nkb + kbi] = mnew;
+      }
+      M::pv_block(sc.P, vp + k0 * Dvp, Dvp, nq, kb, sc.O, alpha);
+    }
+    const int nblocks = kbi;
+
+    // Output and lse.
+    for (int r = 0; r < nq; ++r) {
+      const int64_t row = s.q_begin + it.q0 + r;
+      const int64_t ooff = s.bq * p.o_sb + h * p.o_sh + row * p.o_ss;
+      float* orow = sc.O + r * Dvp;
+      const bool valid = l[r] > 0.f;
+      const T inv = V::set1(valid ? 1.f / l[r] : 0.f);
+      for (int c = 0; c < Dvp; c += W) V::store(orow + c, V::mul(V::load(orow + c), inv));
+      if (p.dtype == kF32) {
+        float* dst = (float*)p.out + ooff;
+        int c = 0;
+        for (; c + W <= Dv; c += W) V::store(dst + c, V::load(orow + c));
+        if (c < Dv) V::storen(dst + c, V::load(orow + c), Dv - c);
+      } else {
+        uint16_t* dst = (uint16_t*)p.out + ooff;
+        for (int c = 0; c < Dv; ++c) dst[c] = f32_to_bf16(orow[c]);
+      }
+      if (p.lse)
+        p.lse[s.bq * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
+            valid ? (m[r] + __builtin_log2f(l[r])) * kLn2 : kNegInf;
+    }
+
+    // Scores partial row: part[j] = sum over kept rows of P_final[r][j].
+    if (it.part != nullptr) {
+      float* part = it.part;
+      // Per (row, block) factor 2^(m_blk - m) / l, 0 for rows that are fully masked.
+      for (int r = keep_lo; r < keep_hi; ++r) {
+        float* f = sc.keep_m + r * sc.nkb;
+        const float invl = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (int b = 0; b < nblocks; ++b) {
+          const float mb = f[b];
+          f[b] = (invl == 0.f || mb == kNegInf) ? 0.f : V::first(V::exp2(V::set1(mb - m[r]))) * invl;
+        }
+      }
+      int64_t j = 0;
+      for (int b = 0; b < nblocks; ++b) {
+        const int64_t k0 = (int64_t)b * kBK;
+        const int64_t kstop = k0 + round_up(imin(kBK, kend - k0), W);
+        for (j = k0; j < kstop; j += W) {
+          T acc = V::zero();
+          for (int r = keep_lo; r < keep_hi; ++r) {
+            if (j >= lim[r]) continue;
+            const float fr = sc.keep_m[r * sc.nkb + b];
+            acc = V::fmadd(V::load(sc.keep + r * sc.ldk + j), V::set1(fr), acc);
+          }
+          V::store(part + j, acc);
+        }
+      }
+      for (; j < Lk; j += W) V::store(part + j, V::zero());
+    }
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace mmk

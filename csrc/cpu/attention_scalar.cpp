@@ -1,0 +1,97 @@
+// Portable attention path (baseline flags): the same algorithm over an 8-lane array "vector"
+// that the compiler may map to SSE2. Used when the CPU has no AVX2+FMA, or when forced with
+// MMKERNELS_CPU_ISA=scalar. No torch headers in this file (see attention.h).
+#include <math.h>
+
+#include "cpu/attention.h"
+#include "cpu/attention_kernel.h"
+
+namespace mmk {
+namespace cpu {
+namespace {
+
+struct VScalar {
+  static constexpr int W = 8;
+  static constexpr int RS = 4;
+  static constexpr int RPV = 4;
+  static constexpr int CPV = 2;
+  struct T {
+    float v[8];
+  };
+  static inline T zero() {
+    T r;
+    for (int i = 0; i < 8; ++i) r.v[i] = 0.f;
+    return r;
+  }
+  static inline T set1(float x) {
+    T r;
+    for (int i = 0; i < 8; ++i) r.v[i] = x;
+    return r;
+  }
+  static inline T load(const float* p) {
+    T r;
+    for (int i = 0; i < 8; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static inline void store(float* p, T a) {
+    for (int i = 0; i < 8; ++i) p[i] = a.v[i];
+  }
+  static inline T loadn(const float* p, int n) {
+    T r;
+    for (int i = 0; i < 8; ++i) r.v[i] = i < n ? p[i] : 0.f;
+    return r;
+  }
+  static inline void storen(float* p, T a, int n) {
+    for (int i = 0; i < 8 && i < n; ++i) p[i] = a.v[i];
+  }
+  static inline T fmadd(T a, T b, T c) {
+    for (int i = 0; i < 8; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return c;
+  }
+  static inline T mul(T a, T b) {
+    for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static inline T add(T a, T b) {
+    for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static inline T sub(T a, T b) {
+    for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i];
+    return a;
+  }
+  static inline T max(T a, T b) {
+    for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+    return a;
+  }
+  static inline float hmax(T a) {
+    float m = a.v[0];
+    for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
+    return m;
+  }
+  static inline float hsum(T a) {
+    float s = 0.f;
+    for (int i = 0; i < 8; ++i) s += a.v[i];
+    return s;
+  }
+  static inline float first(T a) { return a.v[0]; }
+  static inline T mask_ge(T x, int n) {
+    for (int i = 0; i < 8; ++i)
+      if (i >= n) x.v[i] = kNegInf;
+    return x;
+  }
+  static inline T exp2(T x) {
+    for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
+    return x;
+  }
+};
+
+using KScalar = AttnKernel<VScalar, MicroF32<VScalar>>;
+const AttnImpl kImpl = {"scalar", 8, 4, 4, &KScalar::pack, &KScalar::run};
+
+}  // namespace
+
+const AttnImpl* attn_impl_scalar(int) { return &kImpl; }
+
+}  // namespace cpu
+}  // namespace mmk

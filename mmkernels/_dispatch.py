@@ -1,0 +1,126 @@
+"""Backend registry and selection, shared by every op family.
+
+Each op (``"attention"``, later ``"tome_plan"``, ``"qmatmul"`` ...) has an ordered list of backends. A
+backend declares what it can serve and, for one concrete call, *why not* (a list of reasons; empty
+means it can run the call). Selection order:
+
+1. ``backend=`` passed to the op,
+2. the environment variable ``MMKERNELS_BACKEND`` (all ops) or ``MMKERNELS_<OP>_BACKEND``,
+3. the first capable backend in the op's priority order for the call's device.
+
+When nothing can serve a call, :class:`NoBackendError` lists every backend with its reasons, in the
+spirit of xformers' "No operator found for ... because ..." message.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+
+class NoBackendError(ValueError):
+    """No registered backend can run this call; the message says why, backend by backend."""
+
+
+@dataclass
+class Backend:
+    """One implementation of one op.
+
+    ``unsupported(call)`` returns the reasons this backend cannot serve ``call`` (empty list: it can).
+    ``availability()`` returns ``(ok, reason)`` for the backend as a whole (extension built, Triton
+    importable, ...). ``capabilities`` is a human-readable summary shown by ``mmkernels info``.
+    """
+
+    name: str
+    run: Callable[..., Any]
+    unsupported: Callable[[Any], List[str]]
+    availability: Callable[[], tuple] = lambda: (True, "")
+    capabilities: Dict[str, str] = field(default_factory=dict)
+    # Devices on which auto-selection may pick this backend (explicit selection ignores it).
+    auto_devices: Sequence[str] = ("cpu", "cuda")
+
+    def reasons(self, call: Any) -> List[str]:
+        ok, why = self.availability()
+        try:
+            unsupported = list(self.unsupported(call))
+        except ImportError:
+            unsupported = []
+        return ([] if ok else [why]) + unsupported
+
+
+_REGISTRY: Dict[str, List[Backend]] = {}
+_WARNED: set = set()
+
+
+def register(op: str, backend: Backend) -> None:
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend.name!r}")
+    backends = _REGISTRY.setdefault(op, [])
+    backends[:] = [b for b in backends if b.name != backend.name] + [backend]
+
+
+def backends_for(op: str) -> List[Backend]:
+    return list(_REGISTRY.get(op, []))
+
+
+def _requested(op: str, backend: Optional[str]) -> tuple:
+    if backend:
+        return backend, "backend="
+    for var in (f"MMKERNELS_{op.upper()}_BACKEND", "MMKERNELS_BACKEND"):
+        value = os.environ.get(var, "").strip()
+        if value and value != "auto":
+            return value, var
+    return None, None
+
+
+def _format_reasons(header: str, call: Any, backends: Sequence[Backend]) -> str:
+    lines = [f"{header} {call}:"]
+    for b in backends:
+        reasons = b.reasons(call)
+        lines.append(f"  - {b.name}: " + ("; ".join(reasons) if reasons else "ok"))
+    return "\n".join(lines)
+
+
+def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) -> Backend:
+    """Pick the backend that runs ``call`` (see the module docstring for the order)."""
+    backends = backends_for(op)
+    if not backends:
+        raise RuntimeError(f"no backend registered for op {op!r}")
+    name, source = _requested(op, backend)
+    if name is not None:
+        by_name = {b.name: b for b in backends}
+        if name not in by_name:
+            raise ValueError(f"{source}: unknown backend {name!r} for {op}; "
+                             f"expected one of {sorted(by_name)} or 'auto'")
+        chosen = by_name[name]
+        reasons = chosen.reasons(call)
+        if reasons:
+            raise NoBackendError(f"{source} asked for backend {name!r}, which cannot run {call}: "
+                                 + "; ".join(reasons) + "\n"
+                                 + _format_reasons("Backends for", call, backends))
+        return chosen
+    for b in backends:
+        if device_type in b.auto_devices and not b.reasons(call):
+            if b.name == "reference" and getattr(call, "dtype_name", "") != "float64":
+                key = (op, str(call))
+                if key not in _WARNED:
+                    _WARNED.add(key)
+                    warnings.warn(_format_reasons("mmkernels falls back to the slow reference for",
+                                                  call, backends), stacklevel=4)
+            return b
+    raise NoBackendError(_format_reasons("No mmkernels backend can run", call, backends))
+
+
+def capability_table() -> List[Dict[str, str]]:
+    """One row per (op, backend): availability and declared capabilities, for ``mmkernels info``."""
+    rows = []
+    for op, backends in sorted(_REGISTRY.items()):
+        for b in backends:
+            ok, why = b.availability()
+            row = {"op": op, "backend": b.name, "available": "yes" if ok else f"no ({why})"}
+            row.update(b.capabilities)
+            rows.append(row)
+    return rows

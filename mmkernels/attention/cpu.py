@@ -1,0 +1,72 @@
+"""Glue from the attention contract (docs/attention_kernel_contract.md) to the C++ CPU kernel.
+
+The kernel lives in the extension ``mmkernels._C`` (csrc/cpu/attention*.cpp, registered as
+``torch.ops.mmkernels_C.attention_fwd``). It needs stride(-1) == 1 for q4/k4/v4/out4 (and the bias);
+everything else about the layout (batch, head and sequence strides) is used as given, so the usual
+``(B, L, H, D).transpose(1, 2)`` views cost no copy.
+
+The code path (AVX-512 with BF16 dot products, AVX-512, AVX2, scalar) is chosen from CPUID on
+every call; ``MMKERNELS_CPU_ISA=avx512_bf16|avx512|avx2|scalar`` forces a lower one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LOAD_ERROR: str = ""
+_LOADED: Optional[bool] = None
+
+
+def _load() -> bool:
+    global _LOADED, LOAD_ERROR
+    if _LOADED is None:
+        try:
+            import mmkernels._C  # noqa: F401  (registers torch.ops.mmkernels_C)
+
+            torch.ops.mmkernels_C.attention_fwd  # noqa: B018  (raises if not registered)
+            _LOADED = True
+        except Exception as exc:  # ImportError, OSError (bad .so), AttributeError
+            LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+            _LOADED = False
+    return _LOADED
+
+
+def is_available() -> bool:
+    """True when the compiled extension imports and registers its ops."""
+    return _load()
+
+
+def cpu_isa() -> str:
+    """The CPU code path the kernel uses now: "avx512_bf16", "avx512", "avx2" or "scalar"."""
+    if not _load():
+        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+    return torch.ops.mmkernels_C.cpu_isa()
+
+
+def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None or t.size(-1) <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, scale, scores_mode, out4, lse3, scores2) -> None:
+    """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
+    if not _load():
+        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+    q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
+    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32
+                                     or not cu_seqlens_q.is_contiguous()):
+        cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
+    if cu_seqlens_k is not None and (cu_seqlens_k.dtype != torch.int32
+                                     or not cu_seqlens_k.is_contiguous()):
+        cu_seqlens_k = cu_seqlens_k.to(torch.int32).contiguous()
+    target = out4
+    if out4.size(-1) > 1 and out4.stride(-1) != 1:
+        target = torch.empty(out4.shape, dtype=out4.dtype, device=out4.device)
+    torch.ops.mmkernels_C.attention_fwd(
+        q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        bool(causal), float(scale), int(scores_mode), target, lse3, scores2)
+    if target is not out4:
+        out4.copy_(target)

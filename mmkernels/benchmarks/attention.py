@@ -1,0 +1,172 @@
+"""Attention benchmark cases: the shapes of real vision towers and VLM prefill, each with its peers.
+
+A case builds its inputs once and returns the contenders as zero-argument callables, plus a
+function that measures our max error against the float64 oracle. Both the CLI
+(``mmkernels bench``) and the pytest-benchmark files under bench/ use these definitions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    length: int
+    head_dim: int
+    causal: bool = False
+
+
+SHAPES = [
+    Shape("vit_b16", 8, 12, 12, 197, 64),
+    Shape("dinov2_s14", 8, 6, 6, 257, 64),
+    Shape("vit_l14_336", 4, 16, 16, 577, 64),
+    Shape("siglip_so400m", 4, 16, 16, 729, 72),
+    Shape("llava_prefill", 1, 32, 8, 2048, 128, causal=True),
+]
+# Mixed image sizes packed together (224/14 -> 257, 336/14 -> 577, 224/16 -> 197, a thumbnail 50).
+VARLEN_LENGTHS = [257, 577, 197, 50, 257]
+QUICK_SHAPES = [Shape("vit_b16", 1, 2, 2, 197, 64), Shape("dinov2_s14", 1, 2, 2, 257, 64)]
+
+
+@dataclass
+class Case:
+    id: str
+    description: str
+    contenders: Dict[str, Callable[[], object]]
+    error: Optional[Callable[[], float]] = None
+    flops: float = 0.0
+    meta: Dict[str, object] = field(default_factory=dict)
+
+
+def _expand_kv(t, group):
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def _sdpa(q, k, v, group, **kw):
+    # SDPA on CPU has no GQA fast path in every version: expand kv heads outside the timing.
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _max_err(got, q, k, v, **kw):
+    want = mmkernels.reference_attention(q.double(), k.double(), v.double(), **kw)[0]
+    return (got.double() - want).abs().max().item()
+
+
+def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, L, d = shape.batch, shape.heads_q, shape.heads_kv, shape.length, shape.head_dim
+    # (B, L, H, D) storage viewed as (B, H, L, D), as projections produce it.
+    q = torch.randn(b, L, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(b, L, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(b, L, hkv, d, generator=g).to(dtype).transpose(1, 2)
+    group = hq // hkv
+    k_full, v_full = _expand_kv(k, group), _expand_kv(v, group)
+    flops = 4.0 * b * hq * L * L * d * (0.5 if shape.causal else 1.0)
+    dt = str(dtype).replace("torch.", "")
+    base = f"{shape.name}-{dt}"
+    desc = f"B={b} Hq={hq} Hkv={hkv} L={L} D={d}{' causal' if shape.causal else ''} {dt}"
+    causal = shape.causal
+
+    def ours(**kw):
+        return lambda: mmkernels.attention(q, k, v, causal=causal, **kw)
+
+    def err(**kw):
+        def measure():
+            res = mmkernels.attention(q, k, v, causal=causal, **kw)
+            out = res if isinstance(res, torch.Tensor) else res.out
+            return _max_err(out, q, k, v, causal=causal, **{x: y for x, y in kw.items()
+                                                             if x == "key_bias"})
+        return measure
+
+    cases = [Case(base, desc, {
+        "mmkernels": ours(),
+        "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal),
+    }, err(), flops)]
+    if not extras:
+        return cases
+
+    def eager_scores(mode):
+        def run():
+            out = _sdpa(q, k_full, v_full, group, is_causal=causal)
+            logits = (q.float() @ k_full.float().transpose(-1, -2)) / math.sqrt(d)
+            p = torch.softmax(logits, dim=-1)
+            rows = {"cls": p[:, :, 0], "last": p[:, :, -1], "mean": p.mean(2)}[mode]
+            return out, rows.mean(1)
+        return run
+
+    for mode in ("cls", "mean"):
+        cases.append(Case(f"{base}-scores_{mode}", desc + f" scores={mode}", {
+            "mmkernels": ours(scores=mode),
+            "mmkernels_plain": ours(),
+            "eager_sdpa_plus_softmax": eager_scores(mode),
+        }, err(scores=mode), flops))
+    bias = torch.randn(b, L, generator=g)
+    bias[:, -L // 10:] = float("-inf")  # padded keys
+    dense_mask = bias[:, None, None, :].expand(b, 1, L, L).to(dtype).contiguous()
+    cases.append(Case(f"{base}-key_bias", desc + " key_bias (B, Lk)", {
+        "mmkernels": ours(key_bias=bias),
+        "sdpa_dense_mask": lambda: _sdpa(q, k_full, v_full, group, attn_mask=dense_mask),
+        "sdpa_broadcast_mask": lambda: _sdpa(q, k_full, v_full, group,
+                                             attn_mask=bias[:, None, None, :].to(dtype)),
+    }, err(key_bias=bias), flops))
+    return cases
+
+
+def varlen_case(dtype: torch.dtype, lengths=VARLEN_LENGTHS, heads=12, d=64) -> Case:
+    g = torch.Generator().manual_seed(1)
+    total, n = sum(lengths), len(lengths)
+    q, k, v = (torch.randn(total, heads, d, generator=g).to(dtype) for _ in range(3))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    longest = max(lengths)
+    pieces = [(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+               v[a:b].transpose(0, 1)[None]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    # Padded peer: pad every image to the longest and mask the padding with a dense float mask.
+    qp = torch.zeros(n, heads, longest, d, dtype=dtype)
+    kp, vp = qp.clone(), qp.clone()
+    mask = torch.full((n, 1, longest, longest), float("-inf"), dtype=dtype)
+    for i, (qs, ks, vs) in enumerate(pieces):
+        m = qs.shape[2]
+        qp[i, :, :m], kp[i, :, :m], vp[i, :, :m] = qs[0], ks[0], vs[0]
+        mask[i, :, :, :m] = 0
+    dt = str(dtype).replace("torch.", "")
+
+    def ours():
+        return mmkernels.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                   max_seqlen_q=longest, max_seqlen_k=longest)
+
+    def error():
+        want = mmkernels.reference_attention(q.double(), k.double(), v.double(),
+                                             cu_seqlens_q=cu, cu_seqlens_k=cu)[0]
+        return (ours().double() - want).abs().max().item()
+
+    flops = sum(4.0 * heads * m * m * d for m in lengths)
+    return Case(f"varlen_mixed_images-{dt}", f"varlen lengths={lengths} H={heads} D={d} {dt}", {
+        "mmkernels": ours,
+        "sdpa_per_image_loop": lambda: [F.scaled_dot_product_attention(*p) for p in pieces],
+        "sdpa_padded_dense_mask": lambda: F.scaled_dot_product_attention(qp, kp, vp,
+                                                                         attn_mask=mask),
+    }, error, flops)
+
+
+def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
+    """Every attention case. ``quick``: tiny shapes for a smoke run (CI), not for gates."""
+    cases: List[Case] = []
+    for shape in (QUICK_SHAPES if quick else SHAPES):
+        gated = shape.name in ("vit_b16", "dinov2_s14")
+        cases += dense_cases(shape, torch.float32, extras=gated)
+        cases += dense_cases(shape, torch.bfloat16, extras=False)
+    cases.append(varlen_case(torch.float32, [30, 50, 7] if quick else VARLEN_LENGTHS))
+    if only:
+        cases = [c for c in cases if only in c.id]
+    return cases

@@ -1,0 +1,94 @@
+"""``mmkernels info | bench | compile-gate``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cpu_isa() -> str:
+    from .attention import cpu
+    return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
+
+
+def info() -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, _dispatch
+    from .attention import cpu
+    print(f"mmkernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}"
+          f" (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"C++ extension mmkernels._C: {'built' if cpu.is_available() else 'NOT built'}"
+          + ("" if cpu.is_available() else f" ({cpu.LOAD_ERROR})"))
+    print(f"CPU SIMD path: {cpu_isa()}; threads: {torch.get_num_threads()}")
+    print(f"CUDA GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    rows = _dispatch.capability_table()
+    keys = ["op", "backend", "available", "devices", "dtypes", "head dims", "notes"]
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    print()
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+    return 0
+
+
+def bench(args) -> int:
+    import torch
+
+    from .benchmarks import attention as attention_cases
+    from .benchmarks import report
+    if args.gate and args.quick:
+        print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {report.machine_description()}")
+    cases = attention_cases.all_cases(quick=args.quick, only=args.only)
+    results = report.run_cases(cases, budget_s=args.budget)
+    verdicts = report.check_gates(results, report.load_gates(args.gates)) if args.gate else []
+    paths = report.write_report(results, verdicts, Path(args.out))
+    print()
+    print(report.markdown_table(results))
+    if verdicts:
+        print()
+        print(report.gates_table(verdicts))
+    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+    if verdicts and not all(v["passed"] for v in verdicts):
+        print("some gates FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mmkernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, SIMD path, extension status, capability table")
+    b = sub.add_parser("bench", help="benchmark every kernel against its peers")
+    b.add_argument("--gate", action="store_true", help="check the gates (exit 1 if one fails)")
+    b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
+    b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
+    b.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
+    b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
+    b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
+    sub.add_parser("compile-gate", help="AOT-compile Triton configs and csrc/cuda for sm_80/sm_90")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "bench":
+        return bench(args)
+    from .compile_gate import run_gate
+    return 0 if run_gate(verbose=True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

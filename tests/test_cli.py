@@ -1,0 +1,56 @@
+"""The command line: info, a quick benchmark run that writes its three outputs, gate checking."""
+import json
+import subprocess
+import sys
+
+from mmkernels.benchmarks import report
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mmkernels.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_info_prints_versions_isa_and_capabilities():
+    res = run_cli("info")
+    assert res.returncode == 0, res.stderr
+    for text in ("torch", "C++ extension mmkernels._C", "CPU SIMD path", "attention", "reference"):
+        assert text in res.stdout
+
+
+def test_quick_bench_writes_table_json_png(tmp_path):
+    res = run_cli("bench", "--quick", "--only", "vit_b16-float32", "--budget", "0.05",
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "attention.json").read_text())
+    case_ids = {r["case"] for r in data["results"]}
+    assert {"vit_b16-float32", "vit_b16-float32-scores_cls", "vit_b16-float32-key_bias"} <= case_ids
+    assert all(r["max_error"] < 1e-4 for r in data["results"])
+    assert (tmp_path / "attention.png").stat().st_size > 1000
+    assert "| vit_b16-float32 |" in (tmp_path / "attention.md").read_text()
+
+
+def test_gate_refuses_quick_shapes(tmp_path):
+    res = run_cli("bench", "--quick", "--gate", "--out", str(tmp_path))
+    assert res.returncode == 2 and "--gate needs the full cases" in res.stderr
+
+
+def test_gate_checker_arithmetic():
+    results = [{"case": "c", "times_ms": {"mmkernels": 2.0, "sdpa": 3.0, "mmkernels_plain": 1.5}}]
+    gates = [{"name": "fast", "case": "c", "subject": "mmkernels", "baseline": "sdpa",
+              "min_speedup": 1.4},
+             {"name": "slow", "case": "c", "subject": "mmkernels", "baseline": "sdpa",
+              "min_speedup": 1.6},
+             {"name": "overhead", "case": "c", "subject": "mmkernels",
+              "baseline": "mmkernels_plain", "max_slowdown": 1.25},
+             {"name": "missing", "case": "zzz", "subject": "mmkernels", "baseline": "sdpa",
+              "min_speedup": 1.0}]
+    verdicts = {v["name"]: v["passed"] for v in report.check_gates(results, gates)}
+    assert verdicts == {"fast": True, "slow": False, "overhead": False, "missing": False}
+
+
+def test_packaged_gates_reference_real_cases():
+    from mmkernels.benchmarks import attention
+    ids = {c.id for c in attention.all_cases()}
+    for gate in report.load_gates():
+        assert gate["case"] in ids, gate["name"]
