@@ -86,15 +86,12 @@ def _triton_availability():
 
 
 def _triton_unsupported(call: AttentionCall) -> List[str]:
-    reasons = []
-    if call.device_type == "cpu":
-        if not _module("triton").interpreter_active():
-            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
-    elif call.device_type != "cuda":
-        reasons.append(f"runs CUDA tensors only, got {call.device_type}")
-    if call.dtype_name not in ("float16", "bfloat16", "float32"):
-        reasons.append(f"dtype {call.dtype_name} not supported (float16, bfloat16, float32)")
-    return reasons + _head_dim_reasons(call)
+    if call.device_type not in ("cpu", "cuda"):
+        return [f"runs CUDA tensors only (CPU under TRITON_INTERPRET=1), got {call.device_type}"]
+    import torch
+    dtype = getattr(torch, call.dtype_name)
+    ok, why = _module("triton").supports(dtype, call.head_dim, call.head_dim_v, call.device_type)
+    return [] if ok else [why]
 
 
 def _triton_run(*args):

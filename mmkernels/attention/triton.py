@@ -33,18 +33,15 @@ Interpreter
 -----------
 With ``TRITON_INTERPRET=1`` or CPU tensors the kernels run in Triton's interpreter, where bf16/fp16
 ``tl.dot`` is unreliable: the ``UPCAST`` constexpr then converts dot operands to fp32 (P stays fp32).
-Whether a ``@triton.jit`` function is compiled or interpreted is fixed when it is decorated, i.e. when
-this module is imported; so this module can load a twin of itself in the other mode (``_kernels``):
-CPU tensors always get interpreted kernels and the compile gate always gets compiled ones, whatever
-``TRITON_INTERPRET`` was when this module was first imported.
+Whether ``@triton.jit`` functions (Triton's own ``tl.zeros`` & co. included) are compiled or interpreted
+is fixed when triton is first imported: CPU tensors therefore need ``TRITON_INTERPRET=1`` set before that
+(tests/conftest.py does), and the compile gate compiles in fresh worker processes without it.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -244,9 +241,9 @@ if triton is not None:
         stride_bb, stride_bh, stride_bn,
         stride_lb, stride_lh, stride_lm,
         stride_sb, stride_sn,
-        seqlen_q, seqlen_k, num_heads, head_dim8, kv_group, qk_scale, is_varlen, mode, has_bias,
+        seqlen_q, seqlen_k, num_heads, head_dim8, kv_group, qk_scale, is_varlen, mode, has_bias, is_causal,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         head_dim = head_dim8 * 8  # see _attn_fwd_kernel
         pid_n = tl.program_id(0)
@@ -270,9 +267,10 @@ if triton is not None:
         row_lo = tl.where(mode == 2, tl.maximum(len_q - 1, 0), 0)
         row_hi = tl.where(mode == 1, tl.minimum(len_q, 1), len_q)
         n_rows = row_hi - row_lo
-        row_start = row_lo
-        if IS_CAUSAL:  # rows i < start_n - shift see none of this block's keys
-            row_start = tl.maximum(row_lo, start_n - causal_shift)
+        # Causal (a runtime flag here: it only moves the row range and adds one compare per logit):
+        # rows i < start_n - shift see none of this block's keys.
+        causal = is_causal != 0
+        row_start = tl.where(causal, tl.maximum(row_lo, start_n - causal_shift), row_lo)
 
         col = tl.zeros([BLOCK_N], dtype=tl.float32)
         for h in range(0, num_heads):
@@ -300,9 +298,9 @@ if triton is not None:
                               other=float("-inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
                 valid = r_ok[:, None] & key_ok[None, :] & (lse[:, None] > float("-inf"))
-                if IS_CAUSAL:
-                    valid = valid & (offs_n[None, :] <= rows[:, None] + causal_shift)
-                p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+                valid = valid & ((offs_n[None, :] <= rows[:, None] + causal_shift) | (is_causal == 0))
+                lse_safe = tl.where(lse > float("-inf"), lse, 0.0)  # fully masked rows: p = 0 below
+                p = tl.where(valid, tl.exp2(s - lse_safe[:, None]), 0.0)
                 col += tl.sum(p, 0)
         col = col / (num_heads * tl.maximum(n_rows, 1)).to(tl.float32)
         tl.store(Scores + batch * stride_sb + (k_start + offs_n).to(tl.int64) * stride_sn, col, mask=key_ok)
@@ -311,10 +309,6 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Compiled vs interpreted kernels
 # ----------------------------------------------------------------------------------------------
-_TWIN_LOCK = threading.Lock()
-_TWINS: Dict[bool, object] = {}
-
-
 def _module_is_interpreted(mod) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -322,31 +316,21 @@ def _module_is_interpreted(mod) -> bool:
 
 
 def _kernels(interpret: bool):
-    """The module object whose kernels are interpreted (True) or compiled (False).
+    """This module, after checking its kernels were decorated in the requested mode.
 
-    This module itself if its kernels were decorated in the requested mode, else a twin loaded from
-    the same file with ``TRITON_INTERPRET`` set accordingly while its decorators run.
+    Triton fixes compiled-vs-interpreted when ``triton.language`` and the ``@triton.jit`` functions are
+    created (its own helpers such as ``tl.zeros`` are jit functions too), so the mode cannot be switched
+    later in the same process: CPU tensors need ``TRITON_INTERPRET=1`` before triton is first imported,
+    and AOT compiles need a process without it (the compile gate uses fresh worker processes).
     """
     this = sys.modules[__name__]
-    if _module_is_interpreted(this) == interpret:
-        return this
-    with _TWIN_LOCK:
-        if interpret not in _TWINS:
-            name = __name__ + ("._interpreted_twin" if interpret else "._compiled_twin")
-            spec = importlib.util.spec_from_file_location(name, __file__)
-            mod = importlib.util.module_from_spec(spec)
-            saved = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-            try:
-                sys.modules[name] = mod
-                spec.loader.exec_module(mod)
-            finally:
-                if saved is None:
-                    os.environ.pop("TRITON_INTERPRET", None)
-                else:
-                    os.environ["TRITON_INTERPRET"] = saved
-            _TWINS[interpret] = mod
-        return _TWINS[interpret]
+    if _module_is_interpreted(this) != interpret:
+        if interpret:
+            raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
+                               "before triton is first imported (tests/conftest.py does).")
+        raise RuntimeError("Triton kernels were imported with TRITON_INTERPRET=1 and cannot be compiled in "
+                           "this process; run the compile in a process without it.")
+    return this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,29 +351,54 @@ def select_config(head_dim: int, dtype: torch.dtype, capability, causal: bool) -
     interpreter. One explicit config per bucket (no autotuning); every value here is compiled and
     checked for spills / tensor-core use by the compile gate. ``causal`` does not change the choice
     today (kept in the signature: causal blocks favour smaller BLOCK_N at the diagonal on some GPUs).
-    Returns dict(BLOCK_M, BLOCK_N, num_warps, num_stages, SCORES_BLOCK_M).
+    Returns dict(BLOCK_M, BLOCK_N, num_warps, num_stages, SCORES_BLOCK_M, SCORES_WARPS) (the scores
+    kernel uses BLOCK_N too, and always num_stages=1).
     """
     del causal
     bd = block_d(head_dim)
     cc = _cc_int(capability)
     if cc is None:  # interpreter: small tiles keep the multi-tile / diagonal paths exercised
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, SCORES_BLOCK_M=32)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, SCORES_BLOCK_M=32, SCORES_WARPS=4)
     hopper = cc >= 90
     if dtype == torch.float32:
-        # fp32 dots run as 3xTF32 (see dot_precision): tensor cores, fp32 operands take twice the
-        # shared memory / registers of fp16, so the tiles are smaller.
+        # fp32 dots run as 3xTF32 (see dot_precision): the hi/lo operand split keeps about three
+        # times the operand registers of fp16, so tiles are small. fp32 with D > 128 is not offered
+        # on the GPU (every tile that fits without spilling is too small to be worth it).
         if bd <= 32:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32)
-        if bd <= 128:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, SCORES_BLOCK_M=32)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1, SCORES_BLOCK_M=16)
-    # fp16 / bf16: tensor-core dots
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=8)
+        if bd <= 64:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=16, SCORES_WARPS=8)
+    # fp16 / bf16: tensor-core dots (HMMA on sm_80, wgmma/HGMMA on sm_90)
     if bd <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, SCORES_BLOCK_M=64)
+        if hopper:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, SCORES_BLOCK_M=64, SCORES_WARPS=4)
+        if bd <= 32:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, SCORES_BLOCK_M=64, SCORES_WARPS=8)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, SCORES_BLOCK_M=64, SCORES_WARPS=8)
     if bd <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64 if hopper else 32, num_warps=8, num_stages=3 if hopper else 2,
-                    SCORES_BLOCK_M=64)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if hopper else 1, SCORES_BLOCK_M=32)
+                    SCORES_BLOCK_M=64, SCORES_WARPS=8)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if hopper else 1, SCORES_BLOCK_M=32,
+                SCORES_WARPS=8)
+
+
+def supports(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_type: str) -> Tuple[bool, str]:
+    """Whether this backend takes a call with these properties; (False, reason) otherwise."""
+    ok, why = is_available()
+    if not ok:
+        return False, why
+    if dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {dtype} not in {SUPPORTED_DTYPES}"
+    for name, d in (("D", head_dim), ("Dv", head_dim_v)):
+        if d % 8 or not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            return False, f"{name}={d} must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    if device_type == "cpu" and not _module_is_interpreted(sys.modules[__name__]):
+        return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
+    if device_type == "cuda" and dtype == torch.float32 and max(head_dim, head_dim_v) > 128 \
+            and not interpreter_active():
+        return False, "float32 with head dim > 128 on the GPU (the kernel would spill registers)"
+    return True, ""
 
 
 def dot_precision(dtype: torch.dtype, interpret: bool) -> str:
@@ -431,7 +440,7 @@ SCORES_ARGS = [
     "stride_lb", "stride_lh", "stride_lm",
     "stride_sb", "stride_sn",
     "seqlen_q", "seqlen_k", "num_heads", "head_dim8", "kv_group", "qk_scale", "is_varlen", "mode",
-    "has_bias",
+    "has_bias", "is_causal",
 ]
 
 
@@ -493,16 +502,28 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
 
     Coverage: BLOCK_D in (16, 32, 64, 128, 256) with BLOCK_DV == BLOCK_D (configs are chosen by
     max(D, Dv), so the equal-width variant is the register-heaviest of its bucket), fp16 / bf16 / fp32,
-    the one codegen-changing flag IS_CAUSAL, for each capability: 2 kernels x 5 x 3 x 2 x 2 = 120 targets.
-    Varlen, LSE writing, key bias and the scores mode are runtime arguments (scalar loads / masks),
-    so they add no variants and every compiled variant contains the bias path. UPCAST is interpreter-only (False here).
+    for each capability (fp32 only up to BLOCK_D 128, see supports()); the forward kernel also for
+    its one codegen-changing flag IS_CAUSAL (it decides which key tiles are visited and masked):
+    14 (BLOCK_D, dtype) x 2 cc x (2 forward + 1 scores) = 84 targets. Varlen, LSE writing, key bias,
+    the scores mode and the scores kernel's causal mask are runtime arguments (scalar loads / masks),
+    so they add no variants and every compiled variant contains those paths. UPCAST is interpreter-only (False here).
     """
     out = []
     for cc in capabilities:
         for dtype in SUPPORTED_DTYPES:
             p = _TL_PTR[dtype]
             for bd in BLOCK_DS:
+                if dtype == torch.float32 and bd > 128:
+                    continue  # not offered on the GPU, see supports()
                 cfg = select_config(bd, dtype, cc, causal=False)
+                sc_ptrs = {"Q": p, "K": p, "Bias": "*fp32", "Lse": "*fp32", "Scores": "*fp32",
+                           "CuQ": "*i32", "CuK": "*i32"}
+                out.append(_target(
+                    "_attn_scores_kernel", SCORES_ARGS, f"D{bd}", dtype, sc_ptrs,
+                    dict(BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+                         UPCAST=False, DOT_PRECISION=dot_precision(dtype, False)),
+                    dict(cfg, num_warps=cfg["SCORES_WARPS"], num_stages=1), cc,
+                    aligned=set(sc_ptrs) | {a for a in SCORES_ARGS if a.startswith("stride_")}))
                 for causal in (False, True):
                     variant = f"D{bd}" + ("-causal" if causal else "")
                     fwd_ptrs = {"Q": p, "K": p, "V": p, "Out": p, "Bias": "*fp32", "Lse": "*fp32",
@@ -513,15 +534,6 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
                              IS_CAUSAL=causal, UPCAST=False,
                              DOT_PRECISION=dot_precision(dtype, False)),
                         cfg, cc, aligned=set(fwd_ptrs) | {a for a in FWD_ARGS if a.startswith("stride_")}))
-                    sc_ptrs = {"Q": p, "K": p, "Bias": "*fp32", "Lse": "*fp32", "Scores": "*fp32",
-                               "CuQ": "*i32", "CuK": "*i32"}
-                    out.append(_target(
-                        "_attn_scores_kernel", SCORES_ARGS, variant, dtype, sc_ptrs,
-                        dict(BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
-                             IS_CAUSAL=causal, UPCAST=False,
-                             DOT_PRECISION=dot_precision(dtype, False)),
-                        dict(cfg, num_stages=1), cc,
-                        aligned=set(sc_ptrs) | {a for a in SCORES_ARGS if a.startswith("stride_")}))
     return out
 
 
@@ -538,10 +550,10 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
     ``config`` (optional, for tests / benchmarks) overrides keys of :func:`select_config`'s answer.
     """
-    ok, why = is_available()
-    if not ok:
-        raise RuntimeError(f"Triton backend unavailable: {why}")
     device = q4.device
+    ok, why = supports(q4.dtype, q4.shape[3], v4.shape[3], device.type)
+    if not ok:
+        raise ValueError(f"Triton attention backend cannot run this call: {why}")
     interpret = interpreter_active() or device.type == "cpu"
     kern = _kernels(interpret)
 
@@ -591,7 +603,7 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         kern._attn_scores_kernel[grid](
             q4, k4, bias_t, lse_t, scores2, cu_q, cu_k,
             *q4.stride(), *k4.stride(), *bias_strides, *lse_strides, *scores2.stride(),
-            Sq, Sk, Hq, D // 8, group, qk_scale, int(varlen), int(scores_mode), int(bias3 is not None),
+            Sq, Sk, Hq, D // 8, group, qk_scale, int(varlen), int(scores_mode), int(bias3 is not None), int(bool(causal)),
             BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BD,
-            IS_CAUSAL=bool(causal), UPCAST=interpret, DOT_PRECISION=prec,
-            **({} if interpret else dict(num_warps=cfg["num_warps"], num_stages=1)))
+            UPCAST=interpret, DOT_PRECISION=prec,
+            **({} if interpret else dict(num_warps=cfg["SCORES_WARPS"], num_stages=1)))
