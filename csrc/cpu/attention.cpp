@@ -156,12 +156,12 @@ const char* attention_forward_cpu(const AttnParams& p) {
 
   // Scores partial rows and per-thread scratch sizes (floats).
   const int mode = (p.scores != nullptr) ? p.scores_mode : 0;
-  const int64_t ldp = round_up64(lk_max > 0 ? lk_max : 1, kBK);
+  const int64_t ldp = round_up64(lk_max > 0 ? lk_max : 1, kBK) + kBK;
   const int64_t nkb = ceil_div64(ldp, kBK);
   int64_t npart = 0;
   if (mode == 3) npart = nitems * ldp;
   else if (mode == 1 || mode == 2) npart = nseq * Hq * ldp;
-  const int64_t nS = (int64_t)kBQ * kBK, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
+  const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
   const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
   const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
                              4 * kBQ + round_up64(nKeep, 16) + round_up64(nKeepM, 16);

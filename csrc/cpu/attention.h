@@ -58,8 +58,8 @@ struct AttnItem {
 
 // Per-thread scratch, allocated by the driver (sizes from the block constants below).
 struct AttnScratch {
-  float* S;      // BQ * BK   logits of the current block
-  float* P;      // BQ * BK   probabilities (fp32, or bf16 pairs for the dot-product path)
+  float* S;      // BQ * kLDS logits of the current block
+  float* P;      // BQ * kLDS probabilities (fp32, or bf16 pairs for the dot-product path)
   float* O;      // BQ * Dvp  output accumulator
   float* Qf;     // BQ * D    query rows converted to float (bf16 input on non-bf16 paths)
   float* rowbuf; // 4 * BQ    m, l, alpha, limits
@@ -72,6 +72,8 @@ struct AttnScratch {
 // Block sizes shared by every path (the driver sizes scratch with them).
 constexpr int kBQ = 64;   // max query rows per item
 constexpr int kBK = 64;   // keys per block (multiple of every panel width, even)
+constexpr int kBKMerge = 16;           // a last block of <= kBK + kBKMerge keys is not split
+constexpr int kLDS = kBK + 2 * 16;    // row stride of the S / P scratch (>= kBK + kBKMerge)
 
 // What one ISA path provides.
 struct AttnImpl {

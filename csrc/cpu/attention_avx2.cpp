@@ -47,21 +47,23 @@ struct V256 {
   static inline T mask_ge(T x, int n) {
     return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, _mm256_castsi256_ps(lanes(n)));
   }
-  // 2^x for x <= 0 (x = -inf -> 0): 2^n built in the exponent field; n = -127 gives +0.
+  // 2^x for x <= 0 (x = -inf -> 0): n = round(x), 2^(x-n) by a degree-5 fit on [-0.5, 0.5]
+  // (max relative error 1.7e-7), 2^n built in the exponent field (n = -127 gives +0).
   static inline T exp2(T x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
     const T n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T r = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(kLn2));
-    T y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const T f = _mm256_sub_ps(x, n);
+    T y = _mm256_set1_ps(1.3400432653725147e-3f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.676037356257439e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550327152013779e-2f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402210682630539e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931471824645996e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0000001192092896f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
+  static constexpr bool kPanel32 = false;
+  static void pack_panel32(const void*, int64_t, int, int, void*) {}
 };
 
 using K256 = AttnKernel<V256, MicroF32<V256>>;

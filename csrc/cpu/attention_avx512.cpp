@@ -45,19 +45,65 @@ struct V512 {
   static inline T mask_ge(T x, int n) {
     return _mm512_mask_blend_ps(lanes(n), _mm512_set1_ps(kNegInf), x);
   }
-  // 2^x for x <= 0 (x = -inf -> 0). Cephes expf polynomial on r = f*ln2, |f| <= 0.5.
+  // 2^x for x <= 0 (x = -inf -> 0): n = round(x), 2^(x-n) by a degree-5 fit on [-0.5, 0.5]
+  // (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
   static inline T exp2(T x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
     const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const T r = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
-    T y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    const T f = _mm512_sub_ps(x, n);
+    T y = _mm512_set1_ps(1.3400432653725147e-3f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.676037356257439e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550327152013779e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402210682630539e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471824645996e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
     return _mm512_scalef_ps(y, n);
+  }
+
+  // Panel packing: dst[c * 16 + w] = row_w[c] for 32-bit elements, c < ncols (a multiple of 4),
+  // w < 16; rows w >= nrows are zero. 16x16 register transposes.
+  static constexpr bool kPanel32 = true;
+  static inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+      u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
+      const __m512 v1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+      const __m512 v2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+      const __m512 v3 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+      r[k] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+      r[8 + k] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+      r[4 + k] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+      r[12 + k] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+    }
+  }
+  static void pack_panel32(const void* row0, int64_t row_bytes, int nrows, int ncols, void* dst_) {
+    float* dst = (float*)dst_;
+    for (int c0 = 0; c0 < ncols; c0 += 16) {
+      const int nc = ncols - c0 < 16 ? ncols - c0 : 16;
+      const __mmask16 m = lanes(nc);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int w = 0; w < 16; ++w)
+        r[w] = w < nrows ? _mm512_maskz_loadu_ps(m, (const char*)row0 + w * row_bytes + c0 * 4)
+                         : _mm512_setzero_ps();
+      transpose16(r);
+      for (int c = 0; c < nc; ++c) _mm512_storeu_ps(dst + (c0 + c) * 16, r[c]);
+    }
   }
 };
 
@@ -79,20 +125,10 @@ struct MicroBf16Dot {
     const int64_t kbase = s.bk * p.k_sb + kvh * p.k_sh + s.k_begin * p.k_ss;
     const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
     for (int64_t pn = 0; pn < npan; ++pn) {
-      uint32_t* dst = (uint32_t*)(kp + pn * D * W);  // [d2][w] of 32-bit pairs
-      for (int w = 0; w < W; ++w) {
-        const int64_t j = pn * W + w;
-        if (j < Lk) {
-          const uint16_t* src = (const uint16_t*)p.k + kbase + j * p.k_ss;
-          for (int d2 = 0; d2 < D2; ++d2) {
-            uint32_t pair;
-            std::memcpy(&pair, src + 2 * d2, 4);
-            dst[d2 * W + w] = pair;
-          }
-        } else {
-          for (int d2 = 0; d2 < D2; ++d2) dst[d2 * W + w] = 0u;
-        }
-      }
+      const int64_t j0 = pn * W;
+      const int nrows = (int)(Lk - j0 < W ? Lk - j0 : W);
+      V512::pack_panel32((const uint16_t*)p.k + kbase + j0 * p.k_ss, p.k_ss * 2, nrows, D2,
+                         kp + pn * D * W);
     }
     for (int64_t j = 0; j < Lkp; ++j) {
       uint16_t* dst = vp + (j >> 1) * Dvp * 2 + (j & 1);
@@ -103,6 +139,13 @@ struct MicroBf16Dot {
       }
       for (; c < Dvp; ++c) dst[2 * c] = 0;
     }
+  }
+
+  // V pair-rows: row "k0" of the block starts at k0 * Dvp elements (k0 even).
+  static const uint16_t* v_rows(const AttnParams& p, const AttnSeq&, int, const void* vp,
+                                int64_t* ldv) {
+    *ldv = round_up(p.Dv, W);
+    return (const uint16_t*)vp;
   }
 
   static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
@@ -141,7 +184,7 @@ struct MicroBf16Dot {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-      for (int c = 0; c < NP; ++c) _mm512_storeu_ps(S + r * kBK + c * W, acc[r][c]);
+      for (int c = 0; c < NP; ++c) _mm512_storeu_ps(S + r * kLDS + c * W, acc[r][c]);
   }
 
   template <int R>
@@ -154,10 +197,10 @@ struct MicroBf16Dot {
   static void s_block(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int nq, int npan,
                       float* S) {
     int r0 = 0;
-    for (; r0 + 8 <= nq; r0 += 8) s_rows<8>(q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+    for (; r0 + 8 <= nq; r0 += 8) s_rows<8>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
     const int rem = nq - r0;
     const uint16_t* qr = q + r0 * qs;
-    float* Sr = S + r0 * kBK;
+    float* Sr = S + r0 * kLDS;
     switch (rem) {
       case 0: break;
       case 1: s_rows<1>(qr, qs, kp, D, npan, Sr); break;
@@ -171,11 +214,11 @@ struct MicroBf16Dot {
   }
 
   static inline void store_p(float* P, int r, int jv, __m512 e) {
-    uint16_t* dst = (uint16_t*)P + r * kBK + jv;
+    uint16_t* dst = (uint16_t*)P + r * kLDS + jv;
     _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(e));
   }
   static inline void zero_p(float* P, int r, int n) {
-    uint16_t* dst = (uint16_t*)P + r * kBK;
+    uint16_t* dst = (uint16_t*)P + r * kLDS;
     for (int j = 0; j < n; j += W) _mm256_storeu_si256((__m256i*)(dst + j), _mm256_setzero_si256());
   }
 
@@ -196,7 +239,7 @@ struct MicroBf16Dot {
         vv[c] = _mm512_loadu_si512((const void*)(vp + ((int64_t)jp * Dvp + c * W) * 2));
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512i pb = bcast_pair(P + r * kBK + 2 * jp);
+        const __m512i pb = bcast_pair(P + r * kLDS + 2 * jp);
 #pragma GCC unroll 4
         for (int c = 0; c < C; ++c)
           acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)vv[c], (__m512bh)pb);
@@ -220,8 +263,8 @@ struct MicroBf16Dot {
   }
 
   // vp points at the V pair-row of the block's first key (k0 is even).
-  static void pv_block(const float* P_, const uint16_t* vp, int Dvp, int nq, int kb, float* O,
-                       const float* alpha) {
+  static void pv_block(const float* P_, const uint16_t* vp, int64_t, int Dvp, int nq, int kb,
+                       float* O, const float* alpha) {
     const uint16_t* P = (const uint16_t*)P_;
     const int npairs = (kb + 1) / 2;
     const int nv = Dvp / W;
@@ -233,8 +276,8 @@ struct MicroBf16Dot {
       float* Oc = O + c0 * W;
       int r0 = 0;
       for (; r0 + 4 <= nq; r0 += 4)
-        pv_rows<4>(C, P + r0 * kBK, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
-      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kBK, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
+        pv_rows<4>(C, P + r0 * kLDS, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
+      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kLDS, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
     }
   }
 };

@@ -50,6 +50,11 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
+// Key blocks start at multiples of kBK; the last one takes up to kBK + kBKMerge keys.
+inline int block_len(int64_t k0, int64_t kend) {
+  const int64_t rem = kend - k0;
+  return (int)(rem <= kBK + kBKMerge ? rem : kBK);
+}
 
 inline float load_elem(const void* base, int64_t off, int dtype) {
   return dtype == kF32 ? ((const float*)base)[off] : bf16_to_f32(((const uint16_t*)base)[off]);
@@ -83,6 +88,14 @@ struct MicroF32 {
     const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
     for (int64_t pn = 0; pn < npan; ++pn) {
       float* dst = kp + pn * D * W;
+      if constexpr (V::kPanel32) {
+        if (p.dtype == kF32) {
+          const int64_t j0 = pn * W;
+          const int nrows = (int)(Lk - j0 < W ? Lk - j0 : W);
+          V::pack_panel32((const float*)p.k + kbase + j0 * p.k_ss, p.k_ss * 4, nrows, D, dst);
+          continue;
+        }
+      }
       for (int w = 0; w < W; ++w) {
         const int64_t j = pn * W + w;
         if (j < Lk) {
@@ -99,6 +112,7 @@ struct MicroF32 {
         }
       }
     }
+    if (v_direct(p)) return;  // P.V reads V in place
     const int64_t Lkp = npan * W;
     for (int64_t j = 0; j < Lkp; ++j) {
       float* dst = vp + j * Dvp;
@@ -115,6 +129,18 @@ struct MicroF32 {
       }
       for (; c < Dvp; ++c) dst[c] = 0.f;
     }
+  }
+
+  // fp32 V whose rows are whole vectors is read in place (no copy); otherwise packed [j][Dvp].
+  static bool v_direct(const AttnParams& p) { return p.dtype == kF32 && p.Dv % W == 0; }
+  static const float* v_rows(const AttnParams& p, const AttnSeq& s, int kvh, const void* vp,
+                             int64_t* ldv) {
+    if (v_direct(p)) {
+      *ldv = p.v_ss;
+      return (const float*)p.v + s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
+    }
+    *ldv = round_up(p.Dv, W);
+    return (const float*)vp;
   }
 
   // Query rows as float: direct for fp32 input, converted into scratch for bf16 input.
@@ -153,7 +179,7 @@ struct MicroF32 {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-      for (int c = 0; c < NP; ++c) V::store(S + r * kBK + c * W, acc[r][c]);
+      for (int c = 0; c < NP; ++c) V::store(S + r * kLDS + c * W, acc[r][c]);
   }
 
   template <int R>
@@ -167,9 +193,9 @@ struct MicroF32 {
   static void s_block(const float* q, int64_t qs, const float* kp, int D, int nq, int npan,
                       float* S) {
     int r0 = 0;
-    for (; r0 + V::RS <= nq; r0 += V::RS) s_rows<V::RS>(q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+    for (; r0 + V::RS <= nq; r0 += V::RS) s_rows<V::RS>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
     const int rem = nq - r0;
-    if (rem > 0) dispatch_rows(rem, q + r0 * qs, qs, kp, D, npan, S + r0 * kBK);
+    if (rem > 0) dispatch_rows(rem, q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
   }
   static void dispatch_rows(int rem, const float* q, int64_t qs, const float* kp, int D, int npan,
                             float* S) {
@@ -184,14 +210,14 @@ struct MicroF32 {
     }
   }
 
-  static inline void store_p(float* P, int r, int jv, T e) { V::store(P + r * kBK + jv, e); }
+  static inline void store_p(float* P, int r, int jv, T e) { V::store(P + r * kLDS + jv, e); }
   static inline void zero_p(float* P, int r, int n) {
-    for (int j = 0; j < n; j += W) V::store(P + r * kBK + j, V::zero());
+    for (int j = 0; j < n; j += W) V::store(P + r * kLDS + j, V::zero());
   }
 
   template <int R, int C>
-  static inline void pv_tile(const float* P, const float* vp, int Dvp, int kb, float* O,
-                             const float* alpha) {
+  static inline void pv_tile(const float* P, const float* vp, int64_t ldv, int Dvp, int kb,
+                             float* O, const float* alpha) {
     T acc[R][C];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -202,10 +228,10 @@ struct MicroF32 {
     for (int j = 0; j < kb; ++j) {
       T vv[C];
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) vv[c] = V::load(vp + (int64_t)j * Dvp + c * W);
+      for (int c = 0; c < C; ++c) vv[c] = V::load(vp + (int64_t)j * ldv + c * W);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const T pb = V::set1(P[r * kBK + j]);
+        const T pb = V::set1(P[r * kLDS + j]);
 #pragma GCC unroll 4
         for (int c = 0; c < C; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
       }
@@ -217,19 +243,20 @@ struct MicroF32 {
   }
 
   template <int R>
-  static void pv_rows(int C, const float* P, const float* vp, int Dvp, int kb, float* O,
-                      const float* alpha) {
+  static void pv_rows(int C, const float* P, const float* vp, int64_t ldv, int Dvp, int kb,
+                      float* O, const float* alpha) {
     switch (C) {
-      case 1: pv_tile<R, 1>(P, vp, Dvp, kb, O, alpha); break;
-      case 2: pv_tile<R, 2>(P, vp, Dvp, kb, O, alpha); break;
-      case 3: pv_tile<R, (3 <= V::CPV ? 3 : 1)>(P, vp, Dvp, kb, O, alpha); break;
-      default: pv_tile<R, (4 <= V::CPV ? 4 : 1)>(P, vp, Dvp, kb, O, alpha); break;
+      case 1: pv_tile<R, 1>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      case 2: pv_tile<R, 2>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      case 3: pv_tile<R, (3 <= V::CPV ? 3 : 1)>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      default: pv_tile<R, (4 <= V::CPV ? 4 : 1)>(P, vp, ldv, Dvp, kb, O, alpha); break;
     }
   }
 
-  // O[r] = O[r]*alpha[r] + sum_j P[r][j] V[j] for j < kb, vp = V row of the block's first key.
-  static void pv_block(const float* P, const float* vp, int Dvp, int nq, int kb, float* O,
-                       const float* alpha) {
+  // O[r] = O[r]*alpha[r] + sum_j P[r][j] V[j] for j < kb; vp = V row of the block's first key,
+  // rows ldv apart.
+  static void pv_block(const float* P, const float* vp, int64_t ldv, int Dvp, int nq, int kb,
+                       float* O, const float* alpha) {
     const int nv = Dvp / W;
     const int nch = (nv + V::CPV - 1) / V::CPV;
     for (int ch = 0; ch < nch; ++ch) {
@@ -239,8 +266,9 @@ struct MicroF32 {
       float* Oc = O + c0 * W;
       int r0 = 0;
       for (; r0 + V::RPV <= nq; r0 += V::RPV)
-        pv_rows<V::RPV>(C, P + r0 * kBK, vpc, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
-      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kBK, vpc, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
+        pv_rows<V::RPV>(C, P + r0 * kLDS, vpc, ldv, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
+      for (; r0 < nq; ++r0)
+        pv_rows<1>(C, P + r0 * kLDS, vpc, ldv, Dvp, kb, Oc + r0 * Dvp, alpha + r0);
     }
   }
 };
@@ -265,15 +293,21 @@ struct AttnKernel {
     const int nq = it.nq, h = it.h;
     const int64_t Lq = s.Lq, Lk = s.Lk;
     const KT* kp = (const KT*)kp_;
-    const KT* vp = (const KT*)vp_;
+    int64_t ldv = 0;
+    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv);
 
     float* m = sc.rowbuf;
     float* l = m + kBQ;
     float* alpha = l + kBQ;
     int32_t* lim = (int32_t*)(alpha + kBQ);
     const int64_t off = Lk - Lq;
+    // Keys past the last finite bias entry contribute exactly 0 (key padding): skip them.
+    const float* bias = p.bias ? p.bias + s.bk * p.bias_sb + h * p.bias_sh + s.k_begin : nullptr;
+    int64_t lk_eff = Lk;
+    if (bias)
+      while (lk_eff > 0 && bias[lk_eff - 1] == kNegInf) --lk_eff;
     for (int r = 0; r < nq; ++r) {
-      lim[r] = (int32_t)(p.causal ? imax(0, imin(Lk, it.q0 + r + off + 1)) : Lk);
+      lim[r] = (int32_t)(p.causal ? imax(0, imin(lk_eff, it.q0 + r + off + 1)) : lk_eff);
       m[r] = kNegInf;
       l[r] = 0.f;
     }
@@ -296,40 +330,49 @@ struct AttnKernel {
 
     int64_t qs = 0;
     const QT* q = M::prepare_q(p, s, it, sc, &qs);
-    const float* bias = p.bias ? p.bias + s.bk * p.bias_sb + h * p.bias_sh + s.k_begin : nullptr;
-    const T scale2 = V::set1(p.scale * kLog2e);
+    const float scale2s = p.scale * kLog2e;
+    const T scale2 = V::set1(scale2s);
+    const bool prescale = bias != nullptr || !(scale2s > 0.f);
     const T log2e = V::set1(kLog2e);
     const T neginf = V::set1(kNegInf);
 
     int kbi = 0;
-    for (int64_t k0 = 0; k0 < kend; k0 += kBK, ++kbi) {
-      const int kb = (int)imin(kBK, kend - k0);
+    for (int64_t k0 = 0, kb = 0; k0 < kend; k0 += kb, ++kbi) {
+      kb = block_len(k0, kend);
       const int npan = (int)ceil_div(kb, W);
       const int kbp = npan * W;
       M::s_block(q, qs, kp + k0 * D, D, nq, npan, sc.S);
 
       for (int r = 0; r < nq; ++r) {
-        float* srow = sc.S + r * kBK;
+        float* srow = sc.S + r * kLDS;
         const bool keep = r >= keep_lo && r < keep_hi;
         float* krow = keep ? sc.keep + r * sc.ldk + k0 : nullptr;
         const int nvalid = (int)imax(0, imin((int64_t)lim[r] - k0, kb));
+        // Base-2 logits are x * scale*log2(e) (+ bias*log2(e)). Blocks that need neither bias
+        // nor masking take the row max of the raw products and fold the scale into the exp's FMA.
         T mx = neginf;
+        float emul = 1.f;
         if (nvalid > 0) {
-          for (int jv = 0; jv < kbp; jv += W) {
-            T x = V::load(srow + jv);
-            if (bias) {
-              const int64_t j = k0 + jv;
-              const T b = (j + W <= Lk) ? V::load(bias + j) : V::loadn(bias + j, (int)(Lk - j));
-              x = V::fmadd(x, scale2, V::mul(b, log2e));
-            } else {
-              x = V::mul(x, scale2);
+          if (prescale || nvalid < kbp) {
+            for (int jv = 0; jv < kbp; jv += W) {
+              T x = V::load(srow + jv);
+              if (bias) {
+                const int64_t j = k0 + jv;
+                const T b = (j + W <= Lk) ? V::load(bias + j) : V::loadn(bias + j, (int)(Lk - j));
+                x = V::fmadd(x, scale2, V::mul(b, log2e));
+              } else {
+                x = V::mul(x, scale2);
+              }
+              if (jv + W > nvalid) x = V::mask_ge(x, nvalid - jv);
+              V::store(srow + jv, x);
+              mx = V::max(mx, x);
             }
-            if (jv + W > nvalid) x = V::mask_ge(x, nvalid - jv);
-            V::store(srow + jv, x);
-            mx = V::max(mx, x);
+          } else {
+            for (int jv = 0; jv < kbp; jv += W) mx = V::max(mx, V::load(srow + jv));
+            emul = scale2s;
           }
         }
-        const float mnew = fmaxf_(m[r], V::hmax(mx));
+        const float mnew = fmaxf_(m[r], V::hmax(mx) * emul);
         if (nvalid == 0 || mnew == kNegInf) {  // no visible key in this block, or none yet
           alpha[r] = 1.f;
           M::zero_p(sc.P, r, kbp);
@@ -340,10 +383,10 @@ struct AttnKernel {
           continue;
         }
         const float a = V::first(V::exp2(V::set1(m[r] - mnew)));
-        const T mn = V::set1(mnew);
+        const T em = V::set1(emul), nm = V::set1(-mnew);
         T sum = V::zero();
         for (int jv = 0; jv < kbp; jv += W) {
-          const T e = V::exp2(V::sub(V::load(srow + jv), mn));
+          const T e = V::exp2(V::fmadd(V::load(srow + jv), em, nm));
           sum = V::add(sum, e);
           M::store_p(sc.P, r, jv, e);
           if (keep) V::store(krow + jv, e);
@@ -353,7 +396,7 @@ struct AttnKernel {
         alpha[r] = a;
         if (keep) sc.keep_m[r * sc.nkb + kbi] = mnew;
       }
-      M::pv_block(sc.P, vp + k0 * Dvp, Dvp, nq, kb, sc.O, alpha);
+      M::pv_block(sc.P, vp + k0 * ldv, ldv, Dvp, nq, (int)kb, sc.O, alpha);
     }
     const int nblocks = kbi;
 
@@ -394,7 +437,7 @@ struct AttnKernel {
       int64_t j = 0;
       for (int b = 0; b < nblocks; ++b) {
         const int64_t k0 = (int64_t)b * kBK;
-        const int64_t kstop = k0 + round_up(imin(kBK, kend - k0), W);
+        const int64_t kstop = k0 + round_up(block_len(k0, kend), W);
         for (j = k0; j < kstop; j += W) {
           T acc = V::zero();
           for (int r = keep_lo; r < keep_hi; ++r) {

@@ -84,6 +84,8 @@ struct VScalar {
     for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
     return x;
   }
+  static constexpr bool kPanel32 = false;
+  static void pack_panel32(const void*, int64_t, int, int, void*) {}
 };
 
 using KScalar = AttnKernel<VScalar, MicroF32<VScalar>>;

@@ -97,6 +97,11 @@ def make(B=2, Hq=4, Hkv=None, Lq=33, Lk=None, D=64, Dv=None, dtype=torch.float32
         kb = torch.randn(Bb, Sk, generator=g)
         kb[:, 3::5] = -math.inf
         bias3 = kb[:, None, :].expand(Bb, Hq, Sk)
+    elif bias == "pad":  # key padding at the end (trailing -inf keys are skipped by the kernel)
+        kb = torch.randn(Bb, Sk, generator=g)
+        for b in range(Bb):
+            kb[b, Sk - (b + 1) * Sk // 5:] = -math.inf
+        bias3 = kb[:, None, :].expand(Bb, Hq, Sk)
     elif bias == "head":  # per (batch, head, key), one (b, h) entirely -inf
         bias3 = torch.randn(Bb, Hq, Sk, generator=g)
         bias3[..., 1::4] = -math.inf
@@ -200,7 +205,8 @@ def test_dv_differs_gqa_causal_cross(isa, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("mode,bias", [("cls", "key"), ("last", "head"), ("mean", None),
-                                       ("mean", "head"), ("cls", None), ("none", "key")])
+                                       ("mean", "head"), ("cls", None), ("none", "key"),
+                                       ("mean", "pad"), ("last", "pad")])
 def test_scores_and_bias(isa, dtype, mode, bias):
     check(make(B=2, Hq=3, Lq=70, Lk=131, D=32, dtype=dtype, bias=bias), mode=MODES[mode])
     check(make(B=1, Hq=4, Hkv=2, Lq=77, D=40, dtype=dtype, bias=bias), causal=True, mode=MODES[mode])
