@@ -99,8 +99,9 @@ def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
     def eager_scores(mode):
         def run():
             out = _sdpa(q, k_full, v_full, group, is_causal=causal)
-            logits = (q.float() @ k_full.float().transpose(-1, -2)) / math.sqrt(d)
-            p = torch.softmax(logits, dim=-1)
+            # As HF "eager" attention does: logits in the input dtype, softmax in float32.
+            logits = (q @ k_full.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+            p = torch.softmax(logits, dim=-1, dtype=torch.float32)
             rows = {"cls": p[:, :, 0], "last": p[:, :, -1], "mean": p.mean(2)}[mode]
             return out, rows.mean(1)
         return run
@@ -165,7 +166,7 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     for shape in (QUICK_SHAPES if quick else SHAPES):
         gated = shape.name in ("vit_b16", "dinov2_s14")
         cases += dense_cases(shape, torch.float32, extras=gated)
-        cases += dense_cases(shape, torch.bfloat16, extras=False)
+        cases += dense_cases(shape, torch.bfloat16, extras=gated)
     cases.append(varlen_case(torch.float32, [30, 50, 7] if quick else VARLEN_LENGTHS))
     if only:
         cases = [c for c in cases if only in c.id]
