@@ -164,7 +164,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
   const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
   const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
-                             4 * kBQ + round_up64(nKeep, 16) + round_up64(nKeepM, 16);
+                             kRowBuf + round_up64(nKeep, 16) + round_up64(nKeepM, 16);
   int nthreads = p.nthreads > 0 ? p.nthreads : 1;
   const int64_t maxwork = nitems > npack ? nitems : npack;
   if (maxwork < nthreads) nthreads = maxwork > 0 ? (int)maxwork : 1;
@@ -216,7 +216,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
       sc.P = cur; cur += round_up64(nS, 16);
       sc.O = cur; cur += round_up64(nO, 16);
       sc.Qf = cur; cur += round_up64(nQ, 16);
-      sc.rowbuf = cur; cur += 4 * kBQ;
+      sc.rowbuf = cur; cur += kRowBuf;
       sc.keep = mode ? cur : nullptr; cur += round_up64(nKeep, 16);
       sc.keep_m = mode ? cur : nullptr;
       sc.ldk = ldp;

@@ -62,7 +62,7 @@ struct AttnScratch {
   float* P;      // BQ * kLDS probabilities (fp32, or bf16 pairs for the dot-product path)
   float* O;      // BQ * Dvp  output accumulator
   float* Qf;     // BQ * D    query rows converted to float (bf16 input on non-bf16 paths)
-  float* rowbuf; // 4 * BQ    m, l, alpha, limits
+  float* rowbuf; // kRowBuf   m, l, alpha, limits (BQ each), then the block's column terms (kLDS)
   float* keep;   // BQ * ldk  kept probabilities for scores (rows that contribute), may be null
   float* keep_m; // BQ * nkb  running max at the time each block's probabilities were kept
   int64_t ldk;   // row stride of keep (>= Lk max rounded up to BK)
@@ -74,6 +74,7 @@ constexpr int kBQ = 64;   // max query rows per item
 constexpr int kBK = 64;   // keys per block (multiple of every panel width, even)
 constexpr int kBKMerge = 16;           // a last block of <= kBK + kBKMerge keys is not split
 constexpr int kLDS = kBK + 2 * 16;    // row stride of the S / P scratch (>= kBK + kBKMerge)
+constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
 
 // What one ISA path provides.
 struct AttnImpl {

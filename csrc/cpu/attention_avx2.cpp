@@ -63,6 +63,7 @@ struct V256 {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
   static constexpr bool kPanel32 = false;
+  static constexpr bool kBf16Vec = false;  // no load_bf16 / store_bf16: scalar conversions
   static void pack_panel32(const void*, int64_t, int, int, void*) {}
 };
 

@@ -60,6 +60,23 @@ struct V512 {
     return _mm512_scalef_ps(y, n);
   }
 
+  // bf16 <-> fp32 for n lanes, AVX-512F/BW integer ops only (so the plain "avx512" flavour stays
+  // free of BF16 instructions). store_bf16 rounds to nearest even like f32_to_bf16.
+  static constexpr bool kBf16Vec = true;
+  static inline T load_bf16(const uint16_t* p, int n) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  }
+  static inline void store_bf16(uint16_t* p, T v, int n) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(r));
+  }
+
   // Panel packing: dst[c * 16 + w] = row_w[c] for 32-bit elements, c < ncols (a multiple of 4),
   // w < 16; rows w >= nrows are zero. 16x16 register transposes.
   static constexpr bool kPanel32 = true;
@@ -130,14 +147,21 @@ struct MicroBf16Dot {
       V512::pack_panel32((const uint16_t*)p.k + kbase + j0 * p.k_ss, p.k_ss * 2, nrows, D2,
                          kp + pn * D * W);
     }
-    for (int64_t j = 0; j < Lkp; ++j) {
-      uint16_t* dst = vp + (j >> 1) * Dvp * 2 + (j & 1);
-      int c = 0;
-      if (j < Lk) {
-        const uint16_t* src = (const uint16_t*)p.v + vbase + j * p.v_ss;
-        for (; c < Dv; ++c) dst[2 * c] = src[c];
+    // V pair rows: the 32-bit lane c of pair row j/2 is (V[j][c], V[j+1][c]); zero-extend row j,
+    // shift row j+1 into the high half. Rows past Lk and columns past Dv are zero.
+    const uint16_t* v0 = (const uint16_t*)p.v + vbase;
+    for (int64_t j = 0; j < Lkp; j += 2) {
+      uint16_t* dst = vp + j * Dvp;
+      const uint16_t* ra = j < Lk ? v0 + j * p.v_ss : nullptr;
+      const uint16_t* rb = j + 1 < Lk ? v0 + (j + 1) * p.v_ss : nullptr;
+      for (int c = 0; c < Dvp; c += W) {
+        const __mmask16 m = V512::lanes(Dv - c);
+        const __m512i a = ra ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, ra + c))
+                             : _mm512_setzero_si512();
+        const __m512i b = rb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rb + c))
+                             : _mm512_setzero_si512();
+        _mm512_storeu_si512((void*)(dst + 2 * c), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
       }
-      for (; c < Dvp; ++c) dst[2 * c] = 0;
     }
   }
 
@@ -161,7 +185,8 @@ struct MicroBf16Dot {
   }
 
   template <int R, int NP>
-  static inline void s_tile(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, float* S) {
+  static inline void s_tile(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, float* S,
+                            const float* colb, float scale2) {
     const int D2 = D / 2;
     __m512 acc[R][NP];
 #pragma GCC unroll 8
@@ -181,35 +206,42 @@ struct MicroBf16Dot {
           acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)kv[c], (__m512bh)qb);
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    // Epilogue as in MicroF32::s_tile: S = acc * scale2 + colb.
+    const __m512 sc2 = _mm512_set1_ps(scale2);
 #pragma GCC unroll 2
-      for (int c = 0; c < NP; ++c) _mm512_storeu_ps(S + r * kLDS + c * W, acc[r][c]);
+    for (int c = 0; c < NP; ++c) {
+      const __m512 cb = _mm512_loadu_ps(colb + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        _mm512_storeu_ps(S + r * kLDS + c * W, _mm512_fmadd_ps(acc[r][c], sc2, cb));
+    }
   }
 
   template <int R>
-  static void s_rows(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int npan, float* S) {
+  static void s_rows(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int npan, float* S,
+                     const float* colb, float scale2) {
     int pn = 0;
-    for (; pn + 2 <= npan; pn += 2) s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
-    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+    for (; pn + 2 <= npan; pn += 2)
+      s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
+    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
   }
 
   static void s_block(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int nq, int npan,
-                      float* S) {
+                      float* S, const float* cb, float s2) {
     int r0 = 0;
-    for (; r0 + 8 <= nq; r0 += 8) s_rows<8>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
+    for (; r0 + 8 <= nq; r0 += 8) s_rows<8>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS, cb, s2);
     const int rem = nq - r0;
     const uint16_t* qr = q + r0 * qs;
     float* Sr = S + r0 * kLDS;
     switch (rem) {
       case 0: break;
-      case 1: s_rows<1>(qr, qs, kp, D, npan, Sr); break;
-      case 2: s_rows<2>(qr, qs, kp, D, npan, Sr); break;
-      case 3: s_rows<3>(qr, qs, kp, D, npan, Sr); break;
-      case 4: s_rows<4>(qr, qs, kp, D, npan, Sr); break;
-      case 5: s_rows<5>(qr, qs, kp, D, npan, Sr); break;
-      case 6: s_rows<6>(qr, qs, kp, D, npan, Sr); break;
-      default: s_rows<7>(qr, qs, kp, D, npan, Sr); break;
+      case 1: s_rows<1>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 2: s_rows<2>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 3: s_rows<3>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 4: s_rows<4>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 5: s_rows<5>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 6: s_rows<6>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      default: s_rows<7>(qr, qs, kp, D, npan, Sr, cb, s2); break;
     }
   }
 

@@ -45,6 +45,8 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
+// The column-term buffer follows the four kBQ-long row arrays of AttnScratch::rowbuf.
+inline float* lim_end(int32_t* lim) { return (float*)(lim + kBQ); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -152,14 +154,21 @@ struct MicroF32 {
       return (const float*)p.q + off;
     }
     const uint16_t* src = (const uint16_t*)p.q + off;
-    for (int r = 0; r < it.nq; ++r)
-      for (int d = 0; d < p.D; ++d) sc.Qf[r * p.D + d] = bf16_to_f32(src[r * p.q_ss + d]);
+    for (int r = 0; r < it.nq; ++r) {
+      if constexpr (V::kBf16Vec) {
+        for (int d = 0; d < p.D; d += W)
+          V::storen(sc.Qf + r * p.D + d, V::load_bf16(src + r * p.q_ss + d, p.D - d), p.D - d);
+      } else {
+        for (int d = 0; d < p.D; ++d) sc.Qf[r * p.D + d] = bf16_to_f32(src[r * p.q_ss + d]);
+      }
+    }
     *qs = p.D;
     return sc.Qf;
   }
 
   template <int R, int NP>
-  static inline void s_tile(const float* q, int64_t qs, const float* kp, int D, float* S) {
+  static inline void s_tile(const float* q, int64_t qs, const float* kp, int D, float* S,
+                            const float* colb, float scale2) {
     T acc[R][NP];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -176,37 +185,45 @@ struct MicroF32 {
         for (int c = 0; c < NP; ++c) acc[r][c] = V::fmadd(qb, kv[c], acc[r][c]);
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    // Epilogue: base-2 logits, S = acc * scale*log2(e) + colb (bias*log2(e), or -inf past the
+    // block's visible keys); one column vector serves the tile's R rows.
+    const T sc2 = V::set1(scale2);
 #pragma GCC unroll 2
-      for (int c = 0; c < NP; ++c) V::store(S + r * kLDS + c * W, acc[r][c]);
+    for (int c = 0; c < NP; ++c) {
+      const T cb = V::load(colb + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) V::store(S + r * kLDS + c * W, V::fmadd(acc[r][c], sc2, cb));
+    }
   }
 
   template <int R>
-  static void s_rows(const float* q, int64_t qs, const float* kp, int D, int npan, float* S) {
+  static void s_rows(const float* q, int64_t qs, const float* kp, int D, int npan, float* S,
+                     const float* colb, float scale2) {
     int pn = 0;
-    for (; pn + 2 <= npan; pn += 2) s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
-    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W);
+    for (; pn + 2 <= npan; pn += 2)
+      s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
+    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
   }
 
-  // S[r][0 : npan*W] = q_r . k_j for the npan panels starting at kp.
+  // S[r][0 : npan*W] = (q_r . k_j) * scale2 + colb[j] for the npan panels starting at kp.
   static void s_block(const float* q, int64_t qs, const float* kp, int D, int nq, int npan,
-                      float* S) {
+                      float* S, const float* colb, float scale2) {
     int r0 = 0;
-    for (; r0 + V::RS <= nq; r0 += V::RS) s_rows<V::RS>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
+    for (; r0 + V::RS <= nq; r0 += V::RS)
+      s_rows<V::RS>(q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS, colb, scale2);
     const int rem = nq - r0;
-    if (rem > 0) dispatch_rows(rem, q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS);
+    if (rem > 0) dispatch_rows(rem, q + r0 * qs, qs, kp, D, npan, S + r0 * kLDS, colb, scale2);
   }
   static void dispatch_rows(int rem, const float* q, int64_t qs, const float* kp, int D, int npan,
-                            float* S) {
+                            float* S, const float* cb, float s2) {
     switch (rem) {
-      case 1: s_rows<1>(q, qs, kp, D, npan, S); break;
-      case 2: s_rows<2>(q, qs, kp, D, npan, S); break;
-      case 3: s_rows<3>(q, qs, kp, D, npan, S); break;
-      case 4: s_rows<4>(q, qs, kp, D, npan, S); break;
-      case 5: s_rows<(5 < V::RS ? 5 : 1)>(q, qs, kp, D, npan, S); break;
-      case 6: s_rows<(6 < V::RS ? 6 : 1)>(q, qs, kp, D, npan, S); break;
-      default: s_rows<(7 < V::RS ? 7 : 1)>(q, qs, kp, D, npan, S); break;
+      case 1: s_rows<1>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 2: s_rows<2>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 3: s_rows<3>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 4: s_rows<4>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 5: s_rows<(5 < V::RS ? 5 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 6: s_rows<(6 < V::RS ? 6 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
+      default: s_rows<(7 < V::RS ? 7 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
     }
   }
 
@@ -330,49 +347,53 @@ struct AttnKernel {
 
     int64_t qs = 0;
     const QT* q = M::prepare_q(p, s, it, sc, &qs);
-    const float scale2s = p.scale * kLog2e;
-    const T scale2 = V::set1(scale2s);
-    const bool prescale = bias != nullptr || !(scale2s > 0.f);
+    const float scale2 = p.scale * kLog2e;
     const T log2e = V::set1(kLog2e);
     const T neginf = V::set1(kNegInf);
+    float* colb = lim_end(lim);  // kLDS column terms of the current block
 
     int kbi = 0;
     for (int64_t k0 = 0, kb = 0; k0 < kend; k0 += kb, ++kbi) {
       kb = block_len(k0, kend);
       const int npan = (int)ceil_div(kb, W);
       const int kbp = npan * W;
-      M::s_block(q, qs, kp + k0 * D, D, nq, npan, sc.S);
+      // Column terms, added to the scaled products in the S tile epilogue: bias*log2(e) (0
+      // without bias), -inf for keys no row of the item sees (past kend, or padding).
+      const int kvis = (int)kb;  // k0 + kb <= kend
+      for (int jv = 0; jv < kbp; jv += W) {
+        T b = V::zero();
+        if (bias) {
+          const int64_t j = k0 + jv;
+          b = V::mul(j + W <= Lk ? V::load(bias + j) : V::loadn(bias + j, (int)(Lk - j)), log2e);
+        }
+        if (jv + W > kvis) b = V::mask_ge(b, kvis - jv);
+        V::store(colb + jv, b);
+      }
+      M::s_block(q, qs, kp + k0 * D, D, nq, npan, sc.S, colb, scale2);
 
       for (int r = 0; r < nq; ++r) {
         float* srow = sc.S + r * kLDS;
         const bool keep = r >= keep_lo && r < keep_hi;
         float* krow = keep ? sc.keep + r * sc.ldk + k0 : nullptr;
         const int nvalid = (int)imax(0, imin((int64_t)lim[r] - k0, kb));
-        // Base-2 logits are x * scale*log2(e) (+ bias*log2(e)). Blocks that need neither bias
-        // nor masking take the row max of the raw products and fold the scale into the exp's FMA.
+        // S holds base-2 logits already; rows that see fewer keys than the block (causal) mask
+        // their own tail here.
         T mx = neginf;
-        float emul = 1.f;
         if (nvalid > 0) {
-          if (prescale || nvalid < kbp) {
+          if (nvalid < kvis) {
             for (int jv = 0; jv < kbp; jv += W) {
               T x = V::load(srow + jv);
-              if (bias) {
-                const int64_t j = k0 + jv;
-                const T b = (j + W <= Lk) ? V::load(bias + j) : V::loadn(bias + j, (int)(Lk - j));
-                x = V::fmadd(x, scale2, V::mul(b, log2e));
-              } else {
-                x = V::mul(x, scale2);
+              if (jv + W > nvalid) {
+                x = V::mask_ge(x, nvalid - jv);
+                V::store(srow + jv, x);
               }
-              if (jv + W > nvalid) x = V::mask_ge(x, nvalid - jv);
-              V::store(srow + jv, x);
               mx = V::max(mx, x);
             }
           } else {
             for (int jv = 0; jv < kbp; jv += W) mx = V::max(mx, V::load(srow + jv));
-            emul = scale2s;
           }
         }
-        const float mnew = fmaxf_(m[r], V::hmax(mx) * emul);
+        const float mnew = fmaxf_(m[r], V::hmax(mx));
         if (nvalid == 0 || mnew == kNegInf) {  // no visible key in this block, or none yet
           alpha[r] = 1.f;
           M::zero_p(sc.P, r, kbp);
@@ -383,10 +404,10 @@ struct AttnKernel {
           continue;
         }
         const float a = V::first(V::exp2(V::set1(m[r] - mnew)));
-        const T em = V::set1(emul), nm = V::set1(-mnew);
+        const T nm = V::set1(-mnew);
         T sum = V::zero();
         for (int jv = 0; jv < kbp; jv += W) {
-          const T e = V::exp2(V::fmadd(V::load(srow + jv), em, nm));
+          const T e = V::exp2(V::add(V::load(srow + jv), nm));
           sum = V::add(sum, e);
           M::store_p(sc.P, r, jv, e);
           if (keep) V::store(krow + jv, e);
@@ -415,7 +436,11 @@ struct AttnKernel {
         if (c < Dv) V::storen(dst + c, V::load(orow + c), Dv - c);
       } else {
         uint16_t* dst = (uint16_t*)p.out + ooff;
-        for (int c = 0; c < Dv; ++c) dst[c] = f32_to_bf16(orow[c]);
+        if constexpr (V::kBf16Vec) {
+          for (int c = 0; c < Dv; c += W) V::store_bf16(dst + c, V::load(orow + c), Dv - c);
+        } else {
+          for (int c = 0; c < Dv; ++c) dst[c] = f32_to_bf16(orow[c]);
+        }
       }
       if (p.lse)
         p.lse[s.bq * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =

@@ -85,6 +85,7 @@ struct VScalar {
     return x;
   }
   static constexpr bool kPanel32 = false;
+  static constexpr bool kBf16Vec = false;  // no load_bf16 / store_bf16: scalar conversions
   static void pack_panel32(const void*, int64_t, int, int, void*) {}
 };
 

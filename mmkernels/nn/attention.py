@@ -104,9 +104,13 @@ class Attention(nn.Module):
                 key_bias: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
                 cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
                 max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                scores: Optional[str] = None):
+                scores: Optional[str] = None, return_keys: bool = False):
         """``key_padding_mask``: bool ``(B, Lk)`` (or ``(Tk,)`` packed), True marks a padded key
-        (nn.MultiheadAttention's convention); it is turned into a ``-inf`` key bias."""
+        (nn.MultiheadAttention's convention); it is turned into a ``-inf`` key bias.
+
+        ``return_keys=True`` also returns the projected keys, ``(B, Hkv, Lk, D)`` (packed
+        ``(Tk, Hkv, D)``): token merging (ToMe) uses them as its similarity metric. The return value
+        is then ``(out, scores_or_None, keys)``."""
         context = x if context is None else context
         scores = scores or self.scores
         varlen = cu_seqlens_q is not None
@@ -134,6 +138,8 @@ class Attention(nn.Module):
         out = res.out if scores else res
         out = out.flatten(-2) if varlen else out.transpose(1, 2).flatten(-2)
         out = self.o_proj(out)
+        if return_keys:
+            return out, (res.scores if scores else None), k
         return (out, res.scores) if scores else out
 
     def extra_repr(self):

@@ -61,3 +61,14 @@ def test_varlen_self_attention_matches_padded():
     for x, start in zip(xs, (0, 4)):
         torch.testing.assert_close(packed[start:start + len(x)], ours(x[None])[0],
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_return_keys_gives_projected_keys():
+    ours = Attention(32, 4, num_kv_heads=2).eval()
+    x = torch.randn(2, 5, 32)
+    out, scores, keys = ours(x, return_keys=True)
+    assert scores is None and out.shape == (2, 5, 32)
+    torch.testing.assert_close(keys, ours.k_proj(x).unflatten(-1, (2, 8)).transpose(1, 2))
+    out2, scores2, _ = ours(x, scores="mean", return_keys=True)
+    torch.testing.assert_close(out2, out)
+    assert scores2.shape == (2, 5)
