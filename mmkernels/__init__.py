@@ -1,9 +1,15 @@
 """mmkernels: fast kernels for multimodal transformers.
 
-Public API (flat): ``attention``, ``AttentionOutput``; modules in ``mmkernels.nn``.
+Public API (flat): ``attention``, ``AttentionOutput``, the token-reduction primitives
+``tome_plan``/``tome_merge``/``tome_unmerge``/``select_tokens``/``gather_tokens``; modules in
+``mmkernels.nn``.
 """
 from ._dispatch import NoBackendError
 from .attention import AttentionOutput, attention, reference_attention
+from .reduce import (TomePlan, gather_tokens, select_tokens, tome_merge, tome_plan,
+                     tome_unmerge)
 
 __version__ = "0.1.0"
-__all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError", "__version__"]
+__all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError",
+           "tome_plan", "tome_merge", "tome_unmerge", "TomePlan", "select_tokens", "gather_tokens",
+           "__version__"]
