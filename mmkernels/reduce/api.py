@@ -242,6 +242,24 @@ def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
     return _tome_merge_op(x, plan.src_to_out, plan.num_out, size, backend or "")
 
 
+def merge_tokens(x: Tensor, src_to_out: Tensor, n_out: int, size: Optional[Tensor] = None, *,
+                 backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Size-weighted average of the tokens assigned to each of ``n_out`` slots.
+
+    ``src_to_out (B, N)`` int64 gives every token's slot (each slot must receive at least one
+    token). The general form of :func:`tome_merge`, used by VisionZip's contextual merging.
+    """
+    _check_tokens("x", x)
+    if not isinstance(src_to_out, Tensor) or src_to_out.dtype != torch.int64 \
+            or tuple(src_to_out.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"src_to_out must be int64 (B, N) = {tuple(x.shape[:2])}")
+    _check_int("n_out", n_out, 1, x.shape[1])
+    _check_index_range(src_to_out, n_out)
+    if size is None:
+        size = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+    return _tome_merge_op(x, src_to_out, n_out, size, backend or "")
+
+
 def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None) -> Tensor:
     """Undo a merge for dense outputs: every source position gets its group's value."""
     _check_plan(plan)
