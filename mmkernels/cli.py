@@ -44,7 +44,10 @@ def bench(args) -> int:
     import torch
 
     from .benchmarks import attention as attention_cases
+    from .benchmarks import reduce as reduce_cases
     from .benchmarks import report
+    families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases}
+    chosen = families if args.family == "all" else {args.family: families[args.family]}
     if args.gate and args.quick:
         print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to",
               file=sys.stderr)
@@ -52,16 +55,29 @@ def bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {report.machine_description()}")
-    cases = attention_cases.all_cases(quick=args.quick, only=args.only)
-    results = report.run_cases(cases, budget_s=args.budget)
-    verdicts = report.check_gates(results, report.load_gates(args.gates)) if args.gate else []
-    paths = report.write_report(results, verdicts, Path(args.out))
-    print()
-    print(report.markdown_table(results))
-    if verdicts:
+    all_results, written = [], []
+    for family, make_cases in chosen.items():
+        print(f"[{family}]")
+        results = report.run_cases(make_cases(quick=args.quick, only=args.only),
+                                   budget_s=args.budget)
+        if not results:
+            continue
+        all_results += results
+        written += report.write_report(family, results, Path(args.out)).values()
         print()
+        print(report.markdown_table(results))
+        print()
+    verdicts = []
+    if args.gate:
+        ran = {r["case"] for r in all_results}
+        gates = report.load_gates(args.gates)
+        verdicts = report.check_gates(all_results, [g for g in gates if g["case"] in ran])
         print(report.gates_table(verdicts))
-    print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
+        skipped = len(gates) - len(verdicts)
+        if skipped:
+            print(f"({skipped} gates not checked: their cases were not selected)")
+        written.append(report.write_gates(verdicts, Path(args.out)))
+    print("\nwritten: " + ", ".join(str(p) for p in written))
     if verdicts and not all(v["passed"] for v in verdicts):
         print("some gates FAILED", file=sys.stderr)
         return 1
@@ -77,6 +93,8 @@ def main(argv=None) -> int:
     b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
     b.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    b.add_argument("--family", default="all", choices=["all", "attention", "reduce"],
+                   help="kernel family to benchmark")
     b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")

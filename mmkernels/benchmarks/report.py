@@ -90,7 +90,7 @@ def gates_table(verdicts: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: List[Dict], path: Path) -> Optional[Path]:
+def plot(family: str, results: List[Dict], path: Path) -> Optional[Path]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -108,7 +108,7 @@ def plot(results: List[Dict], path: Path) -> Optional[Path]:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))])
     ax.set_xticklabels([r["case"] for r in results], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speed-up of mmkernels (peer time / our time)")
-    ax.set_title("mmkernels attention vs peers — " + machine_description()[:90], fontsize=8)
+    ax.set_title(f"mmkernels {family} vs peers — " + machine_description()[:90], fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -116,17 +116,22 @@ def plot(results: List[Dict], path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(results, verdicts, out_dir: Path) -> Dict[str, Path]:
+def write_report(family: str, results, out_dir: Path) -> Dict[str, Path]:
+    """``<family>.json``, ``<family>.md`` and ``<family>.png`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    paths = {"json": out_dir / "attention.json", "markdown": out_dir / "attention.md",
-             "png": out_dir / "attention.png"}
-    paths["json"].write_text(json.dumps({"machine": machine, "results": results,
-                                         "gates": verdicts}, indent=2))
-    text = f"Machine: {machine}\n\n{markdown_table(results)}\n"
-    if verdicts:
-        text += f"\n{gates_table(verdicts)}\n"
-    paths["markdown"].write_text(text)
-    if plot(results, paths["png"]) is None:
+    paths = {"json": out_dir / f"{family}.json", "markdown": out_dir / f"{family}.md",
+             "png": out_dir / f"{family}.png"}
+    paths["json"].write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    paths["markdown"].write_text(f"Machine: {machine}\n\n{markdown_table(results)}\n")
+    if plot(family, results, paths["png"]) is None:
         paths.pop("png")
     return paths
+
+
+def write_gates(verdicts: List[Dict], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "gates.md"
+    path.write_text(f"Machine: {machine_description()}\n\n{gates_table(verdicts)}\n")
+    (out_dir / "gates.json").write_text(json.dumps(verdicts, indent=2))
+    return path
