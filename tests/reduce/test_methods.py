@@ -81,3 +81,41 @@ def test_evit_keep_all_is_plain_and_prunes_shapes(vit, pixels):
         EViT(vit, 0.0)
     with pytest.raises(ValueError, match="prune_at"):
         EViT(vit, 0.5, prune_at=(7,))
+
+
+def test_visionzip_and_prumerge_modules(vit, pixels):
+    from mmkernels.reduce.methods import PruMerge, VisionZip, prumerge, visionzip
+    with torch.no_grad():
+        out = VisionZip(vit, dominant=10, contextual=4, layer=-2)(pixels)
+        assert out.shape == (3, 1 + 10 + 4, 64)
+        x = vit.embed(pixels)
+        x = vit.blocks[0](x)
+        x = vit.blocks[1](x)
+        h, scores, keys = vit.blocks[2].attention_step(x, scores="cls", return_keys=True)
+        h = vit.blocks[2].mlp_step(h)
+        torch.testing.assert_close(out, visionzip(h, keys.mean(1), scores, 10, 4))
+        packed, cu = PruMerge(vit, k=8)(pixels)
+        want, want_cu = prumerge(h, keys.mean(1), scores, 8)
+        torch.testing.assert_close(packed, want)
+        assert torch.equal(cu, want_cu)
+
+
+def test_fastv_module_matches_functional_pruning():
+    from mmkernels.nn import Attention
+    from mmkernels.reduce.methods import FastV, fastv_prune
+
+    torch.manual_seed(0)
+    blocks = [models.vit.Block(32, 4) for _ in range(3)]
+    for b in blocks:
+        b.attn.causal = True
+    fastv = FastV(blocks, k=1, image_span=(2, 12), keep_ratio=0.3).eval()
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        out, keep = fastv(x)
+        h = blocks[0](x)
+        h, last = blocks[1].attention_step(h, scores="last")
+        h, _, keep2 = fastv_prune(h, last, (2, 12), 0.3)
+        h = blocks[2](blocks[1].mlp_step(h))
+    assert torch.equal(keep, keep2) and out.shape == (2, 16 - 7, 32)
+    torch.testing.assert_close(out, h)
+    assert isinstance(blocks[0].attn, Attention)

@@ -5,11 +5,11 @@ scores=None, return_keys=False)`` and ``mlp_step(x)`` (``mmkernels.models.Vision
 and whose ``embed(pixels)`` / ``norm`` give the token sequence and the final norm.
 """
 from .evit import EViT, evit_fuse
-from .fastv import compact_kv_cache, fastv_keep_indices, fastv_prune
-from .prumerge import iqr_keep_counts, prumerge
+from .fastv import FastV, compact_kv_cache, fastv_keep_indices, fastv_prune
+from .prumerge import PruMerge, iqr_keep_counts, prumerge
 from .tome import ToMe, tome_block_step, tome_schedule
-from .visionzip import visionzip
+from .visionzip import VisionZip, visionzip
 
-__all__ = ["ToMe", "tome_block_step", "tome_schedule", "EViT", "evit_fuse", "visionzip",
+__all__ = ["VisionZip", "PruMerge", "FastV", "ToMe", "tome_block_step", "tome_schedule", "EViT", "evit_fuse", "visionzip",
            "prumerge", "iqr_keep_counts", "fastv_keep_indices", "fastv_prune",
            "compact_kv_cache"]

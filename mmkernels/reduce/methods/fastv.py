@@ -63,3 +63,32 @@ def fastv_prune(hidden: Tensor, last_scores: Tensor, image_span: Tuple[int, int]
     if position_ids is None:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
     return gather_tokens(hidden, keep), position_ids.gather(1, keep), keep
+
+
+class FastV(torch.nn.Module):
+    """Prefill through decoder ``layers`` with FastV pruning after layer ``k``.
+
+    Each layer must offer ``attention_step(x, scores=None)`` (causal attention with its residual)
+    and ``mlp_step(x)``, like ``mmkernels.models`` blocks built with a causal attention.
+    ``forward(hidden)`` returns ``(hidden_out, keep)``: the pruned sequence after the last layer and
+    the kept original positions (use them for rotary positions and :func:`compact_kv_cache`).
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], k: int, image_span: Tuple[int, int],
+                 keep_ratio: float = 0.5):
+        super().__init__()
+        if not 0 <= k < len(layers):
+            raise ValueError(f"k={k} must index one of the {len(layers)} layers")
+        self.layers = torch.nn.ModuleList(layers)
+        self.k, self.image_span, self.keep_ratio = k, tuple(image_span), keep_ratio
+
+    def forward(self, hidden: Tensor):
+        keep = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        for i, layer in enumerate(self.layers):
+            if i == self.k:
+                hidden, last = layer.attention_step(hidden, scores="last")
+                hidden, keep, _ = fastv_prune(hidden, last, self.image_span, self.keep_ratio)
+                hidden = layer.mlp_step(hidden)
+            else:
+                hidden = layer.mlp_step(layer.attention_step(hidden))
+        return hidden, keep

@@ -66,3 +66,27 @@ def prumerge(x: Tensor, keys: Tensor, cls_scores: Tensor, k: int = 32, protect_f
     protected = idx < protect_first
     merged = torch.where(protected[:, None], kept_x.float(), merged)
     return merged.to(x.dtype), cu
+
+
+class PruMerge(torch.nn.Module):
+    """Run a ViT up to block ``layer`` (LLaVA reads the penultimate block, ``-2``) and return that
+    block's tokens reduced by :func:`prumerge`: packed ``(T, C)`` and ``cu_seqlens``."""
+
+    def __init__(self, model: torch.nn.Module, k: int = 32, layer: int = -2,
+                 protect_first: int = 1, min_keep: int = 1):
+        super().__init__()
+        self.model, self.k, self.layer = model, k, layer % len(model.blocks)
+        self.protect_first, self.min_keep = protect_first, min_keep
+
+    def forward_tokens(self, x: Tensor):
+        for i, block in enumerate(self.model.blocks[: self.layer + 1]):
+            if i < self.layer:
+                x = block(x)
+                continue
+            x, scores, keys = block.attention_step(x, scores="cls", return_keys=True)
+            x = block.mlp_step(x)
+            return prumerge(x, keys.mean(dim=1), scores, self.k, self.protect_first,
+                            self.min_keep)
+
+    def forward(self, pixels: Tensor):
+        return self.forward_tokens(self.model.embed(pixels))

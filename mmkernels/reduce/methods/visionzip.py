@@ -48,3 +48,29 @@ def visionzip(x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contex
     assign[:, target_pos] = torch.arange(contextual, device=x.device)     # targets own their slot
     context, _ = merge_tokens(rest_x, assign, contextual)
     return torch.cat([kept, context], dim=1)
+
+
+class VisionZip(torch.nn.Module):
+    """Run a ViT up to block ``layer`` (LLaVA reads the penultimate block, ``-2``) and return that
+    block's tokens reduced to ``protect_first + dominant + contextual`` by :func:`visionzip`, using
+    the block's own CLS attention and keys (averaged over heads)."""
+
+    def __init__(self, model: torch.nn.Module, dominant: int = 54, contextual: int = 10,
+                 layer: int = -2, protect_first: int = 1):
+        super().__init__()
+        self.model, self.dominant, self.contextual = model, dominant, contextual
+        self.layer = layer % len(model.blocks)
+        self.protect_first = protect_first
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        for i, block in enumerate(self.model.blocks[: self.layer + 1]):
+            if i < self.layer:
+                x = block(x)
+                continue
+            x, scores, keys = block.attention_step(x, scores="cls", return_keys=True)
+            x = block.mlp_step(x)
+            return visionzip(x, keys.mean(dim=1), scores, self.dominant, self.contextual,
+                             self.protect_first)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.forward_tokens(self.model.embed(pixels))
