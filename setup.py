@@ -70,8 +70,13 @@ def _build_ext_class():
     return BuildWithIsaFlags.with_options(use_ninja=False)
 
 
+# models/ (the thin model layer) installs as mmkernels.models, so nothing named "models" lands in
+# site-packages.
+MODEL_PACKAGES = ["mmkernels.models"] + [f"mmkernels.models.{p}" for p in find_packages("models")]
+
 setup(
-    packages=find_packages(include=["mmkernels", "mmkernels.*"]),
+    packages=find_packages(include=["mmkernels", "mmkernels.*"]) + MODEL_PACKAGES,
+    package_dir={"mmkernels.models": "models"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext_class()},
 )
