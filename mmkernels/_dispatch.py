@@ -106,7 +106,8 @@ def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) 
         if device_type in b.auto_devices and not b.reasons(call):
             # Warn when a faster backend exists but cannot serve this call (float64 is the
             # reference's own job: tests use it as the oracle).
-            if (b.name == "reference" and len(backends) > 1
+            faster = [o for o in backends if o.name != "reference" and device_type in o.auto_devices]
+            if (b.name == "reference" and faster
                     and getattr(call, "dtype_name", "") != "float64"):
                 key = (op, str(call))
                 if key not in _WARNED:
