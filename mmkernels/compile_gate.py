@@ -5,7 +5,8 @@
 
 Two parts:
 
-1. Triton: every target of ``mmkernels.attention.triton.compile_targets()`` is AOT-compiled with
+1. Triton: every target of ``compile_targets()`` in ``mmkernels.attention.triton`` and
+   ``mmkernels.reduce.triton`` (see TRITON_TARGET_MODULES) is AOT-compiled with
    ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
    options={num_warps, num_stages})``. The cubin goes through Triton's bundled ``cuobjdump``:
    ``--dump-resource-usage`` gives registers, STACK / LOCAL (bytes of local memory = register spills) and
@@ -141,15 +142,30 @@ def _triton_bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+# Modules whose ``compile_targets(capabilities)`` list the Triton kernel variants to build.
+TRITON_TARGET_MODULES = ("mmkernels.attention.triton", "mmkernels.reduce.triton")
+
+
+def collect_triton_targets(capabilities=(80, 90)) -> list:
+    """Every Triton compile target of every module in TRITON_TARGET_MODULES."""
+    import importlib
+
+    targets = []
+    for name in TRITON_TARGET_MODULES:
+        targets += importlib.import_module(name).compile_targets(capabilities)
+    return targets
+
+
 def compile_triton_target(target, workdir: str) -> GateResult:
     """AOT-compile one CompileTarget and inspect its cubin (runs inside a worker process)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     short = target.kernel.strip("_").replace("attn_", "").replace("_kernel", "")
-    res = GateResult(kernel=short, variant=f"{target.dtype} {target.variant} "
-                     f"{target.constexprs['BLOCK_M']}x{target.constexprs['BLOCK_N']}"
-                     f" w{target.num_warps}s{target.num_stages}", cc=target.capability)
+    label = getattr(target, "label", "") or (f"{target.dtype} {target.variant} "
+                                             f"{target.constexprs['BLOCK_M']}x{target.constexprs['BLOCK_N']}"
+                                             f" w{target.num_warps}s{target.num_stages}")
+    res = GateResult(kernel=short, variant=label, cc=target.capability)
     t0 = time.time()
     try:
         src = triton.compiler.ASTSource(target.resolve(), target.signature, target.constexprs, target.attrs)
@@ -300,11 +316,9 @@ def run_gate(verbose: bool = True, capabilities=(80, 90), workers: int = WORKERS
         with cf.ThreadPoolExecutor(max_workers=workers) as threads:
             if have_triton:
                 if triton_targets is None:
-                    from mmkernels.attention.triton import compile_targets
-
-                    triton_targets = compile_targets(capabilities)
-                # heaviest first so the two shares finish together
-                order = sorted(triton_targets, key=lambda t: -t.constexprs["BLOCK_D"])
+                    triton_targets = collect_triton_targets(capabilities)
+                # heaviest first so the two shares finish together (the attention kernels, by head dim)
+                order = sorted(triton_targets, key=lambda t: -t.constexprs.get("BLOCK_D", 0))
                 futures += [threads.submit(_run_triton_chunk, order[i::workers], workdir, i)
                             for i in range(workers)]
             nvcc = shutil.which("nvcc")

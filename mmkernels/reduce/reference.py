@@ -3,7 +3,8 @@
 Token merging (ToMe, Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), bipartite soft
 matching, as this library defines it:
 
-* the metric ``(B, N, C)`` is L2-normalised per token, so dot products are cosine similarities;
+* the metric ``(B, N, C)`` is L2-normalised per token, so dot products are cosine similarities
+  (computed in float32, float64 for float64 metrics);
 * set A = tokens at even positions, set B = tokens at odd positions; the first ``protect_first``
   tokens (CLS, register or distillation tokens) are in neither set: never merged, never a target;
 * every A token finds its most similar B token (ties: the lowest B position);
@@ -38,6 +39,8 @@ def _stable_topk_desc(values: Tensor, k: int) -> Tensor:
 def tome_plan(metric: Tensor, r: int, protect_first: int = 1):
     """Return ``(src_to_out, keep_idx, src_idx, dst_idx)`` int64 tensors; see the module docstring."""
     b, n, _ = metric.shape
+    # Similarities in float32 (float64 for float64 metrics): 16-bit rounding would create ties.
+    metric = metric.to(torch.float64 if metric.dtype == torch.float64 else torch.float32)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     positions = torch.arange(n, device=metric.device)
     a_pos = positions[protect_first:][(positions[protect_first:] % 2) == 0]
