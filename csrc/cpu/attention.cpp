@@ -169,6 +169,27 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const int64_t maxwork = nitems > npack ? nitems : npack;
   if (maxwork < nthreads) nthreads = maxwork > 0 ? (int)maxwork : 1;
 
+  // Tasks handed to threads: with enough (sequence, kv head) groups, a task is all the items of
+  // one group (consecutive in `items`), so one thread packs K/V and runs every item that reads
+  // them. Handing out single items instead makes the other threads spin while the first one
+  // packs (they usually pick the next item of the same group), and splits the group's packed
+  // K/V between cores' caches. Few groups (long sequences, small batch): one item per task.
+  // The last 2 * nthreads groups are split into items again to even out the finish.
+  std::vector<int64_t> task0;
+  task0.reserve((size_t)nitems + 1);
+  {
+    const bool by_group = nthreads > 1 && npack >= 4 * (int64_t)nthreads;
+    const int64_t split_from = npack - 2 * (int64_t)nthreads;
+    int64_t prev = -1;
+    for (int64_t i = 0; i < nitems; ++i) {
+      const int64_t t = items[i].seq * Hkv + items[i].h / group;
+      if (!by_group || t != prev || t >= split_from) task0.push_back(i);
+      prev = t;
+    }
+    task0.push_back(nitems);
+  }
+  const int64_t ntasks = (int64_t)task0.size() - 1;
+
   const int64_t part_bytes = round_up64(npart * (int64_t)sizeof(float), 64);
   const int64_t thread_bytes = round_up64(per_thread * (int64_t)sizeof(float), 64);
   ArenaLease lease((size_t)(total + part_bytes + thread_bytes * nthreads));
@@ -224,11 +245,13 @@ const char* attention_forward_cpu(const AttnParams& p) {
     }
 
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nitems; ++i) {
-      const AttnItem& it = items[i];
-      const int64_t t = it.seq * Hkv + it.h / group;
-      ensure_packed(t);
-      impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc);
+    for (int64_t ti = 0; ti < ntasks; ++ti) {
+      for (int64_t i = task0[ti]; i < task0[ti + 1]; ++i) {
+        const AttnItem& it = items[i];
+        const int64_t t = it.seq * Hkv + it.h / group;
+        ensure_packed(t);
+        impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc);
+      }
     }
 
     if (mode != 0) {

@@ -73,7 +73,12 @@ struct AttnScratch {
 constexpr int kBQ = 64;   // max query rows per item
 constexpr int kBK = 64;   // keys per block (multiple of every panel width, even)
 constexpr int kBKMerge = 16;           // a last block of <= kBK + kBKMerge keys is not split
-constexpr int kLDS = kBK + 2 * 16;    // row stride of the S / P scratch (>= kBK + kBKMerge)
+// Items that see at most kBKOne keys (vision towers: 197, 257, ...) take them all in one block:
+// one row max / row sum per row instead of one per 64 keys, no rescaling of O, and the P.V
+// accumulators stay in registers over the whole key range. S and P rows then hold up to
+// kBKOne floats (S: 64 x 336 floats = 86 KiB per thread, L2-resident).
+constexpr int kBKOne = 320;
+constexpr int kLDS = kBKOne + 16;     // row stride of the S / P scratch (>= kBK + kBKMerge, >= kBKOne)
 constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
 
 // What one ISA path provides.

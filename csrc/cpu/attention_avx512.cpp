@@ -141,7 +141,13 @@ struct MicroBf16Dot {
     const int64_t Lk = s.Lk, npan = ceil_div(Lk, W), Lkp = npan * W;
     const int64_t kbase = s.bk * p.k_sb + kvh * p.k_sh + s.k_begin * p.k_ss;
     const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
+    const uint16_t* k0p = (const uint16_t*)p.k + kbase;
+    const uint16_t* v0p = (const uint16_t*)p.v + vbase;
+    // As in MicroF32::pack: K rows two panels ahead into L1, V rows into L2.
+    prefetch_rows<3>(k0p, p.k_ss * 2, 0, imin(Lk, 2 * W), D * 2);
     for (int64_t pn = 0; pn < npan; ++pn) {
+      prefetch_rows<3>(k0p, p.k_ss * 2, imin(Lk, (pn + 2) * W), imin(Lk, (pn + 3) * W), D * 2);
+      prefetch_rows<2>(v0p, p.v_ss * 2, pn * W, imin(Lk, (pn + 1) * W), Dv * 2);
       const int64_t j0 = pn * W;
       const int nrows = (int)(Lk - j0 < W ? Lk - j0 : W);
       V512::pack_panel32((const uint16_t*)p.k + kbase + j0 * p.k_ss, p.k_ss * 2, nrows, D2,

@@ -92,6 +92,21 @@ def test_odd_lengths(backend, length):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lq,lk", [(321, 321), (40, 577), (577, 400), (1, 700)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_long_sequences_multi_block(backend, lq, lk, dtype):
+    """Past one key block (the CPU kernel keeps up to 320 keys in one block): online rescaling,
+    with causal masking, a -inf key bias and scores."""
+    name, device = backend
+    if name == "triton" and device == "cpu" and lq * lk > 100_000:
+        pytest.skip("too slow for the Triton interpreter; covered on GPU")
+    q, k, v = dense_inputs(1, 2, 1, lq, lk, 64, dtype=dtype, device=device)
+    bias = torch.randn(1, lk, device=device)
+    bias[:, 3::11] = float("-inf")
+    assert_matches_oracle(q, k, v, name, causal=True, key_bias=bias, scores="mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scores", ["cls", "last", "mean"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["bias_BL", "bias_BHL"])
 def test_key_bias_with_masked_keys(backend, scores, per_head):
