@@ -39,23 +39,13 @@ is fixed when triton is first imported: CPU tensors therefore need ``TRITON_INTE
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-try:  # the backend is optional: is_available() reports why it cannot run
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from .._triton_support import interpreter_active, is_available, tl, triton  # noqa: F401
 
 LOG2E = 1.4426950408889634
 SCORES_NONE, SCORES_CLS, SCORES_LAST, SCORES_MEAN = 0, 1, 2, 3
@@ -66,20 +56,8 @@ BLOCK_DS = (16, 32, 64, 128, 256)
 
 
 # ----------------------------------------------------------------------------------------------
-# Availability / mode helpers
+# Head-dim tiling
 # ----------------------------------------------------------------------------------------------
-def interpreter_active() -> bool:
-    """True when Triton's interpreter is requested through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def is_available() -> Tuple[bool, str]:
-    """(True, "") when the Triton backend can run at all, else (False, reason)."""
-    if triton is None:
-        return False, f"triton is not importable ({_TRITON_IMPORT_ERROR})"
-    return True, ""
-
-
 def block_d(head_dim: int) -> int:
     """Register tile width for a head dim: next power of two, at least 16."""
     return max(16, 1 << (int(head_dim) - 1).bit_length())

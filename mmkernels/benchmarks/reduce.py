@@ -101,9 +101,10 @@ def stack_evit_case(batch) -> Case:
 
     @torch.no_grad()
     def plain():
+        h = x
         for blk in model.blocks:
-            out = blk(x if blk is model.blocks[0] else out)
-        return model.norm(out)
+            h = blk(h)
+        return model.norm(h)
 
     return Case(f"vit_b_stack_evit-b{batch}", f"12-block ViT-B, EViT keep 50% at 3/6/9, B={batch}",
                 {"mmkernels": ours, "unpruned_stack": plain})

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkernels.reduce.methods import EViT, ToMe, prumerge, visionzip
+from mmkernels.reduce.methods._layers import run_through_block
 
 
 def _run_from(model, x, start):
@@ -21,13 +22,9 @@ def _run_from(model, x, start):
 
 
 def _reduce_at(model, x, layer, reduce_fn):
-    """Run blocks < layer, then block ``layer`` with CLS scores and keys, reduce, finish."""
-    for block in model.blocks[:layer]:
-        x = block(x)
-    block = model.blocks[layer]
-    x, scores, keys = block.attention_step(x, scores="cls", return_keys=True)
-    x = block.mlp_step(x)
-    return _run_from(model, reduce_fn(x, keys.mean(1), scores), layer + 1)
+    """Run blocks up to ``layer`` (with CLS scores and keys there), reduce, finish the model."""
+    x, scores, keys = run_through_block(model, x, layer)
+    return _run_from(model, reduce_fn(x, keys, scores), layer + 1)
 
 
 def _cos(a, b):
@@ -68,12 +65,8 @@ def cls_cosines(model, pixels) -> List[Dict[str, object]]:
         return rows_
 
     # PruMerge keeps a different count per image: finish each image on its own.
-    for block in model.blocks[:layer]:
-        x0 = block(x0)
-    block = model.blocks[layer]
-    h, scores, keys = block.attention_step(x0, scores="cls", return_keys=True)
-    h = block.mlp_step(h)
-    per_image = prumerge_padded(h, keys.mean(1), scores)
+    h, scores, keys = run_through_block(model, x0, layer)
+    per_image = prumerge_padded(h, keys, scores)
     cls = torch.stack([_run_from(model, t[None], layer + 1)[0, 0] for t in per_image])
     add("PruMerge", f"IQR outliers at block {layer}", f"{min(prumerge_padded.sizes)}-"
         f"{max(prumerge_padded.sizes)}", cls)

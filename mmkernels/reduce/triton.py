@@ -39,22 +39,13 @@ merge outputs are written in fp32 and rounded by torch (the interpreter truncate
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
-try:  # the backend is optional: is_available() reports why it cannot run
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from .._triton_support import interpreter_active, is_available, tl, triton  # noqa: F401
 
 PLAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,16 +55,6 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # ----------------------------------------------------------------------------------------------
 # Availability / mode helpers
 # ----------------------------------------------------------------------------------------------
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def is_available() -> Tuple[bool, str]:
-    if triton is None:
-        return False, f"triton is not importable ({_TRITON_IMPORT_ERROR})"
-    return True, ""
-
-
 def _module_is_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 

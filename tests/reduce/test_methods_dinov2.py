@@ -2,7 +2,6 @@
 import importlib.util
 
 import pytest
-import torch
 
 from mmkernels.benchmarks.reduce_accuracy import cls_cosines, markdown
 

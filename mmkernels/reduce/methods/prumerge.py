@@ -24,6 +24,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ._layers import run_through_block
 from ..api import gather_tokens, select_tokens
 
 
@@ -79,14 +80,8 @@ class PruMerge(torch.nn.Module):
         self.protect_first, self.min_keep = protect_first, min_keep
 
     def forward_tokens(self, x: Tensor):
-        for i, block in enumerate(self.model.blocks[: self.layer + 1]):
-            if i < self.layer:
-                x = block(x)
-                continue
-            x, scores, keys = block.attention_step(x, scores="cls", return_keys=True)
-            x = block.mlp_step(x)
-            return prumerge(x, keys.mean(dim=1), scores, self.k, self.protect_first,
-                            self.min_keep)
+        x, scores, keys = run_through_block(self.model, x, self.layer)
+        return prumerge(x, keys, scores, self.k, self.protect_first, self.min_keep)
 
     def forward(self, pixels: Tensor):
         return self.forward_tokens(self.model.embed(pixels))

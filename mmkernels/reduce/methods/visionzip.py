@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._layers import run_through_block
 from ..api import gather_tokens, merge_tokens, select_tokens
 
 
@@ -63,14 +64,9 @@ class VisionZip(torch.nn.Module):
         self.protect_first = protect_first
 
     def forward_tokens(self, x: Tensor) -> Tensor:
-        for i, block in enumerate(self.model.blocks[: self.layer + 1]):
-            if i < self.layer:
-                x = block(x)
-                continue
-            x, scores, keys = block.attention_step(x, scores="cls", return_keys=True)
-            x = block.mlp_step(x)
-            return visionzip(x, keys.mean(dim=1), scores, self.dominant, self.contextual,
-                             self.protect_first)
+        x, scores, keys = run_through_block(self.model, x, self.layer)
+        return visionzip(x, keys, scores, self.dominant, self.contextual,
+                         self.protect_first)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.forward_tokens(self.model.embed(pixels))
