@@ -2,6 +2,8 @@
 //   mmkernels_C::attention_fwd  fused attention forward (CPU kernel in csrc/cpu/attention*.cpp),
 //                               contract in docs/attention_kernel_contract.md
 //   mmkernels_C::cpu_isa        name of the CPU code path in use
+//   mmkernels_C::reduce_*       token-reduction primitives (csrc/cpu/reduce*.cpp), semantics in
+//                               mmkernels/reduce/reference.py; reduce_cpu_isa names their code path
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -10,6 +12,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
+#include "cpu/reduce.h"
 
 namespace {
 
@@ -181,8 +184,21 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
       "int scores_mode, Tensor(a!) out4, Tensor(b!)? lse3, Tensor(c!)? scores2) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("reduce_tome_plan(Tensor metric, int r, int protect_first) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("reduce_tome_merge(Tensor x, Tensor src_to_out, int n_out, Tensor size) "
+        "-> (Tensor, Tensor)");
+  m.def("reduce_gather_rows(Tensor x, Tensor idx) -> Tensor");
+  m.def("reduce_select_tokens(Tensor scores, int k, int protect_first) -> Tensor");
+  m.def("reduce_cpu_isa() -> str", &mmk::cpu::reduce_cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) { m.impl("attention_fwd", &attention_fwd_cpu); }
+TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("reduce_tome_plan", &mmk::cpu::reduce_tome_plan);
+  m.impl("reduce_tome_merge", &mmk::cpu::reduce_tome_merge);
+  m.impl("reduce_gather_rows", &mmk::cpu::reduce_gather_rows);
+  m.impl("reduce_select_tokens", &mmk::cpu::reduce_select_tokens);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,51 @@
+// Plain-pointer interface between the token-reduction driver (csrc/cpu/reduce.cpp, which holds
+// the torch bindings) and its ISA-specific kernels (csrc/cpu/reduce_avx512.cpp). No torch headers.
+#pragma once
+
+#include <cstdint>
+
+namespace mmk {
+namespace cpu {
+namespace reduce {
+
+enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// B-side layout of the similarity kernel: tiles of 16 tokens, tile t holds C rows of 16 floats
+// (packed[t][k][lane] = normalised B token t*16+lane, channel k; lanes past nb are zero).
+constexpr int kTile = 16;
+// A rows are processed 8 at a time; A buffers are padded (with zero rows) to a multiple of 8.
+constexpr int kRowBlock = 8;
+
+// One batch row of a merge: sources of output slot s are list[off[s] .. off[s+1]) (token
+// indices, ascending); w[i] = size of token i (fp32), wsum[s] = sum of w over slot s's sources
+// (accumulated in token order). x rows have stride sxn elements, channels contiguous; out rows
+// are contiguous (stride C).
+struct MergeRow {
+  const void* x;
+  int64_t sxn;
+  void* out;
+  int64_t C;
+  int dtype;
+  const int32_t* off;
+  const int32_t* list;
+  const float* w;
+  const float* wsum;
+};
+
+struct ReduceImpl {
+  const char* name;
+  // For A rows [a0, a1) (a0, a1 multiples of kRowBlock, A padded): best[i] = max_j dot(A_i, B_j),
+  // arg[i] = the first j attaining it, j over the nb packed B tokens (nb >= 1).
+  void (*sim_argmax)(const float* a, int64_t c, int64_t a0, int64_t a1, const float* b_packed,
+                     int64_t nb, float* best, int32_t* arg);
+  // out[s] = (sum over sources i, in order, of w[i] * x[i]) / wsum[s] for slots [s0, s1); the
+  // products and sums are rounded in fp32 one by one (no FMA), like the reference.
+  void (*merge_slots)(const MergeRow& p, int64_t s0, int64_t s1);
+};
+
+const ReduceImpl* reduce_impl_avx512();  // nullptr when not compiled for x86
+const ReduceImpl* reduce_impl_scalar();
+
+}  // namespace reduce
+}  // namespace cpu
+}  // namespace mmk
