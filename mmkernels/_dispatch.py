@@ -60,6 +60,7 @@ def register(op: str, backend: Backend) -> None:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend.name!r}")
     backends = _REGISTRY.setdefault(op, [])
     backends[:] = [b for b in backends if b.name != backend.name] + [backend]
+    _SELECTED.clear()
 
 
 def backends_for(op: str) -> List[Backend]:
@@ -84,8 +85,30 @@ def _format_reasons(header: str, call: Any, backends: Sequence[Backend]) -> str:
     return "\n".join(lines)
 
 
+_SELECTED: Dict[tuple, Backend] = {}
+
+
 def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) -> Backend:
-    """Pick the backend that runs ``call`` (see the module docstring for the order)."""
+    """Pick the backend that runs ``call`` (see the module docstring for the order).
+
+    Successful choices are cached per (op, call, device, request, environment overrides): the call
+    descriptions hold metadata only, and availability does not change within a process.
+    """
+    key = (op, call, device_type, backend, os.environ.get(f"MMKERNELS_{op.upper()}_BACKEND"),
+           os.environ.get("MMKERNELS_BACKEND"))
+    try:
+        return _SELECTED[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable call description is never cached
+        pass
+    chosen = _select_uncached(op, call, device_type, backend)
+    try:
+        _SELECTED[key] = chosen
+    except TypeError:
+        pass
+    return chosen
+
+
+def _select_uncached(op: str, call: Any, device_type: str, backend: Optional[str]) -> Backend:
     backends = backends_for(op)
     if not backends:
         raise RuntimeError(f"no backend registered for op {op!r}")

@@ -30,6 +30,7 @@ def toy_op():
                                              unsupported=lambda c: []))
     yield op
     _dispatch._REGISTRY.pop(op)
+    _dispatch._SELECTED.clear()
 
 
 def test_priority_picks_first_capable(toy_op):
@@ -65,6 +66,7 @@ def test_explicit_backend_that_cannot_run_explains(toy_op):
 
 def test_no_capable_backend_lists_each(toy_op):
     _dispatch._REGISTRY[toy_op] = [b for b in _dispatch._REGISTRY[toy_op] if b.name != "reference"]
+    _dispatch._SELECTED.clear()
     with pytest.raises(_dispatch.NoBackendError, match=r"No mmkernels backend can run toy"):
         _dispatch.select(toy_op, Call("float64"), "cpu")
 

@@ -77,6 +77,16 @@ def mergeable_a_tokens(n: int, protect_first: int) -> int:
     return a if b > 0 else 0
 
 
+def _plain_eager(*tensors: Tensor) -> bool:
+    """True when a call may skip the custom-op layer (tens of microseconds, which dominate these
+    small ops at batch 1): not tracing, plain tensors only, and no gradient to record. Under
+    torch.compile / torch.export / autograd the custom op is what runs."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
 def _select(op: str, t: Tensor, backend: Optional[str]):
     call = ReduceCall(op, t.device.type, str(t.dtype).replace("torch.", ""))
     return _dispatch.select(op, call, t.device.type, backend or None)
@@ -86,11 +96,16 @@ def _select(op: str, t: Tensor, backend: Optional[str]):
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
+def _tome_plan_impl(metric: Tensor, r: int, protect_first: int, backend: str
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(t.contiguous() for t in _select("tome_plan", metric, backend).run(
+        metric, r, protect_first))
+
+
 @torch.library.custom_op("mmkernels::tome_plan", mutates_args=())
 def _tome_plan_op(metric: Tensor, r: int, protect_first: int, backend: str
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(t.contiguous() for t in _select("tome_plan", metric, backend).run(
-        metric, r, protect_first))
+    return _tome_plan_impl(metric, r, protect_first, backend)
 
 
 @_tome_plan_op.register_fake
@@ -101,10 +116,15 @@ def _(metric, r, protect_first, backend):
             metric.new_empty((b, r), **idx), metric.new_empty((b, r), **idx))
 
 
+def _tome_merge_impl(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str
+                     ) -> Tuple[Tensor, Tensor]:
+    return _select("tome_merge", x, backend).run(x, src_to_out, n_out, size)
+
+
 @torch.library.custom_op("mmkernels::tome_merge", mutates_args=())
 def _tome_merge_op(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str
                    ) -> Tuple[Tensor, Tensor]:
-    return _select("tome_merge", x, backend).run(x, src_to_out, n_out, size)
+    return _tome_merge_impl(x, src_to_out, n_out, size, backend)
 
 
 @_tome_merge_op.register_fake
@@ -112,9 +132,13 @@ def _(x, src_to_out, n_out, size, backend):
     return x.new_empty((x.shape[0], n_out, x.shape[2])), size.new_empty((x.shape[0], n_out))
 
 
+def _tome_unmerge_impl(x_out: Tensor, src_to_out: Tensor, backend: str) -> Tensor:
+    return _select("tome_unmerge", x_out, backend).run(x_out, src_to_out).contiguous()
+
+
 @torch.library.custom_op("mmkernels::tome_unmerge", mutates_args=())
 def _tome_unmerge_op(x_out: Tensor, src_to_out: Tensor, backend: str) -> Tensor:
-    return _select("tome_unmerge", x_out, backend).run(x_out, src_to_out).contiguous()
+    return _tome_unmerge_impl(x_out, src_to_out, backend)
 
 
 @_tome_unmerge_op.register_fake
@@ -122,9 +146,13 @@ def _(x_out, src_to_out, backend):
     return x_out.new_empty((x_out.shape[0], src_to_out.shape[1], x_out.shape[2]))
 
 
+def _select_tokens_impl(scores: Tensor, k: int, protect_first: int, backend: str) -> Tensor:
+    return _select("select_tokens", scores, backend).run(scores, k, protect_first).contiguous()
+
+
 @torch.library.custom_op("mmkernels::select_tokens", mutates_args=())
 def _select_tokens_op(scores: Tensor, k: int, protect_first: int, backend: str) -> Tensor:
-    return _select("select_tokens", scores, backend).run(scores, k, protect_first).contiguous()
+    return _select_tokens_impl(scores, k, protect_first, backend)
 
 
 @_select_tokens_op.register_fake
@@ -132,9 +160,13 @@ def _(scores, k, protect_first, backend):
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
 
+def _gather_tokens_impl(x: Tensor, idx: Tensor, backend: str) -> Tensor:
+    return _select("gather_tokens", x, backend).run(x, idx).contiguous()
+
+
 @torch.library.custom_op("mmkernels::gather_tokens", mutates_args=())
 def _gather_tokens_op(x: Tensor, idx: Tensor, backend: str) -> Tensor:
-    return _select("gather_tokens", x, backend).run(x, idx).contiguous()
+    return _gather_tokens_impl(x, idx, backend)
 
 
 @_gather_tokens_op.register_fake
@@ -210,6 +242,8 @@ def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1,
     limit = mergeable_a_tokens(metric.shape[1], protect_first)
     _check_int("r", r, 0, limit, f" (N={metric.shape[1]}, protect_first={protect_first}: "
                f"{limit} tokens can merge)")
+    if _plain_eager(metric):
+        return TomePlan(*_tome_plan_impl(metric, r, protect_first, backend or ""))
     return TomePlan(*_tome_plan_op(metric, r, protect_first, backend or ""))
 
 
@@ -239,7 +273,7 @@ def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
         if size.shape != x.shape[:2] or size.device != x.device:
             raise ValueError(f"size must be (B, N) = {tuple(x.shape[:2])} on {x.device}, "
                              f"got {_describe(size)}")
-    return _tome_merge_op(x, plan.src_to_out, plan.num_out, size, backend or "")
+    return _merge(x, plan.src_to_out, plan.num_out, size, backend)
 
 
 def merge_tokens(x: Tensor, src_to_out: Tensor, n_out: int, size: Optional[Tensor] = None, *,
@@ -257,7 +291,12 @@ def merge_tokens(x: Tensor, src_to_out: Tensor, n_out: int, size: Optional[Tenso
     _check_index_range(src_to_out, n_out)
     if size is None:
         size = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
-    return _tome_merge_op(x, src_to_out, n_out, size, backend or "")
+    return _merge(x, src_to_out, n_out, size, backend)
+
+
+def _merge(x, src_to_out, n_out, size, backend):
+    op = _tome_merge_impl if _plain_eager(x, size) else _tome_merge_op
+    return op(x, src_to_out, n_out, size, backend or "")
 
 
 def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None) -> Tensor:
@@ -268,7 +307,8 @@ def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None
     if tuple(x_out.shape[:2]) != expected:
         raise ValueError(f"x_out has {tuple(x_out.shape[:2])} (B, N_out) but the plan merges to "
                          f"{expected}")
-    return _tome_unmerge_op(x_out, plan.src_to_out, backend or "")
+    op = _tome_unmerge_impl if _plain_eager(x_out) else _tome_unmerge_op
+    return op(x_out, plan.src_to_out, backend or "")
 
 
 def select_tokens(scores: Tensor, k: Union[int, Tensor], *, protect_first: int = 1,
@@ -285,7 +325,8 @@ def select_tokens(scores: Tensor, k: Union[int, Tensor], *, protect_first: int =
     if isinstance(k, Tensor):
         return _select_tokens_varlen(scores, k, protect_first, backend)
     _check_int("k", k, protect_first, n, f" (protect_first={protect_first}, N={n})")
-    return _select_tokens_op(scores, k, protect_first, backend or "")
+    op = _select_tokens_impl if _plain_eager(scores) else _select_tokens_op
+    return op(scores, k, protect_first, backend or "")
 
 
 def _select_tokens_varlen(scores, counts, protect_first, backend):
@@ -335,7 +376,8 @@ def gather_tokens(x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *
     if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
         raise ValueError(f"idx must be (B, k) with B = {x.shape[0]}, got {_describe(idx)}")
     _check_index_range(idx, x.shape[1])
-    return _gather_tokens_op(x, idx.long(), backend or "")
+    op = _gather_tokens_impl if _plain_eager(x) else _gather_tokens_op
+    return op(x, idx.long(), backend or "")
 
 
 def _check_index_range(idx, n):
