@@ -383,6 +383,6 @@ def gather_tokens(x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *
 def _check_index_range(idx, n):
     """Bounds check on the host (CPU tensors only: on CUDA it would cost a device sync)."""
     if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(v) for v in torch.aminmax(idx))
         if lo < 0 or hi >= n:
             raise ValueError(f"idx values must be in [0, {n}), got [{lo}, {hi}]")
