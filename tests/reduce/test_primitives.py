@@ -196,3 +196,15 @@ def test_bad_inputs():
         mmkernels.gather_tokens(torch.randn(2, 10, 3), torch.tensor([[0, 10], [1, 2]]))
     with pytest.raises(TypeError, match=r"idx must be an int64/int32 tensor"):
         mmkernels.gather_tokens(torch.randn(2, 10, 3), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("backend", reduce_backends())
+@pytest.mark.parametrize("batch", [1, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_batches_and_bf16_metric(backend, batch, dtype):
+    """Batch sizes 1..33 and bfloat16 metrics (similarities are computed in float32)."""
+    metric = random_metric(batch, 51, 12, dtype=dtype, strided=True)
+    plan = mmkernels.tome_plan(metric, 11, protect_first=2, backend=backend)
+    want = naive_plan(metric.float(), 11, 2)
+    for b in range(batch):
+        assert sorted(zip(plan.src_idx[b].tolist(), plan.dst_idx[b].tolist())) == want[b]
