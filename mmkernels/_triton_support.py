@@ -1,8 +1,10 @@
 """Triton, when it can be imported, and the mode helpers every Triton backend shares."""
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 try:  # Triton is optional: is_available() reports why a Triton backend cannot run
     import triton
@@ -25,3 +27,32 @@ def is_available() -> Tuple[bool, str]:
     if triton is None:
         return False, f"triton is not importable ({IMPORT_ERROR})"
     return True, ""
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """One kernel variant a launcher can pick, for the AOT compile gate (mmkernels/compile_gate.py).
+
+    ``signature`` / ``constexprs`` / ``attrs`` are what ``triton.compiler.ASTSource`` takes; they
+    reproduce what Triton's JIT specialises for the common case (last-dim strides == 1 ->
+    constexpr; pointers and other strides divisible by 16 -> marked), the vectorised,
+    register-heaviest form. ``module`` names the Python module whose ``compiled_kernel(name)``
+    returns the (compiled, not interpreted) ``@triton.jit`` function; ``label`` is the gate's
+    variant column when set.
+    """
+
+    kernel: str
+    variant: str
+    dtype: str
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    module: str
+    attrs: Dict[Tuple[int, ...], list] = field(hash=False, compare=False)
+    num_warps: int = 4
+    num_stages: int = 2
+    capability: int = 80
+    needs_tensor_cores: bool = False
+    label: str = ""
+
+    def resolve(self):
+        return importlib.import_module(self.module).compiled_kernel(self.kernel)

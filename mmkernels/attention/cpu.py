@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .._extension import cpu_ops
+
 LOAD_ERROR: str = ""
 _LOADED: Optional[bool] = None
 
@@ -21,14 +23,8 @@ _LOADED: Optional[bool] = None
 def _load() -> bool:
     global _LOADED, LOAD_ERROR
     if _LOADED is None:
-        try:
-            import mmkernels._C  # noqa: F401  (registers torch.ops.mmkernels_C)
-
-            torch.ops.mmkernels_C.attention_fwd  # noqa: B018  (raises if not registered)
-            _LOADED = True
-        except Exception as exc:  # ImportError, OSError (bad .so), AttributeError
-            LOAD_ERROR = f"{type(exc).__name__}: {exc}"
-            _LOADED = False
+        ops, LOAD_ERROR = cpu_ops("attention_fwd")
+        _LOADED = ops is not None
     return _LOADED
 
 

@@ -40,12 +40,12 @@ is fixed when triton is first imported: CPU tensors therefore need ``TRITON_INTE
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._triton_support import interpreter_active, is_available, tl, triton  # noqa: F401
+from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
+                               tl, triton)
 
 LOG2E = 1.4426950408889634
 SCORES_NONE, SCORES_CLS, SCORES_LAST, SCORES_MEAN = 0, 1, 2, 3
@@ -422,31 +422,9 @@ SCORES_ARGS = [
 ]
 
 
-@dataclass(frozen=True)
-class CompileTarget:
-    """One kernel variant the dispatcher can launch on a GPU.
-
-    ``kernel`` names a kernel of this module (resolve with :meth:`resolve`, which always returns the
-    compiled, not interpreted, kernel). ``signature`` / ``constexprs`` / ``attrs`` are what
-    ``triton.compiler.ASTSource`` takes. They reproduce what Triton's JIT specialises for the common
-    case (last-dim strides == 1 -> constexpr; pointers and other strides divisible by 16 -> marked),
-    which is the vectorised, register-heaviest form. Strides not divisible by 16 (e.g. D=72 packed)
-    get a JIT variant with scalar loads: fewer registers, slower.
-    """
-
-    kernel: str
-    variant: str
-    dtype: str
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    attrs: Dict[Tuple[int, ...], list] = field(hash=False, compare=False)
-    num_warps: int = 4
-    num_stages: int = 2
-    capability: int = 80
-    needs_tensor_cores: bool = False
-
-    def resolve(self):
-        return getattr(_kernels(False), self.kernel)
+def compiled_kernel(name: str):
+    """The compiled (not interpreted) kernel ``name``, for the compile gate."""
+    return getattr(_kernels(False), name)
 
 
 def _target(kernel, arg_names, variant, dtype, ptr_types, constexprs, cfg, cc, aligned):
@@ -469,7 +447,7 @@ def _target(kernel, arg_names, variant, dtype, ptr_types, constexprs, cfg, cc, a
     sig = {name: sig.get(name, "constexpr") for name in all_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(all_names)
              if name in aligned and sig[name] != "constexpr"}
-    return CompileTarget(kernel=kernel, variant=variant, dtype=_DTYPE_NAME[dtype], signature=sig,
+    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_DTYPE_NAME[dtype], signature=sig,
                          constexprs=consts, attrs=attrs, num_warps=cfg["num_warps"],
                          num_stages=cfg["num_stages"], capability=cc,
                          needs_tensor_cores=True)

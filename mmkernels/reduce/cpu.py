@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._extension import cpu_ops
+
 LOAD_ERROR: str = ""
 _LOADED: Optional[bool] = None
 _OPS = None
@@ -33,15 +35,8 @@ DTYPES = {"tome_plan": _FLOAT_KINDS, "tome_merge": _FLOAT_KINDS,
 def _load() -> bool:
     global _LOADED, LOAD_ERROR, _OPS
     if _LOADED is None:
-        try:
-            import mmkernels._C  # noqa: F401  (registers torch.ops.mmkernels_C)
-
-            _OPS = torch.ops.mmkernels_C
-            _OPS.reduce_tome_plan  # noqa: B018  (raises if this build has no reduce kernels)
-            _LOADED = True
-        except Exception as exc:  # ImportError, OSError (bad .so), AttributeError
-            LOAD_ERROR = f"{type(exc).__name__}: {exc}"
-            _LOADED = False
+        _OPS, LOAD_ERROR = cpu_ops("reduce_tome_plan")
+        _LOADED = _OPS is not None
     return _LOADED
 
 

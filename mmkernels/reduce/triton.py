@@ -40,12 +40,12 @@ merge outputs are written in fp32 and rounded by torch (the interpreter truncate
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import torch
 
-from .._triton_support import interpreter_active, is_available, tl, triton  # noqa: F401
+from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
+                               tl, triton)
 
 PLAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -449,28 +449,11 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", tor
        torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
 
-@dataclass(frozen=True)
-class CompileTarget:
-    """One kernel variant the launchers can pick (same fields as the attention CompileTarget, plus
-    ``label``, the gate's variant column)."""
-
-    kernel: str
-    variant: str
-    dtype: str
-    signature: Dict[str, str]
-    constexprs: Dict[str, object]
-    attrs: Dict[Tuple[int, ...], list] = field(hash=False, compare=False)
-    num_warps: int = 4
-    num_stages: int = 1
-    capability: int = 80
-    needs_tensor_cores: bool = False
-    label: str = ""
-
-    def resolve(self):
-        mod = sys.modules[__name__]
-        if _module_is_interpreted():
-            raise RuntimeError("compile targets need a process without TRITON_INTERPRET=1")
-        return getattr(mod, self.kernel)
+def compiled_kernel(name: str):
+    """The compiled (not interpreted) kernel ``name``, for the compile gate."""
+    if _module_is_interpreted():
+        raise RuntimeError("compile targets need a process without TRITON_INTERPRET=1")
+    return getattr(sys.modules[__name__], name)
 
 
 def _make_target(kernel, args, types, constexprs, cfg, cc, dtype, variant, aligned=(),
@@ -482,7 +465,7 @@ def _make_target(kernel, args, types, constexprs, cfg, cc, dtype, variant, align
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in aligned}
     blocks = "x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK"))
     label = f"{_TL[dtype]} {variant} {blocks} w{cfg['num_warps']}s{cfg['num_stages']}".replace("  ", " ")
-    return CompileTarget(kernel=kernel, variant=variant, dtype=_TL[dtype], signature=sig, constexprs=consts,
+    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_TL[dtype], signature=sig, constexprs=consts,
                          attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                          capability=cc, needs_tensor_cores=needs_tensor_cores, label=label)
 
