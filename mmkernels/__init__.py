@@ -13,3 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError",
            "tome_plan", "tome_merge", "tome_unmerge", "TomePlan", "select_tokens", "gather_tokens",
            "__version__"]
+
+from .quant import QuantizedWeight, qmatmul, quantize_weight  # noqa: E402
+
+__all__ += ["qmatmul", "quantize_weight", "QuantizedWeight"]

@@ -1,0 +1,72 @@
+"""Reference quantized matmul (plain PyTorch): the spec that compiled kernels must match.
+
+``qmatmul_reference(x, qw, bias=None, act_bits=None, smooth=None)`` with ``x (..., K)`` and a
+:class:`QuantizedWeight` ``qw`` of shape ``(N, K)`` returns ``(..., N)`` in ``x.dtype``.
+
+Compute dtype ``c``: float32 for float16 / bfloat16 / float32 inputs, float64 for float64 inputs.
+``x`` is first divided by ``smooth`` (``(K,)`` SmoothQuant factors; the weight must have been
+multiplied by the same factors, ``quantize_weight(W * smooth)``, so that ``(x / s) @ (W * s).T``
+equals ``x @ W.T``).
+
+* Weight-only (``act_bits=None``): ``y = x_c @ W_hat.T + bias``, ``W_hat = qw.dequantize(c)``.
+* W8A8 (``act_bits=8``, int8 per-channel weights): dynamic per-token symmetric activation
+  quantization of each row ``t`` of ``x`` (flattened to ``(M, K)``)::
+
+      s_x[t] = max_k |x[t, k]| / 127            (1 if the row is all zero)
+      x_q[t] = clamp(round(x[t] / s_x[t]), -127, 127)          round half to even, in c
+      acc    = x_q @ (q_w - z_w).T                              exact integer dot products
+      y      = acc * s_x[:, None] * s_w[None, :] + bias         in c, left to right
+
+  ``acc`` is computed here in int64, which equals int32 accumulation whenever it cannot overflow
+  (``K * 127 * 255 < 2**31``, i.e. ``K <= 66 311``); kernels accumulate in int32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .format import QuantizedWeight, centered_weight, dequantize_tensors
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def quantize_activations(x2: Tensor) -> tuple:
+    """Per-token symmetric int8: ``(x_q int8 (M, K), s_x (M,))`` for a 2-D float ``x2`` (already in
+    the compute dtype)."""
+    amax = x2.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    xq = torch.clamp(torch.round(x2 / scale[:, None]), -127, 127).to(torch.int8)
+    return xq, scale
+
+
+def qmatmul_tensors(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
+                    bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
+                    smooth: Optional[Tensor] = None) -> Tensor:
+    """Tensor-level form of :func:`qmatmul_reference` (what the custom op and backends receive)."""
+    c = compute_dtype(x.dtype)
+    n = qweight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(c)
+    if smooth is not None:
+        x2 = x2 / smooth.to(c)
+    if act_bits is None:
+        y = x2 @ dequantize_tensors(qweight, scales, zeros, bits, c).T
+    else:
+        xq, sx = quantize_activations(x2)
+        wc = centered_weight(qweight, zeros, bits).to(torch.int64)
+        acc = xq.to(torch.int64) @ wc.T
+        y = acc.to(c) * sx[:, None] * scales.to(c)[:, 0][None, :]
+    if bias is not None:
+        y = y + bias.to(c)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+def qmatmul_reference(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
+                      act_bits: Optional[int] = None, smooth: Optional[Tensor] = None) -> Tensor:
+    """``x (..., K) @ W_hat.T + bias -> (..., N)``; see the module docstring. No argument checks
+    (``mmkernels.qmatmul`` does them)."""
+    return qmatmul_tensors(x, qw.qweight, qw.scales, qw.zeros, qw.bits, bias, act_bits, smooth)
