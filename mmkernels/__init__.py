@@ -6,14 +6,11 @@ Public API (flat): ``attention``, ``AttentionOutput``, the token-reduction primi
 """
 from ._dispatch import NoBackendError
 from .attention import AttentionOutput, attention, reference_attention
+from .quant import QuantizedWeight, qmatmul, quantize_weight
 from .reduce import (TomePlan, gather_tokens, select_tokens, tome_merge, tome_plan,
                      tome_unmerge)
 
 __version__ = "0.1.0"
 __all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError",
            "tome_plan", "tome_merge", "tome_unmerge", "TomePlan", "select_tokens", "gather_tokens",
-           "__version__"]
-
-from .quant import QuantizedWeight, qmatmul, quantize_weight  # noqa: E402
-
-__all__ += ["qmatmul", "quantize_weight", "QuantizedWeight"]
+           "qmatmul", "quantize_weight", "QuantizedWeight", "__version__"]
