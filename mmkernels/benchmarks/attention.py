@@ -47,6 +47,9 @@ class Case:
     error: Optional[Callable[[], float]] = None
     flops: float = 0.0
     meta: Dict[str, object] = field(default_factory=dict)
+    # Seconds of timing for this case (None: the run's default). Cases whose gate measures a
+    # small effect get more samples so that the median settles.
+    budget_s: Optional[float] = None
 
 
 def _expand_kv(t, group):

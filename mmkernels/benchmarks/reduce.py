@@ -86,8 +86,9 @@ def block_tome_case(batch, r=16) -> Case:
     def plain():
         return block(x)
 
+    # Merging inside one block only shortens its MLP (~5% less work): time it long enough.
     return Case(f"vit_b_block_tome-b{batch}", f"ViT-B block + ToMe r={r} vs plain block, B={batch}",
-                {"mmkernels": ours, "block_without_merging": plain})
+                {"mmkernels": ours, "block_without_merging": plain}, budget_s=20.0)
 
 
 def stack_evit_case(batch) -> Case:

@@ -32,7 +32,7 @@ def machine_description() -> str:
 def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
     results = []
     for case in cases:
-        times = median_times(case.contenders, budget_s=budget_s)
+        times = median_times(case.contenders, budget_s=case.budget_s or budget_s)
         ours = times["mmkernels"]
         row = {"case": case.id, "description": case.description,
                "times_ms": {k: v * 1e3 for k, v in times.items()},
