@@ -58,18 +58,13 @@ def cls_cosines(model, pixels) -> List[Dict[str, object]]:
                          lambda x, k, s: visionzip(x, k, s, dominant, contextual))
         add("VisionZip", f"keep {keep:.0%} at block {layer}", out.shape[1], out[:, 0])
 
-    def prumerge_padded(x, k, s):
-        packed, cu = prumerge(x, k, s)
-        rows_ = [packed[a:b] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-        prumerge_padded.sizes = [len(r) for r in rows_]
-        return rows_
-
     # PruMerge keeps a different count per image: finish each image on its own.
     h, scores, keys = run_through_block(model, x0, layer)
-    per_image = prumerge_padded(h, keys, scores)
+    packed, cu = prumerge(h, keys, scores)
+    per_image = [packed[a:b] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    sizes = [len(t) for t in per_image]
     cls = torch.stack([_run_from(model, t[None], layer + 1)[0, 0] for t in per_image])
-    add("PruMerge", f"IQR outliers at block {layer}", f"{min(prumerge_padded.sizes)}-"
-        f"{max(prumerge_padded.sizes)}", cls)
+    add("PruMerge", f"IQR outliers at block {layer}", f"{min(sizes)}-{max(sizes)}", cls)
     return rows
 
 
