@@ -1,4 +1,5 @@
 """Drop-in modules built on mmkernels ops."""
 from .attention import Attention
+from .quant_linear import QuantLinear
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "QuantLinear"]

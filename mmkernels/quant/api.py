@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .format import QuantizedWeight
+from .format import QuantizedWeight, is_fp8
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -31,11 +31,13 @@ class QMatmulCall(NamedTuple):
     symmetric: bool
     act_bits: int          # 0: weight-only
     smooth: bool
+    fp8: bool = False      # float8 e4m3 weights (and activations when act_bits=8)
 
     def __str__(self):
         g = "per-channel" if not self.group_size else f"group {self.group_size}"
         a = f"A{self.act_bits}" if self.act_bits else "weight-only"
-        return (f"qmatmul({self.dtype_name} on {self.device_type}, int{self.bits} {g} "
+        w = "fp8 e4m3" if self.fp8 else f"int{self.bits}"
+        return (f"qmatmul({self.dtype_name} on {self.device_type}, {w} {g} "
                 f"{'sym' if self.symmetric else 'asym'}, {a}{', smooth' if self.smooth else ''})")
 
 
@@ -55,7 +57,7 @@ def _group_size(qweight: Tensor, scales: Tensor, bits: int) -> int:
 def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bits: int,
             smooth: bool, backend: str):
     call = QMatmulCall(x.device.type, _name(x.dtype), bits, _group_size(qweight, scales, bits),
-                       zeros is None, act_bits, smooth)
+                       zeros is None, act_bits, smooth, is_fp8(qweight))
     return _dispatch.select("qmatmul", call, x.device.type, backend or None)
 
 
@@ -93,8 +95,8 @@ def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
 
     ``x``: float32 / bfloat16 / float16 (float64 too: served by the reference, used as the test
     oracle). ``bias``: floating ``(N,)`` on ``x``'s device (cast to the compute dtype).
-    ``act_bits``: ``None`` (weight-only) or ``8`` (W8A8: dynamic per-token int8 activations; needs
-    an 8-bit per-channel ``qw``). ``smooth``: SmoothQuant factors ``(K,)`` that ``x`` is divided by
+    ``act_bits``: ``None`` (weight-only) or ``8`` (W8A8: dynamic per-token int8 activations, or
+    float8 e4m3 activations for an fp8 ``qw``; needs an 8-bit per-channel ``qw``). ``smooth``: SmoothQuant factors ``(K,)`` that ``x`` is divided by
     (``qw`` must be ``quantize_weight(W * smooth)``). ``backend``: see ``mmkernels._dispatch``.
     No autograd formula yet (inference only).
     """

@@ -22,9 +22,14 @@ buffer         bits=8           bits=4     meaning
 ``scales``     float32 (N, G)   same       per-group scale (``G = 1`` per channel)
 ``zeros``      uint8 (N, G)     same       asymmetric only: zero point in [0, 2^bits - 1];
                                            ``None`` (absent from the state dict) if symmetric
-``meta``       int64 (5,)       same       ``[bits, group_size or 0, N, K, symmetric]``, so a
-                                           state dict describes itself (safetensors-friendly)
+``meta``       int64 (6,)       same       ``[bits, group_size or 0, N, K, symmetric, fp8]``, so
+                                           a state dict describes itself (safetensors-friendly)
 =============  ===============  =========  ==================================================
+
+fp8 (``fp8=True``, GPU kernels; the reference runs anywhere): ``qweight`` is
+``torch.float8_e4m3fn (N, K)`` (OCP e4m3: 4 exponent bits, 3 mantissa bits, max 448, no infinities),
+symmetric, no zero points, scales float32 ``(N, G)`` (per channel or per group), and
+``W_hat = float32(qweight) * s``.
 
 int4 packing: byte ``j`` of row ``n`` (``qweight[n, j]``) holds element ``2j`` in its LOW nibble
 (bits 0-3) and element ``2j + 1`` in its HIGH nibble (bits 4-7)::
@@ -45,6 +50,8 @@ from torch import Tensor, nn
 
 VALID_BITS = (8, 4)
 VALID_GROUP_SIZES = (None, 32, 64, 128)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)          # 448
 
 
 def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
@@ -88,8 +95,14 @@ def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
 # Functional (tensor-level) form, used by the custom op and the reference backend
 # ---------------------------------------------------------------------------------------------
 
+def is_fp8(qweight: Tensor) -> bool:
+    return qweight.dtype == FP8_DTYPE
+
+
 def unpack_weight(qweight: Tensor, bits: int, symmetric: bool) -> Tensor:
     """Stored integers as an int32 ``(N, K)`` tensor (zero points not yet subtracted)."""
+    if is_fp8(qweight):
+        raise TypeError("unpack_weight: an fp8 weight holds floats, not integers")
     if bits == 4:
         return unpack_int4(qweight, signed=symmetric).to(torch.int32)
     return qweight.to(torch.int32)
@@ -108,10 +121,10 @@ def centered_weight(qweight: Tensor, zeros: Optional[Tensor], bits: int) -> Tens
 def dequantize_tensors(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
                        dtype: torch.dtype = torch.float32) -> Tensor:
     """``W_hat (N, K)`` from the raw buffers (see the module docstring)."""
-    qc = centered_weight(qweight, zeros, bits)
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    qc = qweight.to(math) if is_fp8(qweight) else centered_weight(qweight, zeros, bits)
     n, k = qc.shape
     g = scales.shape[1]
-    math = torch.float64 if dtype == torch.float64 else torch.float32
     w = qc.reshape(n, g, k // g).to(math) * scales.to(math)[:, :, None]
     return w.reshape(n, k).to(dtype)
 
@@ -136,29 +149,40 @@ class QuantizedWeight(nn.Module):
         _check_config(bits, group_size, k)
         g = 1 if group_size is None else k // group_size
         symmetric = zeros is None
-        qdtype = (torch.int8 if symmetric else torch.uint8) if bits == 8 else torch.uint8
+        fp8 = isinstance(qweight, Tensor) and is_fp8(qweight)
+        if fp8:
+            if bits != 8 or not symmetric:
+                raise ValueError(f"an fp8 (float8_e4m3fn) qweight needs bits=8 and no zero points, "
+                                 f"got bits={bits}, zeros={'given' if zeros is not None else None}")
+            qdtype = FP8_DTYPE
+        else:
+            qdtype = (torch.int8 if symmetric else torch.uint8) if bits == 8 else torch.uint8
         qshape = (n, k) if bits == 8 else (n, k // 2)
         _expect("qweight", qweight, qdtype, qshape)
         _expect("scales", scales, torch.float32, (n, g))
         if zeros is not None:
             _expect("zeros", zeros, torch.uint8, (n, g))
         self.bits, self.group_size, self.shape, self.symmetric = bits, group_size, (n, k), symmetric
+        self.fp8 = fp8
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("zeros", None if zeros is None else zeros.contiguous())
         self.register_buffer("meta", torch.tensor(
-            [bits, group_size or 0, n, k, int(symmetric)], dtype=torch.int64, device=qweight.device))
+            [bits, group_size or 0, n, k, int(symmetric), int(fp8)], dtype=torch.int64,
+            device=qweight.device))
 
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
     def empty(cls, shape: Tuple[int, int], *, bits: int, group_size: Optional[int] = None,
-              symmetric: bool = True, device=None) -> "QuantizedWeight":
+              symmetric: bool = True, fp8: bool = False, device=None) -> "QuantizedWeight":
         """Zero-filled weight of the given configuration (a target for ``load_state_dict``)."""
         n, k = shape
         _check_config(bits, group_size, k)
         g = 1 if group_size is None else k // group_size
         qdtype = torch.int8 if (bits == 8 and symmetric) else torch.uint8
+        if fp8:
+            qdtype = FP8_DTYPE
         qk = k if bits == 8 else k // 2
         zeros = None if symmetric else torch.zeros((n, g), dtype=torch.uint8, device=device)
         return cls(torch.zeros((n, qk), dtype=qdtype, device=device),
@@ -174,7 +198,11 @@ class QuantizedWeight(nn.Module):
         except KeyError:
             raise KeyError(f"state_dict has no {prefix + 'meta'!r}: not a QuantizedWeight state dict "
                            f"(keys: {sorted(state_dict)[:8]})") from None
-        bits, gs, n, k, sym = (int(v) for v in meta.tolist())
+        values = [int(v) for v in meta.tolist()]
+        if len(values) != 6:
+            raise ValueError(f"{prefix}meta must hold 6 values [bits, group_size, N, K, symmetric, "
+                             f"fp8], got {values}")
+        bits, gs, n, k, sym, _ = values
         zeros = None if sym else state_dict[prefix + "zeros"]
         return cls(state_dict[prefix + "qweight"], state_dict[prefix + "scales"], zeros,
                    bits=bits, group_size=gs or None, shape=(n, k))
@@ -194,7 +222,7 @@ class QuantizedWeight(nn.Module):
         return self.qweight.device
 
     def int_weight(self) -> Tensor:
-        """``q - z`` as int32 ``(N, K)``."""
+        """``q - z`` as int32 ``(N, K)`` (integer formats only)."""
         return centered_weight(self.qweight, self.zeros, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -208,6 +236,8 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        if self.fp8:
+            return f"shape={self.shape}, fp8 e4m3, {gs}"
         return (f"shape={self.shape}, bits={self.bits}, {gs}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}")
 
@@ -225,7 +255,8 @@ class QuantizedWeight(nn.Module):
         meta = state_dict.get(prefix + "meta")
         if meta is not None and meta.tolist() != self.meta.tolist():
             error_msgs.append(f"{prefix}meta: the checkpoint holds a quantized weight with "
-                              f"[bits, group_size, N, K, symmetric] = {meta.tolist()}, this module "
+                              f"[bits, group_size, N, K, symmetric, fp8] = {meta.tolist()}, this "
+                              f"module "
                               f"expects {self.meta.tolist()}")
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

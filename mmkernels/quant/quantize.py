@@ -15,6 +15,9 @@ grid point of the grid actually stored. A group whose scale would be 0 (all zero
 ``s = 1`` (its values then quantize to 0 / z): no NaN, no Inf. ``round`` is half-to-even
 (``torch.round``).
 
+fp8 (``fp8=True``): symmetric, ``s = max|w| / 448`` per group (float32), ``q = float8_e4m3fn(w / s)``
+(``w / s`` rounded to float32, then to the nearest e4m3 value, ties to even); no zero points.
+
 SmoothQuant: to serve ``x @ W.T`` as ``(x / s) @ (W * s).T`` with per-input-feature factors
 ``s (K,)`` (see :func:`smoothquant_factors`), quantize ``W * s[None, :]`` and pass ``smooth=s`` to
 ``qmatmul``.
@@ -26,17 +29,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .format import QuantizedWeight, _check_config, pack_int4, qrange
+from .format import FP8_DTYPE, FP8_MAX, QuantizedWeight, _check_config, pack_int4, qrange
 
 _TINY = torch.finfo(torch.float32).tiny
 
 
 def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
-                    symmetric: bool = True) -> QuantizedWeight:
+                    symmetric: bool = True, *, fp8: bool = False) -> QuantizedWeight:
     """Quantize ``w (N, K)`` (an ``nn.Linear`` weight) with RTN; see the module docstring.
 
     ``bits``: 8 or 4. ``group_size``: ``None`` (one scale per output channel) or 32 / 64 / 128
-    (must divide ``K``). int4 needs an even ``K``. The result lives on ``w``'s device.
+    (must divide ``K``). int4 needs an even ``K``. ``fp8=True``: float8 e4m3 values instead of
+    integers (``bits=8``, symmetric). The result lives on ``w``'s device.
     """
     if not isinstance(w, Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -46,6 +50,11 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
         raise TypeError(f"w must be a floating tensor, got {w.dtype}")
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be a bool, got {fp8!r}")
+    if fp8 and (bits != 8 or not symmetric):
+        raise ValueError(f"fp8=True stores float8 e4m3 values: it needs bits=8 and symmetric=True, "
+                         f"got bits={bits}, symmetric={symmetric}")
     n, k = w.shape
     _check_config(bits, group_size, k)
     if n == 0:
@@ -56,6 +65,11 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
     gs = k if group_size is None else group_size
     g = k // gs
     wg = w.detach().to(torch.float64).reshape(n, g, gs)
+    if fp8:
+        scale = _safe_scale(wg.abs().amax(dim=2) / FP8_MAX)
+        q = (wg / scale.double()[:, :, None]).to(torch.float32).clamp(-FP8_MAX, FP8_MAX)
+        return QuantizedWeight(q.reshape(n, k).to(FP8_DTYPE), scale, None, bits=8,
+                               group_size=group_size, shape=(n, k))
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         scale = _safe_scale(wg.abs().amax(dim=2) / qmax)

@@ -17,6 +17,11 @@ equals ``x @ W.T``).
       acc    = x_q @ (q_w - z_w).T                              exact integer dot products
       y      = acc * s_x[:, None] * s_w[None, :] + bias         in c, left to right
 
+* fp8 W8A8 (``act_bits=8`` with an fp8 weight): per-token float8 e4m3 activations,
+  ``s_x[t] = max_k |x[t, k]| / 448`` (1 if zero), ``x_q = float8_e4m3fn(x / s_x)`` (ties to even),
+  ``y = (x_q @ q_w.T) * s_x * s_w + bias`` with the e4m3 values widened to ``c`` (every product of
+  two e4m3 values is exact in float32; sums are rounded as ``c`` does).
+
   ``acc`` is computed here in int64, which equals int32 accumulation whenever it cannot overflow
   (``K * 127 * 255 < 2**31``, i.e. ``K <= 66 311``); kernels accumulate in int32.
 """
@@ -27,7 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .format import QuantizedWeight, centered_weight, dequantize_tensors
+from .format import (FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors,
+                     is_fp8)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,6 +49,14 @@ def quantize_activations(x2: Tensor) -> tuple:
     return xq, scale
 
 
+def quantize_activations_fp8(x2: Tensor) -> tuple:
+    """Per-token float8 e4m3: ``(x_q float8_e4m3fn (M, K), s_x (M,))`` for a 2-D float ``x2``."""
+    amax = x2.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    xq = (x2 / scale[:, None]).to(torch.float32).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return xq, scale
+
+
 def qmatmul_tensors(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
                     bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
                     smooth: Optional[Tensor] = None) -> Tensor:
@@ -55,6 +69,10 @@ def qmatmul_tensors(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[
         x2 = x2 / smooth.to(c)
     if act_bits is None:
         y = x2 @ dequantize_tensors(qweight, scales, zeros, bits, c).T
+    elif is_fp8(qweight):
+        xq, sx = quantize_activations_fp8(x2)
+        acc = xq.to(c) @ qweight.to(c).T
+        y = acc * sx[:, None] * scales.to(c)[:, 0][None, :]
     else:
         xq, sx = quantize_activations(x2)
         wc = centered_weight(qweight, zeros, bits).to(torch.int64)
