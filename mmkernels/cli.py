@@ -44,9 +44,11 @@ def bench(args) -> int:
     import torch
 
     from .benchmarks import attention as attention_cases
+    from .benchmarks import quant as quant_cases
     from .benchmarks import reduce as reduce_cases
     from .benchmarks import report
-    families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases}
+    families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases,
+                "quant": quant_cases.all_cases}
     chosen = families if args.family == "all" else {args.family: families[args.family]}
     if args.gate and args.quick:
         print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to",
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
     b.add_argument("--only", default=None, help="run only cases whose id contains this text")
-    b.add_argument("--family", default="all", choices=["all", "attention", "reduce"],
+    b.add_argument("--family", default="all", choices=["all", "attention", "reduce", "quant"],
                    help="kernel family to benchmark")
     b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
