@@ -53,6 +53,9 @@ class CompileTarget:
     capability: int = 80
     needs_tensor_cores: bool = False
     label: str = ""
+    # SASS tensor-core instructions that satisfy needs_tensor_cores (compile_gate.tensor_core_ops
+    # names, e.g. ("IMMA", "IGMMA") for an int8 dot); empty: HMMA or HGMMA.
+    tensor_core_ops: Tuple[str, ...] = ()
 
     def resolve(self):
         return importlib.import_module(self.module).compiled_kernel(self.kernel)

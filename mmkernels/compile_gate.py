@@ -5,20 +5,23 @@
 
 Two parts:
 
-1. Triton: every target of ``compile_targets()`` in ``mmkernels.attention.triton`` and
-   ``mmkernels.reduce.triton`` (see TRITON_TARGET_MODULES) is AOT-compiled with
+1. Triton: every target of ``compile_targets()`` in ``mmkernels.attention.triton``,
+   ``mmkernels.reduce.triton`` and ``mmkernels.quant.triton`` (see TRITON_TARGET_MODULES) is
+   AOT-compiled with
    ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
    options={num_warps, num_stages})``. The cubin goes through Triton's bundled ``cuobjdump``:
    ``--dump-resource-usage`` gives registers, STACK / LOCAL (bytes of local memory = register spills) and
    static shared memory; ``--dump-sass`` shows whether tensor-core instructions were emitted (HMMA on
-   sm_80; HGMMA (wgmma) or HMMA on sm_90). Dynamic shared memory is ``metadata.shared``.
+   sm_80; HGMMA (wgmma) or HMMA on sm_90; for int8 dots IMMA / IGMMA, for fp8 dots QGMMA: a target
+   names the ones it accepts in ``tensor_core_ops``). Dynamic shared memory is ``metadata.shared``.
 2. nvcc: every ``csrc/cuda/*.cu`` is compiled stand-alone for sm_80 and sm_90a with ``-Xptxas -v``;
    the per-function "bytes spill stores/loads" lines are parsed. No nvcc on PATH -> that part is
    reported as SKIPPED (which is not a pass of that part, but does not fail the gate).
 
 A target fails on a compile error, any spill, shared memory beyond the GPU's per-block limit, or a
-missing tensor-core instruction in a kernel whose dots are fp16/bf16. Compiles run in two worker
-processes (fresh interpreters without ``TRITON_INTERPRET``, so kernels compile rather than interpret).
+missing tensor-core instruction in a kernel whose dots must use them (fp16 / bf16 / tf32, int8,
+fp8). Compiles run in two worker processes (fresh interpreters without ``TRITON_INTERPRET``, so
+kernels compile rather than interpret).
 """
 from __future__ import annotations
 
@@ -84,13 +87,20 @@ def cuobjdump_spill_bytes(text: str) -> int:
     return sum(r["stack"] + r["local"] for r in parse_resource_usage(text).values())
 
 
+# Tensor-core SASS mnemonics: Hopper wgmma (HGMMA fp16 / bf16 / tf32, IGMMA int8, QGMMA fp8) and
+# mma.sync (HMMA fp16 / bf16 / tf32, IMMA int8), in the order tensor_core_ops reports them.
+TENSOR_CORE_OPS = ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA")
+
+
+def tensor_core_op_set(sass: str) -> set:
+    """Every tensor-core mnemonic of TENSOR_CORE_OPS present in a SASS dump."""
+    return {op for op in TENSOR_CORE_OPS if re.search(rf"\b{op}\.", sass)}
+
+
 def tensor_core_ops(sass: str) -> str:
-    """'HGMMA' (Hopper wgmma), 'HMMA' (mma.sync), or 'no', from a SASS dump."""
-    if re.search(r"\bHGMMA\.", sass):
-        return "HGMMA"
-    if re.search(r"\bHMMA\.", sass):
-        return "HMMA"
-    return "no"
+    """The first of 'HGMMA', 'QGMMA', 'IGMMA', 'HMMA', 'IMMA' found in a SASS dump, or 'no'."""
+    found = tensor_core_op_set(sass)
+    return next((op for op in TENSOR_CORE_OPS if op in found), "no")
 
 
 _PTXAS_FN_RE = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
@@ -143,7 +153,8 @@ def _triton_bin(name: str) -> str:
 
 
 # Modules whose ``compile_targets(capabilities)`` list the Triton kernel variants to build.
-TRITON_TARGET_MODULES = ("mmkernels.attention.triton", "mmkernels.reduce.triton")
+TRITON_TARGET_MODULES = ("mmkernels.attention.triton", "mmkernels.reduce.triton",
+                         "mmkernels.quant.triton")
 
 
 def collect_triton_targets(capabilities=(80, 90)) -> list:
@@ -191,14 +202,19 @@ def compile_triton_target(target, workdir: str) -> GateResult:
     res.spill = cuobjdump_spill_bytes(usage.stdout)
     res.shared = int(compiled.metadata.shared) + max(r["shared"] for r in funcs.values())
     tc = tensor_core_ops(sass.stdout)
+    wanted = tuple(getattr(target, "tensor_core_ops", ()) or ("HMMA", "HGMMA"))
+    found = tensor_core_op_set(sass.stdout)
+    if target.needs_tensor_cores and found & set(wanted):
+        tc = next(op for op in TENSOR_CORE_OPS if op in found and op in wanted)
     res.tensor_cores = tc if target.needs_tensor_cores else (tc if tc != "no" else "-")
     problems = []
     if res.spill:
         problems.append(f"spills {res.spill} B (STACK+LOCAL)")
     if res.shared > SMEM_LIMIT[target.capability]:
         problems.append(f"shared memory {res.shared} B > {SMEM_LIMIT[target.capability]} B")
-    if target.needs_tensor_cores and tc == "no":
-        problems.append("no tensor-core instruction in a fp16/bf16 dot kernel")
+    if target.needs_tensor_cores and not found & set(wanted):
+        problems.append(f"no tensor-core instruction ({' / '.join(wanted)}) in a dot kernel "
+                        f"(found: {', '.join(sorted(found)) or 'none'})")
     if problems:
         res.status, res.detail = "FAIL", "; ".join(problems)
     return res

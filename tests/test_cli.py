@@ -52,8 +52,9 @@ def test_gate_checker_arithmetic():
 def test_packaged_gates_reference_real_cases():
     import pytest
     pytest.importorskip("mmkernels.models")
-    from mmkernels.benchmarks import attention, reduce
+    from mmkernels.benchmarks import attention, quant, reduce
     ids = {c.id for c in attention.all_cases()} | {c.id for c in reduce.all_cases()}
+    ids |= set(quant.case_ids())
     for gate in report.load_gates():
         assert gate["case"] in ids, gate["name"]
 

@@ -72,6 +72,24 @@ def test_tensor_core_detection():
     assert gate.tensor_core_ops("  /*0360*/  HMMA.16816.F32 R16, R20.reuse, R4, RZ ;") == "HMMA"
     assert gate.tensor_core_ops("  HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ ;\n HMMA.16816.F32 R1") == "HGMMA"
     assert gate.tensor_core_ops("  FFMA R1, R2, R3, R4 ;") == "no"
+    # int8 / fp8 dots (mmkernels.quant.triton): IMMA (mma.sync), IGMMA / QGMMA (Hopper wgmma)
+    assert gate.tensor_core_ops("  IMMA.16832.S8.S8 R8, R12.ROW, R4.COL, R8 ;") == "IMMA"
+    assert gate.tensor_core_ops("  IGMMA.64x64x32.S8.S8 R24, gdesc[UR4], R24 ;") == "IGMMA"
+    assert gate.tensor_core_ops("  QGMMA.64x64x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ ;") == "QGMMA"
+    assert gate.tensor_core_op_set("HMMA.16816.F32 R1 ;\n IMMA.16832.S8.S8 R2 ;") == {"HMMA", "IMMA"}
+
+
+def test_quant_targets_are_gated():
+    """mmkernels.quant.triton's kernels are part of the gate, each dot kernel with the tensor-core
+    instructions it must show."""
+    assert "mmkernels.quant.triton" in gate.TRITON_TARGET_MODULES
+    from mmkernels.quant import triton as qt
+    targets = qt.compile_targets((80, 90))
+    int8 = [t for t in targets if t.kernel == "_w8a8_gemm_kernel" and t.constexprs["FP8"] is False]
+    assert int8 and all(set(t.tensor_core_ops) == {"IMMA", "IGMMA"} for t in int8)
+    fp8_90 = [t for t in targets if t.kernel == "_w8a8_gemm_kernel" and t.constexprs["FP8"]
+              and t.capability == 90]
+    assert fp8_90 and all(t.tensor_core_ops == ("QGMMA",) for t in fp8_90)
 
 
 def test_nvcc_missing_is_skipped_not_passed(tmp_path):

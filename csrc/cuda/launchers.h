@@ -30,5 +30,24 @@ cudaError_t merge_attention_states(
     const int64_t lse_out_strides[2], const int64_t lse1_strides[2], const int64_t lse2_strides[2],
     cudaStream_t stream);
 
+// int4 weight GEMV for decode, fp16 / bf16 activations (csrc/cuda/qgemv_int4.cu):
+//
+//   out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k / group_size]) * scales[n, k / group_size]
+//               + bias[n]
+//
+// qweight: (n, k/2) uint8, contiguous, element 2j in the low nibble of byte j (the format of
+// mmkernels/quant/format.py): two's-complement nibbles when zeros == nullptr (symmetric), else
+// unsigned with zeros (n, k / group_size) uint8. scales: (n, k / group_size) float32, contiguous.
+// group_size: 32, 64, 128 or 0 (= k, per output channel). x: (batch, k) rows ldx elements apart,
+// contiguous along k; out: (batch, n) rows ldo apart; both `dtype` (kFloat16 / kBFloat16).
+// bias: float32 (n) or nullptr. 1 <= batch <= kQGemvInt4MaxBatch, k even. fp32 accumulation.
+// Returns cudaErrorInvalidValue for arguments outside these, else the launch error.
+constexpr int64_t kQGemvInt4MaxBatch = 8;
+
+cudaError_t qgemv_int4(DType dtype, void* out, int64_t ldo, const void* x, int64_t ldx,
+                       const uint8_t* qweight, const float* scales, const uint8_t* zeros,
+                       const float* bias, int64_t batch, int64_t n, int64_t k, int64_t group_size,
+                       cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace mmkernels

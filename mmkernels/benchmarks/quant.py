@@ -154,7 +154,7 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
 
     desc = {"int4g128": "int4 g128 weight-only", "int8wo": "int8 weight-only per-channel",
             "w8a8": "W8A8 (per-token int8 activations)"}[fmt]
-    return Case(f"qmatmul-{fmt}-m{m}-k{k}-n{n}", f"{desc}, {name} (M={m}, K={k}, N={n})",
+    return Case(_case_id(fmt, name, m, k, n), f"{desc}, {name} (M={m}, K={k}, N={n})",
                 contenders, error, flops=2.0 * m * k * n, meta={"peers_missing": notes})
 
 
@@ -165,13 +165,90 @@ def _no_grad_call(fn, arg):
     return call
 
 
+MINILM_CASE_ID = "minilm_w8a8-b32-l128"
+
+
+def minilm_case(batch: int = 32, length: int = 128) -> Case:
+    """Whole all-MiniLM-L6-v2 (real weights) on ``batch`` sentences of ``length`` tokens: every
+    Linear at W8A8 (RTN weights, SmoothQuant alpha=0.5 calibrated on other text) against the float32
+    model, plus torchao's int8 dynamic quantization of the same model (eager) as a peer.
+    ``error`` is 1 - mean cosine of the mean-pooled sentence embeddings to float32."""
+    from mmkernels.models import minilm as mm
+    from mmkernels.quant import quantize_model
+
+    base = mm.minilm_l6_v2()
+    text = " ".join(mm.readme_sentences(None))
+    words = text.split()
+    # Sentences of at least `length` tokens (truncated to it): windows over the README's prose.
+    step = max(1, (len(words) - 160) // batch)
+    sentences = [" ".join((words * 2)[i * step:i * step + 160]) for i in range(batch)]
+    inputs = base.tokenize(sentences)
+    assert inputs["input_ids"].shape == (batch, length), inputs["input_ids"].shape
+    calib = [base.tokenize(mm.calibration_sentences(64)[i:i + 16]) for i in range(0, 64, 16)]
+    ours = copy.deepcopy(base)
+    quantize_model(ours, bits=8, act_bits=8, smooth_alpha=0.5, calib_data=calib, progress=False)
+
+    contenders: Dict[str, Callable[[], object]] = {
+        "mmkernels": _no_grad_call(lambda kw: ours(**kw), inputs),
+        "fp32_eager": _no_grad_call(lambda kw: base(**kw), inputs),
+    }
+    peers: Dict[str, Callable] = {}
+    notes: Dict[str, str] = {}
+
+    def torchao_model():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        m = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(m, Int8DynamicActivationInt8WeightConfig())
+        return lambda kw: m(**kw)
+
+    _try(peers, notes, "torchao_w8a8", torchao_model, inputs)
+    for peer, fn in peers.items():
+        contenders[peer] = _no_grad_call(fn, inputs)
+
+    def error() -> float:
+        mask = inputs["attention_mask"]
+        with torch.no_grad():
+            a = mm.mean_pool(ours(**inputs), mask)
+            b = mm.mean_pool(base(**inputs), mask)
+        return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double()).mean().item()
+
+    return Case(MINILM_CASE_ID, f"all-MiniLM-L6-v2, every Linear W8A8 (RTN + SmoothQuant 0.5), "
+                f"batch {batch} x {length} tokens, vs float32 eager", contenders, error,
+                meta={"peers_missing": notes, "error": "1 - mean cosine to fp32"})
+
+
+def _has_minilm() -> bool:
+    try:
+        from mmkernels.models import minilm as mm
+        mm.minilm_dir()
+        return True
+    except Exception:
+        return False
+
+
+def _case_id(fmt: str, name: str, m: int, k: int, n: int) -> str:
+    return f"qmatmul-{fmt}-m{m}-k{k}-n{n}"
+
+
+def case_ids(quick: bool = False) -> List[str]:
+    """The ids :func:`all_cases` would build (without building them: cases hold large weights)."""
+    shapes = QUICK_SHAPES if quick else SHAPES
+    return [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS] + \
+        ([] if quick else [MINILM_CASE_ID])
+
+
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     shapes: List[Tuple[str, int, int, int]] = QUICK_SHAPES if quick else SHAPES
     specs = [(fmt, *shape) for shape in shapes for fmt in FORMATS]
     if only:
-        specs = [s for s in specs if only in f"qmatmul-{s[0]}-m{s[2]}-k{s[3]}-n{s[4]}"]
+        specs = [s for s in specs if only in _case_id(*s)]
     # Built lazily, one at a time: each case holds float copies of a (up to 4096 x 11008) weight.
-    return _LazyCases([lambda s=s: qmatmul_case(*s) for s in specs])
+    makers = [lambda s=s: qmatmul_case(*s) for s in specs]
+    if not quick and (not only or only in MINILM_CASE_ID) and _has_minilm():
+        makers.append(minilm_case)
+    return _LazyCases(makers)
 
 
 class _LazyCases(list):

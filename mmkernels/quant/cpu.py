@@ -1,0 +1,197 @@
+"""Glue from ``qmatmul``'s backend signature to the C++ CPU kernels.
+
+The kernels live in the extension ``mmkernels._C`` (csrc/cpu/qmatmul*.cpp, registered as
+``torch.ops.mmkernels_C.qmatmul_*``); the code path (AVX-512 with bf16 / VNNI, AVX2, scalar) is
+chosen from CPUID on every call and ``MMKERNELS_CPU_ISA`` lowers it.
+
+* Weight-only, ``M < GEMM_MIN_M`` rows (decode): ``qmatmul_wo`` without a prepacked weight runs the
+  row-dot kernel straight on the canonical buffers (format.py): int4 bytes are looked up in a
+  16-entry table of the group's dequantized values (low nibbles against x's even features, high
+  nibbles against the odd ones), int8 bytes are widened and scaled; OpenMP over output channels.
+* Weight-only, ``M >= GEMM_MIN_M``: a prepacked weight (``qmatmul_prepack_wo``: strips of 64 output
+  channels, feature pairs interleaved, values made unsigned) is decoded strip by strip into an
+  L2-resident panel and a register-tiled micro-kernel runs over it: fp32 FMA on the exact
+  dequantized weights, or for bfloat16 ``x`` bf16 dot products (vdpbf16ps) of ``x`` with the exact
+  integers ``q - z``, scaled per group in fp32.
+* W8A8 (``act_bits=8``): per-token int8 quantization of ``x`` fused into the packing of the
+  activation panel (true divisions, round half to even: bit-identical to the reference), int32
+  dot products (AVX512-VNNI vpdpbusd; AVX2 vpmaddwd) on a VNNI-blocked prepacked weight
+  (``qmatmul_prepack_a8``, with per-channel weight sums for the unsigned-offset compensation), and
+  the reference's float epilogue rounded step by step (the result equals the reference's bit for
+  bit). ``K > 66000`` could overflow int32 and is left to the reference.
+
+Prepacked-weight cache: the custom op receives the canonical buffers on every call, so the packed
+layouts are cached here, keyed weakly on the ``qweight`` tensor object (an entry dies with its
+weight). An entry remembers the version counters (and identities) of ``qweight``, ``scales`` and
+``zeros``; an in-place change of any of them (``copy_``, ``load_state_dict``, ...) rebuilds it on
+the next call. Tensors created under ``torch.inference_mode()`` have no version counter: their
+in-place changes are not seen, call :func:`clear_cache` after modifying such a weight.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .._extension import cpu_ops
+from . import reference
+
+LOAD_ERROR: str = ""
+_LOADED: Optional[bool] = None
+_OPS = None
+
+# Weight-only calls with at least this many rows of x run the prepacked GEMM kernel.
+GEMM_MIN_M = 16
+# W8A8 accumulates in int32: K * 127 * 255 must stay below 2**31.
+W8A8_MAX_K = 66000
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _load() -> bool:
+    global _LOADED, LOAD_ERROR, _OPS
+    if _LOADED is None:
+        _OPS, LOAD_ERROR = cpu_ops("qmatmul_wo")
+        _LOADED = _OPS is not None
+    return _LOADED
+
+
+def is_available() -> bool:
+    """True when the compiled extension imports and registers the qmatmul ops."""
+    return _load()
+
+
+def _require():
+    if not _load():
+        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+
+
+def cpu_isa() -> str:
+    """The code path the qmatmul kernels use now: "avx512_bf16", "avx512", "avx2" or "scalar"."""
+    _require()
+    return _OPS.qmatmul_cpu_isa()
+
+
+def unsupported(call) -> list:
+    """Reasons the cpu backend cannot serve ``call`` (a ``QMatmulCall``); empty if it can."""
+    reasons = []
+    if getattr(call, "fp8", False):
+        reasons.append("fp8 (e4m3) weights have no CPU kernel (the reference serves them)")
+    if call.device_type != "cpu":
+        reasons.append(f"runs CPU tensors only, got {call.device_type}")
+    if call.dtype_name == "float64":
+        reasons.append("float64 is served by the reference (the test oracle; the kernels compute "
+                       "in float32)")
+    elif call.dtype_name == "float16":
+        reasons.append("float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
+                       "float32); the reference serves it")
+    elif call.dtype_name not in DTYPES:
+        reasons.append(f"dtype {call.dtype_name} not supported ({', '.join(DTYPES)})")
+    return reasons
+
+
+# --- prepacked-weight cache -------------------------------------------------------------------
+
+_CACHE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _version(t: Optional[Tensor]):
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _stamp(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> tuple:
+    """What must be unchanged for a cache entry to stay valid."""
+    return (_version(qweight), _version(scales), _version(zeros), qweight.data_ptr(),
+            tuple(qweight.shape))
+
+
+def _packed(kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+            bits: int) -> Tuple[Tensor, ...]:
+    stamp = _stamp(qweight, scales, zeros)
+    with _LOCK:
+        entries = _CACHE.get(qweight)
+        hit = entries.get(kind) if entries is not None else None
+    if hit is not None:
+        scales_ref, zeros_ref, old_stamp, tensors = hit
+        if (old_stamp == stamp and scales_ref() is scales
+                and (zeros_ref() is zeros if zeros is not None else zeros_ref is None)):
+            return tensors
+    q, s = qweight.contiguous(), scales.contiguous()
+    z = zeros.contiguous() if zeros is not None else None
+    if kind == "wo":
+        tensors = tuple(_OPS.qmatmul_prepack_wo(q, s, z, bits))
+    else:
+        tensors = tuple(_OPS.qmatmul_prepack_a8(q, s, z))
+    entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp,
+             tensors)
+    with _LOCK:
+        entries = _CACHE.get(qweight)
+        if entries is None:
+            entries = {}
+            _CACHE[qweight] = entries
+        entries[kind] = entry
+    return tensors
+
+
+def clear_cache() -> None:
+    """Drop every cached prepacked weight (rebuilt on the next call)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def cache_size() -> int:
+    """Number of weights with a cached prepacked layout (for tests)."""
+    with _LOCK:
+        return len(_CACHE)
+
+
+# --- the backend ------------------------------------------------------------------------------
+
+def _poison_requested() -> bool:
+    return os.environ.get("MMKERNELS_DEBUG_POISON", "") == "1"
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def qmatmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
+            bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
+            smooth: Optional[Tensor] = None) -> Tensor:
+    """Same contract as ``reference.qmatmul_tensors`` (argument checks are done by api.py)."""
+    _require()
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    if qweight.dtype not in (torch.int8, torch.uint8) or (act_bits is not None and k > W8A8_MAX_K):
+        return reference.qmatmul_tensors(x, qweight, scales, zeros, bits, bias, act_bits, smooth)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if k > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if _poison_requested():
+        out = torch.full((m, n), float("nan"), dtype=x.dtype)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype)
+    q = qweight if qweight.is_contiguous() else qweight.contiguous()
+    s = scales if scales.is_contiguous() else scales.contiguous()
+    z = zeros if zeros is None or zeros.is_contiguous() else zeros.contiguous()
+    if act_bits is not None:
+        packed = _packed("a8", qweight, scales, zeros, bits)
+        _OPS.qmatmul_w8a8.default(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
+    else:
+        packed = _packed("wo", qweight, scales, zeros, bits) if m >= GEMM_MIN_M else (None,) * 3
+        _OPS.qmatmul_wo.default(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

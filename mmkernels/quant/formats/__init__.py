@@ -1,0 +1,1 @@
+"""Checkpoint layouts used by ``mmkernels.quant.serialize``: one module per format."""

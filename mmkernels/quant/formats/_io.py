@@ -1,0 +1,211 @@
+"""File helpers shared by the checkpoint formats: safetensors read/write with clear errors, JSON,
+sha256 of a tensor's bytes, dtype names, int32 bit packing.
+
+Reading never executes code: tensors come from safetensors files (a JSON header plus raw
+little-endian bytes, parsed by the ``safetensors`` library), metadata from JSON. Nothing is
+unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+_DTYPES = {str(d).replace("torch.", ""): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+    torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+# Bytes per element of each safetensors dtype code (the header's "dtype" field).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+                "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str, where: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: unknown dtype {name!r}; expected one of "
+                         f"{sorted(_DTYPES)}") from None
+
+
+def describe(t: Tensor) -> str:
+    return f"{dtype_name(t.dtype)}{list(t.shape)}"
+
+
+def tensor_sha256(t: Tensor) -> str:
+    """sha256 of the tensor's bytes in row-major order (what safetensors stores)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON and safetensors
+# ---------------------------------------------------------------------------------------------
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def save_tensors(tensors: Dict[str, Tensor], path: str,
+                 metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``tensors`` (copied to contiguous CPU memory, so views and tied tensors are fine)."""
+    from safetensors.torch import save_file
+    out = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    save_file(out, path, metadata=metadata)
+
+
+def check_safetensors_file(path: str) -> dict:
+    """Parse the header of a safetensors file and check the file holds every byte it describes.
+
+    Returns the header (tensor name -> {dtype, shape, data_offsets}). Raises ValueError naming the
+    file for a missing, truncated or malformed file.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header "
+                             f"length is missing)")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{path}: truncated or corrupt safetensors file: the header claims "
+                             f"{n} bytes but the file has {size} bytes in all")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(v) for v in info["data_offsets"])
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            itemsize = _ST_ITEMSIZE[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: "
+                             f"{info!r}") from None
+        if stop - begin != numel * itemsize:
+            raise ValueError(f"{path}: tensor {name!r} spans {stop - begin} bytes but its "
+                             f"{info['dtype']}{info['shape']} needs {numel * itemsize}")
+        end = max(end, stop)
+    if size < 8 + n + end:
+        raise ValueError(f"{path}: truncated safetensors file: {size} bytes, but its header "
+                         f"describes {8 + n + end} bytes of header and tensor data")
+    return header
+
+
+def load_tensors(path: str) -> Dict[str, Tensor]:
+    """Every tensor of a safetensors file, on the CPU (checked by :func:`check_safetensors_file`
+    first)."""
+    check_safetensors_file(path)
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own error type; name the file
+        raise ValueError(f"{path}: cannot read the safetensors file ({e})") from None
+
+
+def load_checkpoint_tensors(directory: str) -> Dict[str, Tensor]:
+    """Tensors of a Hugging Face style checkpoint directory: ``model.safetensors``, or the shards
+    listed by ``model.safetensors.index.json``."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_tensors(single)
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object")
+        tensors: Dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if os.path.basename(shard) != shard:
+                raise ValueError(f"{index}: shard name {shard!r} must be a file name in the "
+                                 f"checkpoint directory")
+            tensors.update(load_tensors(os.path.join(directory, shard)))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:8]}")
+        return tensors
+    raise ValueError(f"{directory}: no model.safetensors (or model.safetensors.index.json) found")
+
+
+# ---------------------------------------------------------------------------------------------
+# int32 bit packing (GPTQ qweight / qzeros, compressed-tensors weight_packed / weight_zero_point)
+# ---------------------------------------------------------------------------------------------
+
+def pack_int32(values: Tensor, bits: int, dim: int) -> Tensor:
+    """Pack unsigned ``bits``-bit integers along ``dim`` into int32 words, ``32 // bits`` per word:
+    value ``i`` of each run goes to bits ``[i * bits, (i + 1) * bits)`` (lowest bits first). The
+    word's 32-bit pattern is stored as a two's complement int32."""
+    per = 32 // bits
+    v = values.to(torch.int64).movedim(dim, -1)
+    if v.shape[-1] % per:
+        raise ValueError(f"pack_int32: dimension {dim} has {v.shape[-1]} values, not a multiple of "
+                         f"{per} ({bits}-bit values per int32 word)")
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
+        raise ValueError(f"pack_int32: values must lie in [0, {(1 << bits) - 1}], got "
+                         f"[{int(v.min())}, {int(v.max())}]")
+    v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (v << shifts).sum(dim=-1)
+    words = torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+    return words.movedim(-1, dim).contiguous()
+
+
+def unpack_int32(words: Tensor, bits: int, dim: int) -> Tensor:
+    """Inverse of :func:`pack_int32`: int64 values in ``[0, 2^bits)``."""
+    per = 32 // bits
+    w = (words.to(torch.int64) & 0xFFFFFFFF).movedim(dim, -1)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    v = (w[..., None] >> shifts) & ((1 << bits) - 1)
+    v = v.reshape(*w.shape[:-1], w.shape[-1] * per)
+    return v.movedim(-1, dim).contiguous()
+
+
+def expect_tensor(tensors: Dict[str, Tensor], key: str, where: str,
+                  dtypes: Iterable[torch.dtype], shape=None) -> Tensor:
+    """``tensors[key]`` checked for dtype (one of ``dtypes``) and shape (``None`` entries: any)."""
+    dtypes = tuple(dtypes)
+    if key not in tensors:
+        raise ValueError(f"{where}: tensor {key!r} is missing")
+    t = tensors[key]
+    ok_shape = shape is None or (len(shape) == t.dim() and all(
+        s is None or s == d for s, d in zip(shape, t.shape)))
+    if t.dtype not in dtypes or not ok_shape:
+        want = "/".join(dtype_name(d) for d in dtypes)
+        if shape is not None:
+            want += "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{where}: tensor {key!r} is {describe(t)}, expected {want}")
+    return t
