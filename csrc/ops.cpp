@@ -4,6 +4,9 @@
 //   mmkernels_C::cpu_isa        name of the CPU code path in use
 //   mmkernels_C::reduce_*       token-reduction primitives (csrc/cpu/reduce*.cpp), semantics in
 //                               mmkernels/reduce/reference.py; reduce_cpu_isa names their code path
+//   mmkernels_C::qmatmul_*      quantized matmul (csrc/cpu/qmatmul*.cpp): prepack_wo / prepack_a8
+//                               build the cached weight layouts, wo / w8a8 run weight-only and W8A8
+//                               products into out; qmatmul_cpu_isa names their code path
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -12,6 +15,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
+#include "cpu/qmatmul.h"
 #include "cpu/reduce.h"
 
 namespace {
@@ -191,6 +195,15 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("reduce_gather_rows(Tensor x, Tensor idx) -> Tensor");
   m.def("reduce_select_tokens(Tensor scores, int k, int protect_first) -> Tensor");
   m.def("reduce_cpu_isa() -> str", &mmk::cpu::reduce_cpu_isa);
+  m.def("qmatmul_prepack_wo(Tensor qweight, Tensor scales, Tensor? zeros, int bits) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("qmatmul_prepack_a8(Tensor qweight, Tensor scales, Tensor? zeros) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qmatmul_wo(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+        "Tensor? bias, Tensor? smooth, Tensor? pw, Tensor? psT, Tensor? pzT, Tensor(a!) out) -> ()");
+  m.def("qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+        "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
+  m.def("qmatmul_cpu_isa() -> str", &mmk::cpu::qmatmul_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
@@ -199,6 +212,10 @@ TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
   m.impl("reduce_tome_merge", &mmk::cpu::reduce_tome_merge);
   m.impl("reduce_gather_rows", &mmk::cpu::reduce_gather_rows);
   m.impl("reduce_select_tokens", &mmk::cpu::reduce_select_tokens);
+  m.impl("qmatmul_prepack_wo", &mmk::cpu::qmatmul_prepack_wo);
+  m.impl("qmatmul_prepack_a8", &mmk::cpu::qmatmul_prepack_a8);
+  m.impl("qmatmul_wo", &mmk::cpu::qmatmul_wo);
+  m.impl("qmatmul_w8a8", &mmk::cpu::qmatmul_w8a8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -1,0 +1,602 @@
+// AVX-512 kernels of the quantized matmul (compiled with -mavx512f/bw/vl/dq/bf16/vnni -mfma by
+// setup.py; chosen at run time). The bf16 dot products (vdpbf16ps) are used only by the
+// "avx512_bf16" table, the int8 dot products (vpdpbusd) only when the driver saw AVX512-VNNI in
+// CPUID. No torch headers in this file (see qmatmul_kernel.h for the layouts).
+#include "cpu/qmatmul_kernel.h"
+
+#if !defined(MMK_NO_X86)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: _mm512_reduce_* intrinsics
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+namespace mmk {
+namespace cpu {
+namespace qmm {
+namespace {
+
+inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+// fp32 -> bf16 bits with round to nearest even, like torch's .to(torch.bfloat16) (denormals kept;
+// NaN stays a quiet NaN). Integer arithmetic, so it needs no AVX512-BF16.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline __m512 load_x(const void* x, int dtype, int64_t off, __mmask16 m) {
+  return dtype == kF32 ? _mm512_maskz_loadu_ps(m, (const float*)x + off)
+                       : load_bf16((const uint16_t*)x + off, m);
+}
+
+// y[0 .. n) = v (+ bias) in the output dtype.
+inline void store_out(const Out& o, int64_t m, int64_t n0, __m512 v, __mmask16 mask) {
+  if (o.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.bias + n0));
+  if (o.dtype == kF32) {
+    _mm512_mask_storeu_ps((float*)o.y + m * o.ldo + n0, mask, v);
+  } else {
+    _mm256_mask_storeu_epi16((uint16_t*)o.y + m * o.ldo + n0, mask, to_bf16(v));
+  }
+}
+
+inline void store_scalar(const Out& o, int64_t m, int64_t n, float v) {
+  if (o.bias) v += o.bias[n];
+  if (o.dtype == kF32) {
+    ((float*)o.y)[m * o.ldo + n] = v;
+  } else {
+    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_bf16(v);
+  }
+}
+
+// Software prefetch for the row-dot kernels, which stream each weight byte once: the same
+// position PF_BLOCKS row blocks ahead (block = NB rows, `block_bytes` apart), into L2. The
+// hardware prefetchers alone leave a single thread's stream of many short rows latency-bound
+// (measured here: ~1.7x slower for a cold 4096 x 11008 int4 GEMV without it; L2 beat L1 as target).
+constexpr int PF_BLOCKS = 4;
+inline void prefetch_rows(const uint8_t* p, int64_t block_bytes) {
+  _mm_prefetch((const char*)(p + PF_BLOCKS * block_bytes), _MM_HINT_T1);
+}
+
+// =============================================================================================
+// rowdot: weight-only, small M, canonical layout.
+//
+// int4: 16 bytes of a row hold 32 weights; vpmovzxbd puts byte j in 32-bit lane j. vpermps only
+// reads the low 4 bits of each index, so permuting a 16-entry table T by the raw lanes looks up
+// the low nibbles, and by (lanes >> 4) the high nibbles, with no masking. T[u] = (u - z) * s (or
+// signed(u) * s when symmetric) is exactly the reference's dequantized value, rebuilt once per
+// (row, group). Low nibbles hold the even features, high nibbles the odd ones, so they are
+// dotted with x's even / odd halves (split once per call by the driver).
+// int8: 16 bytes -> 16 int32 lanes -> (q - z) -> fp32 -> * s: again the reference's w_hat.
+// NB output channels x MB rows of x per block; every weight vector is decoded once per block.
+// =============================================================================================
+
+template <int NB, int MB>
+void rowdot4_block(const RowdotJob& j, int64_t n, int64_t m) {
+  const QWeight& w = j.w;
+  const int64_t K2 = w.K / 2, gb = w.gs / 2;
+  const bool sym = w.zeros == nullptr;
+  const __m512 iota = sym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+                          : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // One loop over the row (16 bytes a step); the tables are rebuilt when a group starts. A flat
+  // loop keeps the accumulators in registers (a group loop around it made GCC spill them).
+  __m512 acc_e[NB][MB], acc_o[NB][MB], T[NB];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) acc_e[r][i] = acc_o[r][i] = _mm512_setzero_ps();
+  const uint8_t* q0 = w.q + n * K2;
+  const float* xe = j.xe + m * j.ldx;
+  const float* xo = j.xo + m * j.ldx;
+  int64_t next_group = 0, g = 0;
+  for (int64_t b = 0; b < K2; b += 16) {
+    if (b == next_group) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        const float s = w.scales[(n + r) * w.G + g];
+        const float z = sym ? 0.f : (float)w.zeros[(n + r) * w.G + g];
+        T[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+      }
+      ++g;
+      next_group += gb;
+    }
+    const __mmask16 mk = lanes16(K2 - b);  // all lanes except at the end of a per-channel row
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) prefetch_rows(q0 + r * K2 + b, NB * K2);
+    __m512 ve[MB], vo[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      ve[i] = _mm512_maskz_loadu_ps(mk, xe + i * j.ldx + b);
+      vo[i] = _mm512_maskz_loadu_ps(mk, xo + i * j.ldx + b);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, q0 + r * K2 + b));
+      const __m512 lo = _mm512_permutexvar_ps(q, T[r]);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), T[r]);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        acc_e[r][i] = _mm512_fmadd_ps(lo, ve[i], acc_e[r][i]);
+        acc_o[r][i] = _mm512_fmadd_ps(hi, vo[i], acc_o[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+      store_scalar(j.out, m + i, n + r,
+                   _mm512_reduce_add_ps(_mm512_add_ps(acc_e[r][i], acc_o[r][i])));
+}
+
+// Wide variant (per-channel rows, groups of >= 128): one 64-byte load gives 16 lanes of 4 bytes;
+// lane i >> 4p indexes nibble p of lane i (feature 8i + p of the block), so 8 shifts and 8
+// table lookups decode 128 weights without any byte shuffles; x is staged in the matching
+// phase-8 order by the driver (RowdotJob::x8).
+template <int NB, int MB>
+void rowdot4_wide_block(const RowdotJob& j, int64_t n, int64_t m) {
+  const QWeight& w = j.w;
+  const int64_t K2 = w.K / 2, gb = w.G == 1 ? K2 : w.gs / 2;
+  const bool sym = w.zeros == nullptr;
+  const __m512 iota = sym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1)
+                          : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 acc[NB][MB][2], T[NB];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
+  const uint8_t* q0 = w.q + n * K2;
+  const float* x8 = j.x8 + m * j.ldx8;
+  int64_t next_group = 0, g = 0;
+  for (int64_t b = 0; b < K2; b += 64) {
+    if (b == next_group) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        const float s = w.scales[(n + r) * w.G + g];
+        const float z = sym ? 0.f : (float)w.zeros[(n + r) * w.G + g];
+        T[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
+      }
+      ++g;
+      next_group += gb;
+    }
+    const __mmask64 mk = K2 - b >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K2 - b)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) prefetch_rows(q0 + r * K2 + b, NB * K2);
+    __m512i v[NB];
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) v[r] = _mm512_maskz_loadu_epi8(mk, q0 + r * K2 + b);
+    const float* xb = x8 + 2 * b;  // 128 features per 64 bytes
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      __m512 xv[MB];
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(xb + i * j.ldx8 + 16 * p);
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        const __m512 wv = _mm512_permutexvar_ps(p == 0 ? v[r] : _mm512_srli_epi32(v[r], 4 * p), T[r]);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) acc[r][i][p & 1] = _mm512_fmadd_ps(wv, xv[i], acc[r][i][p & 1]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+      store_scalar(j.out, m + i, n + r,
+                   _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i][0], acc[r][i][1])));
+}
+
+// int8: w_hat = float(q - z) * s as in the reference; per-channel rows keep the exact integers
+// (q - z) in the loop and apply the one scale per row at the end (one multiply less per vector).
+template <int NB, int MB>
+void rowdot8_block(const RowdotJob& j, int64_t n, int64_t m) {
+  const QWeight& w = j.w;
+  const int64_t K = w.K;
+  const bool sym = w.zeros == nullptr, per_channel = w.G == 1;
+  __m512 acc[NB][MB], sv[NB];
+  __m512i zv[NB];
+  for (int r = 0; r < NB; ++r)
+    for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  const uint8_t* q0 = w.q + n * K;
+  const float* x = j.xe + m * j.ldx;
+  int64_t next_group = 0, g = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    if (k == next_group) {
+#pragma GCC unroll 4
+      for (int r = 0; r < NB; ++r) {
+        sv[r] = _mm512_set1_ps(w.scales[(n + r) * w.G + g]);
+        zv[r] = _mm512_set1_epi32(sym ? 0 : (int)w.zeros[(n + r) * w.G + g]);
+      }
+      ++g;
+      next_group += w.gs;
+    }
+    const __mmask16 mk = lanes16(K - k);
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) prefetch_rows(q0 + r * K + k, NB * K);
+    __m512 xv[MB];
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_ps(mk, x + i * j.ldx + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < NB; ++r) {
+      const __m128i bytes = _mm_maskz_loadu_epi8(mk, q0 + r * K + k);
+      __m512i q = sym ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+      if (!sym) q = _mm512_sub_epi32(q, zv[r]);
+      __m512 wv = _mm512_cvtepi32_ps(q);
+      if (!per_channel) wv = _mm512_mul_ps(wv, sv[r]);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_fmadd_ps(wv, xv[i], acc[r][i]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < NB; ++r)
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      float v = _mm512_reduce_add_ps(acc[r][i]);
+      if (per_channel) v *= w.scales[n + r];
+      store_scalar(j.out, m + i, n + r, v);
+    }
+}
+
+template <int MB>
+void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
+  constexpr int NB = MB == 1 ? 4 : 2;
+  const int kind = j.w.bits == 8 ? 0 : rowdot_x8_layout(j.w) ? 2 : 1;
+  auto block = [&](int64_t n, auto nb) {
+    constexpr int B = decltype(nb)::value;
+    if (kind == 0) rowdot8_block<B, MB>(j, n, m);
+    else if (kind == 1) rowdot4_block<B, MB>(j, n, m);
+    else rowdot4_wide_block<B, MB>(j, n, m);
+  };
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) block(n, std::integral_constant<int, NB>());
+  for (; n < n1; ++n) block(n, std::integral_constant<int, 1>());
+}
+
+void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
+  switch (j.M - m) {
+    case 3: rowdot_rows<3>(j, n0, n1, m); break;
+    case 2: rowdot_rows<2>(j, n0, n1, m); break;
+    case 1: rowdot_rows<1>(j, n0, n1, m); break;
+    default: break;
+  }
+}
+
+// =============================================================================================
+// gemm: weight-only, larger M. Per (block of rows, strip of 64 channels): for each block of KC
+// input features, decode the strip into a panel, then run the micro-kernel for every 6 rows.
+//   fp32 panel: panel[k][64] = w_hat (exactly the reference's dequantized weight).
+//   bf16 panel: panel[k/2][64] = 32-bit pairs (bf16(u - z) of feature k, of k + 1): integers of
+//     at most 8 significant bits, so exact in bf16; the products x * (u - z) are exact in fp32
+//     and each group is scaled once (vdpbf16ps pairs with x's bf16 pairs as stored in memory).
+// Accumulation: 6 rows x 64 channels = 24 zmm accumulators; per feature (pair) 4 panel loads and
+// 6 broadcasts of x. Partial sums of a block go to C (rows x 64 fp32, L1/L2-resident).
+// =============================================================================================
+
+constexpr int MR = 6;
+constexpr int64_t KC_F32 = 256;   // panel 256 x 64 fp32 = 64 KiB
+constexpr int64_t KC_BF16 = 512;  // panel 256 pairs x 64 x 4 B = 64 KiB
+constexpr int64_t kStripK = kStrip;
+
+int64_t kc_of(const GemmJob& j) { return j.a_dtype == kBF16 ? KC_BF16 : KC_F32; }
+
+int64_t gemm_scratch_bytes(const GemmJob& j, int64_t rows) {
+  return kc_of(j) * kStripK * 4 + rows * kStripK * 4 + 64;
+}
+
+// Unsigned values u of pair p for 16 channels (lanes) of column c of the strip: lo = feature 2p,
+// hi = feature 2p + 1.
+inline void load_pair(const GemmJob& j, int64_t strip, int64_t p, int c, __m512i& lo,
+                      __m512i& hi) {
+  const int64_t unit = j.bits == 4 ? 1 : 2;
+  const uint8_t* src = j.p.w + ((strip * j.p.P + p) * kStripK + 16 * c) * unit;
+  if (j.bits == 4) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)src));
+    lo = _mm512_and_si512(b, _mm512_set1_epi32(15));
+    hi = _mm512_srli_epi32(b, 4);
+  } else {
+    const __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)src));
+    lo = _mm512_and_si512(d, _mm512_set1_epi32(255));
+    hi = _mm512_srli_epi32(d, 8);
+  }
+}
+
+// Pairs [p0, p1) of the strip (features 2 p0 .. 2 p1) into the panel, group by group.
+template <bool BF16>
+void decode_panel(const GemmJob& j, int64_t strip, int64_t p0, int64_t p1, void* panel) {
+  const int64_t gp = j.gs / 2 > 0 ? j.gs / 2 : 1;  // pairs per group (gs is even unless G == 1)
+  const int64_t col0 = strip * kStripK;
+  for (int64_t pa = p0; pa < p1;) {
+    const int64_t g = j.G == 1 ? 0 : pa / gp;
+    const int64_t pb = j.G == 1 ? p1 : std::min(p1, (g + 1) * gp);
+    __m512 sv[4];
+    __m512i zv[4];
+    for (int c = 0; c < 4; ++c) {
+      sv[c] = _mm512_loadu_ps(j.p.sT + g * j.p.Npad + col0 + 16 * c);
+      zv[c] = _mm512_loadu_si512(j.p.zT + g * j.p.Npad + col0 + 16 * c);
+    }
+    for (int64_t p = pa; p < pb; ++p) {
+      for (int c = 0; c < 4; ++c) {
+        __m512i lo, hi;
+        load_pair(j, strip, p, c, lo, hi);
+        const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv[c]));
+        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c]));
+        if (BF16) {
+          // bf16(lo) in the low half of the lane, bf16(hi) in the high half (exact: integers)
+          const __m512i pair =
+              _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(flo), 16),
+                              _mm512_and_si512(_mm512_castps_si512(fhi),
+                                               _mm512_set1_epi32((int)0xffff0000u)));
+          _mm512_storeu_si512((uint32_t*)panel + (p - p0) * kStripK + 16 * c, pair);
+        } else {
+          float* dst = (float*)panel + 2 * (p - p0) * kStripK + 16 * c;
+          _mm512_storeu_ps(dst, _mm512_mul_ps(flo, sv[c]));
+          _mm512_storeu_ps(dst + kStripK, _mm512_mul_ps(fhi, sv[c]));
+        }
+      }
+    }
+    pa = pb;
+  }
+}
+
+// C[R][64] (+)= A[R][0 .. kc) . panel[kc][64], fp32.
+template <int R>
+void ukernel_f32(const float* a, int64_t lda, const float* panel, int64_t kc, float* C,
+                 bool first) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* b = panel + k * kStripK;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16),
+                 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) {
+      float* dst = C + r * kStripK + 16 * c;
+      _mm512_storeu_ps(dst, first ? acc[r][c] : _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][c]));
+    }
+}
+
+// C[R][64] (+)= (A[R][pairs] . panel[pairs][64]) (* s[64] when s != nullptr), bf16 pairs.
+template <int R>
+void ukernel_bf16(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t npairs,
+                  float* C, const float* s, bool first) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < npairs; ++p) {
+    const uint32_t* b = panel + p * kStripK;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16),
+                   b2 = (__m512bh)_mm512_loadu_si512(b + 32),
+                   b3 = (__m512bh)_mm512_loadu_si512(b + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t bits;
+      std::memcpy(&bits, a + r * lda + 2 * p, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(bits);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 sv = s ? _mm512_loadu_ps(s + 16 * c) : _mm512_set1_ps(1.f);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float* dst = C + r * kStripK + 16 * c;
+      const __m512 prev = first ? _mm512_setzero_ps() : _mm512_loadu_ps(dst);
+      _mm512_storeu_ps(dst, s ? _mm512_fmadd_ps(acc[r][c], sv, prev) : _mm512_add_ps(prev, acc[r][c]));
+    }
+  }
+}
+
+template <typename F>
+void for_row_tiles(int64_t m0, int64_t m1, F&& f) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) f(m, std::integral_constant<int, MR>());
+  switch (m1 - m) {
+    case 5: f(m, std::integral_constant<int, 5>()); break;
+    case 4: f(m, std::integral_constant<int, 4>()); break;
+    case 3: f(m, std::integral_constant<int, 3>()); break;
+    case 2: f(m, std::integral_constant<int, 2>()); break;
+    case 1: f(m, std::integral_constant<int, 1>()); break;
+    default: break;
+  }
+}
+
+void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* scratch) {
+  const bool bf16 = j.a_dtype == kBF16;
+  const int64_t KC = kc_of(j);
+  char* base = (char*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+  void* panel = base;
+  float* C = (float*)(base + KC * kStripK * 4);
+  const float* sstrip = j.p.sT + strip * kStripK;  // + g * Npad
+  for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
+    const int64_t kc = std::min(KC, j.K - k0);
+    const int64_t p0 = k0 / 2, p1 = (k0 + kc + 1) / 2;
+    if (bf16) {
+      decode_panel<true>(j, strip, p0, p1, panel);
+      const uint16_t* a = (const uint16_t*)j.a;
+      for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+        const uint16_t* am = a + m * j.lda;
+        float* Cm = C + (m - m0) * kStripK;
+        if (j.G == 1) {
+          ukernel_bf16<R>(am + k0, j.lda, (const uint32_t*)panel, p1 - p0, Cm, nullptr, k0 == 0);
+        } else {
+          for (int64_t g0 = k0; g0 < k0 + kc; g0 += j.gs)
+            ukernel_bf16<R>(am + g0, j.lda, (const uint32_t*)panel + (g0 - k0) / 2 * kStripK,
+                            j.gs / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad, g0 == 0);
+        }
+      });
+    } else {
+      decode_panel<false>(j, strip, p0, p1, panel);
+      const float* a = (const float*)j.a;
+      for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+        ukernel_f32<R>(a + m * j.lda + k0, j.lda, (const float*)panel, kc,
+                       C + (m - m0) * kStripK, k0 == 0);
+      });
+    }
+  }
+  const int64_t n0 = strip * kStripK;
+  const bool scale_out = bf16 && j.G == 1;  // per-channel bf16 path: scale in the epilogue
+  for (int64_t m = m0; m < m1; ++m)
+    for (int c = 0; c < 4; ++c) {
+      const int64_t n = n0 + 16 * c;
+      if (n >= j.N) break;
+      __m512 v = _mm512_loadu_ps(C + (m - m0) * kStripK + 16 * c);
+      if (scale_out) v = _mm512_mul_ps(v, _mm512_loadu_ps(j.p.sT + n));
+      store_out(j.out, m, n, v, lanes16(j.N - n));
+    }
+}
+
+// =============================================================================================
+// a8 (W8A8): per-token int8 activations, vpdpbusd on the VNNI-blocked weight.
+// vpdpbusd multiplies unsigned bytes by signed bytes. Symmetric weights are signed, so x_q is
+// stored shifted to unsigned (x_q + 128) and 128 * colsum[n] is subtracted afterwards;
+// asymmetric weights are unsigned, so they take the unsigned side, x_q the signed one, and
+// zp[n] * rowsum[m] is subtracted. Both are exact int32 identities. Register tile: 6 rows x 64
+// channels (24 zmm of int32), per quad of features 4 weight loads + 6 broadcasts.
+// =============================================================================================
+
+// Per-token quantization of rows [m0, m1) exactly as the reference: v = x (/ smooth), s = amax/127
+// (1 if the row is zero), x_q = clamp(round_half_even(v / s), -127, 127) -- true divisions.
+void a8_quantize_impl(const A8Job& j, int64_t m0, int64_t m1, bool shifted) {
+  const int64_t K = j.K, K4 = j.p.T * 4;
+  for (int64_t m = m0; m < m1; ++m) {
+    auto load_v = [&](int64_t k, __mmask16 mk) {
+      __m512 v = load_x(j.x, j.x_dtype, m * j.ldx + k, mk);
+      if (j.smooth) v = _mm512_maskz_div_ps(mk, v, _mm512_maskz_loadu_ps(mk, j.smooth + k));
+      return v;
+    };
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_v(k, lanes16(K - k))));
+    const float am = _mm512_reduce_max_ps(amax);
+    const float s = am > 0.f ? am / 127.f : 1.f;
+    const __m512 sv = _mm512_set1_ps(s);
+    __m512i sum = _mm512_setzero_si512();
+    uint8_t* dst = j.aq + m * K4;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = lanes16(K - k);
+      __m512i q = _mm512_cvt_roundps_epi32(_mm512_div_ps(load_v(k, mk), sv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+      q = _mm512_maskz_mov_epi32(mk, q);
+      sum = _mm512_add_epi32(sum, q);
+      if (shifted) q = _mm512_add_epi32(q, _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(dst + k, mk, _mm512_cvtepi32_epi8(q));
+    }
+    for (int64_t k = K; k < K4; ++k) dst[k] = shifted ? 128 : 0;
+    j.sx[m] = s;
+    j.rowsum[m] = _mm512_reduce_add_epi32(sum);
+  }
+}
+
+void a8_quantize(const A8Job& j, int64_t m0, int64_t m1) {
+  a8_quantize_impl(j, m0, m1, j.symmetric);
+}
+
+template <int R, bool SYM>
+void a8_tile(const A8Job& j, int64_t m, int64_t strip) {
+  const int64_t T = j.p.T;
+  const uint8_t* b = j.p.w + strip * T * (kStripK * 4);
+  const uint8_t* a = j.aq + m * T * 4;
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < T; ++t) {
+    const __m512i* bt = (const __m512i*)(b + t * (kStripK * 4));
+    const __m512i b0 = _mm512_loadu_si512(bt), b1 = _mm512_loadu_si512(bt + 1),
+                  b2 = _mm512_loadu_si512(bt + 2), b3 = _mm512_loadu_si512(bt + 3);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t bits;
+      std::memcpy(&bits, a + r * T * 4 + t * 4, 4);
+      const __m512i av = _mm512_set1_epi32(bits);
+      if (SYM) {
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+      } else {
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, av);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, av);
+        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], b2, av);
+        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], b3, av);
+      }
+    }
+  }
+  // Epilogue (every loop over r / c is unrolled so the accumulators stay in registers).
+  const int64_t n0 = strip * kStripK;
+  __m512 sw[4];
+  __m512i corr[4];
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    sw[c] = _mm512_loadu_ps(j.p.sw + n0 + 16 * c);  // Npad is a multiple of 64: in bounds
+    corr[c] = SYM ? _mm512_slli_epi32(_mm512_loadu_si512(j.p.colsum + n0 + 16 * c), 7)
+                  : _mm512_loadu_si512(j.p.zp + n0 + 16 * c);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512i rs = _mm512_set1_epi32(j.rowsum[m + r]);
+    const __m512 sx = _mm512_set1_ps(j.sx[m + r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512i exact = _mm512_sub_epi32(acc[r][c], SYM ? corr[c] : _mm512_mullo_epi32(corr[c], rs));
+      // (acc * s_x) * s_w + bias, rounded step by step like the reference: no FMA (the build is
+      // ISO C++17, so GCC does not contract; tests check the result bit for bit)
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), sx), sw[c]);
+      store_out(j.out, m + r, n0 + 16 * c, y, lanes16(j.N - n0 - 16 * c));
+    }
+  }
+}
+
+void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
+  for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+    if (j.symmetric) a8_tile<R, true>(j, m, strip);
+    else a8_tile<R, false>(j, m, strip);
+  });
+}
+
+const QmmImpl kImplBf16 = {"avx512_bf16", rowdot, true, gemm_item, gemm_scratch_bytes, true,
+                           a8_quantize, a8_item, true, 1};
+const QmmImpl kImpl = {"avx512", rowdot, true, gemm_item, gemm_scratch_bytes, false,
+                       a8_quantize, a8_item, true, 1};
+
+}  // namespace
+
+const QmmImpl* qmm_impl_avx512(bool bf16) { return bf16 ? &kImplBf16 : &kImpl; }
+
+}  // namespace qmm
+}  // namespace cpu
+}  // namespace mmk
+
+#else
+namespace mmk {
+namespace cpu {
+namespace qmm {
+const QmmImpl* qmm_impl_avx512(bool) { return nullptr; }
+}  // namespace qmm
+}  // namespace cpu
+}  // namespace mmk
+#endif
