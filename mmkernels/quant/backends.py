@@ -104,8 +104,14 @@ def _cpu_unsupported(call) -> List[str]:
     return _cpu_module().unsupported(call)
 
 
+_CPU_QMATMUL = None
+
+
 def _cpu_run(*args):
-    return _cpu_module().qmatmul(*args)
+    global _CPU_QMATMUL
+    if _CPU_QMATMUL is None:            # resolved once: this is on every call's path
+        _CPU_QMATMUL = _cpu_module().qmatmul
+    return _CPU_QMATMUL(*args)
 
 
 _dispatch.register("qmatmul", _dispatch.Backend(

@@ -208,6 +208,11 @@ def test_dispatch_and_reasons():
     assert rows["cpu"]["available"] == "yes"
 
 
+def test_poison_is_on():
+    """The NaN checks above rely on conftest's MMKERNELS_DEBUG_POISON=1 reaching the glue."""
+    assert qcpu._POISON
+
+
 def test_forced_isa_unknown(monkeypatch):
     monkeypatch.setenv("MMKERNELS_CPU_ISA", "sse9")
     qw = quantize_weight(torch.randn(8, 64), 8)
