@@ -256,6 +256,18 @@ int num_threads(int64_t work_items) {
   return nt;
 }
 
+// Rows of one GEMM work item (a multiple of the 6-row register tile): up to max_rows, so that a
+// decoded / packed weight strip is reused for many rows, but small enough that M's row blocks
+// times the S column strips give every thread at least two items. Sets *mblocks.
+int64_t rows_per_item(int64_t M, int64_t S, int64_t max_rows, int64_t* mblocks) {
+  const int nt_max = std::max(1, at::get_num_threads());
+  int64_t mb = ceil_div(M, max_rows);
+  if (mb * S < 2 * nt_max) mb = std::min(ceil_div(M, 6), ceil_div(2 * nt_max, S));
+  const int64_t rows = ceil_div(ceil_div(M, mb), 6) * 6;
+  *mblocks = ceil_div(M, rows);
+  return rows;
+}
+
 // ---------------------------------------------------------------------------------------------
 // torch-facing checks
 // ---------------------------------------------------------------------------------------------
@@ -500,13 +512,8 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     j.M = M;
     j.out = o;
     const int64_t S = j.p.Npad / kStrip;
-    // Rows per work item: large blocks reuse each decoded panel for more rows; enough items
-    // for every thread.
-    const int nt_max = std::max(1, at::get_num_threads());
-    int64_t mblocks = ceil_div(M, 192);
-    if (mblocks * S < 2 * nt_max) mblocks = std::min(ceil_div(M, 6), ceil_div(2 * nt_max, S));
-    const int64_t rows = ceil_div(ceil_div(M, mblocks), 6) * 6;
-    mblocks = ceil_div(M, rows);
+    int64_t mblocks = 0;
+    const int64_t rows = rows_per_item(M, S, 192, &mblocks);
     const int64_t items = mblocks * S;
     const int nt = num_threads(items);
 
@@ -632,11 +639,8 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
   j.rowsum = (int32_t*)(mem + aq_bytes + align64(M * 4));
 
   const int64_t S = j.p.Npad / kStrip;
-  const int nt_max = std::max(1, at::get_num_threads());
-  int64_t mblocks = ceil_div(M, 96);
-  if (mblocks * S < 2 * nt_max) mblocks = std::min(ceil_div(M, 6), ceil_div(2 * nt_max, S));
-  const int64_t rows = ceil_div(ceil_div(M, mblocks), 6) * 6;
-  mblocks = ceil_div(M, rows);
+  int64_t mblocks = 0;
+  const int64_t rows = rows_per_item(M, S, 96, &mblocks);
   const int64_t items = mblocks * S;
   const int nt = num_threads(std::max<int64_t>(1, std::min<int64_t>(items, M * N * K >> 16)));
 #pragma omp parallel num_threads(nt)
