@@ -49,6 +49,31 @@ def test_gate_checker_arithmetic():
     assert verdicts == {"fast": True, "slow": False, "overhead": False, "missing": False}
 
 
+def test_gate_checker_uses_paired_samples():
+    # Round 2 is slowed for both contenders (a burst of load): the medians of each contender
+    # mix rounds, the paired ratio stays at the true 1.10x of every round.
+    ours = [10.0, 10.0, 30.0, 10.0, 10.0]
+    peer = [11.0, 11.0, 33.0, 11.0, 11.0]
+    results = [{"case": "c", "times_ms": {"mmkernels": 10.0, "peer": 11.0},
+                "samples_ms": {"mmkernels": ours, "peer": peer}}]
+    gates = [{"name": "g", "case": "c", "subject": "mmkernels", "baseline": "peer",
+              "min_speedup": 1.1}]
+    (v,) = report.check_gates(results, gates)
+    assert v["passed"] and abs(v["value"] - 1.1) < 1e-12
+
+
+def test_paired_ratio_is_median_of_round_ratios():
+    from mmkernels.benchmarks.timing import paired_ratio, timed_rounds
+    assert paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 1.0]) == 3.0
+    import pytest
+    with pytest.raises(ValueError, match="one length"):
+        paired_ratio([1.0], [1.0, 2.0])
+    calls = []
+    samples = timed_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                           warmup=0, min_reps=4, max_reps=4, budget_s=0.0)
+    assert len(samples["a"]) == len(samples["b"]) == 4
+
+
 def test_packaged_gates_reference_real_cases():
     import pytest
     pytest.importorskip("mmkernels.models")

@@ -9,7 +9,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .timing import median_times
+import statistics
+
+from .timing import paired_ratio, timed_rounds
 
 GATES_FILE = Path(__file__).with_name("gates.toml")
 
@@ -32,11 +34,15 @@ def machine_description() -> str:
 def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
     results = []
     for case in cases:
-        times = median_times(case.contenders, budget_s=case.budget_s or budget_s)
+        samples = timed_rounds(case.contenders, budget_s=case.budget_s or budget_s)
+        times = {k: statistics.median(v) for k, v in samples.items()}
         ours = times["mmkernels"]
         row = {"case": case.id, "description": case.description,
                "times_ms": {k: v * 1e3 for k, v in times.items()},
-               "speedup_vs": {k: v / ours for k, v in times.items() if k != "mmkernels"},
+               # Speed-ups are paired: the median over rounds of peer time / our time.
+               "speedup_vs": {k: paired_ratio(v, samples["mmkernels"])
+                              for k, v in samples.items() if k != "mmkernels"},
+               "samples_ms": {k: [t * 1e3 for t in v] for k, v in samples.items()},
                "gflops": case.flops / ours / 1e9 if case.flops else None,
                "max_error": case.error() if case.error else None}
         results.append(row)
@@ -51,6 +57,15 @@ def load_gates(path: Optional[Path] = None) -> List[Dict]:
         return tomllib.load(f)["gate"]
 
 
+def _ratio(row: Dict, num: str, den: str) -> float:
+    """time(num) / time(den) for one case: paired over rounds when the samples are recorded
+    (see timing.paired_ratio), else the ratio of the medians."""
+    samples = row.get("samples_ms")
+    if samples and num in samples and den in samples:
+        return paired_ratio(samples[num], samples[den])
+    return row["times_ms"][num] / row["times_ms"][den]
+
+
 def check_gates(results: List[Dict], gates: List[Dict]) -> List[Dict]:
     by_case = {r["case"]: r for r in results}
     verdicts = []
@@ -59,12 +74,11 @@ def check_gates(results: List[Dict], gates: List[Dict]) -> List[Dict]:
         if row is None:
             verdicts.append({**gate, "value": None, "passed": False, "why": "case not run"})
             continue
-        t = row["times_ms"]
         if "min_speedup" in gate:
-            value = t[gate["baseline"]] / t[gate["subject"]]
+            value = _ratio(row, gate["baseline"], gate["subject"])
             passed = value >= gate["min_speedup"]
         else:
-            value = t[gate["subject"]] / t[gate["baseline"]]
+            value = _ratio(row, gate["subject"], gate["baseline"])
             passed = value <= gate["max_slowdown"]
         verdicts.append({**gate, "value": value, "passed": passed})
     return verdicts
