@@ -16,7 +16,8 @@ Every format is a **directory** (like a Hugging Face checkpoint), tensors in ``m
 ``"mmkernels"``                   ``formats/mmkernels_format.py``: the whole state dict, as is,
                                   plus ``mmkernels.json`` (per-layer configuration, sha256 of every
                                   tensor, format version). Lossless for every QuantLinear
-                                  (int8 / int4 / fp8, groups, act-order perm, W8A8, smoothing).
+                                  (int8 / int4 / fp8, groups, act-order perm, W8A8, smoothing)
+                                  and OutlierSplitLinear.
 ``"gptq"`` / ``"gptq_v2"``        ``formats/gptq_checkpoint.py``: qweight / qzeros / scales /
                                   g_idx + ``quantize_config.json``; int4 / int8 weight-only,
                                   one configuration for all layers, float16 scales by default.
@@ -31,7 +32,8 @@ format from the files (``mmkernels.json``; ``config.json`` ``quant_method``;
 names the file and tensor.
 
 ``load_quantized(path, model)`` replaces each ``nn.Linear`` (or QuantLinear) of ``model`` named in
-the checkpoint by a QuantLinear built from the file (moved to that module's device), then loads
+the checkpoint by a QuantLinear (format ``"mmkernels"``: or an OutlierSplitLinear) built from the
+file (moved to that module's device), then loads
 every other tensor with strict key checking: a tensor of the model absent from the file, or one in
 the file the model lacks, is an error (never silently random weights). Float tensors are copied
 into the model's own parameters (their dtype is the model's). ``load_quantized(path)`` returns a
@@ -48,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
+from ..nn.split_linear import OutlierSplitLinear
 from .formats import compressed_tensors, gptq_checkpoint, mmkernels_format
 from .formats._io import read_json
 from .formats.common import prefix
@@ -61,7 +64,8 @@ _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "confi
 class QuantizedCheckpoint:
     """What ``load_quantized(path)`` returns without a model."""
     format: str                                   # "mmkernels", "gptq" or "compressed-tensors"
-    layers: Dict[str, QuantLinear]                # module name -> QuantLinear (CPU)
+    layers: Dict[str, nn.Module]                  # module name -> QuantLinear or
+                                                  # OutlierSplitLinear (CPU)
     tensors: Dict[str, Tensor]                    # every other tensor, by state-dict name
     metadata: dict = field(default_factory=dict)  # the format's JSON metadata / quant config
 
@@ -151,7 +155,7 @@ def detect_format(path: str) -> str:
                      f"(quant_method seen: {method!r}; files: {found})")
 
 
-def _install(model: nn.Module, layers: Dict[str, QuantLinear], tensors: Dict[str, Tensor],
+def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, Tensor],
              path: str) -> None:
     for name, layer in layers.items():
         if name == "":
@@ -162,7 +166,7 @@ def _install(model: nn.Module, layers: Dict[str, QuantLinear], tensors: Dict[str
         except AttributeError:
             raise ValueError(f"{path}: the checkpoint quantizes layer {name!r}, which the model "
                              f"does not have") from None
-        if not isinstance(old, (nn.Linear, QuantLinear)):
+        if not isinstance(old, (nn.Linear, QuantLinear, OutlierSplitLinear)):
             raise ValueError(f"{path}: layer {name!r} is quantized in the checkpoint but is a "
                              f"{type(old).__name__} in the model (expected nn.Linear)")
         if (old.in_features, old.out_features) != (layer.in_features, layer.out_features):

@@ -131,6 +131,30 @@ def test_export_runs_in_onnxruntime_and_matches(case, tmp_path):
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
+def test_outlier_split_layer_exports_as_two_integer_matmuls():
+    from mmkernels.nn import OutlierSplitLinear
+    torch.manual_seed(0)
+    model = Small().eval()
+    idx = torch.tensor([5, 64, 100])
+    keep = torch.ones(128, dtype=torch.bool)
+    keep[idx] = False
+    w = model.fc1.weight.detach()
+    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), model.fc1.bias.detach(),
+                                      act_bits=8)
+    model.fc1 = OutlierSplitLinear(main, QuantLinear.from_quantized(quantize_weight(w[:, idx], 8),
+                                                                    act_bits=8), idx)
+    model.fc2 = QuantLinear.from_linear(model.fc2, bits=8, act_bits=8)
+    x = torch.randn(2, 7, 128)
+    x[..., idx] *= 30                                          # the outlier channels
+    proto = mmkernels.export_onnx(model, (x,))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulInteger") == 3 and "MatMul" not in ops
+    with torch.no_grad():
+        want = model(x)
+    err = (run_onnx(proto, x) - want).abs()
+    assert err.max() < 1e-3 and err.median() < 1e-5, (err.max(), err.median())
+
+
 @pytest.mark.parametrize("kw", [dict(bits=8, act_bits=8), dict(bits=8, act_bits=8, smooth=True),
                                 dict(bits=8, act_bits=8, symmetric=False)])
 def test_w8a8_first_layer_matches_to_float32_rounding(kw):

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mmkernels
-from mmkernels.nn import QuantLinear
+from mmkernels.nn import OutlierSplitLinear, QuantLinear
 from mmkernels.quant import QuantizedCheckpoint, quantize_weight, smoothquant_factors
 from mmkernels.quant.format import unpack_weight
+from mmkernels.quant.formats import mmkernels_format
 from mmkernels.quant.formats.common import unsigned_view
 
 
@@ -227,6 +228,81 @@ def test_gptq_v1_refuses_zero_point_zero_v2_keeps_it(tmp_path):
     assert qc["checkpoint_format"] == "gptq_v2"
 
 
+def make_split_model(outlier_index=(3, 17, 40)):
+    """Small with fc1 an OutlierSplitLinear (W8A8 main + W8A8 outlier part), fc2 W8A8."""
+    torch.manual_seed(0)
+    m = Small()
+    idx = torch.tensor(outlier_index)
+    keep = torch.ones(m.fc1.in_features, dtype=torch.bool)
+    keep[idx] = False
+    w = m.fc1.weight.detach()
+    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), m.fc1.bias.detach(),
+                                      act_bits=8)
+    outliers = QuantLinear.from_quantized(quantize_weight(w[:, idx], 8), act_bits=8)
+    m.fc1 = OutlierSplitLinear(main, outliers, idx)
+    m.fc2 = QuantLinear.from_linear(m.fc2, bits=8, act_bits=8)
+    return m
+
+
+def test_outlier_split_layers_roundtrip_in_mmkernels_format(tmp_path):
+    model = make_split_model()
+    path = tmp_path / "split"
+    mmkernels.save_quantized(model, path)
+    meta = json.loads((path / "mmkernels.json").read_text())
+    assert meta["format_version"] == 2
+    assert meta["split_layers"] == {"fc1": {"in_features": 64, "out_features": 128,
+                                            "outlier_channels": 3}}
+    loaded = mmkernels.load_quantized(path, Small())           # a float model in
+    assert isinstance(loaded.fc1, OutlierSplitLinear)
+    assert loaded.fc1.outlier_index.tolist() == [3, 17, 40]
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for key in sd:
+        assert sd[key].dtype == sd2[key].dtype and torch.equal(sd[key], sd2[key]), key
+    assert torch.equal(loaded(X), model(X))
+    ckpt = mmkernels.load_quantized(path)                      # no model
+    assert set(ckpt.layers) == {"fc1", "fc2"} and isinstance(ckpt.layers["fc1"],
+                                                              OutlierSplitLinear)
+    assert "fc1.main_index" not in ckpt.tensors and ckpt.state_dict().keys() == sd.keys()
+    # A model without split layers still writes format_version 1 (readable by older versions).
+    mmkernels.save_quantized(make_model(bits=8), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "mmkernels.json").read_text())["format_version"] == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["split_layers"]["fc1"].update(outlier_channels=2), "with 2 outlier channels"),
+    (lambda m: m["split_layers"]["fc1"].update(extra=1), "must record exactly"),
+    (lambda m: m.update(format_version=1), "'split_layers' needs format_version >= 2"),
+    (lambda m: m["layers"].pop("fc1.outliers"), "'fc1.outliers' is not recorded"),
+])
+def test_split_layer_metadata_inconsistent_is_refused(tmp_path, edit, message):
+    path = tmp_path / "split"
+    mmkernels.save_quantized(make_split_model(), path)
+    _edit_meta(path, edit)
+    with pytest.raises(ValueError, match=message):
+        mmkernels.load_quantized(path, Small())
+
+
+def test_split_layer_indices_must_partition_the_channels(tmp_path):
+    path = tmp_path / "split"
+    mmkernels.save_quantized(make_split_model(), path)
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    tensors["fc1.main_index"] = tensors["fc1.main_index"].flip(0).contiguous()
+    save_file(tensors, f)
+    _edit_meta(path, lambda m: m["tensors"]["fc1.main_index"].update(
+        sha256=mmkernels_format._io.tensor_sha256(tensors["fc1.main_index"])))
+    with pytest.raises(ValueError, match="main_index is not the complement"):
+        mmkernels.load_quantized(path, Small())
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_ecosystem_formats_refuse_outlier_split_layers(tmp_path, fmt):
+    with pytest.raises(ValueError, match=f"format='{fmt}' cannot express OutlierSplitLinear "
+                                         r"layers \(\['fc1'\]"):
+        mmkernels.save_quantized(make_split_model(), tmp_path / "x", format=fmt)
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_ecosystem_formats_refuse_what_they_cannot_hold(tmp_path, fmt):
     cases = [dict(bits=8, act_bits=8, smooth=True)] + (
@@ -402,8 +478,9 @@ def test_flipped_byte_is_refused(saved):
 
 
 def test_newer_or_unknown_format_is_refused(saved):
-    _edit_meta(saved, lambda m: m.update(format_version=2))
-    with pytest.raises(ValueError, match="format_version 2 was written by a newer mmkernels"):
+    newer = mmkernels_format.FORMAT_VERSION + 1
+    _edit_meta(saved, lambda m: m.update(format_version=newer))
+    with pytest.raises(ValueError, match=f"format_version {newer} was written by a newer mmkernels"):
         mmkernels.load_quantized(saved)
     _edit_meta(saved, lambda m: m.update(format_version=1, format="other"))
     with pytest.raises(ValueError, match="'format' is 'other'"):

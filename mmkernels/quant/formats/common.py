@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
+from ...nn.split_linear import OutlierSplitLinear
 from ..format import QuantizedWeight, pack_int4, unpack_weight
 
 
@@ -30,6 +31,21 @@ class UnsignedView(NamedTuple):
 
 def quant_layers(model: nn.Module) -> Dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def split_layers(model: nn.Module) -> Dict[str, OutlierSplitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, OutlierSplitLinear)}
+
+
+def refuse_split_layers(model: nn.Module, fmt: str) -> None:
+    """The GPTQ and compressed-tensors layouts have no way to say "these input channels go through
+    a second GEMM": refuse rather than write a checkpoint other tools would misread."""
+    splits = split_layers(model)
+    if splits:
+        raise ValueError(f"format={fmt!r} cannot express OutlierSplitLinear layers "
+                         f"({sorted(splits)[:4]}: input channels split over two int8 GEMMs, from "
+                         f"quantize_model(outlier_channels=...)); save them with "
+                         f"format='mmkernels', or quantize without outlier_channels")
 
 
 def prefix(name: str) -> str:

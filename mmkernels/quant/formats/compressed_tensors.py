@@ -74,7 +74,7 @@ from ...nn.quant_linear import QuantLinear
 from ..format import FP8_DTYPE, QuantizedWeight
 from . import _io
 from .common import (build_layer, default_g_idx, perm_from_g_idx, prefix, quant_layers,
-                     unsigned_view)
+                     refuse_split_layers, unsigned_view)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
@@ -86,6 +86,7 @@ _FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantiz
 
 def save(model: nn.Module, directory: str, *, scale_dtype: Optional[torch.dtype] = None,
          config: Optional[dict] = None) -> None:
+    refuse_split_layers(model, 'compressed-tensors')
     layers = quant_layers(model)
     if not layers:
         raise ValueError("format='compressed-tensors': the model holds no QuantLinear to export")

@@ -59,7 +59,8 @@ from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
 from . import _io
-from .common import build_layer, layer_config, prefix, quant_layers, unsigned_view
+from .common import (build_layer, layer_config, prefix, quant_layers, refuse_split_layers,
+                     unsigned_view)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 QUANT_CONFIG_FILE = "quantize_config.json"
@@ -73,6 +74,7 @@ def save(model: nn.Module, directory: str, *, checkpoint_format: str = "gptq",
                          f"{checkpoint_format!r}")
     if scale_dtype not in _FLOATS:
         raise TypeError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
+    refuse_split_layers(model, checkpoint_format)
     layers = quant_layers(model)
     if not layers:
         raise ValueError("format='gptq': the model holds no QuantLinear layer to export")

@@ -13,7 +13,16 @@ A directory holding two files::
                                              "group_size" (null = per channel), "symmetric",
                                              "fp8", "act_bits" (null | 8), "bias", "smooth",
                                              "input_perm"}},
-                          "tensors": {key: {"dtype", "shape", "sha256"}}}
+                          "tensors": {key: {"dtype", "shape", "sha256"}},
+                          "split_layers": {name: {"in_features", "out_features",
+                                                  "outlier_channels"}}}   (format_version 2)
+
+``split_layers`` (present from ``format_version`` 2, written only when the model has one) names
+each :class:`~mmkernels.nn.OutlierSplitLinear`: its two parts are recorded under ``layers`` as
+``<name>.main`` and ``<name>.outliers``, its channel indices are the int64 tensors
+``<name>.main_index`` / ``<name>.outlier_index``; :func:`load` rebuilds the module and checks that
+the two index sets partition ``range(in_features)``. A file without split layers is written as
+``format_version`` 1, readable by every earlier mmkernels.
 
 ``sha256`` is taken over each tensor's bytes in row-major order (exactly the bytes safetensors
 stores). :func:`load` refuses, with a ValueError naming the file and tensor: a missing or truncated
@@ -32,34 +41,42 @@ import torch
 from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
+from ...nn.split_linear import OutlierSplitLinear
 from ..format import FP8_DTYPE, QuantizedWeight
 from . import _io
-from .common import layer_config, prefix, quant_layers
+from .common import layer_config, prefix, quant_layers, split_layers
 
 FORMAT_NAME = "mmkernels-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest this module reads and writes (2: split_layers)
 META_FILE = "mmkernels.json"
 WEIGHTS_FILE = "model.safetensors"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LAYER_KEYS = ("in_features", "out_features", "bits", "group_size", "symmetric", "fp8",
                "act_bits", "bias", "smooth", "input_perm")
+_SPLIT_KEYS = ("in_features", "out_features", "outlier_channels")
 
 
 def save(model: nn.Module, directory: str) -> None:
     tensors = {k: v for k, v in model.state_dict().items()}
     layers = {name: layer_config(m) for name, m in quant_layers(model).items()}
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+    splits = {name: {"in_features": m.in_features, "out_features": m.out_features,
+                     "outlier_channels": m.outlier_index.numel()}
+              for name, m in split_layers(model).items()}
+    meta = {"format": FORMAT_NAME, "format_version": 2 if splits else 1,
             "library_version": _library_version(), "weights_file": WEIGHTS_FILE,
             "layers": layers,
             "tensors": {k: {"dtype": _io.dtype_name(v.dtype), "shape": list(v.shape),
                             "sha256": _io.tensor_sha256(v)} for k, v in tensors.items()}}
+    if splits:
+        meta["split_layers"] = splits
     _io.save_tensors(tensors, os.path.join(directory, WEIGHTS_FILE))
     _io.write_json(os.path.join(directory, META_FILE), meta)
 
 
-def load(directory: str) -> Tuple[Dict[str, QuantLinear], Dict[str, Tensor], dict]:
-    """``(layers, other_tensors, metadata)``: a QuantLinear per recorded layer, the remaining
-    tensors by state-dict name, and the parsed metadata."""
+def load(directory: str) -> Tuple[Dict[str, nn.Module], Dict[str, Tensor], dict]:
+    """``(layers, other_tensors, metadata)``: a QuantLinear per recorded layer (an
+    OutlierSplitLinear per recorded split layer, in place of its two parts), the remaining tensors
+    by state-dict name, and the parsed metadata."""
     meta_path = os.path.join(directory, META_FILE)
     meta = _io.read_json(meta_path)
     _check_header(meta, meta_path)
@@ -76,7 +93,12 @@ def load(directory: str) -> Tuple[Dict[str, QuantLinear], Dict[str, Tensor], dic
     if stray:
         raise ValueError(f"{weights}: tensors {stray[:8]} lie under a quantized layer but are not "
                          f"part of its recorded configuration")
-    return layers, {k: v for k, v in tensors.items() if k not in claimed}, meta
+    modules: Dict[str, nn.Module] = dict(layers)
+    for name, cfg in meta.get("split_layers", {}).items():
+        modules[name], keys = _build_split(name, cfg, modules, tensors,
+                                           f"{weights} (split layer {name!r})")
+        claimed |= keys
+    return modules, {k: v for k, v in tensors.items() if k not in claimed}, meta
 
 
 def _check_header(meta: dict, where: str) -> None:
@@ -100,6 +122,17 @@ def _check_header(meta: dict, where: str) -> None:
         if not isinstance(cfg, dict) or set(cfg) != set(_LAYER_KEYS):
             raise ValueError(f"{where}: layer {name!r} must record exactly {list(_LAYER_KEYS)}, "
                              f"got {cfg!r}")
+    splits = meta.get("split_layers", {})
+    if splits and version < 2:
+        raise ValueError(f"{where}: 'split_layers' needs format_version >= 2, got {version}")
+    if not isinstance(splits, dict):
+        raise ValueError(f"{where}: 'split_layers' must be a JSON object, got "
+                         f"{type(splits).__name__}")
+    for name, cfg in splits.items():
+        if not isinstance(cfg, dict) or set(cfg) != set(_SPLIT_KEYS) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in cfg.values()):
+            raise ValueError(f"{where}: split layer {name!r} must record exactly "
+                             f"{list(_SPLIT_KEYS)} as positive integers, got {cfg!r}")
 
 
 def _check_tensors(recorded: dict, tensors: Dict[str, Tensor], meta_path: str,
@@ -177,6 +210,36 @@ def _build(name: str, cfg: dict, tensors: Dict[str, Tensor], where: str):
         raise ValueError(f"{where}: the recorded configuration does not fit the tensors: "
                          f"{e}") from None
     return layer, keys
+
+
+def _build_split(name: str, cfg: dict, modules: Dict[str, nn.Module], tensors: Dict[str, Tensor],
+                 where: str):
+    """An OutlierSplitLinear from its two recorded parts (removed from ``modules``) and its two
+    index tensors; returns ``(module, claimed tensor keys)``."""
+    p = prefix(name)
+    parts = []
+    for part in ("main", "outliers"):
+        layer = modules.pop(p + part, None)
+        if not isinstance(layer, QuantLinear):
+            raise ValueError(f"{where}: its part {p + part!r} is not recorded under 'layers'")
+        parts.append(layer)
+    main, outliers = parts
+    k, n, c = cfg["in_features"], cfg["out_features"], cfg["outlier_channels"]
+    if (main.in_features + outliers.in_features, outliers.in_features, main.out_features,
+            outliers.out_features) != (k, c, n, n):
+        raise ValueError(f"{where}: records {k} -> {n} with {c} outlier channels, but its parts "
+                         f"are {main.in_features} -> {main.out_features} (main) and "
+                         f"{outliers.in_features} -> {outliers.out_features} (outliers)")
+    main_index = _io.expect_tensor(tensors, p + "main_index", where, [torch.int64], (k - c,))
+    outlier_index = _io.expect_tensor(tensors, p + "outlier_index", where, [torch.int64], (c,))
+    try:
+        module = OutlierSplitLinear(main, outliers, outlier_index)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not torch.equal(module.main_index, main_index):
+        raise ValueError(f"{where}: tensor {p}main_index is not the complement of "
+                         f"{p}outlier_index in range({k})")
+    return module, {p + "main_index", p + "outlier_index"}
 
 
 def _library_version() -> str:
