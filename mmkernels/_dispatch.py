@@ -87,6 +87,21 @@ def _format_reasons(header: str, call: Any, backends: Sequence[Backend]) -> str:
 
 _SELECTED: Dict[tuple, Backend] = {}
 
+# The override variables are read on every call (a user may set them at any time), through
+# os.environ's underlying dict when it has the POSIX layout (bytes keys): os.environ.get encodes
+# the key and decodes the value each time, ~3 us per variable, a visible share of a GEMV call.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_FAST = isinstance(_ENV_DATA, dict) and os.name == "posix" and all(
+    isinstance(k, bytes) for k in list(_ENV_DATA)[:1])
+
+
+def _env_overrides(op: str) -> tuple:
+    """The raw values of ``MMKERNELS_<OP>_BACKEND`` and ``MMKERNELS_BACKEND`` (None if unset)."""
+    if _ENV_FAST:
+        return (_ENV_DATA.get(b"MMKERNELS_" + op.upper().encode() + b"_BACKEND"),
+                _ENV_DATA.get(b"MMKERNELS_BACKEND"))
+    return (os.environ.get(f"MMKERNELS_{op.upper()}_BACKEND"), os.environ.get("MMKERNELS_BACKEND"))
+
 
 def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) -> Backend:
     """Pick the backend that runs ``call`` (see the module docstring for the order).
@@ -94,8 +109,7 @@ def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) 
     Successful choices are cached per (op, call, device, request, environment overrides): the call
     descriptions hold metadata only, and availability does not change within a process.
     """
-    key = (op, call, device_type, backend, os.environ.get(f"MMKERNELS_{op.upper()}_BACKEND"),
-           os.environ.get("MMKERNELS_BACKEND"))
+    key = (op, call, device_type, backend, _env_overrides(op))
     try:
         return _SELECTED[key]
     except (KeyError, TypeError):  # TypeError: an unhashable call description is never cached

@@ -57,6 +57,19 @@ def test_argument_then_environment_override(toy_op, monkeypatch):
     assert _dispatch.select(toy_op, Call(), "cpu", backend="reference").name == "reference"
 
 
+def test_environment_override_read_on_every_call(toy_op):
+    # Set and unset through os.environ directly (not monkeypatch): the fast read must see both.
+    import os
+    var = f"MMKERNELS_{toy_op.upper()}_BACKEND"
+    assert _dispatch.select(toy_op, Call(), "cpu").name == "cpu"
+    os.environ[var] = "reference"
+    try:
+        assert _dispatch.select(toy_op, Call(), "cpu").name == "reference"
+    finally:
+        del os.environ[var]
+    assert _dispatch.select(toy_op, Call(), "cpu").name == "cpu"
+
+
 def test_explicit_backend_that_cannot_run_explains(toy_op):
     with pytest.raises(_dispatch.NoBackendError) as info:
         _dispatch.select(toy_op, Call(), "cpu", backend="triton")
