@@ -1,6 +1,7 @@
 // Token-reduction primitives on the CPU: argument checks, OpenMP work split, the selection and
 // index-map logic, and the scalar kernels (baseline flags). The SIMD kernels are in
-// reduce_avx512.cpp behind reduce_kernel.h; the path is chosen at run time (cpu_features.h).
+// reduce_avx512.cpp / reduce_avx2.cpp behind reduce_kernel.h; the path is chosen at run time
+// (cpu_features.h).
 //
 // Exactness: selections compare unique 64-bit keys (score bits mapped to an unsigned order, then
 // the complemented index), so "descending, ties to the lower index" is a plain max; the chosen set
@@ -92,6 +93,9 @@ const ReduceImpl* impl() {
   TORCH_CHECK(err == nullptr, err ? err : "");
   if (isa >= Isa::Avx512) {
     if (const ReduceImpl* p = reduce_impl_avx512()) return p;
+  }
+  if (isa >= Isa::Avx2) {
+    if (const ReduceImpl* p = reduce_impl_avx2()) return p;
   }
   return &kScalar;
 }

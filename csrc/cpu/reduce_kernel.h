@@ -1,5 +1,5 @@
 // Plain-pointer interface between the token-reduction driver (csrc/cpu/reduce.cpp, which holds
-// the torch bindings) and its ISA-specific kernels (csrc/cpu/reduce_avx512.cpp). No torch headers.
+// the torch bindings) and its ISA-specific kernels (csrc/cpu/reduce_avx512.cpp, reduce_avx2.cpp). No torch headers.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,7 @@ struct ReduceImpl {
 };
 
 const ReduceImpl* reduce_impl_avx512();  // nullptr when not compiled for x86
+const ReduceImpl* reduce_impl_avx2();    // nullptr when not compiled for x86
 const ReduceImpl* reduce_impl_scalar();
 
 }  // namespace reduce

@@ -3,7 +3,7 @@
 The shared tests (test_primitives.py) already run the cpu backend against a float64 oracle; these
 add the exactness the kernel promises: the same plan as the reference for random float32 /
 bfloat16 / float16 metrics of any strides, merges identical to the reference's float32 arithmetic,
-and the scalar path (MMKERNELS_CPU_ISA=scalar) agreeing with the SIMD one.
+and the AVX2 and scalar paths (MMKERNELS_CPU_ISA=avx2 | scalar) agreeing with the AVX-512 one.
 """
 import random
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not cpu.is_available(),
                                 reason=f"mmkernels._C reduce kernels unavailable: {cpu.LOAD_ERROR}")
 
 
-@pytest.fixture(params=["auto", "scalar"])
+@pytest.fixture(params=["auto", "avx2", "scalar"])
 def isa(request, monkeypatch):
     if request.param != "auto":
         monkeypatch.setenv("MMKERNELS_CPU_ISA", request.param)
