@@ -91,10 +91,14 @@ class Hessian:
 class GPTQResult:
     """``qweight``: the QuantizedWeight (over permuted columns when ``perm`` is set);
     ``perm``: int64 ``(K,)`` column order (``desc_act``) or ``None``; ``dead``: bool ``(K,)``
-    columns that saw no input (quantized as zeros)."""
+    columns that saw no input (quantized as zeros); ``latent``: float64 ``(N, K)`` (stored column
+    order) the values GPTQ rounded, i.e. each column as updated by the errors of the columns before
+    it, so that ``q = clamp(round(latent / s) + z)`` (the start point of
+    :mod:`mmkernels.quant.signround`)."""
     qweight: QuantizedWeight
     perm: Optional[Tensor]
     dead: Tensor
+    latent: Optional[Tensor] = None
 
     @property
     def g_idx(self) -> Tensor:
@@ -153,6 +157,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
         block_size = -(-block_size // gs) * gs
     qmin, qmax = qrange(bits, symmetric)
     Q = torch.empty_like(W)
+    latent = torch.empty_like(W)
     scales = torch.empty(n, k // gs, dtype=torch.float32, device=W.device)
     zeros = torch.zeros(n, k // gs, dtype=torch.float64, device=W.device)
     scale = zero = None
@@ -171,6 +176,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
                 scales[:, g] = scale
                 zeros[:, g] = zero
             s64 = scale.to(torch.float64)
+            latent[:, col] = W1[:, i]
             q = torch.clamp(torch.round(W1[:, i] / s64) + zero, qmin, qmax)
             Q[:, col] = q
             err = (W1[:, i] - (q - zero) * s64) / Ub[i, i]
@@ -184,7 +190,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
         w0[:, dead if perm is None else dead[perm]] = 0.0
         scales = _refit_scales(w0, H, Q - _expand(zeros, gs), scales)
     return GPTQResult(_pack(Q, scales, None if symmetric else zeros, bits, group_size),
-                      perm, dead)
+                      perm, dead, latent)
 
 
 def _rtn_grid(cols: Tensor, bits: int, symmetric: bool):
