@@ -1,5 +1,6 @@
 """One layer of :func:`mmkernels.quantize_model`: smoothing, RTN / GPTQ, optional outlier split,
-replacement in the model, and the layer's report row."""
+replacement in the model, and the layer's report row. (``method="signround"`` uses GPTQ here:
+for its start point, :meth:`LayerQuantizer.gptq`, and for layers outside the tuned blocks.)"""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from ..nn.quant_linear import QuantLinear
 from ..nn.split_linear import OutlierSplitLinear
 from .calibration import LayerStats
-from .gptq import gptq_quantize
+from .gptq import GPTQResult, gptq_quantize
 from .metrics import sqnr
 from .quantize import quantize_weight, smoothquant_factors
 from .report import LayerReport, QuantizationReport
@@ -37,7 +38,8 @@ class LayerQuantizer:
         H = stats.hessian.H if (stats is not None and stats.hessian is not None) else None
         C = stats.cross if (stats is not None and stats.cross_ok) else None
         absmax = stats.absmax if stats is not None else None
-        method = cfg.method if (cfg.method == "rtn" or H is not None) else "rtn (no calib input)"
+        method = "gptq" if cfg.method == "signround" else cfg.method
+        method = method if (method == "rtn" or H is not None) else "rtn (no calib input)"
 
         k = cfg.outlier_channels if absmax is not None else 0
         if 0 < k < w.shape[1]:
@@ -51,11 +53,27 @@ class LayerQuantizer:
             module = OutlierSplitLinear(main, outl, out_idx)
         else:
             module, alpha = self._part(w, bias, x, absmax, H, C)
+        config = cfg.describe() + (f" +{k} outlier ch" if 0 < k < w.shape[1] else "")
+        self.place(name, module, stats, method, config, alpha)
+
+    def gptq(self, name: str, stats: LayerStats) -> GPTQResult:
+        """GPTQ of target ``name`` with the configured grid and options (its Hessian from
+        ``stats``), without replacing it."""
+        cfg = self.cfg
+        return gptq_quantize(self.targets[name].weight.detach().float(), stats.hessian.H,
+                             cfg.bits, cfg.group_size, cfg.symmetric, percdamp=cfg.percdamp,
+                             desc_act=cfg.desc_act, clip_search=cfg.clip_search)
+
+    def place(self, name: str, module: nn.Module, stats: Optional[LayerStats], method: str,
+              config: Optional[str] = None, alpha: Optional[float] = None) -> None:
+        """Replace target ``name`` by ``module`` (quantized elsewhere) and report it; the output
+        SQNR is measured on the rows recorded in ``stats``."""
+        cfg, linear = self.cfg, self.targets[name]
+        w = linear.weight.detach().float()
+        x = stats.samples if stats is not None else None
         module.train(linear.training)
         _replace(self.model, name, module)
-
-        config = cfg.describe() + (f" +{k} outlier ch" if 0 < k < w.shape[1] else "")
-        row = LayerReport(name, tuple(w.shape), config, method, alpha=alpha,
+        row = LayerReport(name, tuple(w.shape), config or cfg.describe(), method, alpha=alpha,
                           vision=self.is_vision(name),
                           weight_sqnr=sqnr(w, module.dequantized_weight()))
         if x is not None:
@@ -70,14 +88,15 @@ class LayerQuantizer:
               smoothing: bool = True) -> Tuple[QuantLinear, Optional[float]]:
         """One QuantLinear for ``w``: smoothing (fixed or searched alpha), then RTN or GPTQ."""
         cfg = self.cfg
-        if C is not None and H is not None and cfg.method == "gptq":
+        gptq = cfg.method in ("gptq", "signround")
+        if C is not None and H is not None and gptq:
             w = float_target_weight(w, H, C, cfg.percdamp)
 
         def rtn(wm: Tensor, s: Optional[Tensor]):
             return quantize_weight(wm, cfg.bits, cfg.group_size, cfg.symmetric, fp8=cfg.fp8), None
 
         def make(wm: Tensor, s: Optional[Tensor]):
-            if cfg.method != "gptq" or H is None:
+            if not gptq or H is None:
                 return rtn(wm, s)
             Hs = H if s is None else H / (s.double()[:, None] * s.double()[None, :])
             r = gptq_quantize(wm, Hs, cfg.bits, cfg.group_size, cfg.symmetric,
