@@ -47,9 +47,11 @@ class Case:
     error: Optional[Callable[[], float]] = None
     flops: float = 0.0
     meta: Dict[str, object] = field(default_factory=dict)
-    # Seconds of timing for this case (None: the run's default). Cases whose gate measures a
-    # small effect get more samples so that the median settles.
+    # Seconds of timing for this case (None: the run's default) and the most rounds it may take
+    # (None: timing.timed_rounds' default). Cases whose gate measures a small effect get more
+    # rounds so that the median of the paired ratios settles.
     budget_s: Optional[float] = None
+    max_rounds: Optional[int] = None
 
 
 def _expand_kv(t, group):

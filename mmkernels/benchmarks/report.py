@@ -34,7 +34,8 @@ def machine_description() -> str:
 def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
     results = []
     for case in cases:
-        samples = timed_rounds(case.contenders, budget_s=case.budget_s or budget_s)
+        limits = {"max_reps": case.max_rounds} if case.max_rounds else {}
+        samples = timed_rounds(case.contenders, budget_s=case.budget_s or budget_s, **limits)
         times = {k: statistics.median(v) for k, v in samples.items()}
         ours = times["mmkernels"]
         row = {"case": case.id, "description": case.description,
