@@ -361,7 +361,11 @@ def _stdlib_docstrings(modules: Iterable[str]) -> List[str]:
 # Standard-library modules whose docstrings are mostly English prose (read, never imported).
 _STDLIB_PROSE = ("textwrap", "difflib", "argparse", "heapq", "fractions", "statistics", "calendar",
                  "shutil", "tempfile", "sched", "bisect", "queue", "threading", "pickle", "csv",
-                 "gettext", "locale", "smtplib", "ftplib", "tarfile", "zipfile", "mailbox")
+                 "gettext", "locale", "smtplib", "ftplib", "tarfile", "zipfile", "mailbox",
+                 "logging", "subprocess", "datetime", "decimal", "collections", "functools",
+                 "pathlib", "inspect", "configparser", "email.message", "http.client",
+                 "urllib.request", "imaplib", "poplib", "random", "string", "codecs", "pdb",
+                 "doctest", "unittest.case", "pydoc", "optparse", "getopt", "weakref", "copy")
 
 
 def calibration_sentences(n: int = 128) -> List[str]:

