@@ -47,11 +47,6 @@ def timed_rounds(fns: Dict[str, Callable[[], object]], *, warmup: int = 2, min_r
     return samples
 
 
-def median_times(fns: Dict[str, Callable[[], object]], **kwargs) -> Dict[str, float]:
-    """Median seconds per call of each function (see :func:`timed_rounds`)."""
-    return {name: statistics.median(ts) for name, ts in timed_rounds(fns, **kwargs).items()}
-
-
 def paired_ratio(numerator: List[float], denominator: List[float]) -> float:
     """Median over rounds of ``numerator[i] / denominator[i]``.
 

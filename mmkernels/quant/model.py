@@ -103,8 +103,8 @@ class _Config:
     float_target: bool
     clip_search: bool
     sequential: bool
-    signround_iters: int = 200
-    signround_lr: float = 5e-3
+    signround_iters: int
+    signround_lr: float
 
     @property
     def needs_absmax(self) -> bool:
@@ -179,8 +179,8 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
 
 def _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smooth_alpha, fp8,
                 desc_act, percdamp, alpha_grid, max_rows, backend, vision_names,
-                outlier_channels, float_target, clip_search, sequential, signround_iters=200,
-                signround_lr=5e-3) -> _Config:
+                outlier_channels, float_target, clip_search, sequential, signround_iters,
+                signround_lr) -> _Config:
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in VALID_GROUP_SIZES:

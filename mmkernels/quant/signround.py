@@ -160,7 +160,7 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
                          f"{len(inputs)} and {len(targets)}")
     masks = list(masks) if masks is not None else [None] * len(inputs)
     for name, tuner in tuners.items():
-        _set_submodule(block, name, tuner)
+        block.set_submodule(name, tuner)
     frozen = [p for p in block.parameters() if p.requires_grad]
     tuned = {id(p) for t in tuners.values() for p in (t.V, t.a)}
     frozen = [p for p in frozen if id(p) not in tuned]
@@ -207,12 +207,6 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 __all__: List[str] = ["RoundingTuner", "tune_block", "block_output"]
