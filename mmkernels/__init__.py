@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 __all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError",
            "tome_plan", "tome_merge", "tome_unmerge", "TomePlan", "select_tokens", "gather_tokens",
            "qmatmul", "quantize_weight", "QuantizedWeight", "__version__"]
-from .quant import quantize_model  # noqa: E402
+from .quant import quantize_model, tune_scales  # noqa: E402
 
-__all__ += ["quantize_model"]
+__all__ += ["quantize_model", "tune_scales"]
 from .quant import export_onnx, load_quantized, save_quantized  # noqa: E402
 
 __all__ += ["save_quantized", "load_quantized", "export_onnx"]

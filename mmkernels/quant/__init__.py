@@ -18,3 +18,6 @@ from .serialize import QuantizedCheckpoint, load_quantized, save_quantized  # no
 from .onnx_export import export_onnx  # noqa: E402
 
 __all__ += ["save_quantized", "load_quantized", "QuantizedCheckpoint", "export_onnx"]
+from .scale_tuning import tune_scales  # noqa: E402
+
+__all__ += ["tune_scales"]

@@ -39,7 +39,9 @@ smooth_alpha="search", outlier_channels=2`` 0.9997 (without the outlier split 0.
 512 calibration sentences, 0.9985 with 128; SmoothQuant alpha=0.5 with RTN 0.9990; plain RTN
 0.9972); int4 g128 ``method="gptq", symmetric=False, desc_act=True, clip_search=True,
 sequential=False`` 0.987 (RTN 0.957); the same with ``method="signround"`` and 400 steps
-0.9889 (1400 calibration sentences; 0.9885 with 1024 sentences and 200 steps).
+0.9889 (1400 calibration sentences; 0.9885 with 1024 sentences and 200 steps; 0.9896 with 3300),
+then :func:`mmkernels.quant.tune_scales` (group scales trained end to end on the embedding's
+cosine, integers kept) 0.9903.
 
 Calibration order (what the GPTQ paper calls quantizing "sequentially", each layer seeing the
 outputs of the layers quantized before it). When the model holds its transformer blocks in an
@@ -149,6 +151,10 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
     ``outlier_channels``, ``float_target``, ``clip_search``, ``sequential``: see the module
     docstring. ``backend``: the QuantLinears' ``qmatmul`` backend (None: automatic).
     """
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is a single nn.Linear, which quantize_model cannot replace in "
+                         "place: use mmkernels.nn.QuantLinear.from_linear(linear, ...), or wrap "
+                         "it in a module (nn.Sequential(linear))")
     cfg = _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smooth_alpha,
                       fp8, desc_act, percdamp, alpha_grid, max_rows, backend, vision_names,
                       outlier_channels, float_target, clip_search, sequential, signround_iters,

@@ -97,6 +97,10 @@ def test_argument_errors():
         quantize_model(make(), act_bits=8, smooth_alpha=0.5)
     with pytest.raises(ValueError, match="method"):
         quantize_model(make(), method="awq")
+    lone = nn.Linear(DIM, DIM)                 # cannot be replaced in place: refused, not left
+    with pytest.raises(ValueError, match="single nn.Linear.*QuantLinear.from_linear"):
+        quantize_model(lone)
+    assert type(lone) is nn.Linear
 
 
 def _err(model, ref_model, x):
