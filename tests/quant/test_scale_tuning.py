@@ -1,7 +1,8 @@
 """End-to-end scale tuning (mmkernels.quant.tune_scales, EfficientQAT's E2E-QP): keeps every
 integer, lowers the held-out error of the model's final output (mse and cosine losses, a custom
 output_fn), the exported layers compute what the tuner computed, start scales kept when tuning
-cannot help, only weight-only integer layers are touched, clear argument errors."""
+cannot help, biases changed only with bias_lr, only weight-only integer layers are touched, clear
+argument errors."""
 import copy
 
 import pytest
@@ -11,16 +12,6 @@ from torch import nn
 from mmkernels.nn import QuantLinear
 from mmkernels.quant import quantize_model, tune_scales
 from mmkernels.quant.scale_tuning import ScaleTuner, tunable
-
-from tiny_bert import Tiny, correlated
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    calib = list(correlated(256, seed=3).split(16))           # 16 items of (16, 16, D)
-    return model, calib, correlated(128, seed=4)               # held-out inputs
 
 
 def _rtn(model, **kw):

@@ -11,15 +11,7 @@ from mmkernels.nn import QuantLinear
 from mmkernels.quant import Hessian, gptq_quantize, quantize_model
 from mmkernels.quant.signround import RoundingTuner, tune_block
 
-from tiny_bert import D, Tiny, correlated
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    calib = list(correlated(256, seed=3).split(16))           # 16 items of (16, 16, D)
-    return model, calib, correlated(128, seed=4)               # held-out inputs
+from tiny_bert import D
 
 
 def _quantized(model, calib, **kw):
