@@ -124,12 +124,12 @@ def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Lin
                 shares[name] = x is last[0]
             last[0] = x
             queue = pending.get(name)
-            stats[name].add(_masked(x, mask[0]), queue.pop(0) if queue else None)
+            stats[name].add(drop_padding(x, mask[0]), queue.pop(0) if queue else None)
         return hook
 
     def make_ref_hook(name):
         def hook(module, args):
-            pending.setdefault(name, []).append(_masked(args[0], mask[0]))
+            pending.setdefault(name, []).append(drop_padding(args[0], mask[0]))
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in layers.items()]
@@ -153,7 +153,9 @@ def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Lin
                      [n for n in stats if n not in order])
 
 
-def _masked(x: Tensor, m: Optional[Tensor]) -> Tensor:
+def drop_padding(x: Tensor, m: Optional[Tensor]) -> Tensor:
+    """The rows of ``x (B, L, C)`` where the mask ``m (B, L)`` is non-zero, as ``(n, C)``; ``x``
+    itself when there is no mask or the shapes do not pair up."""
     if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
         return x[m.to(device=x.device, dtype=torch.bool)]
     return x

@@ -52,7 +52,9 @@ from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
 from .format import qrange
+from .calibration import drop_padding
 from .gptq import GPTQResult, _pack
+from .trainable import train_only
 
 
 def _round_ste(x: Tensor) -> Tensor:
@@ -132,12 +134,6 @@ def block_output(block: nn.Module, inp: Tuple[tuple, dict]) -> Tensor:
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
-def _masked(y: Tensor, mask: Optional[Tensor]) -> Tensor:
-    if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
-        return y[mask.to(device=y.device, dtype=torch.bool)]
-    return y
-
-
 def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
                inputs: Sequence[Tuple[tuple, dict]], targets: Sequence[Tensor],
                masks: Optional[Sequence[Optional[Tensor]]] = None, *, iters: int = 200,
@@ -161,15 +157,10 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
     masks = list(masks) if masks is not None else [None] * len(inputs)
     for name, tuner in tuners.items():
         block.set_submodule(name, tuner)
-    frozen = [p for p in block.parameters() if p.requires_grad]
-    tuned = {id(p) for t in tuners.values() for p in (t.V, t.a)}
-    frozen = [p for p in frozen if id(p) not in tuned]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with train_only(block, [p for t in tuners.values() for p in (t.V, t.a)]):
         def loss_of(i: int) -> Tensor:
-            out = block_output(block, inputs[i])
-            return F.mse_loss(_masked(out, masks[i]).float(), _masked(targets[i], masks[i]).float())
+            out = drop_padding(block_output(block, inputs[i]), masks[i])
+            return F.mse_loss(out.float(), drop_padding(targets[i], masks[i]).float())
 
         def mean_loss() -> float:
             with torch.no_grad():
@@ -204,9 +195,6 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
                     p.fill_(1.0)
             after = before
         return before, after
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 __all__: List[str] = ["RoundingTuner", "tune_block", "block_output"]

@@ -135,6 +135,26 @@ def test_only_weight_only_integer_layers(tiny):
         assert same == (not name.startswith("layers.2.")), name
 
 
+def test_interrupted_tuning_leaves_the_model_as_it_was(tiny):
+    model, calib, _ = tiny
+    q = _rtn(model)
+    layers = _layers(q)
+    calls = []
+
+    def failing(out, item):
+        calls.append(1)
+        if len(calls) > 2 * len(calib) + 2:     # targets, loss before, then 2 steps: stop
+            raise RuntimeError("stop")
+        return out
+
+    with pytest.raises(RuntimeError, match="stop"):
+        tune_scales(q, model, calib, output_fn=failing)
+    assert len(calls) == 2 * len(calib) + 3
+    assert all(m is layers[n] for n, m in _layers(q).items()) and len(_layers(q)) == 18
+    assert not any(isinstance(m, ScaleTuner) for m in q.modules())
+    assert all(p.requires_grad for p in q.parameters())
+
+
 def test_exported_flat():
     import mmkernels
     assert mmkernels.tune_scales is tune_scales and mmkernels.quant.tune_scales is tune_scales
