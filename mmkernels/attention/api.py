@@ -97,7 +97,13 @@ def _check_cu_seqlens(name, cu, total, batch, max_name, max_seqlen):
             raise ValueError(f"{max_name} is required under torch.compile / CUDA-graph capture "
                              "(it cannot be read from cu_seqlens without a host sync)")
         return max_seqlen
-    values = cu.tolist()
+    return _check_cu_values(name, cu.tolist(), total, max_name, max_seqlen)
+
+
+def _check_cu_values(name, values, total, max_name, max_seqlen):
+    """The value checks of a cu_seqlens (read to the host as ``values``): start 0, non-decreasing,
+    last == ``total`` packed tokens, every length <= ``max_seqlen`` (when given). Returns
+    ``max_seqlen``, or the longest length when it is None."""
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
@@ -113,6 +119,31 @@ def _check_cu_seqlens(name, cu, total, batch, max_name, max_seqlen):
         raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in "
                          f"{name} ({longest})")
     return max_seqlen
+
+
+def _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Value checks of cu_seqlens at execution time, inside the custom op.
+
+    The public function's checks run in eager mode only: under torch.compile / torch.export the
+    op is traced with fake tensors and :func:`check_arguments` cannot read cu_seqlens. A compiled
+    graph would then hand a cu_seqlens whose last value exceeds the token count, or a max_seqlen
+    shorter than a real sequence, straight to a backend (out-of-bounds reads / writes, rows left
+    unwritten, or sequences silently truncated). This runs where the values exist.
+
+    CPU tensors: read on the host (a few microseconds) and checked exactly like the eager path.
+    CUDA tensors: not checked here, since reading them would add a device sync to every call
+    (and break CUDA-graph capture); the GPU kernels clamp every sequence's row range to the
+    tensor extents instead (mmkernels/attention/triton.py), so malformed values give a wrong
+    result but never an out-of-bounds access. Validate on the host before compiling if needed.
+    """
+    if cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_seqlens_q.device.type != "cpu" or cu_seqlens_k.device.type != "cpu":
+        return
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], "max_seqlen_q",
+                     max_seqlen_q)
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], "max_seqlen_k",
+                     max_seqlen_k)
 
 
 def _check_bias(key_bias, q, batch, num_heads, num_keys, varlen):
@@ -240,6 +271,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
                   scores_mode: int, return_lse: bool, backend: str
                   ) -> Tuple[Tensor, Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
+    if varlen:
+        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape if return_lse else (0,), dtype=torch.float32, device=q.device)

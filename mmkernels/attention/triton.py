@@ -69,6 +69,16 @@ def block_d(head_dim: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def _seq_extent(Cu, b, varlen, seqlen):
+        """``(start, length)`` of sequence ``b``: ``[Cu[b], Cu[b+1])`` when varlen, else
+        ``[0, seqlen)``; clamped to ``[0, seqlen)`` (an end before its start gives length 0)."""
+        start = tl.load(Cu + b, mask=varlen, other=0)
+        end = tl.load(Cu + b + 1, mask=varlen, other=seqlen)
+        start = tl.minimum(tl.maximum(start, 0), seqlen)
+        end = tl.minimum(tl.maximum(end, start), seqlen)
+        return start, end - start
+
+    @triton.jit
     def _fwd_tile(acc, m_i, l_i, q, K_head, V_head, Bias_head, start_n, offs_m, offs_n, offs_d, offs_dv,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bn,
                   len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
@@ -143,11 +153,11 @@ if triton is not None:
         b = tl.program_id(2)
         # Sequence extent. Dense: tensor batch b, rows [0, seqlen). Varlen: tensor batch 0,
         # rows [cu[b], cu[b+1]). Branch-free: the cu_seqlens loads are masked off when dense.
+        # Clamped to [0, seqlen): GPU cu_seqlens are not validated (that needs a host sync), so a
+        # malformed one may give a wrong result but never an out-of-bounds access.
         varlen = is_varlen != 0
-        q_start = tl.load(CuQ + b, mask=varlen, other=0)
-        len_q = tl.load(CuQ + b + 1, mask=varlen, other=seqlen_q) - q_start
-        k_start = tl.load(CuK + b, mask=varlen, other=0)
-        len_k = tl.load(CuK + b + 1, mask=varlen, other=seqlen_k) - k_start
+        q_start, len_q = _seq_extent(CuQ, b, varlen, seqlen_q)
+        k_start, len_k = _seq_extent(CuK, b, varlen, seqlen_k)
         start_m = pid_m * BLOCK_M
         if start_m >= len_q:  # grid covers max_seqlen_q; this block is past this sequence's end
             return
@@ -227,10 +237,8 @@ if triton is not None:
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         varlen = is_varlen != 0
-        q_start = tl.load(CuQ + b, mask=varlen, other=0)
-        len_q = tl.load(CuQ + b + 1, mask=varlen, other=seqlen_q) - q_start
-        k_start = tl.load(CuK + b, mask=varlen, other=0)
-        len_k = tl.load(CuK + b + 1, mask=varlen, other=seqlen_k) - k_start
+        q_start, len_q = _seq_extent(CuQ, b, varlen, seqlen_q)  # clamped, see _attn_fwd_kernel
+        k_start, len_k = _seq_extent(CuK, b, varlen, seqlen_k)
         start_n = pid_n * BLOCK_N
         if start_n >= len_k:
             return
