@@ -20,3 +20,6 @@ __all__ += ["quantize_model", "tune_scales"]
 from .quant import export_onnx, load_quantized, save_quantized  # noqa: E402
 
 __all__ += ["save_quantized", "load_quantized", "export_onnx"]
+from .hf import PatchReport, patch, patched, unpatch  # noqa: E402
+
+__all__ += ["patch", "unpatch", "patched", "PatchReport"]

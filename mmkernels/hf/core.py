@@ -1,0 +1,282 @@
+"""Patching a model instance, its undo record and its report.
+
+Nothing here touches a class or a module global: the attention implementation is selected on the
+model's own config objects (``config._attn_implementation_internal``), the attention modules are
+recorded in :data:`hf_attention.STATES`, quantized layers replace the instance's submodules, and
+the undo record keeps every original value so that :func:`unpatch` restores the model exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from torch import nn
+
+from . import hf_attention
+from .specs import PatchSettings, parse_settings
+
+
+@dataclass
+class Row:
+    """One module in the report."""
+
+    path: str
+    kind: str          # "attention" | "linear"
+    action: str        # "mmkernels" | "quantized" | "left"
+    detail: str = ""
+
+
+@dataclass
+class PatchReport:
+    """What :func:`mmkernels.patch` did: one row per attention module and per Linear it looked at.
+    ``str(report)`` is the table; :meth:`runtime` adds, per attention module, how many calls our
+    kernels served and why any call went to SDPA instead."""
+
+    model_type: str
+    settings: PatchSettings
+    rows: List[Row] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    quantization: Any = None
+
+    def patched(self, kind: Optional[str] = None) -> List[Row]:
+        return [r for r in self.rows if r.action != "left" and kind in (None, r.kind)]
+
+    def left(self, kind: Optional[str] = None) -> List[Row]:
+        return [r for r in self.rows if r.action == "left" and kind in (None, r.kind)]
+
+    def runtime(self) -> Dict[str, Tuple[int, Dict[str, int]]]:
+        """``{module path: (calls served by mmkernels, {reason: calls served by SDPA})}``."""
+        out = {}
+        for path, module in self._attention_modules.items():
+            state = hf_attention.STATES.get(module)
+            if state is not None:
+                out[path] = (state.served, dict(state.fallbacks))
+        return out
+
+    def __post_init__(self):
+        self._attention_modules: Dict[str, nn.Module] = {}
+
+    def __str__(self) -> str:
+        width = max([len(r.path) for r in self.rows] + [6])
+        lines = [f"mmkernels.patch({self.model_type}): {self.settings}",
+                 f"{'module':<{width}}  {'kind':<9}  {'action':<9}  detail"]
+        for r in self.rows:
+            lines.append(f"{r.path:<{width}}  {r.kind:<9}  {r.action:<9}  {r.detail}")
+        counts = {k: (len(self.patched(k)), len(self.left(k))) for k in ("attention", "linear")}
+        lines.append("summary: " + "; ".join(f"{k}: {p} patched, {l} left"
+                                             for k, (p, l) in counts.items() if p or l))
+        fallbacks: Dict[str, int] = {}
+        for _, (_, reasons) in self.runtime().items():
+            for reason, n in reasons.items():
+                fallbacks[reason] = fallbacks.get(reason, 0) + n
+        if fallbacks:
+            lines.append("calls served by SDPA instead: " + "; ".join(
+                f"{reason} ({n})" for reason, n in sorted(fallbacks.items())))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+@dataclass
+class _Undo:
+    """Everything :func:`unpatch` needs to put back."""
+
+    report: PatchReport
+    configs: List[Tuple[Any, Any]] = field(default_factory=list)     # (config, old internal impl)
+    modules: List[Tuple[str, nn.Module]] = field(default_factory=list)  # (path, original module)
+    forwards: List[nn.Module] = field(default_factory=list)          # instance-bound forwards
+    attention: List[nn.Module] = field(default_factory=list)         # recorded in STATES
+
+
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, _Undo]" = weakref.WeakKeyDictionary()
+_ROUTES_CACHE: Dict[type, bool] = {}
+
+
+def routes_through_interface(module: nn.Module) -> bool:
+    """Whether the module's forward calls transformers' attention interface (read from its source,
+    once per class): the structural test for "an attention module we can serve"."""
+    cls = type(module)
+    if cls not in _ROUTES_CACHE:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _ROUTES_CACHE[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _ROUTES_CACHE[cls]
+
+
+def _looks_like_attention(name: str, module: nn.Module) -> bool:
+    cls = type(module).__name__
+    return cls.endswith("Attention") or cls.endswith("SelfAttention") or cls.endswith("Attn")
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def is_patched(model: nn.Module) -> bool:
+    return model in _RECORDS
+
+
+def patch(model: nn.Module, attention: bool = True, reduce: Optional[dict] = None,
+          quantize: Optional[dict] = None, calib_data: Optional[Iterable] = None,
+          backend: Optional[str] = None) -> PatchReport:
+    """Accelerate a Hugging Face transformers model **instance** with mmkernels.
+
+    * ``attention``: every attention module that calls transformers' attention interface runs
+      :func:`mmkernels.attention` (padding as a per-key ``key_bias``, causal as ``causal=True``,
+      GQA, cross-attention and KV-cache decoding); calls our kernels cannot express (full 4-D
+      masks, ``output_attentions``, dropout in training, soft-capping, ...) go to SDPA, counted in
+      :meth:`PatchReport.runtime`.
+    * ``quantize``: keyword arguments of :func:`mmkernels.quantize_model` (for example
+      ``{"bits": 8, "act_bits": 8}``); ``calib_data`` is passed on. ``lm_head`` is excluded unless
+      ``quantize`` names it in ``include``; vision towers only with ``"vision": True``.
+    * ``reduce``: token reduction for vision towers (see :mod:`mmkernels.hf.specs`).
+    * ``backend``: force an mmkernels attention backend (None: automatic selection).
+
+    Returns a :class:`PatchReport`. Patching twice with the same settings returns the first
+    report; with different settings raises ``ValueError`` (call :func:`unpatch` first). Raises
+    ``ValueError`` when nothing in the model could be patched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    settings = parse_settings(attention, reduce, quantize, backend)
+    if model in _RECORDS:
+        record = _RECORDS[model]
+        if record.report.settings == settings:
+            return record.report
+        raise ValueError(f"model is already patched with {record.report.settings}; call "
+                         f"mmkernels.unpatch(model) before patching with {settings}")
+    report = PatchReport(_model_type(model), settings)
+    record = _Undo(report)
+    try:
+        if settings.attention:
+            _patch_attention(model, settings, record)
+        if settings.reduce is not None:
+            from .reduction import apply_reduction
+            apply_reduction(model, settings.reduce, record)
+        if settings.quantize is not None:
+            _patch_linears(model, dict(settings.quantize), calib_data, backend, record)
+        if not report.patched():
+            raise ValueError(
+                f"mmkernels.patch found nothing to patch in {type(model).__name__} "
+                f"(model_type {report.model_type!r}): " + (
+                    "; ".join(f"{r.path}: {r.detail}" for r in report.left()) or
+                    "no attention module calls transformers' attention interface and no "
+                    "Linear was selected"))
+    except BaseException:
+        _undo(model, record)
+        raise
+    _RECORDS[model] = record
+    return report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore a patched model exactly (state dict, module objects, configs, forwards).
+    Raises ``ValueError`` for a model that is not patched."""
+    record = _RECORDS.pop(model, None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} is not patched by mmkernels")
+    _undo(model, record)
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, **kwargs):
+    """``with mmkernels.patched(model, ...) as report:`` patch for the block, then unpatch."""
+    report = patch(model, **kwargs)
+    try:
+        yield report
+    finally:
+        unpatch(model)
+
+
+def _undo(model: nn.Module, record: _Undo) -> None:
+    for path, original in reversed(record.modules):
+        model.set_submodule(path, original)
+    for module in record.forwards:
+        module.__dict__.pop("forward", None)
+    for module in record.attention:
+        hf_attention.STATES.pop(module, None)
+    for config, old in reversed(record.configs):
+        config._attn_implementation_internal = old
+
+
+def bind_forward(module: nn.Module, forward: Callable, record: _Undo) -> None:
+    """Give one module instance its own forward (undone by :func:`unpatch`)."""
+    module.forward = forward.__get__(module, type(module))
+    record.forwards.append(module)
+
+
+def _patch_attention(model: nn.Module, settings: PatchSettings, record: _Undo) -> None:
+    hf_attention.register()
+    report = record.report
+    configs: Dict[int, Any] = {}
+    routed_prefixes: List[str] = []
+    for name, module in model.named_modules():
+        if routes_through_interface(module) and hasattr(module, "config"):
+            routed_prefixes.append(name)
+            state = hf_attention.ModuleState(backend=settings.backend)
+            hf_attention.STATES[module] = state
+            record.attention.append(module)
+            report._attention_modules[name] = module
+            configs.setdefault(id(module.config), module.config)
+            report.rows.append(Row(name, "attention", "mmkernels",
+                                   "transformers attention interface"))
+    for name, module in model.named_modules():
+        if name in routed_prefixes or not _looks_like_attention(name, module):
+            continue
+        inside = any(p.startswith(name + ".") or name.startswith(p + ".")
+                     for p in routed_prefixes)
+        if not inside:
+            report.rows.append(Row(name, "attention", "left",
+                                   "does not call transformers' attention interface"))
+    if not configs:
+        return
+    # The models' own configs select the implementation (mask creation reads the model's config,
+    # attention reads the module's: usually the same object).
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal") and \
+                hasattr(module, "_can_set_attn_implementation"):
+            configs.setdefault(id(config), config)
+    for config in configs.values():
+        record.configs.append((config, config._attn_implementation_internal))
+        config._attn_implementation_internal = hf_attention.NAME
+    from .families import apply_family
+    apply_family(model, settings, record)
+
+
+def _patch_linears(model: nn.Module, options: dict, calib_data, backend, record: _Undo) -> None:
+    from ..quant import quantize_model
+
+    before = dict(model.named_modules())
+    options = dict(options)
+    if not options.get("include"):
+        exclude = options.get("exclude") or []
+        exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        options["exclude"] = exclude + ["lm_head", "*.lm_head"]
+    options.setdefault("progress", False)
+    if backend is not None:
+        options.setdefault("backend", backend)
+    try:
+        qreport = quantize_model(model, calib_data=calib_data, **options)
+    finally:
+        after = dict(model.named_modules())
+        record.modules.extend((name, module) for name, module in before.items()
+                              if isinstance(module, nn.Linear) and after.get(name) is not module)
+    record.report.quantization = qreport
+    status = {r.name: r for r in qreport.layers}
+    for name, module in before.items():
+        if not isinstance(module, nn.Linear):
+            continue
+        if after.get(name) is not module:
+            row = status.get(name)
+            record.report.rows.append(Row(name, "linear", "quantized",
+                                          row.config if row is not None else ""))
+        else:
+            row = status.get(name)
+            why = row.status if row is not None else "excluded by include/exclude"
+            record.report.rows.append(Row(name, "linear", "left", why))

@@ -1,0 +1,3 @@
+import pytest
+
+pytest.importorskip("transformers", reason="needs transformers (requirements/dev.txt)")
