@@ -87,6 +87,14 @@ def _plain_eager(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
+def _values_checkable(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host now: not while tracing (fake tensors) nor
+    during CUDA-graph capture."""
+    if torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _select(op: str, t: Tensor, backend: Optional[str]):
     call = ReduceCall(op, t.device.type, str(t.dtype).replace("torch.", ""))
     return _dispatch.select(op, call, t.device.type, backend or None)
@@ -191,6 +199,69 @@ def _gather_setup(ctx, inputs, output):
 _gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
+def _packed_rows(idx: Tensor, cu_seqlens: Tensor, batch: int, n: int) -> Tensor:
+    """Row of ``x.reshape(B * N, C)`` for each packed index: token ``t`` belongs to sequence
+    ``s`` with ``cu_seqlens[s] <= t < cu_seqlens[s + 1]`` (found without a host sync). The sequence
+    is clamped to ``[0, B)``, so a malformed cu_seqlens that was not checked (GPU tensors under
+    torch.compile) picks wrong rows of ``x`` but never rows outside it."""
+    pos = torch.arange(idx.shape[0], device=idx.device, dtype=cu_seqlens.dtype)
+    seq = torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
+    return seq.clamp_(max=max(batch - 1, 0)) * n + idx.long()
+
+
+def _check_cu_seqlens_values(cu_seqlens: Tensor, total: int) -> None:
+    """Host-side value checks of a packed ``cu_seqlens``: starts at 0, non-decreasing, last value
+    ``total`` (the number of packed indices)."""
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]} (cu_seqlens "
+                         f"{values[:8]})")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values[:16]}")
+    if values[-1] != total:
+        raise ValueError(f"cu_seqlens[-1] must equal len(idx) = {total}, got {values[-1]}")
+
+
+def _gather_packed_impl(x: Tensor, idx: Tensor, cu_seqlens: Tensor, check: bool) -> Tensor:
+    if check and x.device.type == "cpu":
+        # The op's execution-time checks: under torch.compile the public function cannot read
+        # cu_seqlens / idx (fake tensors), so a compiled graph is checked here. CPU only: on a
+        # GPU this would be a device sync per call; there _packed_rows clamps the sequence and
+        # indexing bounds-checks idx.
+        _check_cu_seqlens_values(cu_seqlens, idx.shape[0])
+        _check_index_range(idx, x.shape[1])
+    flat = _packed_rows(idx, cu_seqlens, x.shape[0], x.shape[1])
+    return x.reshape(-1, x.shape[-1])[flat]
+
+
+@torch.library.custom_op("mmkernels::gather_tokens_packed", mutates_args=())
+def _gather_packed_op(x: Tensor, idx: Tensor, cu_seqlens: Tensor) -> Tensor:
+    return _gather_packed_impl(x, idx, cu_seqlens, check=True)
+
+
+@_gather_packed_op.register_fake
+def _(x, idx, cu_seqlens):
+    return x.new_empty((idx.shape[0], x.shape[-1]))
+
+
+def _gather_packed_backward(ctx, grad):
+    idx, cu_seqlens = ctx.saved_tensors
+    b, n = ctx.n_batch, ctx.n_tokens
+    flat = _packed_rows(idx, cu_seqlens, b, n)
+    out = grad.new_zeros((b * n, grad.shape[-1]))
+    out.index_add_(0, flat, grad)
+    return out.view(b, n, grad.shape[-1]), None, None
+
+
+def _gather_packed_setup(ctx, inputs, output):
+    x, idx, cu_seqlens = inputs
+    ctx.save_for_backward(idx, cu_seqlens)
+    ctx.n_batch, ctx.n_tokens = x.shape[0], x.shape[1]
+
+
+_gather_packed_op.register_autograd(_gather_packed_backward, setup_context=_gather_packed_setup)
+
+
 def _unmerge_backward(ctx, grad):
     src_to_out, = ctx.saved_tensors
     b, n = src_to_out.shape
@@ -209,18 +280,34 @@ _tome_unmerge_op.register_autograd(_unmerge_backward, setup_context=_unmerge_set
 
 
 def _merge_backward(ctx, grad_x, grad_size):
-    src_to_out, size, size_out = ctx.saved_tensors
+    src_to_out, size, size_out = ctx.saved_tensors[:3]
     b, n = src_to_out.shape
-    c = grad_x.shape[-1]
-    # x_out[s] = sum_{i -> s} size_i x_i / size_out[s]  =>  dx_i = size_i / size_out[s(i)] * g[s(i)]
-    w = (size / size_out.gather(1, src_to_out)).to(grad_x.dtype)
-    dx = grad_x.gather(1, src_to_out[..., None].expand(b, n, c)) * w[..., None]
-    return dx, None, None, None, None
+    # x_out[s] = sum_{i -> s} size_i x_i / size_out[s],  size_out[s] = sum_{i -> s} size_i:
+    #   dx_i    = size_i / size_out[s(i)] * gx[s(i)]
+    #   dsize_i = <gx[s(i)], x_i - x_out[s(i)]> / size_out[s(i)] + gsize[s(i)]
+    so = size_out.gather(1, src_to_out)
+    dx = dsize = None
+    if grad_x is not None:
+        gx = grad_x.gather(1, src_to_out[..., None].expand(b, n, grad_x.shape[-1]))
+        if ctx.needs_input_grad[0]:
+            dx = gx * (size / so).to(grad_x.dtype)[..., None]
+    if ctx.needs_input_grad[3]:
+        x, x_out = ctx.saved_tensors[3:]
+        compute = torch.float64 if torch.float64 in (x.dtype, size.dtype) else torch.float32
+        dsize = torch.zeros((b, n), dtype=compute, device=size.device)
+        if grad_x is not None:
+            xo = x_out.gather(1, src_to_out[..., None].expand(b, n, x_out.shape[-1]))
+            dsize += ((x.to(compute) - xo.to(compute)) * gx.to(compute)).sum(-1) / so.to(compute)
+        if grad_size is not None:
+            dsize += grad_size.gather(1, src_to_out).to(compute)
+        dsize = dsize.to(size.dtype)
+    return dx, None, None, dsize, None
 
 
 def _merge_setup(ctx, inputs, output):
-    _x, src_to_out, _n, size, _b = inputs
-    ctx.save_for_backward(src_to_out, size, output[1])
+    x, src_to_out, _n, size, _b = inputs
+    extra = (x, output[0]) if size.requires_grad else ()
+    ctx.save_for_backward(src_to_out, size, output[1], *extra)
 
 
 _tome_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
@@ -258,6 +345,7 @@ def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
 
     ``size (B, N)`` counts the original tokens each token stands for (default ones); the returned
     ``size_out (B, N - r)`` is their sum per group. Survivors keep their original relative order.
+    Differentiable with respect to ``x`` and ``size`` (a learned or soft size gets its gradient).
     """
     _check_plan(plan)
     _check_tokens("x", x)
@@ -355,24 +443,39 @@ def _select_tokens_varlen(scores, counts, protect_first, backend):
 def gather_tokens(x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *,
                   backend: Optional[str] = None) -> Tensor:
     """Gather tokens: ``x (B, N, C)``, ``idx (B, k)`` -> ``(B, k, C)``; packed ``idx (T,)`` with
-    ``cu_seqlens (B+1,)`` -> ``(T, C)`` ready for the varlen attention."""
+    ``cu_seqlens (B+1,)`` -> ``(T, C)`` ready for the varlen attention.
+
+    ``cu_seqlens``: int32 / int64, starting at 0, non-decreasing, ending at ``T`` (TypeError /
+    ValueError naming it otherwise). Its values are read on the host in eager calls on any device,
+    and when the op runs under torch.compile on CPU; GPU tensors under torch.compile are not read
+    (no device sync): a malformed one then selects wrong rows of ``x``, never rows outside it.
+    """
     _check_tokens("x", x, floating=False)
     if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"idx must be an int64/int32 tensor, got {idx!r:.60}")
     if idx.device != x.device:
         raise ValueError(f"idx is on {idx.device} but x is on {x.device}")
     if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, Tensor):
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got "
+                            f"{type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got "
+                            f"{_describe(cu_seqlens)}")
         if idx.dim() != 1 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] != x.shape[0] + 1:
             raise ValueError(f"packed gather needs idx (T,) and cu_seqlens (B+1,) = "
                              f"({x.shape[0] + 1},), got idx {_describe(idx)}, "
                              f"cu_seqlens {_describe(cu_seqlens)}")
-        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        if int(cu_seqlens[-1]) != idx.shape[0]:
-            raise ValueError(f"cu_seqlens[-1] must equal len(idx) = {idx.shape[0]}")
-        batch = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), counts)
-        flat = batch * x.shape[1] + idx.long()
-        _check_index_range(idx, x.shape[1])
-        return x.reshape(-1, x.shape[-1])[flat]
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
+        if _values_checkable(cu_seqlens):
+            # Eager: checked here on any device (one host read, as the varlen attention does).
+            # While tracing the values do not exist: the op checks them when it runs (CPU).
+            _check_cu_seqlens_values(cu_seqlens, idx.shape[0])
+            _check_index_range(idx, x.shape[1])
+        if _plain_eager(x):
+            return _gather_packed_impl(x, idx, cu_seqlens, check=False)
+        return _gather_packed_op(x, idx, cu_seqlens)
     if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
         raise ValueError(f"idx must be (B, k) with B = {x.shape[0]}, got {_describe(idx)}")
     _check_index_range(idx, x.shape[1])
