@@ -43,6 +43,8 @@ name, the format and its metadata) for use without the model class.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -87,8 +89,21 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
     dtype of the stored scales; default float16 for gptq, the model's float dtype for
     compressed-tensors. ``config`` (gptq / compressed-tensors): a model config dict (e.g. a
     transformers ``config.to_dict()``) written to ``config.json`` with ``quantization_config``
-    added. ``overwrite``: replace the checkpoint files of an existing directory (otherwise an
-    existing checkpoint there is an error).
+    added.
+
+    The save is atomic with respect to errors: the checkpoint is first written completely into a
+    new hidden directory beside ``path`` (``.<name>.tmp-<random>``), then moved into place. A
+    refused save (a format that cannot express the model, e.g. ``"gptq"`` /
+    ``"compressed-tensors"`` with OutlierSplitLinear layers) or a failed one leaves no directory,
+    no temporary directory and no partial file behind.
+
+    Existing ``path``: a file is an error. A directory that already holds checkpoint files
+    (``model.safetensors``, ``model.safetensors.index.json``, ``config.json``,
+    ``quantize_config.json``, ``mmkernels.json``) is an error unless ``overwrite=True``; then,
+    once the new checkpoint is complete, those old files are removed and the new ones moved in
+    (each by an atomic rename), and every other file of the directory (a tokenizer, a README) is
+    kept. A directory without checkpoint files (empty, or other files only) is written into the
+    same way. Raises TypeError / ValueError naming the argument or the path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -97,23 +112,57 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
     if format == "mmkernels" and (scale_dtype is not None or config is not None):
         raise TypeError("format='mmkernels' stores every tensor as is: scale_dtype and config "
                         "apply to 'gptq' / 'compressed-tensors' only")
-    path = os.fspath(path)
+    path = os.path.normpath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path}: exists and is not a directory (checkpoints are directories)")
-    existing = [f for f in _CHECKPOINT_FILES if os.path.exists(os.path.join(path, f))]
+    existing = [f for f in _CHECKPOINT_FILES if os.path.lexists(os.path.join(path, f))]
     if existing and not overwrite:
         raise ValueError(f"{path}: already holds a checkpoint ({existing}); pass overwrite=True "
                          f"to replace it")
-    os.makedirs(path, exist_ok=True)
-    for f in existing:
-        os.remove(os.path.join(path, f))
-    if format == "mmkernels":
-        mmkernels_format.save(model, path)
-    elif format in ("gptq", "gptq_v2"):
-        gptq_checkpoint.save(model, path, checkpoint_format=format,
-                             scale_dtype=scale_dtype or torch.float16, config=config)
-    else:
-        compressed_tensors.save(model, path, scale_dtype=scale_dtype, config=config)
+    parent = os.path.dirname(path)
+    created = _make_parents(parent)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        os.mkdir(tmp)
+        if format == "mmkernels":
+            mmkernels_format.save(model, tmp)
+        elif format in ("gptq", "gptq_v2"):
+            gptq_checkpoint.save(model, tmp, checkpoint_format=format,
+                                 scale_dtype=scale_dtype or torch.float16, config=config)
+        else:
+            compressed_tensors.save(model, tmp, scale_dtype=scale_dtype, config=config)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)          # atomic: the directory appears complete or not at all
+            return
+        # An existing directory: swap the checkpoint files, keep the others.
+        for f in existing:
+            os.remove(os.path.join(path, f))
+        for f in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, f), os.path.join(path, f))
+        os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):       # parent folders this call made, innermost first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
+
+
+def _make_parents(folder: str) -> list:
+    """``os.makedirs(folder)``; returns the folders it created, outermost first (for cleanup)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    missing.reverse()
+    for d in missing:
+        os.makedirs(d, exist_ok=True)
+    return missing
 
 
 def load_quantized(path: str, model: Optional[nn.Module] = None):
@@ -157,6 +206,10 @@ def detect_format(path: str) -> str:
 
 def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, Tensor],
              path: str) -> None:
+    """Replace ``model``'s layers by ``layers`` and load ``tensors``, atomically: everything that
+    can be wrong (names, module types, shapes, missing or unexpected tensors) is checked before
+    the model is touched, so an error leaves the model exactly as it was."""
+    placed: Dict[str, nn.Module] = {}
     for name, layer in layers.items():
         if name == "":
             raise ValueError(f"{path}: the checkpoint holds a single layer at the root; load it "
@@ -174,15 +227,36 @@ def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, 
                              f"{layer.out_features} in the checkpoint but {old.in_features} -> "
                              f"{old.out_features} in the model")
         device = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
-        model.set_submodule(name, layer.to(device))
+        placed[name] = layer.to(device)
     full = dict(tensors)
-    for name, layer in layers.items():
+    for name, layer in placed.items():
         full.update({prefix(name) + k: v for k, v in layer.state_dict().items()})
-    try:
-        result = model.load_state_dict(full, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the checkpoint's tensors do not fit the model: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
+    # What load_state_dict(strict=True) would refuse, checked against the model as it will be:
+    # its current tensors outside the replaced layers, plus the new layers' own tensors.
+    current = model.state_dict(keep_vars=True)
+    replaced = tuple(prefix(name) for name in placed)
+    expected = {k: v for k, v in current.items() if not k.startswith(replaced)}
+    for name, layer in placed.items():
+        expected.update({prefix(name) + k: v for k, v in layer.state_dict(keep_vars=True).items()})
+    missing = [k for k in expected if k not in full]              # in the model's order
+    unexpected = [k for k in full if k not in expected]
+    if missing or unexpected:
         raise ValueError(f"{path}: the checkpoint does not match the model: missing from the "
-                         f"file {result.missing_keys[:8]}, in the file but not in the model "
-                         f"{result.unexpected_keys[:8]}")
+                         f"file {missing[:8]}, in the file but not in the model "
+                         f"{unexpected[:8]}")
+    wrong = [f"{k}: {list(full[k].shape)} in the file, {list(expected[k].shape)} in the model"
+             for k in sorted(full) if full[k].shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: the checkpoint's tensors do not fit the model: "
+                         f"{'; '.join(wrong[:8])}")
+    # Apply. Nothing above changed the model; should the load still fail (a custom
+    # _load_from_state_dict hook, say), the original modules are put back.
+    originals = {name: model.get_submodule(name) for name in placed}
+    try:
+        for name, layer in placed.items():
+            model.set_submodule(name, layer)
+        model.load_state_dict(full, strict=True)
+    except Exception as e:
+        for name, old in originals.items():
+            model.set_submodule(name, old)
+        raise ValueError(f"{path}: the checkpoint's tensors do not fit the model: {e}") from None

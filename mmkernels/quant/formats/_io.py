@@ -4,6 +4,12 @@ sha256 of a tensor's bytes, dtype names, int32 bit packing.
 Reading never executes code: tensors come from safetensors files (a JSON header plus raw
 little-endian bytes, parsed by the ``safetensors`` library), metadata from JSON. Nothing is
 unpickled.
+
+Reading stays inside the checkpoint: a file that is a symlink (or lies under a symlinked folder)
+resolving outside its checkpoint folder is refused with a ValueError naming it. One layout is
+allowed: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`` links to
+``<repo>/blobs/<hash>`` of the same cached repository. JSON nested deeper than Python's parser
+can follow (a RecursionError) is refused as a ValueError naming the file.
 """
 from __future__ import annotations
 
@@ -51,14 +57,55 @@ def tensor_sha256(t: Tensor) -> str:
 # JSON and safetensors
 # ---------------------------------------------------------------------------------------------
 
-def read_json(path: str) -> dict:
+def resolve_inside(path: str, root: Optional[str] = None) -> str:
+    """The real path of the checkpoint file ``path``, refusing one that resolves (through
+    symlinks) outside the checkpoint folder ``root`` (default: the folder ``path`` is in).
+
+    Allowed: a checkpoint folder that is itself a symlink, links within the folder, and the
+    Hugging Face hub cache layout (``<repo>/snapshots/<rev>/<file>`` -> ``<repo>/blobs/<hash>``).
+    Read the returned path, not ``path``, so that the file checked is the file read.
+    """
+    root = os.path.dirname(os.path.abspath(path)) if root is None else root
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if _within(real, real_root):
+        return real
+    snapshots = os.path.dirname(real_root)
+    if os.path.basename(snapshots) == "snapshots" and _within(
+            real, os.path.join(os.path.dirname(snapshots), "blobs")):
+        return real
+    raise ValueError(f"{path}: resolves to {real}, outside the checkpoint folder {real_root} "
+                     f"(a symlink leading out of the checkpoint); refusing to read it. Copy the "
+                     f"file into the checkpoint folder if it is meant to be there")
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _parse_json(text, path: str, what: str = "not valid JSON"):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: {what} (nested too deeply to parse; a checkpoint's JSON is "
+                         f"a few levels deep)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {what} ({e})") from None
+
+
+def read_json(path: str, root: Optional[str] = None) -> dict:
+    """The JSON object in ``path`` (a file of the checkpoint folder ``root``, default its own
+    folder: see :func:`resolve_inside`). ValueError naming the file when it is missing, leads
+    out of the checkpoint, is not valid UTF-8 JSON, is nested too deeply, or is not an object."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
+    real = resolve_inside(path, root)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        with open(real, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = _parse_json(text, path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got "
                          f"{type(data).__name__}")
@@ -79,16 +126,18 @@ def save_tensors(tensors: Dict[str, Tensor], path: str,
     save_file(out, path, metadata=metadata)
 
 
-def check_safetensors_file(path: str) -> dict:
+def check_safetensors_file(path: str, root: Optional[str] = None) -> dict:
     """Parse the header of a safetensors file and check the file holds every byte it describes.
 
     Returns the header (tensor name -> {dtype, shape, data_offsets}). Raises ValueError naming the
-    file for a missing, truncated or malformed file.
+    file for a missing, truncated or malformed file, or one leading out of the checkpoint folder
+    ``root`` (default: its own folder; see :func:`resolve_inside`).
     """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    real = resolve_inside(path, root)
+    size = os.path.getsize(real)
+    with open(real, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header "
@@ -98,9 +147,10 @@ def check_safetensors_file(path: str) -> dict:
             raise ValueError(f"{path}: truncated or corrupt safetensors file: the header claims "
                              f"{n} bytes but the file has {size} bytes in all")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            text = f.read(n).decode("utf-8")
+        except UnicodeDecodeError as e:
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        header = _parse_json(text, path, "corrupt safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = 0
@@ -126,13 +176,13 @@ def check_safetensors_file(path: str) -> dict:
     return header
 
 
-def load_tensors(path: str) -> Dict[str, Tensor]:
+def load_tensors(path: str, root: Optional[str] = None) -> Dict[str, Tensor]:
     """Every tensor of a safetensors file, on the CPU (checked by :func:`check_safetensors_file`
-    first)."""
-    check_safetensors_file(path)
+    first, which also refuses a file leading out of the checkpoint folder ``root``)."""
+    check_safetensors_file(path, root)
     from safetensors.torch import load_file
     try:
-        return load_file(path, device="cpu")
+        return load_file(resolve_inside(path, root), device="cpu")
     except Exception as e:  # safetensors raises its own error type; name the file
         raise ValueError(f"{path}: cannot read the safetensors file ({e})") from None
 
@@ -143,9 +193,9 @@ def load_checkpoint_tensors(directory: str) -> Dict[str, Tensor]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_tensors(single)
+        return load_tensors(single, directory)
     if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index, directory).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: expected a 'weight_map' object")
         tensors: Dict[str, Tensor] = {}
@@ -153,7 +203,7 @@ def load_checkpoint_tensors(directory: str) -> Dict[str, Tensor]:
             if os.path.basename(shard) != shard:
                 raise ValueError(f"{index}: shard name {shard!r} must be a file name in the "
                                  f"checkpoint directory")
-            tensors.update(load_tensors(os.path.join(directory, shard)))
+            tensors.update(load_tensors(os.path.join(directory, shard), directory))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:8]}")
