@@ -26,7 +26,8 @@ Every format is a **directory** (like a Hugging Face checkpoint), tensors in ``m
                                   ``config.json``; per-layer configurations allowed.
 ================================  ==============================================================
 
-Loading never executes code: safetensors and JSON only, no pickle. ``load_quantized`` detects the
+Loading never executes code: safetensors and JSON only, no pickle, and no file reached through a
+symlink leading out of the checkpoint directory (formats/_io.py). ``load_quantized`` detects the
 format from the files (``mmkernels.json``; ``config.json`` ``quant_method``;
 ``quantize_config.json``) and refuses damaged or inconsistent checkpoints with a ValueError that
 names the file and tensor.
@@ -36,9 +37,11 @@ the checkpoint by a QuantLinear (format ``"mmkernels"``: or an OutlierSplitLinea
 file (moved to that module's device), then loads
 every other tensor with strict key checking: a tensor of the model absent from the file, or one in
 the file the model lacks, is an error (never silently random weights). Float tensors are copied
-into the model's own parameters (their dtype is the model's). ``load_quantized(path)`` returns a
-:class:`QuantizedCheckpoint` (the QuantLinear layers by name, the other tensors by state-dict
-name, the format and its metadata) for use without the model class.
+into the model's own parameters (their dtype is the model's). Everything is checked before the
+model is changed: a refused checkpoint leaves the model exactly as it was.
+``load_quantized(path)`` returns a :class:`QuantizedCheckpoint` (the QuantLinear layers by name,
+the other tensors by state-dict name, the format and its metadata) for use without the model
+class.
 """
 from __future__ import annotations
 
@@ -168,7 +171,10 @@ def _make_parents(folder: str) -> list:
 def load_quantized(path: str, model: Optional[nn.Module] = None):
     """Read a checkpoint directory written by :func:`save_quantized` (or by the GPTQ /
     compressed-tensors tools). Returns ``model`` with its layers replaced and its tensors loaded,
-    or a :class:`QuantizedCheckpoint` when ``model`` is None (see the module docstring)."""
+    or a :class:`QuantizedCheckpoint` when ``model`` is None (see the module docstring).
+
+    Atomic: every layer name, module type, shape and tensor key is checked before ``model`` is
+    changed, so a ValueError leaves ``model`` exactly as it was."""
     path = os.fspath(path)
     fmt = detect_format(path)
     loader = {"mmkernels": mmkernels_format.load, "gptq": gptq_checkpoint.load,
