@@ -23,3 +23,6 @@ __all__ += ["save_quantized", "load_quantized", "export_onnx"]
 from .hf import PatchReport, patch, patched, unpatch  # noqa: E402
 
 __all__ += ["patch", "unpatch", "patched", "PatchReport"]
+from .quant.cpu import clear_caches  # noqa: E402
+
+__all__ += ["clear_caches"]

@@ -15,6 +15,12 @@ the columns in the order ``perm`` (descending Hessian diagonal); the weight is s
 columns in that order, so each quantization group is a contiguous run of ``group_size`` stored
 columns, and the input is gathered the same way (``x[..., perm]``). The GPTQ ecosystem's
 ``g_idx`` (group of each *original* column) is ``g_idx[perm[j]] = j // group_size``.
+
+Changing the weight in place: torch in-place ops and ``load_state_dict`` are always seen. The CPU
+backend caches a prepacked copy of the weight, validated by the buffers' autograd version
+counters; a write that bypasses them (through ``.numpy()``, ``torch.from_numpy``'s array, DLPack,
+raw pointers, or to buffers created under ``torch.inference_mode()``) is not seen: call
+``mmkernels.clear_caches()`` after it, or the layer keeps computing with the old weight.
 """
 from __future__ import annotations
 

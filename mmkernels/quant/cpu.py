@@ -24,8 +24,10 @@ Prepacked-weight cache: the custom op receives the canonical buffers on every ca
 layouts are cached here, keyed weakly on the ``qweight`` tensor object (an entry dies with its
 weight). An entry remembers the version counters (and identities) of ``qweight``, ``scales`` and
 ``zeros``; an in-place change of any of them (``copy_``, ``load_state_dict``, ...) rebuilds it on
-the next call. Tensors created under ``torch.inference_mode()`` have no version counter: their
-in-place changes are not seen, call :func:`clear_cache` after modifying such a weight.
+the next call. Writes that bypass the version counter are not seen: through ``.numpy()`` (or an
+array it came from via ``torch.from_numpy``), DLPack, raw pointers, shared memory written by
+another process, and any in-place change of a tensor created under ``torch.inference_mode()``
+(no version counter). Call :func:`clear_caches` (``mmkernels.clear_caches()``) after such a write.
 """
 from __future__ import annotations
 
@@ -148,6 +150,28 @@ def clear_cache() -> None:
     """Drop every cached prepacked weight (rebuilt on the next call)."""
     with _LOCK:
         _CACHE.clear()
+
+
+def clear_caches() -> None:
+    """Drop every cache mmkernels keeps of data derived from your tensors; exported as
+    ``mmkernels.clear_caches()``. Today that is the CPU qmatmul backend's prepacked weights
+    (rebuilt on the next call, a one-off cost per weight).
+
+    Why it exists: a cached entry is reused while its weight tensors keep their identity, data
+    pointer and autograd version counter (``tensor._version``), which every in-place torch op
+    (``copy_``, ``mul_``, ``load_state_dict``, ...) bumps. Writes that bypass the version counter
+    are invisible to the cache, and the next call would compute with the old weight:
+
+    * through ``.numpy()`` (``qweight.numpy()[...] = ...``), or a NumPy array the tensor shares
+      memory with (``torch.from_numpy``), DLPack, ``data_ptr()`` / ctypes, or shared memory
+      written by another process;
+    * any in-place change of a tensor created under ``torch.inference_mode()`` (it has no
+      version counter).
+
+    Call ``mmkernels.clear_caches()`` after such a write. Thread-safe; never needed after torch
+    in-place ops or ``load_state_dict``.
+    """
+    clear_cache()
 
 
 def cache_size() -> int:
