@@ -60,17 +60,31 @@ def _scope(node_name: str) -> Optional[str]:
     return ".".join(parts[:-1]) if len(parts) > 1 else None
 
 
-def onnx_state_dict(model_or_path, prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def onnx_state_dict(model_or_path, prefix: Optional[str] = None, *,
+                    base_dir: Optional[Union[str, os.PathLike]] = None
+                    ) -> Dict[str, torch.Tensor]:
     """All initializers of an ONNX model (a path or an ``onnx.ModelProto``) as torch tensors,
     named as described in the module docstring.
 
     ``prefix`` (e.g. ``"backbone."``) keeps only names that start with it and strips it.
+    ``base_dir``: the folder of a ``ModelProto`` whose initializers keep their data in external
+    files (``onnx.load(path, load_external_data=False)``, or a model saved with
+    ``save_as_external_data``); those files are read from it, never from the current directory.
+    For a path it defaults to the file's folder (``onnx.load`` reads external data from there).
     Raises ``ValueError`` for an unreadable file, an initializer whose data does not match its
-    shape, or a MatMul weight shared by two differently-named nodes (tied weights).
+    shape, an initializer with external data when the model's folder is not known (a
+    ``ModelProto`` without ``base_dir``) or whose external file lies outside that folder, or a
+    MatMul weight shared by two differently-named nodes (tied weights).
     """
-    _, numpy_helper = _import_onnx()
-    model = model_or_path if hasattr(model_or_path, "graph") else load_onnx_model(model_or_path)
+    onnx, numpy_helper = _import_onnx()
+    if hasattr(model_or_path, "graph"):
+        model = model_or_path
+    else:
+        if base_dir is None:
+            base_dir = os.path.dirname(os.path.abspath(os.fspath(model_or_path)))
+        model = load_onnx_model(model_or_path)
     graph = model.graph
+    base = None if base_dir is None else os.fspath(base_dir)
 
     consumers: Dict[str, list] = {}
     for node in graph.node:
@@ -79,8 +93,12 @@ def onnx_state_dict(model_or_path, prefix: Optional[str] = None) -> Dict[str, to
 
     state: Dict[str, torch.Tensor] = {}
     for init in graph.initializer:
+        external = init.data_location == onnx.TensorProto.EXTERNAL
+        if external:
+            _check_external_location(init, base)
         try:
-            array = numpy_helper.to_array(init)
+            array = numpy_helper.to_array(init, base_dir=base) if external \
+                else numpy_helper.to_array(init)
         except Exception as e:
             raise ValueError(f"initializer {init.name!r} (dims {list(init.dims)}) cannot be read; "
                              f"the file may be truncated or corrupt: {e}") from e
@@ -97,6 +115,27 @@ def onnx_state_dict(model_or_path, prefix: Optional[str] = None) -> Dict[str, to
         if not state:
             raise ValueError(f"no initializer name starts with prefix {prefix!r}")
     return state
+
+
+def _check_external_location(init, base: Optional[str]) -> None:
+    """An initializer whose bytes live in an external file: that file must be named relative to
+    the model's folder ``base`` and stay inside it (numpy_helper would otherwise resolve it
+    against the current directory)."""
+    location = next((e.value for e in init.external_data if e.key == "location"), None)
+    if base is None:
+        raise ValueError(f"initializer {init.name!r} keeps its data in the external file "
+                         f"{location!r}, and this ModelProto does not say which folder it was "
+                         f"loaded from: pass base_dir=<the .onnx file's folder>, or pass the "
+                         f"file's path instead of the ModelProto (external data is never read "
+                         f"relative to the current directory)")
+    if not location or os.path.isabs(location):
+        raise ValueError(f"initializer {init.name!r}: external data location {location!r} must "
+                         f"be a file name relative to the model's folder {base}")
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([real, real_base]) != real_base:
+        raise ValueError(f"initializer {init.name!r}: external data location {location!r} "
+                         f"resolves to {real}, outside the model's folder {real_base}")
 
 
 def _name_anonymous(raw: str, tensor: torch.Tensor, uses: list):
