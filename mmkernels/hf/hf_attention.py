@@ -44,11 +44,15 @@ class ModuleState:
     backend: Optional[str] = None
     served: int = 0
     fallbacks: Dict[str, int] = field(default_factory=dict)
-    # Per-key scores side channel (reduction methods): when ``scores_mode`` is set, the next call
-    # stores its (B, Lk) float32 scores and its keys here.
+    # Side channel for token reduction (mmkernels.hf.adapters): when ``scores_mode`` is set, the
+    # next call served by our kernels stores its (B, Lk) float32 scores in ``last_scores``; with
+    # ``keys_wanted`` it stores its keys (B, Hkv, Lk, D) in ``last_keys``; ``key_bias`` (B, Lk) is
+    # added to every call's per-key bias (ToMe's proportional attention).
     scores_mode: Optional[str] = None
     last_scores: Optional[Tensor] = None
     key_bias: Optional[Tensor] = None
+    keys_wanted: bool = False
+    last_keys: Optional[Tensor] = None
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
@@ -195,6 +199,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
                 out, state.last_scores = result.out, result.scores
             else:
                 out = result
+            if state.keys_wanted:
+                state.last_keys = key
             return out.transpose(1, 2), None
     state.fell_back(reason)
     return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling,
