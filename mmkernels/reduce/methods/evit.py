@@ -39,6 +39,30 @@ def evit_fuse(x: Tensor, cls_scores: Tensor, keep: int, protect_first: int = 1) 
     return torch.cat([kept, fused[:, None].to(x.dtype)], dim=1)
 
 
+def evit_keep(patches: int, keep_rate: float) -> int:
+    """Patch tokens EViT keeps out of ``patches``: ``ceil(keep_rate * patches)``, at least 1."""
+    return min(max(1, math.ceil(keep_rate * patches)), patches)
+
+
+def evit_count(num_tokens: int, keep_rate: float, protect_first: int = 1) -> int:
+    """Number of tokens after one EViT step on ``num_tokens``: the protected ones, the kept
+    patches (:func:`evit_keep`) and one fused token when any patch is dropped."""
+    patches = num_tokens - protect_first
+    keep = evit_keep(patches, keep_rate)
+    return protect_first + keep + (1 if keep < patches else 0)
+
+
+def evit_block_step(block, x: Tensor, keep_rate: float, protect_first: int = 1,
+                    scores: str = "cls") -> Tensor:
+    """One pruning block: attention with its per-key ``scores`` (``"cls"``; a model without a
+    CLS token can use ``"mean"``), keep ``keep_rate`` of the patch tokens and fuse the rest
+    (:func:`evit_fuse`), then the MLP. ``block`` is anything with ``attention_step`` /
+    ``mlp_step`` (our ViT's blocks, the HF layer adapters)."""
+    x, s = block.attention_step(x, scores=scores)
+    x = evit_fuse(x, s, evit_keep(x.shape[1] - protect_first, keep_rate), protect_first)
+    return block.mlp_step(x)
+
+
 class EViT(nn.Module):
     """Wrap a ViT: at each block in ``prune_at``, keep ``keep_rate`` of the patch tokens by CLS
     attention and fuse the rest. ``forward(pixels)`` returns the final normalised tokens."""
@@ -57,11 +81,7 @@ class EViT(nn.Module):
     def forward_tokens(self, x: Tensor) -> Tensor:
         for i, block in enumerate(self.model.blocks):
             if i in self.prune_at:
-                x, scores = block.attention_step(x, scores="cls")
-                patches = x.shape[1] - self.protect_first
-                keep = max(1, math.ceil(self.keep_rate * patches))
-                x = evit_fuse(x, scores, min(keep, patches), self.protect_first)
-                x = block.mlp_step(x)
+                x = evit_block_step(block, x, self.keep_rate, self.protect_first)
             else:
                 x = block(x)
         return self.model.norm(x)

@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._layers import run_through_block
+from ._layers import block_with_scores, run_through_block
 from ..api import gather_tokens, select_tokens
 
 
@@ -67,6 +67,16 @@ def prumerge(x: Tensor, keys: Tensor, cls_scores: Tensor, k: int = 32, protect_f
     protected = idx < protect_first
     merged = torch.where(protected[:, None], kept_x.float(), merged)
     return merged.to(x.dtype), cu
+
+
+def prumerge_block_step(block, x: Tensor, k: int = 32, protect_first: int = 1,
+                        min_keep: int = 1, scores: str = "cls") -> Tuple[Tensor, Tensor]:
+    """Run one block (anything with ``attention_step`` / ``mlp_step``) and reduce its output by
+    :func:`prumerge` with the block's own per-key ``scores`` (``"cls"``; a model without a CLS
+    token can use ``"mean"``) and keys averaged over heads: packed ``(T, C)`` and
+    ``cu_seqlens``."""
+    x, s, keys = block_with_scores(block, x, scores)
+    return prumerge(x, keys, s, k, protect_first, min_keep)
 
 
 class PruMerge(torch.nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._layers import run_through_block
+from ._layers import block_with_scores, run_through_block
 from ..api import gather_tokens, merge_tokens, select_tokens
 
 
@@ -49,6 +49,15 @@ def visionzip(x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contex
     assign[:, target_pos] = torch.arange(contextual, device=x.device)     # targets own their slot
     context, _ = merge_tokens(rest_x, assign, contextual)
     return torch.cat([kept, context], dim=1)
+
+
+def visionzip_block_step(block, x: Tensor, dominant: int, contextual: int,
+                         protect_first: int = 1, scores: str = "cls") -> Tensor:
+    """Run one block (anything with ``attention_step`` / ``mlp_step``) and reduce its output by
+    :func:`visionzip` with the block's own per-key ``scores`` (``"cls"``; a model without a CLS
+    token can use ``"mean"``) and keys averaged over heads."""
+    x, s, keys = block_with_scores(block, x, scores)
+    return visionzip(x, keys, s, dominant, contextual, protect_first)
 
 
 class VisionZip(torch.nn.Module):
