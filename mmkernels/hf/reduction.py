@@ -23,7 +23,8 @@ the method's per-block step from :mod:`mmkernels.reduce.methods` (the same funct
   images keep different counts raises (run one image at a time). ``plus=True`` (PruMerge+) is
   not implemented yet.
 * ``fastv`` belongs to a VLM's language model and is refused here, as are vision-language models
-  (LLaVA & co.): their language model expects a fixed number of image tokens per image.
+  (LLaVA & co.: their language model expects a fixed number of image tokens per image) and
+  transformers backbones (``Dinov2Backbone`` & co.: feature maps need every patch token).
 
 Scores rank tokens by the attention CLS gives them (SigLIP has no CLS token: the mean attention
 each token receives). :func:`output_tokens` states the output token count of a spec.
@@ -222,7 +223,6 @@ class _EncoderRun:
         self.encoder, self.spec = encoder, spec
         self.method = spec["method"]
         self.local = threading.local()
-        self.unreduced_calls = 0
 
     def _tome_state(self, i: int, x: Tensor):
         last = getattr(self.local, "tome", None)
@@ -267,7 +267,6 @@ class _EncoderRun:
 
         def forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
             if kwargs.get("output_attentions"):
-                run.unreduced_calls += 1
                 if i == 0:
                     warnings.warn(
                         "mmkernels token reduction: output_attentions=True asks for attention "
@@ -277,8 +276,9 @@ class _EncoderRun:
             if attention_mask is not None or args:
                 raise ValueError(
                     f"{type(layer).__name__} (token reduction by mmkernels.patch) got an attention "
-                    "mask: a reduced encoder changes the token count, so a per-token mask cannot "
-                    "follow it; call the model without attention_mask or unpatch it")
+                    "mask or extra positional arguments: a reduced encoder changes the token "
+                    "count, so a per-token mask cannot follow it; call the model without "
+                    "attention_mask or unpatch it")
             return run.step(i, hidden_states)
 
         return forward
@@ -287,6 +287,21 @@ class _EncoderRun:
 # ----------------------------------------------------------------------------------------------
 # Entry point (called by mmkernels.hf.core.patch)
 # ----------------------------------------------------------------------------------------------
+
+def _backbone(model: nn.Module) -> Optional[str]:
+    """The class name of a transformers backbone (feature maps on the patch grid) in ``model``."""
+    try:
+        from transformers.backbone_utils import BackboneMixin
+    except ImportError:                      # releases before the move out of utils/
+        try:
+            from transformers.utils.backbone_utils import BackboneMixin
+        except ImportError:
+            return None
+    for module in model.modules():
+        if isinstance(module, BackboneMixin):
+            return type(module).__name__
+    return None
+
 
 def _vision_language_model(model: nn.Module) -> Optional[str]:
     """The class name of a vision-language model part (its config counts image tokens)."""
@@ -323,6 +338,11 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
             "tokens per image (LLaVA raises 'Image features and image tokens do not match'), so "
             "the image-token bookkeeping of the prompt would have to follow the reduction. Reduce "
             "a standalone vision encoder (CLIPVisionModel, SiglipVisionModel, ...) instead")
+    backbone = _backbone(model)
+    if backbone is not None:
+        raise ValueError(
+            f"reduce on {type(model).__name__}: {backbone} returns feature maps on the patch grid, "
+            "which needs every patch token; token reduction does not apply to backbones")
     encoders = find_vision_encoders(model)
     if not encoders:
         raise ValueError(

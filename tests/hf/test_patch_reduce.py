@@ -300,6 +300,16 @@ def test_output_attentions_runs_unreduced_and_warns():
     assert any("output_attentions" in str(w.message) for w in caught)
 
 
+def test_a_token_mask_is_refused():
+    model = _build("vit")
+    pixels = torch.randn(1, 3, IMAGE, IMAGE)
+    mask = torch.ones(1, 1 + N_PATCHES, dtype=torch.long)
+    mask[:, -3:] = 0
+    with mmkernels.patched(model, reduce=METHODS["tome"]), torch.no_grad():
+        with pytest.raises(ValueError, match="attention mask"):
+            model(pixel_values=pixels, attention_mask=mask)
+
+
 def test_prumerge_batch_with_different_counts_is_refused():
     model = _build("vit")
     torch.manual_seed(7)
@@ -364,6 +374,15 @@ def test_models_without_a_supported_vision_encoder(name, error):
     torch.manual_seed(0)
     model = getattr(tiny_models, name)().build().eval()
     with pytest.raises(ValueError, match=error):
+        mmkernels.patch(model, reduce={"method": "tome", "r": 2})
+    assert not mmkernels.hf.is_patched(model)
+
+
+def test_backbones_are_refused():
+    cfg = tf.Dinov2Config(**{k: v for k, v in VISION.items() if k != "intermediate_size"},
+                          out_features=["stage2"])
+    model = tf.Dinov2Backbone(cfg).eval()
+    with pytest.raises(ValueError, match="feature maps on the patch grid"):
         mmkernels.patch(model, reduce={"method": "tome", "r": 2})
     assert not mmkernels.hf.is_patched(model)
 
