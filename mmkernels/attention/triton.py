@@ -69,16 +69,6 @@ def block_d(head_dim: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _seq_extent(Cu, b, varlen, seqlen):
-        """``(start, length)`` of sequence ``b``: ``[Cu[b], Cu[b+1])`` when varlen, else
-        ``[0, seqlen)``; clamped to ``[0, seqlen)`` (an end before its start gives length 0)."""
-        start = tl.load(Cu + b, mask=varlen, other=0)
-        end = tl.load(Cu + b + 1, mask=varlen, other=seqlen)
-        start = tl.minimum(tl.maximum(start, 0), seqlen)
-        end = tl.minimum(tl.maximum(end, start), seqlen)
-        return start, end - start
-
-    @triton.jit
     def _fwd_tile(acc, m_i, l_i, q, K_head, V_head, Bias_head, start_n, offs_m, offs_n, offs_d, offs_dv,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bn,
                   len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
@@ -153,13 +143,19 @@ if triton is not None:
         b = tl.program_id(2)
         # Sequence extent. Dense: tensor batch b, rows [0, seqlen). Varlen: tensor batch 0,
         # rows [cu[b], cu[b+1]). Branch-free: the cu_seqlens loads are masked off when dense.
-        # Clamped to [0, seqlen): GPU cu_seqlens are not validated (that needs a host sync), so a
-        # malformed one may give a wrong result but never an out-of-bounds access.
         varlen = is_varlen != 0
-        q_start, len_q = _seq_extent(CuQ, b, varlen, seqlen_q)
-        k_start, len_k = _seq_extent(CuK, b, varlen, seqlen_k)
+        q_start = tl.load(CuQ + b, mask=varlen, other=0)
+        len_q = tl.load(CuQ + b + 1, mask=varlen, other=seqlen_q) - q_start
+        k_start = tl.load(CuK + b, mask=varlen, other=0)
+        len_k = tl.load(CuK + b + 1, mask=varlen, other=seqlen_k) - k_start
         start_m = pid_m * BLOCK_M
-        if start_m >= len_q:  # grid covers max_seqlen_q; this block is past this sequence's end
+        # Exit when the grid (it covers max_seqlen_q) is past this sequence's end, and for a
+        # sequence whose rows do not lie inside the tensors: GPU cu_seqlens are not validated
+        # (that needs a host sync), so a malformed one leaves rows unwritten but is never read or
+        # written out of bounds. (A branch, not a clamp of the extents: clamping made ptxas spill
+        # in several compile-gate configs.)
+        if (start_m >= len_q) | (q_start < 0) | (q_start + len_q > seqlen_q) | (k_start < 0) \
+                | (len_k < 0) | (k_start + len_k > seqlen_k):
             return
         batch = tl.where(varlen, 0, b).to(tl.int64)
         kv_h = tl.cast(h // kv_group, tl.int64)
@@ -237,8 +233,14 @@ if triton is not None:
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         varlen = is_varlen != 0
-        q_start, len_q = _seq_extent(CuQ, b, varlen, seqlen_q)  # clamped, see _attn_fwd_kernel
-        k_start, len_k = _seq_extent(CuK, b, varlen, seqlen_k)
+        # Clamped to the tensors' rows (GPU cu_seqlens are not validated, see _attn_fwd_kernel):
+        # a negative len_k exits below, a negative len_q leaves an empty row range, so every
+        # access stays inside the tensors. (A clamp here, not the forward's branch: the branch made
+        # ptxas spill in two compile-gate configs of this kernel.)
+        q_start = tl.maximum(tl.load(CuQ + b, mask=varlen, other=0), 0)
+        len_q = tl.minimum(tl.load(CuQ + b + 1, mask=varlen, other=seqlen_q), seqlen_q) - q_start
+        k_start = tl.maximum(tl.load(CuK + b, mask=varlen, other=0), 0)
+        len_k = tl.minimum(tl.load(CuK + b + 1, mask=varlen, other=seqlen_k), seqlen_k) - k_start
         start_n = pid_n * BLOCK_N
         if start_n >= len_k:
             return
