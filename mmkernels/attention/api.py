@@ -132,9 +132,10 @@ def _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
     CPU tensors: read on the host (a few microseconds) and checked exactly like the eager path.
     CUDA tensors: not checked here, since reading them would add a device sync to every call
-    (and break CUDA-graph capture); the GPU kernels clamp every sequence's row range to the
-    tensor extents instead (mmkernels/attention/triton.py), so malformed values give a wrong
-    result but never an out-of-bounds access. Validate on the host before compiling if needed.
+    (and break CUDA-graph capture); the Triton kernels keep every access inside the tensors
+    instead (mmkernels/attention/triton.py: the forward skips a sequence whose rows fall outside
+    them, leaving its rows unwritten), so malformed values give a wrong result but never an
+    out-of-bounds access. Validate on the host before compiling if needed.
     """
     if cu_seqlens_k is None:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")

@@ -1,6 +1,6 @@
 """Malformed cu_seqlens under torch.compile: the public argument checks cannot read tensor values
 while tracing, so the custom op checks them at execution time (CPU tensors), and the Triton
-kernels clamp every sequence's rows to the tensor extents (GPU tensors are not read on the host).
+kernels keep every access inside the tensors (GPU tensors are not read on the host).
 """
 import os
 
@@ -73,7 +73,7 @@ def test_op_called_directly_checks_values():
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (interpreter on CPU): rows clamped to the tensor extents
+# Triton kernels (interpreter on CPU): no access outside the tensors
 # ----------------------------------------------------------------------------------------------
 
 def _guarded(shape, fill, pad=6):
@@ -89,7 +89,7 @@ def _guarded(shape, fill, pad=6):
     ([0, 4, 10], [0, 4, 15]),     # k's last sequence runs past the packed keys
     ([-3, 4, 10], [0, 7, 4]),     # negative start, decreasing k
 ])
-def test_triton_kernels_clamp_rows_to_tensor_extents(cu_q, cu_k):
+def test_triton_kernels_stay_inside_the_tensors(cu_q, cu_k):
     tri = pytest.importorskip("mmkernels.attention.triton")
     if os.environ.get("TRITON_INTERPRET") != "1" or not tri.is_available()[0]:
         pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it)")
