@@ -8,9 +8,11 @@
 #include <sched.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -81,6 +83,45 @@ struct ArenaLease {
     }
   }
 };
+
+// A NaN or +-inf in V (rare: pack found one and packed V with 0 in its place): out[i, c] = NaN for
+// every row i of the item that sees a key j with V[j, c] non-finite (docs/nan_semantics.md). A
+// key is seen unless causality excludes it or its bias is -inf.
+float elem_f32(const void* base, int64_t off, int dtype) {
+  if (dtype == kF32) return ((const float*)base)[off];
+  const uint32_t u = (uint32_t)((const uint16_t*)base)[off] << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it) {
+  const int kvh = it.h / (p.Hq / p.Hkv);
+  const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
+  auto bad = [&](int64_t j, int c) { return !std::isfinite(elem_f32(p.v, vbase + j * p.v_ss + c, p.dtype)); };
+  std::vector<int64_t> keys;  // keys with a non-finite V value, ascending
+  for (int64_t j = 0; j < s.Lk; ++j)
+    for (int c = 0; c < p.Dv; ++c)
+      if (bad(j, c)) {
+        keys.push_back(j);
+        break;
+      }
+  const float* bias = p.bias ? p.bias + s.bk * p.bias_sb + it.h * p.bias_sh + s.k_begin : nullptr;
+  for (int r = 0; r < it.nq; ++r) {
+    const int64_t row = it.q0 + r;
+    const int64_t lim = p.causal ? std::min(s.Lk, row + s.Lk - s.Lq + 1) : s.Lk;
+    const int64_t ooff = s.bq * p.o_sb + it.h * p.o_sh + (s.q_begin + row) * p.o_ss;
+    for (const int64_t j : keys) {
+      if (j >= lim) break;
+      if (bias != nullptr && bias[j] == -INFINITY) continue;
+      for (int c = 0; c < p.Dv; ++c) {
+        if (!bad(j, c)) continue;
+        if (p.dtype == kF32) ((float*)p.out)[ooff + c] = NAN;
+        else ((uint16_t*)p.out)[ooff + c] = 0x7fc0;
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -212,13 +253,14 @@ const char* attention_forward_cpu(const AttnParams& p) {
   // 1 = being packed, 2 = ready): no separate packing pass, and the packed panels are still in
   // cache when the items that read them run.
   std::unique_ptr<std::atomic<int>[]> pack_state(new std::atomic<int>[npack > 0 ? npack : 1]);
+  std::unique_ptr<uint8_t[]> v_bad(new uint8_t[npack > 0 ? npack : 1]());  // pack's answer
   for (int64_t t = 0; t < npack; ++t) pack_state[t].store(0, std::memory_order_relaxed);
   auto ensure_packed = [&](int64_t t) {
     std::atomic<int>& st = pack_state[t];
     if (st.load(std::memory_order_acquire) == 2) return;
     int expected = 0;
     if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      impl->pack(p, seqs[t / Hkv], (int)(t % Hkv), packbuf + koff[t], packbuf + voff[t]);
+      v_bad[t] = impl->pack(p, seqs[t / Hkv], (int)(t % Hkv), packbuf + koff[t], packbuf + voff[t]);
       st.store(2, std::memory_order_release);
       return;
     }
@@ -250,7 +292,8 @@ const char* attention_forward_cpu(const AttnParams& p) {
         const AttnItem& it = items[i];
         const int64_t t = it.seq * Hkv + it.h / group;
         ensure_packed(t);
-        impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc);
+        impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc, v_bad[t] != 0);
+        if (v_bad[t]) mark_nonfinite_v(p, seqs[it.seq], it);
       }
     }
 

@@ -88,11 +88,13 @@ struct AttnImpl {
   int elem_bytes;  // bytes per packed K/V element (4 float, 2 bf16 pairs)
   int row_tile;    // preferred query-row multiple for blocks
   // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
-  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero.
-  void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp);
-  // Computes one item (out, lse, scores partial).
+  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero. Returns true when V holds
+  // a NaN or +-inf: then vp always holds V (never read in place), with 0 in those places, and the
+  // driver marks the output columns of the rows that see such a key (docs/nan_semantics.md).
+  bool (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp);
+  // Computes one item (out, lse, scores partial); v_bad: what pack returned.
   void (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
-              const void* vp, const AttnScratch& sc);
+              const void* vp, const AttnScratch& sc, bool v_bad);
 };
 
 // Implementations available in this build; nullptr if the path does not support the dtype.

@@ -47,10 +47,16 @@ struct V256 {
   static inline T mask_ge(T x, int n) {
     return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, _mm256_castsi256_ps(lanes(n)));
   }
-  // 2^x for x <= 0 (x = -inf -> 0): n = round(x), 2^(x-n) by a degree-5 fit on [-0.5, 0.5]
-  // (max relative error 1.7e-7), 2^n built in the exponent field (n = -127 gives +0).
+  // Lanes of cb that are -inf, and x with those lanes set to -inf.
+  using Mask = __m256;
+  static inline Mask neginf_lanes(T cb) { return _mm256_cmp_ps(cb, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ); }
+  static inline T set_neginf(T x, Mask m) { return _mm256_blendv_ps(x, _mm256_set1_ps(kNegInf), m); }
+  // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
+  // [-0.5, 0.5] (max relative error 1.7e-7), 2^n built in the exponent field (n = -127 gives +0).
   static inline T exp2(T x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
+    // vmaxps returns its second operand when one is NaN: x second, so NaN goes through (the
+    // exponent part of a NaN lane is garbage, y is NaN, so the product is NaN).
+    x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
     const T n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const T f = _mm256_sub_ps(x, n);
     T y = _mm256_set1_ps(1.3400432653725147e-3f);

@@ -45,10 +45,17 @@ struct V512 {
   static inline T mask_ge(T x, int n) {
     return _mm512_mask_blend_ps(lanes(n), _mm512_set1_ps(kNegInf), x);
   }
-  // 2^x for x <= 0 (x = -inf -> 0): n = round(x), 2^(x-n) by a degree-5 fit on [-0.5, 0.5]
-  // (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
+  // Lanes of cb that are -inf, and x with those lanes set to -inf.
+  using Mask = __mmask16;
+  static inline Mask neginf_lanes(T cb) {
+    return _mm512_cmp_ps_mask(cb, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+  }
+  static inline T set_neginf(T x, Mask m) { return _mm512_mask_mov_ps(x, m, _mm512_set1_ps(kNegInf)); }
+  // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
+  // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
   static inline T exp2(T x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+    // vmaxps returns its second operand when one is NaN: x second, so NaN goes through.
+    x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
     const T n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const T f = _mm512_sub_ps(x, n);
     T y = _mm512_set1_ps(1.3400432653725147e-3f);
@@ -134,7 +141,7 @@ struct MicroBf16Dot {
   using KT = uint16_t;
   using QT = uint16_t;
 
-  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
     uint16_t* kp = (uint16_t*)kp_;
     uint16_t* vp = (uint16_t*)vp_;
     const int D = p.D, D2 = D / 2, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
@@ -169,11 +176,15 @@ struct MicroBf16Dot {
         _mm512_storeu_si512((void*)(dst + 2 * c), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
       }
     }
+    // NaN / inf in V: 0 in the packed copy (see MicroF32::pack).
+    if (!any_nonfinite_bf16(vp, Lkp * Dvp)) return false;
+    zero_nonfinite_bf16(vp, Lkp * Dvp);
+    return true;
   }
 
   // V pair-rows: row "k0" of the block starts at k0 * Dvp elements (k0 even).
   static const uint16_t* v_rows(const AttnParams& p, const AttnSeq&, int, const void* vp,
-                                int64_t* ldv) {
+                                int64_t* ldv, bool) {
     *ldv = round_up(p.Dv, W);
     return (const uint16_t*)vp;
   }
@@ -212,14 +223,15 @@ struct MicroBf16Dot {
           acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)kv[c], (__m512bh)qb);
       }
     }
-    // Epilogue as in MicroF32::s_tile: S = acc * scale2 + colb.
+    // Epilogue as in MicroF32::s_tile: S = acc * scale2 + colb, -inf where colb is -inf.
     const __m512 sc2 = _mm512_set1_ps(scale2);
 #pragma GCC unroll 2
     for (int c = 0; c < NP; ++c) {
       const __m512 cb = _mm512_loadu_ps(colb + c * W);
+      const __mmask16 dead = V512::neginf_lanes(cb);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        _mm512_storeu_ps(S + r * kLDS + c * W, _mm512_fmadd_ps(acc[r][c], sc2, cb));
+        _mm512_storeu_ps(S + r * kLDS + c * W, V512::set_neginf(_mm512_fmadd_ps(acc[r][c], sc2, cb), dead));
     }
   }
 

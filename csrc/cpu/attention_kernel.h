@@ -17,6 +17,11 @@
 //     O = O*alpha + P . V_blk        (M::pv_block)
 //   out = O / l, lse = (m + log2 l) * ln 2   (l == 0: fully masked row -> out 0, lse -inf)
 // Work is in base 2 (exp2) throughout; only lse is converted back to natural log.
+// NaN / inf (docs/nan_semantics.md): a column term of -inf forces S = -inf whatever q.k is (a
+// masked key is never read); exp2 propagates NaN, so a NaN or +inf logit of a visible key makes
+// l NaN and the row NaN (out, lse, and its scores on the keys it sees). The one place a NaN can
+// hide is a block whose other visible logits are all -inf (the max drops it): that rare branch
+// looks for it. A NaN / inf in V is handled by pack (a sanitised copy) and the driver.
 // Scores: with a single block, kept rows add P / l to the item's partial row right after their
 // softmax. Otherwise rows that contribute keep their (unnormalised) P and the running max of each
 // block in per-thread scratch; after the last block each kept value is scaled by
@@ -57,6 +62,37 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
+inline bool has_nan(const float* x, int n) {
+  for (int i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
+}
+// NaN / inf tests on the exponent bits (integer compares, so the loops vectorise).
+inline bool any_nonfinite_f32(const float* x, int64_t n) {
+  uint32_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    acc |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return acc != 0;
+}
+inline bool any_nonfinite_bf16(const uint16_t* x, int64_t n) {
+  uint32_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc |= (uint32_t)((x[i] & 0x7f80u) == 0x7f80u);
+  return acc != 0;
+}
+inline void zero_nonfinite_f32(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) x[i] = 0.f;
+  }
+}
+inline void zero_nonfinite_bf16(uint16_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if ((x[i] & 0x7f80u) == 0x7f80u) x[i] = 0;
+}
 // Key blocks start at multiples of kBK; the last one takes up to kBK + kBKMerge keys. An item
 // that sees at most kBKOne keys has a single block.
 inline int block_len(int64_t k0, int64_t kend) {
@@ -103,7 +139,7 @@ struct MicroF32 {
   using KT = float;
   using QT = float;
 
-  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
     float* kp = (float*)kp_;
     float* vp = (float*)vp_;
     const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
@@ -143,7 +179,12 @@ struct MicroF32 {
         }
       }
     }
-    if (v_direct(p)) return;  // P.V reads V in place
+    if (v_direct(p)) {  // P.V reads V in place, unless it holds a NaN / inf
+      const float* v0 = (const float*)p.v + vbase;
+      bool bad = false;
+      for (int64_t j = 0; j < Lk && !bad; ++j) bad = any_nonfinite_f32(v0 + j * p.v_ss, Dv);
+      if (!bad) return false;
+    }
     const int64_t Lkp = npan * W;
     for (int64_t j = 0; j < Lkp; ++j) {
       float* dst = vp + j * Dvp;
@@ -160,13 +201,18 @@ struct MicroF32 {
       }
       for (; c < Dvp; ++c) dst[c] = 0.f;
     }
+    // NaN / inf in V: 0 in the packed copy (P = 0 of a masked key must not turn it into NaN).
+    if (!any_nonfinite_f32(vp, Lkp * Dvp)) return false;
+    zero_nonfinite_f32(vp, Lkp * Dvp);
+    return true;
   }
 
-  // fp32 V whose rows are whole vectors is read in place (no copy); otherwise packed [j][Dvp].
+  // fp32 V whose rows are whole vectors is read in place (no copy); otherwise (or when pack found
+  // a NaN / inf, v_bad) packed [j][Dvp].
   static bool v_direct(const AttnParams& p) { return p.dtype == kF32 && p.Dv % W == 0; }
   static const float* v_rows(const AttnParams& p, const AttnSeq& s, int kvh, const void* vp,
-                             int64_t* ldv) {
-    if (v_direct(p)) {
+                             int64_t* ldv, bool v_bad) {
+    if (v_direct(p) && !v_bad) {
       *ldv = p.v_ss;
       return (const float*)p.v + s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
     }
@@ -215,13 +261,16 @@ struct MicroF32 {
       }
     }
     // Epilogue: base-2 logits, S = acc * scale*log2(e) + colb (bias*log2(e), or -inf past the
-    // block's visible keys); one column vector serves the tile's R rows.
+    // block's visible keys); one column vector serves the tile's R rows. Where colb is -inf, S is
+    // -inf even if q.k is NaN or +inf (a masked key is never read).
     const T sc2 = V::set1(scale2);
 #pragma GCC unroll 2
     for (int c = 0; c < NP; ++c) {
       const T cb = V::load(colb + c * W);
+      const typename V::Mask dead = V::neginf_lanes(cb);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) V::store(S + r * kLDS + c * W, V::fmadd(acc[r][c], sc2, cb));
+      for (int r = 0; r < R; ++r)
+        V::store(S + r * kLDS + c * W, V::set_neginf(V::fmadd(acc[r][c], sc2, cb), dead));
     }
   }
 
@@ -329,18 +378,18 @@ struct AttnKernel {
   using KT = typename M::KT;
   using QT = typename M::QT;
 
-  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp) {
-    M::pack(p, s, kvh, kp, vp);
+  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp) {
+    return M::pack(p, s, kvh, kp, vp);
   }
 
   static void run(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp_,
-                  const void* vp_, const AttnScratch& sc) {
+                  const void* vp_, const AttnScratch& sc, bool v_bad) {
     const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
     const int nq = it.nq, h = it.h;
     const int64_t Lq = s.Lq, Lk = s.Lk;
     const KT* kp = (const KT*)kp_;
     int64_t ldv = 0;
-    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv);
+    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv, v_bad);
     {
       // The item's query rows (read by the S tiles) and output rows (written at the end).
       const int64_t es = p.dtype == kF32 ? 4 : 2, row = s.q_begin + it.q0;
@@ -439,6 +488,9 @@ struct AttnKernel {
         }
         const float mnew = fmaxf_(m[r], V::hmax(mx));
         if (nvalid == 0 || mnew == kNegInf) {  // no visible key in this block, or none yet
+          // The max drops NaN: a NaN logit among -inf ones lands here (rare); it makes the row
+          // NaN (l stays NaN through every later block).
+          if (nvalid > 0 && has_nan(srow, kbp)) l[r] = __builtin_nanf("");
           alpha[r] = 1.f;
           M::zero_p(sc.P, r, kbp);
           if (keep && !direct_scores) {
@@ -459,10 +511,12 @@ struct AttnKernel {
         l[r] = l[r] * a + V::hsum(sum);
         m[r] = mnew;
         alpha[r] = a;
-        if (keep && direct_scores) {  // l[r] >= 1 here (the max element gives e = 1)
-          const T invl = V::set1(1.f / l[r]);
-          for (int jv = 0; jv < kbp; jv += W)
-            V::store(it.part + jv, V::fmadd(V::load(krow + jv), invl, V::load(it.part + jv)));
+        if (keep && direct_scores) {
+          if (l[r] > 0.f) {  // l[r] >= 1 (the max element gives e = 1); NaN rows: at the end
+            const T invl = V::set1(1.f / l[r]);
+            for (int jv = 0; jv < kbp; jv += W)
+              V::store(it.part + jv, V::fmadd(V::load(krow + jv), invl, V::load(it.part + jv)));
+          }
         } else if (keep) {
           sc.keep_m[r * sc.nkb + kbi] = mnew;
         }
@@ -476,8 +530,8 @@ struct AttnKernel {
       const int64_t row = s.q_begin + it.q0 + r;
       const int64_t ooff = s.bq * p.o_sb + h * p.o_sh + row * p.o_ss;
       float* orow = sc.O + r * Dvp;
-      const bool valid = l[r] > 0.f;
-      const T inv = V::set1(valid ? 1.f / l[r] : 0.f);
+      const bool empty = l[r] == 0.f;  // fully masked; l NaN: NaN row (out and lse NaN)
+      const T inv = V::set1(empty ? 0.f : 1.f / l[r]);
       for (int c = 0; c < Dvp; c += W) V::store(orow + c, V::mul(V::load(orow + c), inv));
       if (p.dtype == kF32) {
         float* dst = (float*)p.out + ooff;
@@ -494,7 +548,7 @@ struct AttnKernel {
       }
       if (p.lse)
         p.lse[s.bq * p.lse_sb + h * p.lse_sh + row * p.lse_ss] =
-            valid ? (m[r] + __builtin_log2f(l[r])) * kLn2 : kNegInf;
+            empty ? kNegInf : (m[r] + __builtin_log2f(l[r])) * kLn2;
     }
 
     // Scores partial row: part[j] = sum over kept rows of P_final[r][j].
@@ -516,7 +570,7 @@ struct AttnKernel {
         for (j = k0; j < kstop; j += W) {
           T acc = V::zero();
           for (int r = keep_lo; r < keep_hi; ++r) {
-            if (j >= lim[r]) continue;
+            if (j >= lim[r] || l[r] != l[r]) continue;  // NaN rows: below
             const float fr = sc.keep_m[r * sc.nkb + b];
             acc = V::fmadd(V::load(sc.keep + r * sc.ldk + j), V::set1(fr), acc);
           }
@@ -524,6 +578,14 @@ struct AttnKernel {
         }
       }
       for (; j < Lk; j += W) V::store(part + j, V::zero());
+    }
+    // A kept NaN row: its probabilities are NaN on every key it sees (0 on masked keys).
+    if (it.part != nullptr) {
+      for (int r = keep_lo; r < keep_hi; ++r) {
+        if (l[r] == l[r]) continue;
+        for (int64_t j = 0; j < lim[r]; ++j)
+          if (bias == nullptr || bias[j] != kNegInf) it.part[j] = __builtin_nanf("");
+      }
     }
   }
 };

@@ -80,6 +80,20 @@ struct VScalar {
       if (i >= n) x.v[i] = kNegInf;
     return x;
   }
+  // Lanes of cb that are -inf, and x with those lanes set to -inf.
+  struct Mask {
+    bool b[8];
+  };
+  static inline Mask neginf_lanes(T cb) {
+    Mask m;
+    for (int i = 0; i < 8; ++i) m.b[i] = cb.v[i] == kNegInf;
+    return m;
+  }
+  static inline T set_neginf(T x, Mask m) {
+    for (int i = 0; i < 8; ++i)
+      if (m.b[i]) x.v[i] = kNegInf;
+    return x;
+  }
   static inline T exp2(T x) {
     for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
     return x;

@@ -416,6 +416,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     Returns the output tensor, or ``AttentionOutput(out, lse, scores)`` when scores or lse is asked.
     Fully masked rows give 0 output and ``-inf`` lse. Gradients flow to q, k, v and key_bias (the
     backward recomputes through the reference).
+
+    NaN / inf, the same on every backend (docs/nan_semantics.md): a key masked for a row (causal,
+    or ``key_bias = -inf``) is never read by it. A row that sees a NaN logit (NaN in q, in k or in
+    the key_bias of a key it sees) or a ``+inf`` one (``key_bias = +inf``) is NaN: out and lse NaN,
+    and its probabilities are NaN on the keys it sees, so those keys' ``scores`` are NaN when the
+    row counts. A NaN or ``±inf`` in ``v[j, c]`` makes ``out[i, c]`` NaN for every row ``i`` that
+    sees key ``j``. A row that sees no key stays 0 with lse ``-inf`` whatever q holds.
     """
     max_seqlen_q, max_seqlen_k = check_arguments(
         q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -4,11 +4,21 @@ For one sequence and one head, with logits ``s = scale * q @ k.T + bias``:
 
 * causal masking is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Lk - Lq``
   (FlashAttention >= 2.1 semantics), a masked logit is ``-inf``;
-* ``p = softmax(s)`` row by row; a row whose logits are all ``-inf`` has ``p = 0``, so its output
+* key ``j`` is *masked* for row ``i`` when causality excludes it or ``bias[j] = -inf``; a masked key
+  is never read: its ``k``, ``v`` and bias values (NaN included) do not reach row ``i``;
+* ``p = softmax(s)`` row by row; a row whose keys are all masked has ``p = 0``, so its output
   is 0 and its log-sum-exp is ``-inf`` (never NaN);
-* ``out = p @ v``; ``lse = logsumexp(s)``;
+* a row that sees a NaN logit or a ``+inf`` one (NaN in q, k or the bias of a key it sees,
+  ``bias = +inf``, ...) is a *NaN row*: ``p`` is NaN on the keys it sees (0 on masked keys), its
+  output and its lse are NaN (what softmax gives; ``logsumexp`` alone would say ``+inf``);
+* ``out = p @ v`` over the keys the row sees; a NaN or ``±inf`` in ``v[j, c]`` makes ``out[i, c]``
+  NaN for every row ``i`` that sees key ``j`` (±inf too: the value is not a usable weight);
+  ``lse = logsumexp(s)``;
 * per-key scores average ``p`` over the query heads and over the rows that count:
-  row 0 (``"cls"``), the last row (``"last"``) or every row (``"mean"``).
+  row 0 (``"cls"``), the last row (``"last"``) or every row (``"mean"``); a NaN row among them
+  makes the scores of the keys it sees NaN.
+
+docs/nan_semantics.md states the same rules for every op of the library.
 
 This module materialises the ``(H, Lq, Lk)`` matrix on purpose: it is the readable spec and the
 float64 oracle of the tests, not a fast path.
@@ -36,16 +46,28 @@ def sequence_attention(q, k, v, bias=None, *, causal=False, scale=None):
     k = k.repeat_interleave(group, dim=0)  # GQA: query head h reads kv head h // group
     v = v.repeat_interleave(group, dim=0)
     logits = scale * (q @ k.transpose(-1, -2))
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)[..., None, :]
+    # visible[i, j] (broadcast to (Hq, Lq, Lk)): row i reads key j. Masked keys are never read.
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
         i = torch.arange(lq, device=q.device)[:, None]
         j = torch.arange(lk, device=q.device)[None, :]
-        logits = logits.masked_fill(j > i + (lk - lq), float("-inf"))
+        visible = j <= i + (lk - lq)
+    if bias is not None:
+        b = bias.to(logits.dtype)[..., None, :]
+        visible = visible & (b != float("-inf"))
+        logits = logits + b
+    logits = logits.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
-    finite = torch.isfinite(lse)[..., None]
-    p = torch.where(finite, torch.exp(logits - torch.where(finite, lse[..., None], 0)), 0)
-    return p.to(v.dtype) @ v, lse, p
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit: NaN row
+    empty = (lse == float("-inf"))[..., None]                   # fully masked row: p = 0
+    p = torch.exp(logits - torch.where(empty, 0, lse[..., None]))
+    p = torch.where(visible, p, 0)                              # NaN rows: NaN on visible keys only
+    bad_v = ~torch.isfinite(v)
+    out = p.to(v.dtype) @ v.masked_fill(bad_v, 0)
+    # NaN / inf in v[j, c]: NaN in column c of every row that sees key j
+    hit = visible.to(v.dtype) @ bad_v.to(v.dtype)
+    out = torch.where(hit > 0, float("nan"), out)
+    return out, lse, p
 
 
 def sequence_scores(p, mode: int):

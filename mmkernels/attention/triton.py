@@ -11,6 +11,11 @@ Kernels
   in two: tiles that need no mask at all (fully inside the sequence and, when causal, fully visible to every
   row of the block) and the remaining tiles (the causal diagonal and the ragged last tile), which are masked.
   Causal tiles above the diagonal are never visited.
+  NaN / inf (docs/nan_semantics.md): a key whose bias is -inf is never read (its V load is masked
+  off, its logit forced to -inf); a NaN or +inf logit makes the row's l NaN, hence a NaN row (out
+  and lse). V values of visible keys are used as loaded (NaN propagates through P.V; an inf that
+  comes out is turned into NaN at the end); in causal diagonal tiles, where a key is masked for
+  some rows only, non-finite V values are zeroed and the rows that see them get NaN in that column.
 * ``_attn_scores_kernel``: per-key importance (``scores_mode`` cls / last / mean). One program per
   (key block, sequence) loops over the query heads and over the query rows that count, recomputes that
   tile's logits and ``p = exp(s - lse)`` from the forward's row LSE, and sums columns. Each program owns its
@@ -82,31 +87,40 @@ if triton is not None:
             + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd          # (BLOCK_D, BLOCK_N) = K^T
         v_ptrs = V_head + tl.cast(start_n, tl.int64) * stride_vn \
             + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd         # (BLOCK_N, BLOCK_DV)
+        # Key bias, branch-free: without a bias the load is masked off and adds 0 (one FADD per
+        # logit; it saves a kernel variant per config). A key whose bias is -inf is never read:
+        # its V load is masked off (so P = 0 cannot meet a NaN there) and its logit is -inf.
+        b_ptrs = Bias_head + keys.to(tl.int64) * stride_bn
         if MASKED:
             key_ok = keys < len_k
+            bias = tl.load(b_ptrs, mask=key_ok & use_bias, other=0.0)
+            live = key_ok & (bias != float("-inf"))
             kt = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=live[:, None] & dv_ok[None, :], other=0.0)
         else:
+            bias = tl.load(b_ptrs, mask=use_bias, other=0.0)
+            live = bias != float("-inf")
             kt = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=live[:, None] & dv_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         # logits in the log2 domain: s = (scale * q.k + bias) * log2(e)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        # Key bias, branch-free: without a bias the load is masked off and adds 0 (one FADD per
-        # logit; it saves a kernel variant per config).
-        b_ptrs = Bias_head + keys.to(tl.int64) * stride_bn
-        if MASKED:
-            bias = tl.load(b_ptrs, mask=key_ok & use_bias, other=0.0)
-        else:
-            bias = tl.load(b_ptrs, mask=use_bias, other=0.0)
         s = s + bias[None, :] * 1.4426950408889634
         if MASKED:
-            valid = key_ok[None, :]
+            valid = live[None, :]
             if IS_CAUSAL:  # bottom-right aligned: row i sees keys j <= i + (Lk - Lq)
                 valid = valid & (keys[None, :] <= offs_m[:, None] + causal_shift)
+                # A key masked for some rows only: a NaN / inf in its V must not reach them
+                # through P = 0. Zero those values; the rows that see the key (j <= i + shift)
+                # get NaN in that column: first_bad[c] = the first such key of the tile.
+                v_bad = (v - v) != 0.0
+                first_bad = tl.min(tl.where(v_bad, keys[:, None], 2147483647), 0)
+                v = tl.where(v_bad, 0.0, v)
             s = tl.where(valid, s, float("-inf"))
+        elif use_bias:
+            s = tl.where(live[None, :], s, float("-inf"))  # NaN q.k of a masked key stays out
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no finite logit so far keeps m = -inf; subtracting 0 instead of -inf keeps
         # exp2(-inf - (-inf)) = NaN out of alpha and p (both become exactly 0).
@@ -119,6 +133,9 @@ if triton is not None:
             acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if MASKED:
+            if IS_CAUSAL:
+                acc = tl.where(first_bad[None, :] <= offs_m[:, None] + causal_shift, float("nan"), acc)
         return acc, m_new, l_i
 
     @triton.jit
@@ -207,9 +224,11 @@ if triton is not None:
                                       len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
                                       True, IS_CAUSAL, UPCAST, DOT_PRECISION)
 
-        # Fully masked rows (l = 0): out 0, lse -inf.
+        # Fully masked rows (l = 0): out 0, lse -inf. NaN rows (l NaN): out and lse NaN.
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # |out| <= max |V| for finite V: an inf here came from an inf in V, which gives NaN.
+        acc = tl.where(tl.abs(acc) == float("inf"), float("nan"), acc)
         o_ptrs = Out + batch * stride_ob + h64 * stride_oh + tl.cast(q_start + start_m, tl.int64) * stride_om \
             + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_dv[None, :] * stride_od
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
@@ -285,9 +304,12 @@ if triton is not None:
                 lse = tl.load(L_head + (q_start + rows).to(tl.int64) * stride_lm, mask=r_ok,
                               other=float("-inf")) * 1.4426950408889634
                 s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
-                valid = r_ok[:, None] & key_ok[None, :] & (lse[:, None] > float("-inf"))
+                # A NaN row (lse NaN) counts: p is NaN on the keys it sees. Keys with bias -inf
+                # are never read (p = 0 whatever q.k is).
+                valid = r_ok[:, None] & key_ok[None, :] & (lse[:, None] != float("-inf"))
+                valid = valid & (bias[None, :] != float("-inf"))
                 valid = valid & ((offs_n[None, :] <= rows[:, None] + causal_shift) | (is_causal == 0))
-                lse_safe = tl.where(lse > float("-inf"), lse, 0.0)  # fully masked rows: p = 0 below
+                lse_safe = tl.where(lse != float("-inf"), lse, 0.0)  # fully masked rows: p = 0 below
                 p = tl.where(valid, tl.exp2(s - lse_safe[:, None]), 0.0)
                 col += tl.sum(p, 0)
         col = col / (num_heads * tl.maximum(n_rows, 1)).to(tl.float32)
