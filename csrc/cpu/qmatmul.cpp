@@ -138,9 +138,14 @@ float load_act(const A8Job& j, int64_t m, int64_t k) {
 void a8_quantize_scalar(const A8Job& j, int64_t m0, int64_t m1) {
   const int64_t K4 = j.p.T * 4;
   for (int64_t m = m0; m < m1; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < j.K; ++k) amax = std::max(amax, std::fabs(load_act(j, m, k)));
-    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    uint32_t amax = 0;  // bits of max |v| (see a8_scale)
+    for (int64_t k = 0; k < j.K; ++k) {
+      const float v = load_act(j, m, k);
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      amax = std::max(amax, u & 0x7fffffffu);
+    }
+    const float s = a8_scale(amax);
     int8_t* dst = (int8_t*)j.aq + m * K4;
     int32_t sum = 0;
     for (int64_t k = 0; k < j.K; ++k) {

@@ -298,9 +298,14 @@ void a8_quantize(const A8Job& j, int64_t m0, int64_t m1) {
                                   : bf16_to_f32(((const uint16_t*)j.x)[m * j.ldx + k]);
       return j.smooth ? v / j.smooth[k] : v;
     };
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(value(k)));
-    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    uint32_t amax = 0;  // bits of max |v| (see a8_scale)
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = value(k);
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      amax = std::max(amax, u & 0x7fffffffu);
+    }
+    const float s = a8_scale(amax);
     int16_t* dst = (int16_t*)j.aq + m * K4;
     int32_t sum = 0;
     for (int64_t k = 0; k < K; ++k) {

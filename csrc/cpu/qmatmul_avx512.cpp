@@ -480,7 +480,9 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
 // =============================================================================================
 
 // Per-token quantization of rows [m0, m1) exactly as the reference: v = x (/ smooth), s = amax/127
-// (1 if the row is zero), x_q = clamp(round_half_even(v / s), -127, 127) -- true divisions.
+// (1 if the row is zero, NaN if it holds a NaN / inf: the output row is NaN), x_q =
+// clamp(round_half_even(v / s), -127, 127) -- true divisions. amax is the integer max of |v|'s
+// bits (NaN > inf > finite values), so unlike a float max it never drops a NaN.
 void a8_quantize_impl(const A8Job& j, int64_t m0, int64_t m1, bool shifted) {
   const int64_t K = j.K, K4 = j.p.T * 4;
   for (int64_t m = m0; m < m1; ++m) {
@@ -489,10 +491,13 @@ void a8_quantize_impl(const A8Job& j, int64_t m0, int64_t m1, bool shifted) {
       if (j.smooth) v = _mm512_maskz_div_ps(mk, v, _mm512_maskz_loadu_ps(mk, j.smooth + k));
       return v;
     };
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_v(k, lanes16(K - k))));
-    const float am = _mm512_reduce_max_ps(amax);
-    const float s = am > 0.f ? am / 127.f : 1.f;
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i amax = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512i bits = _mm512_castps_si512(load_v(k, lanes16(K - k)));
+      amax = _mm512_max_epu32(amax, _mm512_and_si512(bits, absmask));
+    }
+    const float s = a8_scale((uint32_t)_mm512_reduce_max_epu32(amax));
     const __m512 sv = _mm512_set1_ps(s);
     __m512i sum = _mm512_setzero_si512();
     uint8_t* dst = j.aq + m * K4;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace mmk {
 namespace cpu {
@@ -157,6 +158,16 @@ struct QmmImpl {
 const QmmImpl* qmm_impl_avx512(bool bf16);  // nullptr when not compiled for x86
 const QmmImpl* qmm_impl_avx2();             // nullptr when not compiled for x86
 const QmmImpl* qmm_impl_scalar();
+
+// W8A8 per-token scale from the bits of max_k |x[t, k]| taken as an integer max (NaN > inf > every
+// finite value, so no NaN is dropped): amax / 127, 1 for an all-zero row, NaN for a row holding a
+// NaN or inf (its output row is NaN; docs/nan_semantics.md). static: no cross-ISA merging.
+static inline float a8_scale(uint32_t amax_bits) {
+  if (amax_bits >= 0x7f800000u) return __builtin_nanf("");
+  float am;
+  std::memcpy(&am, &amax_bits, 4);
+  return am > 0.f ? am / 127.f : 1.f;
+}
 
 // Shared helpers (defined in qmatmul.cpp, baseline flags).
 float bf16_to_f32(uint16_t h);

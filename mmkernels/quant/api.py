@@ -99,6 +99,11 @@ def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
     float8 e4m3 activations for an fp8 ``qw``; needs an 8-bit per-channel ``qw``). ``smooth``: SmoothQuant factors ``(K,)`` that ``x`` is divided by
     (``qw`` must be ``quantize_weight(W * smooth)``). ``backend``: see ``mmkernels._dispatch``.
     No autograd formula yet (inference only).
+
+    NaN / inf (every backend, docs/nan_semantics.md): with ``act_bits=8`` a row of ``x / smooth``
+    holding a NaN or ``±inf`` gets a NaN per-token scale, so its output row is NaN; weight-only
+    products follow IEEE arithmetic (a NaN row gives a NaN row; ``±inf`` gives ``±inf`` or NaN).
+    A zero in ``smooth`` is divided by like any value (no check: it would cost a host sync).
     """
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a mmkernels QuantizedWeight (from quantize_weight), "

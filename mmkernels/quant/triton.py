@@ -30,8 +30,8 @@ Kernels (all read the weight's storage as bytes: ``qweight.view(torch.uint8)``)
 * ``_splitk_reduce_kernel``: sums the partials over the splits in a fixed order (deterministic:
   no atomics), applies the epilogue (W8A8 scales, bias) and casts to the output dtype.
 * ``_act_quant_kernel`` (W8A8): one program per BLOCK_M token rows (1 on the GPU); pass 1 the
-  absmax of ``x / smooth``, pass 2 ``x_q = round_half_even(x / s_x)`` (int8) or the e4m3 encoding
-  of ``x / s_x`` (fp8). Divisions are IEEE (``tl.div_rn``) and rounding is done by hand
+  absmax of ``x / smooth`` (NaN-propagating: a row with a NaN / inf gets ``s_x = NaN``), pass 2
+  ``x_q = round_half_even(x / s_x)`` (int8) or the e4m3 encoding of ``x / s_x`` (fp8). Divisions are IEEE (``tl.div_rn``) and rounding is done by hand
   (``_round_half_even``: Triton's ``rint`` needs libdevice, absent from the interpreter), so
   ``x_q`` and ``s_x`` are bit-identical to reference.quantize_activations[_fp8]. For int8 it also
   writes the row sums of ``x_q`` (used for asymmetric weights, below).
@@ -322,17 +322,21 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m < M
         x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
-        # pass 1: absmax of each (smoothed) row
-        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        # pass 1: absmax of each (smoothed) row, as the integer max of |x|'s bits: NaN > inf >
+        # every finite value, so a NaN is never dropped (a float max drops it on the GPU)
+        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             x = _load_act(x_rows, Smooth, row_ok, k0 + offs_k, K, stride_xk, HAS_SMOOTH)
-            amax = tl.maximum(amax, tl.abs(x))
-        amax_row = tl.max(amax, 1)
+            amax = tl.maximum(amax, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        amax_row = tl.max(amax, 1).to(tl.float32, bitcast=True)
         if FP8:
             qmax = 448.0
         else:
             qmax = 127.0
         scale = tl.where(amax_row > 0, tl.div_rn(amax_row, qmax), 1.0)
+        # a NaN / inf in the row: s_x = NaN, the output row is NaN (x_q is 0; docs/nan_semantics.md)
+        finite = amax_row < float("inf")
+        scale = tl.where(finite, scale, float("nan"))
 
         # pass 2: x / s_x, rounded like torch (IEEE division, ties to even), clamped
         q_rows = Xq + offs_m.to(tl.int64)[:, None] * K
@@ -342,6 +346,7 @@ if triton is not None:
             ok = row_ok[:, None] & (k[None, :] < K)
             v = tl.div_rn(_load_act(x_rows, Smooth, row_ok, k, K, stride_xk, HAS_SMOOTH),
                           scale[:, None])
+            v = tl.where(finite[:, None], v, 0.0)
             if FP8:
                 q = _f32_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
                 tl.store(q_rows + k[None, :], q.to(tl.uint8), mask=ok)
