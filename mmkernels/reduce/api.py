@@ -323,6 +323,11 @@ def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1,
 
     ``metric (B, N, C)``: per-token features compared by cosine similarity (ToMe uses the keys
     averaged over heads). ``r`` may be 0 and at most the number of mergeable A tokens.
+
+    NaN / inf (every backend, docs/nan_semantics.md): a token whose metric row holds a NaN or
+    ``±inf`` has NaN similarities, and a NaN similarity counts as ``-inf``: such a B token is
+    nobody's best match while a finite similarity exists; such an A token matches the first B
+    token with score ``-inf`` and is chosen last (ties to the lower position).
     """
     _check_tokens("metric", metric)
     _check_int("protect_first", protect_first, 0, metric.shape[1])

@@ -8,6 +8,10 @@ matching, as this library defines it:
 * set A = tokens at even positions, set B = tokens at odd positions; the first ``protect_first``
   tokens (CLS, register or distillation tokens) are in neither set: never merged, never a target;
 * every A token finds its most similar B token (ties: the lowest B position);
+* a NaN similarity counts as ``-inf`` (a metric row holding a NaN or ``±inf`` normalises to NaN):
+  such a token is nobody's best match while a finite similarity exists, and an A token whose
+  similarities are all NaN matches the first B token with score ``-inf``, so it merges last
+  (docs/nan_semantics.md);
 * the ``r`` A tokens with the highest similarity (ties: the lowest A position) merge into their match.
 
 A *plan* describes the merge by index tensors (nothing else), so that it can be applied to any
@@ -50,6 +54,7 @@ def tome_plan(metric: Tensor, r: int, protect_first: int = 1):
         dst_idx = positions.new_zeros(b, 0)
     else:
         sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)          # (B, |A|, |B|)
+        sim = sim.masked_fill(sim.isnan(), float("-inf"))                   # NaN: never a best match
         best_sim, best_b = sim.max(dim=-1)                                  # first max on ties
         chosen = _stable_topk_desc(best_sim, r)                             # (B, r) into A
         chosen = chosen.sort(dim=-1).values                                 # ascending positions

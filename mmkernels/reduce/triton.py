@@ -2,7 +2,8 @@
 
 Kernels
 -------
-* ``_inv_norm_kernel``: ``1 / max(||metric_t||, 1e-12)`` per token, in fp32 (a tiny pre-pass of tome_plan).
+* ``_inv_norm_kernel``: ``1 / max(||metric_t||, 1e-12)`` per token, in fp32 (a tiny pre-pass of tome_plan);
+  NaN for a token whose row holds a NaN / inf: its similarities are NaN, which count as ``-inf``.
 * ``_tome_match_kernel``: one program per (block of A tokens, batch row). A tokens are the even positions
   ``>= protect_first``, B tokens the odd ones. The program walks B tile by tile; each tile's similarities are
   ``sum over C-chunks of tl.dot(A_chunk, B_chunk^T)`` (fp32 accumulation), scaled by the B tokens' inverse
@@ -100,7 +101,8 @@ if triton is not None:
     def _inv_norm_kernel(X, InvNorm, n_tokens, n_chan,
                          stride_xb, stride_xn, stride_xc, stride_ib, stride_in,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-        """InvNorm[b, t] = 1 / max(||X[b, t, :]||_2, 1e-12), accumulated in fp32."""
+        """InvNorm[b, t] = 1 / max(||X[b, t, :]||_2, 1e-12), accumulated in fp32; NaN for a token
+        whose row holds a NaN or inf (its similarities are NaN, i.e. -inf: reference.py)."""
         pid_t = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -112,10 +114,12 @@ if triton is not None:
             c = c0 + offs_c
             v = tl.load(row + c[None, :] * stride_xc, mask=t_ok[:, None] & (c[None, :] < n_chan),
                         other=0.0).to(tl.float32)
-            sq += tl.sum(v * v, 1)
+            # + v * 0 (exactly 0 for finite v): a NaN or inf makes sq NaN, not just inf
+            sq += tl.sum(v * v + v * 0.0, 1)
         norm = tl.maximum(tl.sqrt_rn(sq), 1e-12)
-        tl.store(InvNorm + b * stride_ib + offs_t * stride_in, tl.div_rn(tl.full([BLOCK_T], 1.0, tl.float32),
-                                                                           norm), mask=t_ok)
+        inv = tl.div_rn(tl.full([BLOCK_T], 1.0, tl.float32), norm)
+        tl.store(InvNorm + b * stride_ib + offs_t * stride_in, tl.where(sq == sq, inv, float("nan")),
+                 mask=t_ok)
 
     @triton.jit
     def _tome_match_kernel(X, InvNorm, BestSim, BestIdx,
@@ -155,16 +159,19 @@ if triton is not None:
                     bt = bt.to(tl.float32)
                 acc = tl.dot(a, bt, acc, input_precision="ieee")
             inv_b = tl.load(InvNorm + b * stride_ib + b_pos * stride_in, mask=u_ok, other=0.0)
-            sim = tl.where(u_ok[None, :], acc * inv_b[None, :], float("-inf"))
+            sim = acc * inv_b[None, :]
+            sim = tl.where(u_ok[None, :] & (sim == sim), sim, float("-inf"))  # NaN: never the best
             tile_best = tl.max(sim, 1)
             tile_u = tl.argmax(sim, 1, tie_break_left=True).to(tl.int32) + u0
             better = tile_best > best          # strictly: an earlier tile keeps its tie
             best_u = tl.where(better, tile_u, best_u)
             best = tl.where(better, tile_best, best)
         inv_a = tl.load(InvNorm + b * stride_ib + a_pos * stride_in, mask=a_ok, other=0.0)
+        # An A token with a NaN / inf in its row: every similarity NaN -> -inf, first B token.
+        a_bad = inv_a != inv_a
         out = b * n_a + offs_a
-        tl.store(BestSim + out, best * inv_a, mask=a_ok)
-        tl.store(BestIdx + out, best_u, mask=a_ok)
+        tl.store(BestSim + out, tl.where(a_bad, float("-inf"), best * inv_a), mask=a_ok)
+        tl.store(BestIdx + out, tl.where(a_bad, 0, best_u), mask=a_ok)
 
     @triton.jit
     def _greater(x, y):
