@@ -49,7 +49,8 @@ def bench(args) -> int:
     from .benchmarks import report
     families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases,
                 "quant": quant_cases.all_cases}
-    chosen = families if args.family == "all" else {args.family: families[args.family]}
+    chosen = families if args.family == "all" else {
+        k: v for k, v in families.items() if k == args.family}
     if args.gate and args.quick:
         print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to",
               file=sys.stderr)
@@ -69,6 +70,8 @@ def bench(args) -> int:
         print()
         print(report.markdown_table(results))
         print()
+    if args.family in ("all", "fidelity") and not args.quick:
+        written += _fidelity(args)
     verdicts = []
     if args.gate:
         ran = {r["case"] for r in all_results}
@@ -86,6 +89,27 @@ def bench(args) -> int:
     return 0
 
 
+def _fidelity(args) -> list:
+    """The accuracy report (minutes long): goals are printed, never failing the run."""
+    import json
+
+    from .benchmarks import fidelity, report
+    print("[fidelity]")
+    rows = fidelity.run(only=args.only)
+    if not rows:
+        return []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = fidelity.markdown(rows)
+    print()
+    print(table)
+    print()
+    (out / "fidelity.md").write_text(f"Machine: {report.machine_description()}\n\n{table}\n")
+    (out / "fidelity.json").write_text(json.dumps(
+        {"machine": report.machine_description(), "rows": fidelity.as_json(rows)}, indent=2))
+    return [out / "fidelity.md", out / "fidelity.json"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,8 +119,10 @@ def main(argv=None) -> int:
     b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
     b.add_argument("--only", default=None, help="run only cases whose id contains this text")
-    b.add_argument("--family", default="all", choices=["all", "attention", "reduce", "quant"],
-                   help="kernel family to benchmark")
+    b.add_argument("--family", default="all", choices=["all", "attention", "reduce", "quant",
+                                                        "fidelity"],
+                   help="kernel family to benchmark (fidelity: the whole-model accuracy report, "
+                        "minutes long; not with --quick)")
     b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")

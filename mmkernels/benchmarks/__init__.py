@@ -1,0 +1,1 @@
+"""Benchmark cases, timing, gates (gates.toml) and the fidelity report behind ``mmkernels bench``."""
