@@ -86,7 +86,7 @@ class _Undo:
     report: PatchReport
     configs: List[Tuple[Any, Any]] = field(default_factory=list)     # (config, old internal impl)
     modules: List[Tuple[str, nn.Module]] = field(default_factory=list)  # (path, original module)
-    forwards: List[nn.Module] = field(default_factory=list)          # instance-bound forwards
+    bound: List[Tuple[nn.Module, str]] = field(default_factory=list)  # instance-bound methods
     attention: List[nn.Module] = field(default_factory=list)         # recorded in STATES
 
 
@@ -196,18 +196,25 @@ def patched(model: nn.Module, **kwargs):
 def _undo(model: nn.Module, record: _Undo) -> None:
     for path, original in reversed(record.modules):
         model.set_submodule(path, original)
-    for module in record.forwards:
-        module.__dict__.pop("forward", None)
+    for module, name in reversed(record.bound):
+        module.__dict__.pop(name, None)
     for module in record.attention:
         hf_attention.STATES.pop(module, None)
     for config, old in reversed(record.configs):
         config._attn_implementation_internal = old
 
 
+def bind_method(module: nn.Module, name: str, fn: Callable, record: _Undo) -> None:
+    """Give one module instance its own method ``name`` (undone by :func:`unpatch`)."""
+    if name in module.__dict__:
+        raise ValueError(f"{type(module).__name__}.{name} is already overridden on this instance")
+    setattr(module, name, fn.__get__(module, type(module)))
+    record.bound.append((module, name))
+
+
 def bind_forward(module: nn.Module, forward: Callable, record: _Undo) -> None:
     """Give one module instance its own forward (undone by :func:`unpatch`)."""
-    module.forward = forward.__get__(module, type(module))
-    record.forwards.append(module)
+    bind_method(module, "forward", forward, record)
 
 
 def _patch_attention(model: nn.Module, settings: PatchSettings, record: _Undo) -> None:

@@ -321,23 +321,35 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
     record (:class:`mmkernels.hf.core._Undo`): bound forwards are undone by ``unpatch``; one
     report row per encoder.
 
-    Raises ``ValueError`` for fastv, for vision-language models (not supported yet), when the model
+    A LLaVA model's vision tower is reduced and its prompts compacted to match
+    (:mod:`mmkernels.hf.families.llava`). Raises ``ValueError`` for fastv, for other
+    vision-language models (not supported yet), when the model
     has no supported vision encoder, when an encoder's attention is not patched, and for spec
     values that do not fit an encoder (layer indices, r schedule length, token counts).
     """
-    from .core import Row, bind_forward
-
     spec = _as_spec(spec)
     if spec["method"] == "fastv":
         _check_spec(spec, 1)                       # raises the fastv message
     vlm = _vision_language_model(model)
     if vlm is not None:
+        from .families import llava
+        if llava.is_llava(model):
+            llava.reduce_llava(model, spec, record, _reduce_encoders)
+            return
         raise ValueError(
-            f"reduce on {type(model).__name__}: token reduction inside a vision-language model "
-            f"({vlm}) is not supported yet: its language model expects a fixed number of image "
-            "tokens per image (LLaVA raises 'Image features and image tokens do not match'), so "
-            "the image-token bookkeeping of the prompt would have to follow the reduction. Reduce "
-            "a standalone vision encoder (CLIPVisionModel, SiglipVisionModel, ...) instead")
+            f"reduce on {type(model).__name__}: token reduction inside this vision-language model "
+            f"({vlm}) is not supported yet (LLaVA is): its language model expects a fixed number "
+            "of image tokens per image, so the prompt's image-token bookkeeping has to follow the "
+            "reduction. Reduce a standalone vision encoder (CLIPVisionModel, SiglipVisionModel, "
+            "...) instead")
+    _reduce_encoders(model, spec, record)
+
+
+def _reduce_encoders(model: nn.Module, spec: Dict[str, Any], record) -> list:
+    """Reduce every vision encoder of ``model`` (no VLM bookkeeping); returns
+    ``[(encoder, checked spec), ...]``."""
+    from .core import Row, bind_forward
+
     backbone = _backbone(model)
     if backbone is not None:
         raise ValueError(
@@ -382,3 +394,4 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
         record.report.notes.append(
             f"reduce: SigLIP has no CLS token: protect_first={spec['protect_first']} keeps its "
             "first patch token(s) out of the reduction (protect_first=0 treats all alike)")
+    return [(encoder, checked) for encoder, checked, _ in plans]

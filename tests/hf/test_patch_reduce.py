@@ -368,7 +368,6 @@ def test_bad_specs_fail_clearly_and_leave_the_model_unpatched(spec, error):
 
 
 @pytest.mark.parametrize("name, error", [("bert", "no supported vision encoder"),
-                                         ("llava", "not supported yet"),
                                          ("qwen2_vl_vision", "no supported vision encoder")])
 def test_models_without_a_supported_vision_encoder(name, error):
     torch.manual_seed(0)
