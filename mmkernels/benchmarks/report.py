@@ -150,3 +150,172 @@ def write_gates(verdicts: List[Dict], out_dir: Path) -> Path:
     path.write_text(f"Machine: {machine_description()}\n\n{gates_table(verdicts)}\n")
     (out_dir / "gates.json").write_text(json.dumps(verdicts, indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model cases (benchmarks/models.py): speed-up against a baseline contender and fidelity
+# ---------------------------------------------------------------------------------------------
+
+def run_cases_with_meta(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
+    """:func:`run_cases`, and each row also carries its case's ``meta`` (``"meta"``). When the
+    meta names a ``baseline`` contender, the row gains ``"speedup_vs_baseline"``:
+    ``{contender: time(baseline) / time(contender)}`` (paired over rounds); when it gives
+    ``fidelity`` (``{contender: value}``), ``"fidelity"`` and ``"fidelity_metric"``."""
+    metas: Dict[str, Dict] = {}
+
+    def tracked():
+        for case in cases:
+            metas[case.id] = dict(case.meta)
+            yield case
+
+    results = run_cases(tracked(), budget_s=budget_s, log=log)
+    for row in results:
+        meta = metas.get(row["case"], {})
+        row["meta"] = meta
+        base = meta.get("baseline")
+        if base in row["samples_ms"]:
+            row["baseline"] = base
+            row["speedup_vs_baseline"] = {k: paired_ratio(row["samples_ms"][base], v)
+                                          for k, v in row["samples_ms"].items()}
+        if "fidelity" in meta:
+            row["fidelity"] = meta["fidelity"]
+            row["fidelity_metric"] = meta.get("fidelity_metric", "")
+    return results
+
+
+def _speed_gates(row: Dict, gates: List[Dict]) -> Dict[str, List[Dict]]:
+    """Gates on ``row``'s case with a min_speedup of a contender over the row's baseline,
+    keyed by subject, each with its measured value and verdict."""
+    out: Dict[str, List[Dict]] = {}
+    for gate in gates:
+        if gate["case"] != row["case"] or gate.get("baseline") != row.get("baseline") \
+                or "min_speedup" not in gate:
+            continue
+        (verdict,) = check_gates([row], [gate])
+        out.setdefault(gate["subject"], []).append(verdict)
+    return out
+
+
+def models_table(results: List[Dict], gates: Optional[List[Dict]] = None) -> str:
+    """One line per contender: median time, speed-up over the case's baseline (paired), fidelity
+    to the baseline, and the speed gates / fidelity goals that apply. ``gates``: default the
+    packaged gates file. Descriptions and notes follow the table."""
+    if gates is None:
+        try:
+            gates = load_gates()
+        except (OSError, KeyError):
+            gates = []
+    lines = ["| case | contender | median ms | speed-up vs baseline | fidelity | "
+             "fidelity metric | gate / goal |",
+             "|---|---|---:|---:|---:|---|---|"]
+    notes = []
+    for r in results:
+        speed = r.get("speedup_vs_baseline", {})
+        fidelity = r.get("fidelity", {})
+        goals = r.get("meta", {}).get("fidelity_goal", {})
+        by_subject = _speed_gates(r, gates)
+        for i, (name, ms) in enumerate(r["times_ms"].items()):
+            marks = []
+            for v in by_subject.get(name, []):
+                marks.append(f"gate >= {v['min_speedup']:g}x: {'PASS' if v['passed'] else 'FAIL'}")
+            if name in goals and name in fidelity:
+                met = fidelity[name] >= goals[name]
+                marks.append(f"fidelity goal >= {goals[name]:g}: {'met' if met else 'NOT met'}")
+            if name == r.get("baseline"):
+                marks.append("baseline")
+            sp = f"{speed[name]:.2f}x" if name in speed else "-"
+            fid = f"{fidelity[name]:.5f}" if name in fidelity else "-"
+            lines.append(f"| {r['case'] if i == 0 else ''} | {name} | {ms:.1f} | {sp} | {fid} | "
+                         f"{r.get('fidelity_metric', '') if i == 0 else ''} | "
+                         f"{'; '.join(marks)} |")
+        meta = r.get("meta", {})
+        notes.append(f"- {r['case']}: {r['description']}")
+        for name, setting in meta.get("settings", {}).items():
+            notes.append(f"  - {name}: {setting}")
+        for name, note in meta.get("notes", {}).items():
+            notes.append(f"  - note, {name}: {note}")
+        for name, extra in meta.get("fidelity_extra", {}).items():
+            notes.append(f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in extra.items()))
+    return "\n".join(lines + [""] + notes)
+
+
+def _pareto_front(points: List[tuple]) -> List[tuple]:
+    """The points no other point beats on both fidelity (x) and speed-up (y), by x."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+    return sorted(front)
+
+
+def _pareto_axes(ax, row: Dict) -> None:
+    speed, fidelity = row.get("speedup_vs_baseline", {}), row.get("fidelity", {})
+    points = [(fidelity[k], speed[k], k) for k in row["times_ms"] if k in speed and k in fidelity]
+    for x, y, name in points:
+        base = name == row.get("baseline")
+        ax.scatter([x], [y], marker="s" if base else "o", color="gray" if base else None,
+                   zorder=3)
+        ax.annotate(f"{name}\n{y:.2f}x, {x:.5f}", (x, y), textcoords="offset points",
+                    xytext=(4, 4), fontsize=6)
+    front = _pareto_front(points)
+    if len(front) > 1:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="black",
+                linewidth=0.7, label="Pareto front")
+        ax.legend(fontsize=6, loc="lower left")
+    ax.axhline(1.0, color="gray", linewidth=0.6)
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    xs = [p[0] for p in points] or [1.0]
+    lo, hi = min(xs), max(xs)
+    pad = max((hi - lo) * 0.3, 2e-5)       # cosines equal to 1e-9 still get a readable axis
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.5f"))
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel(f"fidelity to {row.get('baseline', 'baseline')}: "
+                  f"{row.get('fidelity_metric', '')}", fontsize=7)
+    ax.set_ylabel(f"speed-up vs {row.get('baseline', 'baseline')} (paired median)", fontsize=7)
+    ax.set_title(row["case"], fontsize=8)
+    ax.margins(y=0.2)
+
+
+def pareto_plot(results: List[Dict], path: Path) -> Optional[Path]:
+    """Speed-up (y) against fidelity (x), one labelled point per contender, one panel per case
+    (those with both); None when matplotlib is missing or no case has both."""
+    rows = [r for r in results if r.get("fidelity") and r.get("speedup_vs_baseline")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    cols = min(2, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        _pareto_axes(ax, row)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.set_visible(False)
+    fig.suptitle("speed-up vs fidelity — " + machine_description()[:110], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_models_report(family: str, results: List[Dict], out_dir: Path,
+                        gates: Optional[List[Dict]] = None) -> Dict[str, Path]:
+    """``<family>.json`` (rows with fidelity and speed-ups), ``<family>.md``
+    (:func:`models_table`), ``<family>.png`` (every case's Pareto panel) and
+    ``<family>-pareto-<case>.png`` (one per case) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_description()
+    paths = {"json": out_dir / f"{family}.json", "markdown": out_dir / f"{family}.md"}
+    paths["json"].write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    paths["markdown"].write_text(f"Machine: {machine}\n\n{models_table(results, gates)}\n")
+    if pareto_plot(results, out_dir / f"{family}.png") is not None:
+        paths["png"] = out_dir / f"{family}.png"
+        for row in results:
+            path = out_dir / f"pareto-{row['case']}.png"
+            if pareto_plot([row], path) is not None:
+                paths[f"pareto:{row['case']}"] = path
+    return paths
