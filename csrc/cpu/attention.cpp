@@ -84,9 +84,9 @@ struct ArenaLease {
   }
 };
 
-// A NaN or +-inf in V (rare: pack found one and packed V with 0 in its place): out[i, c] = NaN for
-// every row i of the item that sees a key j with V[j, c] non-finite (docs/nan_semantics.md). A
-// key is seen unless causality excludes it or its bias is -inf.
+// A NaN or +-inf in V (rare: run reported a non-finite output row, and the item was rerun on a
+// sanitised V): out[i, c] = NaN for every row i of the item that sees a key j with V[j, c]
+// non-finite (docs/nan_semantics.md). A key is seen unless causality excludes it or its bias is -inf.
 float elem_f32(const void* base, int64_t off, int dtype) {
   if (dtype == kF32) return ((const float*)base)[off];
   const uint32_t u = (uint32_t)((const uint16_t*)base)[off] << 16;
@@ -253,14 +253,13 @@ const char* attention_forward_cpu(const AttnParams& p) {
   // 1 = being packed, 2 = ready): no separate packing pass, and the packed panels are still in
   // cache when the items that read them run.
   std::unique_ptr<std::atomic<int>[]> pack_state(new std::atomic<int>[npack > 0 ? npack : 1]);
-  std::unique_ptr<uint8_t[]> v_bad(new uint8_t[npack > 0 ? npack : 1]());  // pack's answer
   for (int64_t t = 0; t < npack; ++t) pack_state[t].store(0, std::memory_order_relaxed);
   auto ensure_packed = [&](int64_t t) {
     std::atomic<int>& st = pack_state[t];
     if (st.load(std::memory_order_acquire) == 2) return;
     int expected = 0;
     if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
-      v_bad[t] = impl->pack(p, seqs[t / Hkv], (int)(t % Hkv), packbuf + koff[t], packbuf + voff[t]);
+      impl->pack(p, seqs[t / Hkv], (int)(t % Hkv), packbuf + koff[t], packbuf + voff[t], false);
       st.store(2, std::memory_order_release);
       return;
     }
@@ -269,6 +268,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
     }
   };
 
+  std::atomic<bool> err_oom{false};
 #pragma omp parallel num_threads(nthreads)
   {
     float* mem = (float*)(thread_mem + thread_bytes * omp_get_thread_num());
@@ -292,8 +292,21 @@ const char* attention_forward_cpu(const AttnParams& p) {
         const AttnItem& it = items[i];
         const int64_t t = it.seq * Hkv + it.h / group;
         ensure_packed(t);
-        impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc, v_bad[t] != 0);
-        if (v_bad[t]) mark_nonfinite_v(p, seqs[it.seq], it);
+        if (impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc, false)) {
+          // V held a NaN / inf among the keys this item computed with (rare): rerun the item on
+          // a private sanitised pack, then mark the columns of the rows that see such a key.
+          const int64_t kbytes = koff[t] >= 0 ? voff[t] - koff[t] : 0;
+          const int64_t vbytes = round_up64(round_up64(seqs[it.seq].Lk, W) * Dvp * eb, 64);
+          void* kv = alloc64((size_t)(kbytes + vbytes));
+          if (kv == nullptr) {
+            err_oom.store(true, std::memory_order_relaxed);
+            continue;
+          }
+          impl->pack(p, seqs[it.seq], (int)(t % Hkv), kv, (unsigned char*)kv + kbytes, true);
+          impl->run(p, seqs[it.seq], it, kv, (unsigned char*)kv + kbytes, sc, true);
+          std::free(kv);
+          mark_nonfinite_v(p, seqs[it.seq], it);
+        }
       }
     }
 
@@ -330,7 +343,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
       }
     }
   }
-  return nullptr;
+  return err_oom.load() ? "mmkernels: out of memory (attention, NaN / inf in V)" : nullptr;
 }
 
 }  // namespace cpu

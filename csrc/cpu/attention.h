@@ -88,13 +88,17 @@ struct AttnImpl {
   int elem_bytes;  // bytes per packed K/V element (4 float, 2 bf16 pairs)
   int row_tile;    // preferred query-row multiple for blocks
   // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
-  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero. Returns true when V holds
-  // a NaN or +-inf: then vp always holds V (never read in place), with 0 in those places, and the
-  // driver marks the output columns of the rows that see such a key (docs/nan_semantics.md).
-  bool (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp);
-  // Computes one item (out, lse, scores partial); v_bad: what pack returned.
-  void (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
-              const void* vp, const AttnScratch& sc, bool v_bad);
+  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero. sanitize_v: V is always
+  // packed (never read in place) and its NaN / inf values become 0 (the rare path below).
+  void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp,
+               bool sanitize_v);
+  // Computes one item (out, lse, scores partial); v_sanitized: vp was packed with sanitize_v.
+  // Returns true when a row that is not a NaN row came out non-finite: V held a NaN / inf among
+  // the keys the item computed with (P = 0 of a masked key times NaN is NaN). The driver then
+  // reruns the item on a sanitised pack and marks the columns of the rows that see such a key
+  // (docs/nan_semantics.md). Nothing is scanned on the fast path.
+  bool (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
+              const void* vp, const AttnScratch& sc, bool v_sanitized);
 };
 
 // Implementations available in this build; nullptr if the path does not support the dtype.

@@ -51,6 +51,7 @@ struct V256 {
   using Mask = __m256;
   static inline Mask neginf_lanes(T cb) { return _mm256_cmp_ps(cb, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ); }
   static inline T set_neginf(T x, Mask m) { return _mm256_blendv_ps(x, _mm256_set1_ps(kNegInf), m); }
+  static inline bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
   // [-0.5, 0.5] (max relative error 1.7e-7), 2^n built in the exponent field (n = -127 gives +0).
   static inline T exp2(T x) {

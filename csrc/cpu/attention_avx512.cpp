@@ -51,6 +51,7 @@ struct V512 {
     return _mm512_cmp_ps_mask(cb, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
   }
   static inline T set_neginf(T x, Mask m) { return _mm512_mask_mov_ps(x, m, _mm512_set1_ps(kNegInf)); }
+  static inline bool any(Mask m) { return m != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
   // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
   static inline T exp2(T x) {
@@ -141,7 +142,8 @@ struct MicroBf16Dot {
   using KT = uint16_t;
   using QT = uint16_t;
 
-  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_,
+                   bool sanitize_v) {
     uint16_t* kp = (uint16_t*)kp_;
     uint16_t* vp = (uint16_t*)vp_;
     const int D = p.D, D2 = D / 2, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
@@ -176,10 +178,8 @@ struct MicroBf16Dot {
         _mm512_storeu_si512((void*)(dst + 2 * c), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
       }
     }
-    // NaN / inf in V: 0 in the packed copy (see MicroF32::pack).
-    if (!any_nonfinite_bf16(vp, Lkp * Dvp)) return false;
-    zero_nonfinite_bf16(vp, Lkp * Dvp);
-    return true;
+    // NaN / inf in V (rare path): 0 in the copy (see MicroF32::pack).
+    if (sanitize_v) zero_nonfinite_bf16(vp, Lkp * Dvp);
   }
 
   // V pair-rows: row "k0" of the block starts at k0 * Dvp elements (k0 even).
@@ -229,9 +229,16 @@ struct MicroBf16Dot {
     for (int c = 0; c < NP; ++c) {
       const __m512 cb = _mm512_loadu_ps(colb + c * W);
       const __mmask16 dead = V512::neginf_lanes(cb);
+      if (dead) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        _mm512_storeu_ps(S + r * kLDS + c * W, V512::set_neginf(_mm512_fmadd_ps(acc[r][c], sc2, cb), dead));
+        for (int r = 0; r < R; ++r)
+          _mm512_storeu_ps(S + r * kLDS + c * W,
+                           V512::set_neginf(_mm512_fmadd_ps(acc[r][c], sc2, cb), dead));
+      } else {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          _mm512_storeu_ps(S + r * kLDS + c * W, _mm512_fmadd_ps(acc[r][c], sc2, cb));
+      }
     }
   }
 

@@ -21,7 +21,8 @@
 // masked key is never read); exp2 propagates NaN, so a NaN or +inf logit of a visible key makes
 // l NaN and the row NaN (out, lse, and its scores on the keys it sees). The one place a NaN can
 // hide is a block whose other visible logits are all -inf (the max drops it): that rare branch
-// looks for it. A NaN / inf in V is handled by pack (a sanitised copy) and the driver.
+// looks for it. A NaN / inf in V shows as a non-finite output row that is not a NaN row: run
+// reports it and the driver reruns the item on a sanitised V (attention.h).
 // Scores: with a single block, kept rows add P / l to the item's partial row right after their
 // softmax. Otherwise rows that contribute keep their (unnormalised) P and the running max of each
 // block in per-thread scratch; after the last block each kept value is scaled by
@@ -67,21 +68,7 @@ inline bool has_nan(const float* x, int n) {
     if (x[i] != x[i]) return true;
   return false;
 }
-// NaN / inf tests on the exponent bits (integer compares, so the loops vectorise).
-inline bool any_nonfinite_f32(const float* x, int64_t n) {
-  uint32_t acc = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, 4);
-    acc |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-  }
-  return acc != 0;
-}
-inline bool any_nonfinite_bf16(const uint16_t* x, int64_t n) {
-  uint32_t acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc |= (uint32_t)((x[i] & 0x7f80u) == 0x7f80u);
-  return acc != 0;
-}
+// Replaces NaN / inf by 0 (rare path: V held one).
 inline void zero_nonfinite_f32(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t u;
@@ -139,7 +126,8 @@ struct MicroF32 {
   using KT = float;
   using QT = float;
 
-  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_) {
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_,
+                   bool sanitize_v) {
     float* kp = (float*)kp_;
     float* vp = (float*)vp_;
     const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
@@ -179,12 +167,7 @@ struct MicroF32 {
         }
       }
     }
-    if (v_direct(p)) {  // P.V reads V in place, unless it holds a NaN / inf
-      const float* v0 = (const float*)p.v + vbase;
-      bool bad = false;
-      for (int64_t j = 0; j < Lk && !bad; ++j) bad = any_nonfinite_f32(v0 + j * p.v_ss, Dv);
-      if (!bad) return false;
-    }
+    if (v_direct(p) && !sanitize_v) return;  // P.V reads V in place
     const int64_t Lkp = npan * W;
     for (int64_t j = 0; j < Lkp; ++j) {
       float* dst = vp + j * Dvp;
@@ -201,18 +184,16 @@ struct MicroF32 {
       }
       for (; c < Dvp; ++c) dst[c] = 0.f;
     }
-    // NaN / inf in V: 0 in the packed copy (P = 0 of a masked key must not turn it into NaN).
-    if (!any_nonfinite_f32(vp, Lkp * Dvp)) return false;
-    zero_nonfinite_f32(vp, Lkp * Dvp);
-    return true;
+    // NaN / inf in V (rare path): 0 in the copy, so that P = 0 of a masked key stays 0.
+    if (sanitize_v) zero_nonfinite_f32(vp, Lkp * Dvp);
   }
 
-  // fp32 V whose rows are whole vectors is read in place (no copy); otherwise (or when pack found
-  // a NaN / inf, v_bad) packed [j][Dvp].
+  // fp32 V whose rows are whole vectors is read in place (no copy); otherwise (or when it was
+  // packed with sanitize_v, v_packed) packed [j][Dvp].
   static bool v_direct(const AttnParams& p) { return p.dtype == kF32 && p.Dv % W == 0; }
   static const float* v_rows(const AttnParams& p, const AttnSeq& s, int kvh, const void* vp,
-                             int64_t* ldv, bool v_bad) {
-    if (v_direct(p) && !v_bad) {
+                             int64_t* ldv, bool v_packed) {
+    if (v_direct(p) && !v_packed) {
       *ldv = p.v_ss;
       return (const float*)p.v + s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
     }
@@ -262,15 +243,21 @@ struct MicroF32 {
     }
     // Epilogue: base-2 logits, S = acc * scale*log2(e) + colb (bias*log2(e), or -inf past the
     // block's visible keys); one column vector serves the tile's R rows. Where colb is -inf, S is
-    // -inf even if q.k is NaN or +inf (a masked key is never read).
+    // -inf even if q.k is NaN or +inf (a masked key is never read); only panels that hold such a
+    // column (the block's ragged end, keys with a -inf bias) pay for the blend.
     const T sc2 = V::set1(scale2);
 #pragma GCC unroll 2
     for (int c = 0; c < NP; ++c) {
       const T cb = V::load(colb + c * W);
       const typename V::Mask dead = V::neginf_lanes(cb);
+      if (V::any(dead)) {
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-        V::store(S + r * kLDS + c * W, V::set_neginf(V::fmadd(acc[r][c], sc2, cb), dead));
+        for (int r = 0; r < R; ++r)
+          V::store(S + r * kLDS + c * W, V::set_neginf(V::fmadd(acc[r][c], sc2, cb), dead));
+      } else {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) V::store(S + r * kLDS + c * W, V::fmadd(acc[r][c], sc2, cb));
+      }
     }
   }
 
@@ -378,18 +365,19 @@ struct AttnKernel {
   using KT = typename M::KT;
   using QT = typename M::QT;
 
-  static bool pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp) {
-    return M::pack(p, s, kvh, kp, vp);
+  static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp,
+                   bool sanitize_v) {
+    M::pack(p, s, kvh, kp, vp, sanitize_v);
   }
 
-  static void run(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp_,
-                  const void* vp_, const AttnScratch& sc, bool v_bad) {
+  static bool run(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp_,
+                  const void* vp_, const AttnScratch& sc, bool v_sanitized) {
     const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
     const int nq = it.nq, h = it.h;
     const int64_t Lq = s.Lq, Lk = s.Lk;
     const KT* kp = (const KT*)kp_;
     int64_t ldv = 0;
-    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv, v_bad);
+    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv, v_sanitized);
     {
       // The item's query rows (read by the S tiles) and output rows (written at the end).
       const int64_t es = p.dtype == kF32 ? 4 : 2, row = s.q_begin + it.q0;
@@ -525,14 +513,25 @@ struct AttnKernel {
     }
     const int nblocks = kbi;
 
-    // Output and lse.
+    // Output and lse. nonfin: NaN once a row that is not a NaN row has a non-finite output (only a
+    // NaN / inf in V makes one: v * 0 is 0 for finite v).
+    const T zero = V::zero();
+    T nonfin = zero;
     for (int r = 0; r < nq; ++r) {
       const int64_t row = s.q_begin + it.q0 + r;
       const int64_t ooff = s.bq * p.o_sb + h * p.o_sh + row * p.o_ss;
       float* orow = sc.O + r * Dvp;
       const bool empty = l[r] == 0.f;  // fully masked; l NaN: NaN row (out and lse NaN)
       const T inv = V::set1(empty ? 0.f : 1.f / l[r]);
-      for (int c = 0; c < Dvp; c += W) V::store(orow + c, V::mul(V::load(orow + c), inv));
+      if (l[r] == l[r]) {
+        for (int c = 0; c < Dvp; c += W) {
+          const T o = V::mul(V::load(orow + c), inv);
+          V::store(orow + c, o);
+          nonfin = V::fmadd(o, zero, nonfin);
+        }
+      } else {  // a NaN row
+        for (int c = 0; c < Dvp; c += W) V::store(orow + c, V::mul(V::load(orow + c), inv));
+      }
       if (p.dtype == kF32) {
         float* dst = (float*)p.out + ooff;
         int c = 0;
@@ -587,6 +586,8 @@ struct AttnKernel {
           if (bias == nullptr || bias[j] != kNegInf) it.part[j] = __builtin_nanf("");
       }
     }
+    const float nf = V::hsum(nonfin);
+    return !v_sanitized && nf != nf;
   }
 };
 

@@ -94,6 +94,11 @@ struct VScalar {
       if (m.b[i]) x.v[i] = kNegInf;
     return x;
   }
+  static inline bool any(Mask m) {
+    for (int i = 0; i < 8; ++i)
+      if (m.b[i]) return true;
+    return false;
+  }
   static inline T exp2(T x) {
     for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
     return x;
