@@ -84,7 +84,8 @@ class QuantizedCheckpoint:
 
 def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
                    scale_dtype: Optional[torch.dtype] = None, config: Optional[dict] = None,
-                   overwrite: bool = False) -> None:
+                   overwrite: bool = False, float_dtype: Optional[torch.dtype] = None,
+                   tokenizer=None) -> None:
     """Write ``model`` (QuantLinear layers and float tensors) to the directory ``path``.
 
     ``format``: ``"mmkernels"`` (lossless), ``"gptq"`` (v1: zero points stored minus one),
@@ -92,7 +93,13 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
     dtype of the stored scales; default float16 for gptq, the model's float dtype for
     compressed-tensors. ``config`` (gptq / compressed-tensors): a model config dict (e.g. a
     transformers ``config.to_dict()``) written to ``config.json`` with ``quantization_config``
-    added.
+    added; default: the model's own ``model.config.to_dict()`` when it has one (a transformers
+    model), so that ``AutoModel.from_pretrained(path)`` loads the directory as it is.
+    ``float_dtype`` (gptq / compressed-tensors): dtype of the float tensors left unquantized
+    (embeddings, norms, biases), e.g. ``torch.bfloat16`` to halve an fp32 checkpoint; recorded as
+    the config's ``dtype``. ``tokenizer``: an object with ``save_pretrained(dir)`` (a transformers
+    tokenizer or processor) or a directory whose tokenizer / processor files are copied beside the
+    checkpoint.
 
     The save is atomic with respect to errors: the checkpoint is first written completely into a
     new hidden directory beside ``path`` (``.<name>.tmp-<random>``), then moved into place. A
@@ -112,9 +119,15 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if format == "mmkernels" and (scale_dtype is not None or config is not None):
-        raise TypeError("format='mmkernels' stores every tensor as is: scale_dtype and config "
-                        "apply to 'gptq' / 'compressed-tensors' only")
+    if format == "mmkernels" and (scale_dtype is not None or config is not None
+                                  or float_dtype is not None):
+        raise TypeError("format='mmkernels' stores every tensor as is: scale_dtype, config and "
+                        "float_dtype apply to 'gptq' / 'compressed-tensors' only")
+    if float_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"float_dtype must be float32, float16, bfloat16 or None, got "
+                        f"{float_dtype!r}")
+    if format != "mmkernels":
+        config = _model_config(model, config, float_dtype)
     path = os.path.normpath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path}: exists and is not a directory (checkpoints are directories)")
@@ -131,9 +144,13 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
             mmkernels_format.save(model, tmp)
         elif format in ("gptq", "gptq_v2"):
             gptq_checkpoint.save(model, tmp, checkpoint_format=format,
-                                 scale_dtype=scale_dtype or torch.float16, config=config)
+                                 scale_dtype=scale_dtype or torch.float16, config=config,
+                                 float_dtype=float_dtype)
         else:
-            compressed_tensors.save(model, tmp, scale_dtype=scale_dtype, config=config)
+            compressed_tensors.save(model, tmp, scale_dtype=scale_dtype, config=config,
+                                    float_dtype=float_dtype)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
         if not os.path.isdir(path):
             os.rename(tmp, path)          # atomic: the directory appears complete or not at all
             return
@@ -151,6 +168,37 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
             except OSError:
                 break
         raise
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                    "tokenizer.model", "spiece.model", "preprocessor_config.json",
+                    "processor_config.json", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
+
+
+def _model_config(model: nn.Module, config: Optional[dict], float_dtype) -> Optional[dict]:
+    """The config dict written to config.json: the one given, else a transformers model's own."""
+    if config is None and callable(getattr(getattr(model, "config", None), "to_dict", None)):
+        config = model.config.to_dict()
+    if config is not None and float_dtype is not None:
+        config = {**config, "dtype": str(float_dtype).replace("torch.", "")}
+    return config
+
+
+def _save_tokenizer(tokenizer, directory: str) -> None:
+    """Tokenizer / processor files beside the checkpoint (``save_pretrained`` or a folder)."""
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+        return
+    source = os.fspath(tokenizer)
+    if not os.path.isdir(source):
+        raise ValueError(f"tokenizer must have save_pretrained() or be a directory, got {source!r}")
+    copied = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+    if not copied:
+        raise ValueError(f"tokenizer: {source} holds none of {list(_TOKENIZER_FILES)}")
+    for f in copied:
+        shutil.copyfile(os.path.join(source, f), os.path.join(directory, f))
 
 
 def _make_parents(folder: str) -> list:

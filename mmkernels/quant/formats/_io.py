@@ -47,6 +47,11 @@ def describe(t: Tensor) -> str:
     return f"{dtype_name(t.dtype)}{list(t.shape)}"
 
 
+def cast_float(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """``t`` in ``dtype`` when both are floating (unquantized tensors stored smaller), else ``t``."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 def tensor_sha256(t: Tensor) -> str:
     """sha256 of the tensor's bytes in row-major order (what safetensors stores)."""
     flat = t.detach().cpu().contiguous().reshape(-1)

@@ -85,7 +85,7 @@ _FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantiz
 # ---------------------------------------------------------------------------------------------
 
 def save(model: nn.Module, directory: str, *, scale_dtype: Optional[torch.dtype] = None,
-         config: Optional[dict] = None) -> None:
+         config: Optional[dict] = None, float_dtype: Optional[torch.dtype] = None) -> None:
     refuse_split_layers(model, 'compressed-tensors')
     layers = quant_layers(model)
     if not layers:
@@ -102,7 +102,7 @@ def save(model: nn.Module, directory: str, *, scale_dtype: Optional[torch.dtype]
     owned = {prefix(n) + k for n, m in layers.items() for k in m.state_dict()}
     for key, value in model.state_dict().items():
         if key not in owned:
-            tensors[key] = value
+            tensors[key] = _io.cast_float(value, float_dtype)
     groups = {}
     for i, (scheme_json, names) in enumerate(schemes.items()):
         scheme = json.loads(scheme_json)

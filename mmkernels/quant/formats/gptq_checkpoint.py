@@ -68,7 +68,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def save(model: nn.Module, directory: str, *, checkpoint_format: str = "gptq",
-         scale_dtype: torch.dtype = torch.float16, config: Optional[dict] = None) -> None:
+         scale_dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
+         float_dtype: Optional[torch.dtype] = None) -> None:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
                          f"{checkpoint_format!r}")
@@ -87,7 +88,7 @@ def save(model: nn.Module, directory: str, *, checkpoint_format: str = "gptq",
     owned = {prefix(n) + k for n, m in layers.items() for k in m.state_dict()}
     for key, value in model.state_dict().items():
         if key not in owned:
-            tensors[key] = value
+            tensors[key] = _io.cast_float(value, float_dtype)
     qc = {"bits": bits, "group_size": group_size or -1, "desc_act": desc_act, "sym": sym,
           "true_sequential": True, "static_groups": False,
           "checkpoint_format": checkpoint_format, "quant_method": "gptq",
