@@ -81,14 +81,15 @@ def expected_nan(q, k, v, bias, causal, scores):
         i = torch.arange(lq)[:, None]
         j = torch.arange(lk)[None, :]
         seen &= j <= i + (lk - lq)
-    bad_key = kd.isnan().any(-1)[:, :, None, :].expand(b, hq, lq, lk)          # NaN in k[j]
+    # logits in float64: NaN / +-inf come out as IEEE arithmetic gives them (order-independent)
+    logits = qd @ kd.transpose(-1, -2)
     if bias is not None:
         bb = bias.double()
         bb = (bb[:, None, :] if bb.dim() == 2 else bb).expand(b, hq, lk)
         seen &= (bb != -INF)[:, :, None, :]
-        bad_key = bad_key | (bb.isnan() | (bb == INF))[:, :, None, :]
+        logits = logits + bb[:, :, None, :]
     empty = ~seen.any(-1)
-    nan_row = (qd.isnan().any(-1) & ~empty) | (seen & bad_key).any(-1)
+    nan_row = (seen & (logits.isnan() | (logits == INF))).any(-1)
     v_bad = ~torch.isfinite(vd)                                                 # (b, hq, lk, dv)
     col = (seen.double() @ v_bad.double()) > 0
     out_nan = nan_row[..., None] | col
@@ -110,16 +111,21 @@ def clean_bias(bias):
     return torch.where(bias.isnan() | (bias == INF), torch.zeros_like(bias), bias)
 
 
-def run_case(backend, q, k, v, bias=None, causal=False, scores=None):
+def run_case(backend, q, k, v, bias=None, causal=False, scores=None, oracle_raw=False):
     name, _ = backend
     if name == "cpu" and q.dtype == torch.float64:
         pytest.skip("cpu runs float32 / bfloat16")
     got = mmkernels.attention(q, k, v, key_bias=bias, causal=causal, scores=scores,
                               return_lse=True, backend=name)
     out_nan, lse_nan, empty, sc_nan = expected_nan(q, k, v, bias, causal, scores)
-    want = mmkernels.reference_attention(clean(q).double(), clean(k).double(), clean(v).double(),
-                                         key_bias=None if bias is None else clean_bias(bias).double(),
-                                         causal=causal, scores=scores)
+    if oracle_raw:  # the float64 reference on the poisoned inputs themselves
+        want = mmkernels.reference_attention(q.double(), k.double(), v.double(),
+                                             key_bias=None if bias is None else bias.double(),
+                                             causal=causal, scores=scores)
+    else:
+        want = mmkernels.reference_attention(clean(q).double(), clean(k).double(), clean(v).double(),
+                                             key_bias=None if bias is None else clean_bias(bias).double(),
+                                             causal=causal, scores=scores)
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
 
     def compare(what, g, w, nan_mask):
@@ -179,6 +185,26 @@ def test_nan_key_masked_by_bias_is_never_read(backend, dtype, causal):
     bias[1, 8] = -INF
     _, out_nan = run_case(backend, q, k, v, bias=bias, causal=causal, scores="mean")
     assert not out_nan.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_inf_in_key(backend, dtype, causal):
+    """+inf in k[j, d]: the logit is +inf (a NaN row) where q[i, d] > 0 and -inf (probability 0,
+    the row stays finite) where q[i, d] < 0; IEEE arithmetic, the same on every backend."""
+    q, k, v = inputs(dtype)
+    k[0, 0, 3, 5] = INF
+    k[1, 0, 6, 2] = -INF
+    q[:, :, :, 5] = torch.where(torch.arange(9)[:, None] % 2 == 0, 1.0, -1.0).expand(2, 2, 9, 1)[..., 0]
+    q[:, :, :, 2] = q[:, :, :, 5]
+    _, out_nan = run_case(backend, q, k, v, causal=causal, scores="mean", oracle_raw=True)
+    rows = torch.arange(9) % 2 == 0                      # q[i, 5] = q[i, 2] = +1 on even rows
+    if causal:
+        assert torch.equal(out_nan[0, :, :, 0], (rows & (torch.arange(9) >= 3)).expand(2, 9))
+        assert torch.equal(out_nan[1, :, :, 0], (~rows & (torch.arange(9) >= 6)).expand(2, 9))
+    else:
+        assert torch.equal(out_nan[0, :, :, 0], rows.expand(2, 9))
+        assert torch.equal(out_nan[1, :, :, 0], (~rows).expand(2, 9))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
