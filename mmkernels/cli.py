@@ -44,11 +44,12 @@ def bench(args) -> int:
     import torch
 
     from .benchmarks import attention as attention_cases
+    from .benchmarks import models as models_cases
     from .benchmarks import quant as quant_cases
     from .benchmarks import reduce as reduce_cases
     from .benchmarks import report
     families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases,
-                "quant": quant_cases.all_cases}
+                "quant": quant_cases.all_cases, "models": models_cases.all_cases}
     chosen = families if args.family == "all" else {
         k: v for k, v in families.items() if k == args.family}
     if args.gate and args.quick:
@@ -61,14 +62,17 @@ def bench(args) -> int:
     all_results, written = [], []
     for family, make_cases in chosen.items():
         print(f"[{family}]")
-        results = report.run_cases(make_cases(quick=args.quick, only=args.only),
-                                   budget_s=args.budget)
+        # models: whole patched models against the unpatched one, each with its fidelity.
+        whole = family == "models"
+        run = report.run_cases_with_meta if whole else report.run_cases
+        results = run(make_cases(quick=args.quick, only=args.only), budget_s=args.budget)
         if not results:
             continue
         all_results += results
-        written += report.write_report(family, results, Path(args.out)).values()
+        write = report.write_models_report if whole else report.write_report
+        written += write(family, results, Path(args.out)).values()
         print()
-        print(report.markdown_table(results))
+        print(report.models_table(results) if whole else report.markdown_table(results))
         print()
     if args.family in ("all", "fidelity") and not args.quick:
         written += _fidelity(args)
@@ -120,9 +124,10 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
     b.add_argument("--only", default=None, help="run only cases whose id contains this text")
     b.add_argument("--family", default="all", choices=["all", "attention", "reduce", "quant",
-                                                        "fidelity"],
-                   help="kernel family to benchmark (fidelity: the whole-model accuracy report, "
-                        "minutes long; not with --quick)")
+                                                        "models", "fidelity"],
+                   help="kernel family to benchmark (models: patched HF models vs unpatched, "
+                        "speed and fidelity, minutes long; fidelity: the whole-model accuracy "
+                        "report, minutes long; not with --quick)")
     b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
