@@ -12,6 +12,7 @@ import os
 import platform
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ISA_FLAGS = {
     "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
@@ -70,6 +71,18 @@ def _build_ext_class():
     return BuildWithIsaFlags.with_options(use_ninja=False)
 
 
+class BuildPyWithCudaSources(build_py):
+    """Ships csrc/cuda inside the package (mmkernels/_csrc/cuda), so that an installed wheel's
+    ``mmkernels compile-gate`` finds the CUDA sources it compiles."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "mmkernels", "_csrc", "cuda")
+        os.makedirs(target, exist_ok=True)
+        for src in sorted(glob.glob("csrc/cuda/*")):
+            self.copy_file(src, os.path.join(target, os.path.basename(src)))
+
+
 # models/ (the thin model layer) installs as mmkernels.models, so nothing named "models" lands in
 # site-packages.
 MODEL_PACKAGES = ["mmkernels.models"] + [f"mmkernels.models.{p}" for p in find_packages("models")]
@@ -77,6 +90,7 @@ MODEL_PACKAGES = ["mmkernels.models"] + [f"mmkernels.models.{p}" for p in find_p
 setup(
     packages=find_packages(include=["mmkernels", "mmkernels.*"]) + MODEL_PACKAGES,
     package_dir={"mmkernels.models": "models"},
+    package_data={"mmkernels.benchmarks": ["gates.toml"]},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": _build_ext_class()},
+    cmdclass={"build_ext": _build_ext_class(), "build_py": BuildPyWithCudaSources},
 )

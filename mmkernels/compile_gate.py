@@ -41,7 +41,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUDA_SRC_DIR = os.path.join(REPO_ROOT, "csrc", "cuda")
+# The CUDA sources: csrc/ of a checkout, or the copy an installed wheel carries (mmkernels/_csrc,
+# written by setup.py's build_py).
+CSRC_DIR = next((d for d in (os.path.join(REPO_ROOT, "csrc"),
+                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "_csrc"))
+                 if os.path.isdir(os.path.join(d, "cuda"))), os.path.join(REPO_ROOT, "csrc"))
+CUDA_SRC_DIR = os.path.join(CSRC_DIR, "cuda")
 NVCC_ARCHES = {80: ["-arch=sm_80"], 90: ["-gencode", "arch=compute_90a,code=sm_90a"]}
 # Largest dynamic shared memory one block may use (opt-in), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -268,7 +273,7 @@ def compile_cuda_source(path: str, cc: int, workdir: str, nvcc: Optional[str] = 
         return res
     obj = os.path.join(workdir, f"{name}.sm{cc}.o")
     cmd = [nvcc, "-c", "-O3", "-std=c++17", *NVCC_ARCHES[cc], "-Xptxas", "-v", "-Werror", "all-warnings",
-           "-Xcompiler", "-Wall", "-I", os.path.join(REPO_ROOT, "csrc"), path, "-o", obj]
+           "-Xcompiler", "-Wall", "-I", CSRC_DIR, path, "-o", obj]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     res.seconds = time.time() - t0
