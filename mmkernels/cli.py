@@ -132,11 +132,15 @@ def main(argv=None) -> int:
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
     sub.add_parser("compile-gate", help="AOT-compile Triton configs and csrc/cuda for sm_80/sm_90")
+    from . import quantize_cli
+    quantize_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "bench":
         return bench(args)
+    if args.command == "quantize":
+        return quantize_cli.run(args)
     from .compile_gate import run_gate
     return 0 if run_gate(verbose=True) else 1
 
