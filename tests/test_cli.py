@@ -77,9 +77,9 @@ def test_paired_ratio_is_median_of_round_ratios():
 def test_packaged_gates_reference_real_cases():
     import pytest
     pytest.importorskip("mmkernels.models")
-    from mmkernels.benchmarks import attention, quant, reduce
+    from mmkernels.benchmarks import attention, models, quant, reduce
     ids = {c.id for c in attention.all_cases()} | {c.id for c in reduce.all_cases()}
-    ids |= set(quant.case_ids())
+    ids |= set(quant.case_ids()) | set(models.case_ids())
     for gate in report.load_gates():
         assert gate["case"] in ids, gate["name"]
 
