@@ -157,20 +157,15 @@ def write_gates(verdicts: List[Dict], out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def run_cases_with_meta(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
-    """:func:`run_cases`, and each row also carries its case's ``meta`` (``"meta"``). When the
+    """:func:`run_cases` one case at a time, and each row also carries its case's ``meta``
+    (``"meta"``); the log line gives speed-ups over the baseline. When the
     meta names a ``baseline`` contender, the row gains ``"speedup_vs_baseline"``:
     ``{contender: time(baseline) / time(contender)}`` (paired over rounds); when it gives
     ``fidelity`` (``{contender: value}``), ``"fidelity"`` and ``"fidelity_metric"``."""
-    metas: Dict[str, Dict] = {}
-
-    def tracked():
-        for case in cases:
-            metas[case.id] = dict(case.meta)
-            yield case
-
-    results = run_cases(tracked(), budget_s=budget_s, log=log)
-    for row in results:
-        meta = metas.get(row["case"], {})
+    results = []
+    for case in cases:
+        (row,) = run_cases([case], budget_s=budget_s, log=lambda text: None)
+        meta = dict(case.meta)
         row["meta"] = meta
         base = meta.get("baseline")
         if base in row["samples_ms"]:
@@ -180,6 +175,13 @@ def run_cases_with_meta(cases, *, budget_s: float = 2.0, log=print) -> List[Dict
         if "fidelity" in meta:
             row["fidelity"] = meta["fidelity"]
             row["fidelity_metric"] = meta.get("fidelity_metric", "")
+        results.append(row)
+        if base in row["samples_ms"]:
+            log(f"  {case.id:38s} {base} {row['times_ms'][base]:9.1f} ms  " + "  ".join(
+                f"{k} {v:5.2f}x" for k, v in row["speedup_vs_baseline"].items() if k != base)
+                + f"  (speed-up vs {base}, {len(row['samples_ms'][base])} rounds)")
+        else:
+            log(f"  {case.id:38s} ours {row['times_ms']['mmkernels']:9.1f} ms")
     return results
 
 
