@@ -359,14 +359,30 @@ def select_config(head_dim: int, dtype: torch.dtype, capability, causal: bool) -
 
     ``head_dim`` is max(D, Dv); ``capability`` is (major, minor), an int like 80 / 90, or None for the
     interpreter. One explicit config per bucket (no autotuning); every value here is compiled and
-    checked for spills / tensor-core use by the compile gate. ``causal`` does not change the choice
-    today (kept in the signature: causal blocks favour smaller BLOCK_N at the diagonal on some GPUs).
+    checked for spills / tensor-core use by the compile gate. ``causal`` picks smaller tiles in
+    the few buckets where the causal variant would spill (``_CAUSAL_CONFIG``).
     Returns dict(BLOCK_M, BLOCK_N, num_warps, num_stages, SCORES_BLOCK_M, SCORES_WARPS) (the scores
     kernel uses BLOCK_N too, and always num_stages=1).
     """
-    del causal
-    bd = block_d(head_dim)
-    cc = _cc_int(capability)
+    cfg = _base_config(block_d(head_dim), dtype, _cc_int(capability))
+    if causal:
+        # The causal diagonal tiles also sanitise non-finite V (docs/nan_semantics.md), which
+        # costs registers: these buckets spilled with the non-causal config (compile gate).
+        cfg.update(_CAUSAL_CONFIG.get((block_d(head_dim), dtype, _cc_int(capability)), {}))
+    return cfg
+
+
+# (BLOCK_D bucket, dtype, cc) -> causal overrides of the forward config (no spills, compile gate)
+_CAUSAL_CONFIG = {
+    (128, torch.float16, 80): dict(BLOCK_M=64, num_warps=4),
+    (128, torch.bfloat16, 80): dict(BLOCK_M=64, num_warps=4),
+    (64, torch.float16, 90): dict(num_warps=8),
+    (64, torch.bfloat16, 90): dict(num_warps=8),
+    (16, torch.float32, 80): dict(num_stages=1),
+}
+
+
+def _base_config(bd: int, dtype: torch.dtype, cc: Optional[int]) -> Dict[str, int]:
     if cc is None:  # interpreter: small tiles keep the multi-tile / diagonal paths exercised
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, SCORES_BLOCK_M=32, SCORES_WARPS=4)
     hopper = cc >= 90
@@ -375,7 +391,8 @@ def select_config(head_dim: int, dtype: torch.dtype, capability, causal: bool) -
         # times the operand registers of fp16, so tiles are small. fp32 with D > 128 is not offered
         # on the GPU (every tile that fits without spilling is too small to be worth it).
         if bd <= 32:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=8)
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32,
+                        SCORES_WARPS=8 if cc < 90 else 4)
         if bd <= 64:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=4)
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=16, SCORES_WARPS=8)
@@ -513,6 +530,7 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
                     dict(cfg, num_warps=cfg["SCORES_WARPS"], num_stages=1), cc,
                     aligned=set(sc_ptrs) | {a for a in SCORES_ARGS if a.startswith("stride_")}))
                 for causal in (False, True):
+                    cfg = select_config(bd, dtype, cc, causal=causal)
                     variant = f"D{bd}" + ("-causal" if causal else "")
                     fwd_ptrs = {"Q": p, "K": p, "V": p, "Out": p, "Bias": "*fp32", "Lse": "*fp32",
                                 "CuQ": "*i32", "CuK": "*i32"}
