@@ -1,5 +1,6 @@
 # Set-up and the two main commands, from a fresh machine with only Python:
 #   make test   create .venv if missing, install, run the test suite (what CI runs)
+#   make lint   ruff on the Python sources (CI runs it first)
 #   make bench  same set-up, then the benchmark report for this machine (table, JSON, PNG, gates)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.mmkernels-installed
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml requirements/dev.txt requirements/constraints.txt
 BENCH_OUT ?= bench/out
 
-.PHONY: install test bench compile-gate info clean
+.PHONY: install lint test bench compile-gate info clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ $(STAMP): $(PY) $(SOURCES)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# ruff (pycodestyle + pyflakes rules, pyproject [tool.ruff]); CI runs it before the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check mmkernels models tests bench setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900

@@ -7,7 +7,6 @@ tokenizer. Prints the per-layer SQNR table and the line that loads the result.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

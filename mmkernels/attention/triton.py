@@ -609,7 +609,8 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         kern._attn_scores_kernel[grid](
             q4, k4, bias_t, lse_t, scores2, cu_q, cu_k,
             *q4.stride(), *k4.stride(), *bias_strides, *lse_strides, *scores2.stride(),
-            Sq, Sk, Hq, D // 8, group, qk_scale, int(varlen), int(scores_mode), int(bias3 is not None), int(bool(causal)),
+            Sq, Sk, Hq, D // 8, group, qk_scale, int(varlen), int(scores_mode), int(bias3 is not None),
+            int(bool(causal)),
             BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BD,
             UPCAST=interpret, DOT_PRECISION=prec,
             **({} if interpret else dict(num_warps=cfg["SCORES_WARPS"], num_stages=1)))

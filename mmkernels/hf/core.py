@@ -66,8 +66,8 @@ class PatchReport:
         for r in self.rows:
             lines.append(f"{r.path:<{width}}  {r.kind:<9}  {r.action:<9}  {r.detail}")
         counts = {k: (len(self.patched(k)), len(self.left(k))) for k in ("attention", "linear")}
-        lines.append("summary: " + "; ".join(f"{k}: {p} patched, {l} left"
-                                             for k, (p, l) in counts.items() if p or l))
+        lines.append("summary: " + "; ".join(f"{k}: {p} patched, {n_left} left"
+                                             for k, (p, n_left) in counts.items() if p or n_left))
         fallbacks: Dict[str, int] = {}
         for _, (_, reasons) in self.runtime().items():
             for reason, n in reasons.items():

@@ -96,7 +96,8 @@ def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
     ``x``: float32 / bfloat16 / float16 (float64 too: served by the reference, used as the test
     oracle). ``bias``: floating ``(N,)`` on ``x``'s device (cast to the compute dtype).
     ``act_bits``: ``None`` (weight-only) or ``8`` (W8A8: dynamic per-token int8 activations, or
-    float8 e4m3 activations for an fp8 ``qw``; needs an 8-bit per-channel ``qw``). ``smooth``: SmoothQuant factors ``(K,)`` that ``x`` is divided by
+    float8 e4m3 activations for an fp8 ``qw``; needs an 8-bit per-channel ``qw``). ``smooth``:
+    SmoothQuant factors ``(K,)`` that ``x`` is divided by
     (``qw`` must be ``quantize_weight(W * smooth)``). ``backend``: see ``mmkernels._dispatch``.
     No autograd formula yet (inference only).
 

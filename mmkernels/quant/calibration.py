@@ -56,8 +56,8 @@ class LayerStats:
         if self.want_absmax:
             amax = x2.abs().amax(dim=0)
             self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-        # Rows kept: those whose running index is a multiple of the stride; when more than max_rows are kept, every other one
-        # is dropped and the stride doubles, so the sample spans all the calibration data.
+        # Rows kept: those whose running index is a multiple of the stride; when more than max_rows
+        # are kept, every other one is dropped and the stride doubles, so the sample spans all the calibration data.
         first = (-self.n_rows) % self._stride
         self.rows.append(x2[first::self._stride].clone())
         self.n_rows += x2.shape[0]

@@ -124,7 +124,8 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
     :func:`quantize_weight`. ``percdamp``: dampening as a fraction of ``mean(diag(H))``.
     ``block_size``: columns per lazy-update block. ``desc_act``: activation order (see the module
     docstring). ``clip_search`` and ``refit_scales``: the two optional grid refinements described
-    in the module docstring (off: the exact RTN grid). Raises ``torch.linalg.LinAlgError`` only if ``H`` is not positive semi-definite
+    in the module docstring (off: the exact RTN grid). Raises ``torch.linalg.LinAlgError`` only if
+    ``H`` is not positive semi-definite
     even after dampening (e.g. contains NaN).
     """
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():

@@ -31,7 +31,8 @@ Kernels (all read the weight's storage as bytes: ``qweight.view(torch.uint8)``)
   no atomics), applies the epilogue (W8A8 scales, bias) and casts to the output dtype.
 * ``_act_quant_kernel`` (W8A8): one program per BLOCK_M token rows (1 on the GPU); pass 1 the
   absmax of ``x / smooth`` (NaN-propagating: a row with a NaN / inf gets ``s_x = NaN``), pass 2
-  ``x_q = round_half_even(x / s_x)`` (int8) or the e4m3 encoding of ``x / s_x`` (fp8). Divisions are IEEE (``tl.div_rn``) and rounding is done by hand
+  ``x_q = round_half_even(x / s_x)`` (int8) or the e4m3 encoding of ``x / s_x`` (fp8). Divisions
+  are IEEE (``tl.div_rn``) and rounding is done by hand
   (``_round_half_even``: Triton's ``rint`` needs libdevice, absent from the interpreter), so
   ``x_q`` and ``s_x`` are bit-identical to reference.quantize_activations[_fp8]. For int8 it also
   writes the row sums of ``x_q`` (used for asymmetric weights, below).

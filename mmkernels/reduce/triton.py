@@ -472,8 +472,8 @@ def _make_target(kernel, args, types, constexprs, cfg, cc, dtype, variant, align
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in aligned}
     blocks = "x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK"))
     label = f"{_TL[dtype]} {variant} {blocks} w{cfg['num_warps']}s{cfg['num_stages']}".replace("  ", " ")
-    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_TL[dtype], signature=sig, constexprs=consts,
-                         attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_TL[dtype], signature=sig,
+                         constexprs=consts, attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                          capability=cc, needs_tensor_cores=needs_tensor_cores, label=label)
 
 

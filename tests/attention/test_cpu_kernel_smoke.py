@@ -49,10 +49,11 @@ def reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, dtype):
         m = s.amax(-1, keepdim=True) if Lk else torch.full((Hq, Lq, 1), -math.inf, dtype=dtype)
         m0 = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m0)
-        l = p.sum(-1, keepdim=True)
-        pn = torch.where(l > 0, p / torch.where(l > 0, l, torch.ones_like(l)), torch.zeros_like(p))
+        denom = p.sum(-1, keepdim=True)
+        pn = torch.where(denom > 0, p / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(p))
         out[bq, :, q0:q1] = (pn.to(dtype) @ v).double()
-        lse[bq, :, q0:q1] = (torch.log(l) + m0).squeeze(-1).double().masked_fill(l.squeeze(-1) == 0, -math.inf)
+        lse[bq, :, q0:q1] = (torch.log(denom) + m0).squeeze(-1).double().masked_fill(
+            denom.squeeze(-1) == 0, -math.inf)
         if mode == 1:
             scores[bq, k0:k1] = pn[:, 0].double().mean(0)
         elif mode == 2:

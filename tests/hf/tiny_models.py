@@ -7,7 +7,7 @@ function that picks the tensors to compare, and which token positions are real (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

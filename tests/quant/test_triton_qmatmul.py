@@ -81,7 +81,9 @@ def assert_weight_only_ok(x, qw, bias=None, smooth=None, backend="triton"):
     y = qmatmul(x, qw, bias, backend=backend, smooth=smooth)
     assert y.shape == (*x.shape[:-1], qw.out_features) and y.dtype == x.dtype
     assert not torch.isnan(y).any()
-    up = (lambda t: None if t is None else t.double())
+    def up(t):
+        return None if t is None else t.double()
+
     y64 = qmatmul_reference(x.double(), qw, up(bias), smooth=up(smooth))
     err = max_err(y, y64)
     base = max_err(_linear_same_precision(x, qw, bias, smooth), y64)
@@ -102,7 +104,9 @@ def assert_w8a8_ok(x, qw, bias=None, smooth=None):
             eps = torch.finfo(x.dtype).eps
             assert (y.double() - same.double()).abs().max() <= \
                 2 * eps * same.double().abs().max() + 1e-30
-    up = (lambda t: None if t is None else t.double())
+    def up(t):
+        return None if t is None else t.double()
+
     y64 = qmatmul_reference(x.double(), qw, up(bias), act_bits=8, smooth=up(smooth))
     err, base = max_err(y, y64), max_err(same, y64)
     assert err <= 2 * base + FLOOR[x.dtype], f"max error {err:.3g} > 2 x {base:.3g} + floor"
