@@ -255,8 +255,9 @@ def _pareto_axes(ax, row: Dict) -> None:
         base = name == row.get("baseline")
         ax.scatter([x], [y], marker="s" if base else "o", color="gray" if base else None,
                    zorder=3)
+        # the baseline's label goes below its point: attention-only sits just above it
         ax.annotate(f"{name}\n{y:.2f}x, {x:.5f}", (x, y), textcoords="offset points",
-                    xytext=(4, 4), fontsize=6)
+                    xytext=(4, -16 if base else 4), fontsize=6)
     front = _pareto_front(points)
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="black",
