@@ -17,8 +17,8 @@ CONTENDERS = {
     models.DINOV2_ID: {"hf_sdpa", "mmkernels", "tome8", "tome8_w8a8", "w8a8"},
     models.MINILM_ID: {"hf_sdpa", "mmkernels", "w8a8", "w8a8_outlier"},
     models.WHISPER_ID: {"hf_sdpa", "mmkernels"},
-    models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels"},
-    models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels"},
+    models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "visionzip64"},
+    models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "visionzip64"},
 }
 
 
@@ -42,8 +42,11 @@ def test_quick_models_bench_writes_table_json_png(quick_run):
         assert set(row["times_ms"]) == CONTENDERS[case_id]
         assert set(row["fidelity"]) == CONTENDERS[case_id], case_id
         assert row["fidelity_metric"] and row["baseline"] == "hf_sdpa"
-        # tiny random models: every configuration stays close to the unpatched model
-        assert all(0.99 <= v <= 1.0 + 1e-9 for v in row["fidelity"].values()), row["fidelity"]
+        # tiny random models: every configuration stays close to the unpatched model (VisionZip
+        # drops half of the 16 image tokens of the tiny LLaVA: 0.977 measured)
+        floor = {"visionzip64": 0.9}
+        assert all(floor.get(k, 0.99) <= v <= 1.0 + 1e-9 for k, v in row["fidelity"].items()), \
+            row["fidelity"]
         assert row["fidelity"]["hf_sdpa"] == pytest.approx(1.0, abs=1e-12)
         assert row["speedup_vs_baseline"]["hf_sdpa"] == 1.0
         assert set(row["speedup_vs_baseline"]) == CONTENDERS[case_id]
@@ -63,7 +66,8 @@ def test_quick_models_bench_writes_table_json_png(quick_run):
 
 def test_models_gates_name_real_cases_and_contenders():
     gates = [g for g in report.load_gates() if g["case"].startswith("models-")]
-    assert {g["case"] for g in gates} == {models.DINOV2_ID, models.MINILM_ID, models.WHISPER_ID}
+    assert {g["case"] for g in gates} == {models.DINOV2_ID, models.MINILM_ID, models.WHISPER_ID,
+                                          models.LLAVA_PREFILL_ID}
     for gate in gates:
         assert gate["baseline"] == "hf_sdpa", gate["name"]
         assert gate["subject"] in CONTENDERS[gate["case"]], gate["name"]
@@ -72,7 +76,8 @@ def test_models_gates_name_real_cases_and_contenders():
                       (models.DINOV2_ID, "tome8_w8a8"): 2.5,
                       (models.MINILM_ID, "w8a8"): 2.0,
                       (models.MINILM_ID, "w8a8_outlier"): 1.8,
-                      (models.WHISPER_ID, "mmkernels"): 1.15}
+                      (models.WHISPER_ID, "mmkernels"): 1.15,
+                      (models.LLAVA_PREFILL_ID, "visionzip64"): 4.0}
 
 
 def test_a_case_without_its_package_is_skipped_with_a_message():

@@ -367,40 +367,53 @@ def _llava(quick: bool):
                    "pixel_values": pixels}, n_image
 
 
+LLAVA_VISIONZIP = {"method": "visionzip", "dominant": 54, "contextual": 10}   # 576 -> 64 tokens
+LLAVA_VISIONZIP_QUICK = {"method": "visionzip", "dominant": 6, "contextual": 2}  # 16 -> 8
+
+
 def llava_cases(quick: bool = False) -> List[Case]:
     _need("transformers", "transformers")
     t0 = time.perf_counter()
     base, inputs, n_image = _llava(quick)
-    # The language model's input, with the image features merged, taken from one unpatched run.
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    language_model = base.model.language_model
-    hook = language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            base(**inputs, logits_to_keep=1)
-    finally:
-        hook.remove()
-    embeds, mask = captured["inputs_embeds"], inputs["attention_mask"]
-    length = embeds.shape[1]
+    visionzip = LLAVA_VISIONZIP_QUICK if quick else LLAVA_VISIONZIP
     settings = {BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                "mmkernels": "patch(model)"}
+                "mmkernels": "patch(model)", "visionzip64": f"patch(model, reduce={visionzip})"}
     patch = _Patched()
-    models = {BASELINE: base, "mmkernels": patch("mmkernels", base)}
-    # VisionZip / FastV configurations (patch(model, reduce={"method": "visionzip", ...}) and
-    # {"method": "fastv", ...}) join these contenders later; not implemented here.
+    models = {BASELINE: base, "mmkernels": patch("mmkernels", base),
+              "visionzip64": patch("visionzip64", base, reduce=visionzip)}
+    # FastV (reduce={"method": "fastv", ...}) joins these contenders once patch supports it.
+    # The language model's input (image features merged; 64 image tokens for VisionZip), taken
+    # from one run of each model, outside the timing.
+    embeds = {}
+    for name, model in models.items():
+        captured = {}
+
+        def grab(module, args, kwargs, captured=captured):
+            captured["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
+            captured["attention_mask"] = kwargs["attention_mask"]
+
+        hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**inputs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        embeds[id(model.model.language_model)] = (captured["inputs_embeds"],
+                                                  captured["attention_mask"])
+    length = embeds[id(base.model.language_model)][0].shape[1]
     build_s = time.perf_counter() - t0
     size = "tiny random" if quick else "SigLIP-B/16 384 px + SmolLM2-135M-sized Llama, random"
+
+    def prefill_call(lm):
+        e, m = embeds[id(lm)]
+        return lm(inputs_embeds=e, attention_mask=m)
+
     prefill = _model_case(
         LLAVA_PREFILL_ID,
         f"LLaVA ({size}): language-model prefill on merged inputs_embeds, batch 1 x {length} "
-        f"tokens ({n_image} image tokens)",
-        {k: m.model.language_model for k, m in models.items()},
-        lambda lm: lm(inputs_embeds=embeds, attention_mask=mask),
-        lambda o: o.last_hidden_state, "last_hidden_state cosine (mean over tokens)", patch,
+        f"tokens ({n_image} image tokens; VisionZip: 64)",
+        {k: m.model.language_model for k, m in models.items()}, prefill_call,
+        lambda o: o.last_hidden_state[:, -1], "last-token hidden state cosine", patch,
         settings=settings, quick=quick, build_s=build_s)
     ttft = _model_case(
         LLAVA_TTFT_ID,
