@@ -23,7 +23,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mmkernels import _dispatch  # noqa: E402
+from backend_params import backend_params, select_backend  # noqa: E402
 from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
@@ -31,31 +31,15 @@ ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-def _backends():
-    avail = {b.name: b.availability() for b in _dispatch.backends_for("qmatmul")}
-    params = [pytest.param(("reference", None), id="reference")]
-    ok, why = avail.get("cpu", (False, "not registered"))
-    if ok:
-        from mmkernels.quant import cpu as qcpu
+def _cpu_isas():
+    from mmkernels.quant import cpu as qcpu
 
-        best = qcpu.cpu_isa()
-        for isa in ISA_ORDER[: ISA_ORDER.index(best) + 1]:
-            params.append(pytest.param(("cpu", isa), id=f"cpu-{isa}"))
-    else:
-        params.append(pytest.param(("cpu", None), id="cpu",
-                                   marks=pytest.mark.skip(reason=f"cpu backend unavailable: {why}")))
-    ok, why = avail.get("triton", (False, "not registered"))
-    params.append(pytest.param(("triton", None), id="triton",
-                               marks=[] if ok else pytest.mark.skip(reason=f"triton unavailable: {why}")))
-    return params
+    return ISA_ORDER[: ISA_ORDER.index(qcpu.cpu_isa()) + 1]
 
 
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=backend_params("qmatmul", _cpu_isas))
 def backend(request, monkeypatch):
-    name, isa = request.param
-    if isa is not None:
-        monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
-    return name
+    return select_backend(request, monkeypatch)[0]
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]

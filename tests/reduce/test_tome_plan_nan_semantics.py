@@ -24,38 +24,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mmkernels  # noqa: E402
-from mmkernels import _dispatch  # noqa: E402
+from backend_params import backend_params, select_backend  # noqa: E402
 from mmkernels.reduce.api import mergeable_a_tokens  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-def _backends():
-    avail = {b.name: b.availability() for b in _dispatch.backends_for("tome_plan")}
-    params = [pytest.param(("reference", None), id="reference")]
-    ok, why = avail.get("cpu", (False, "not registered"))
-    if ok:
-        from mmkernels.reduce import cpu as rcpu
+def _cpu_isas():
+    from mmkernels.reduce import cpu as rcpu
 
-        best = rcpu.cpu_isa()
-        for isa in (["avx512", "avx2", "scalar"] if best == "avx512" else [best]):
-            params.append(pytest.param(("cpu", isa), id=f"cpu-{isa}"))
-    else:
-        params.append(pytest.param(("cpu", None), id="cpu",
-                                   marks=pytest.mark.skip(reason=f"cpu backend unavailable: {why}")))
-    ok, why = avail.get("triton", (False, "not registered"))
-    params.append(pytest.param(("triton", None), id="triton",
-                               marks=[] if ok else pytest.mark.skip(reason=f"triton unavailable: {why}")))
-    return params
+    best = rcpu.cpu_isa()
+    return ["avx512", "avx2", "scalar"] if best == "avx512" else [best]
 
 
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=backend_params("tome_plan", _cpu_isas))
 def backend(request, monkeypatch):
-    name, isa = request.param
-    if isa is not None:
-        monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
-    return name
+    return select_backend(request, monkeypatch)[0]
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
