@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Case
+from .quant import minilm_windows
 
 DINOV2_ID = "models-dinov2_s-b8-224"
 MINILM_ID = "models-minilm-b32x128"
@@ -222,22 +223,8 @@ MINILM_W8A8 = {"bits": 8, "act_bits": 8, "method": "gptq", "smooth_alpha": "sear
 MINILM_W8A8_OUTLIER = {**MINILM_W8A8, "outlier_channels": 2}
 
 
-def _minilm_sentences(batch: int) -> List[str]:
-    """``batch`` windows of 160 words over the model's README (each over 128 tokens), as
-    :func:`mmkernels.benchmarks.quant.minilm_case` builds them."""
-    from mmkernels.models import minilm as mm
-    words = " ".join(mm.readme_sentences(None)).split()
-    step = max(1, (len(words) - 160) // batch)
-    return [" ".join((words * 2)[i * step:i * step + 160]) for i in range(batch)]
-
-
-def _mean_pool(out, mask: torch.Tensor) -> torch.Tensor:
-    hidden = out.last_hidden_state
-    m = mask.to(hidden.dtype)[..., None]
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
 def minilm_case(quick: bool = False) -> List[Case]:
+    from mmkernels.models.minilm import mean_pool
     _need("transformers", "transformers")
     t0 = time.perf_counter()
     if quick:
@@ -262,13 +249,10 @@ def minilm_case(quick: bool = False) -> List[Case]:
         from mmkernels.models.hf import hf_minilm_l6_v2
         from mmkernels.models.minilm import tokenize_batch
         base, tokenizer = hf_minilm_l6_v2()
-
-        def tokenize(sentences):
-            return tokenize_batch(tokenizer, sentences)
-        inputs = tokenize(_minilm_sentences(32))
+        inputs = tokenize_batch(tokenizer, minilm_windows(32))
         assert inputs["input_ids"].shape == (32, 128), inputs["input_ids"].shape
         text = calibration_sentences(128)
-        calib = [tokenize(text[i:i + 16]) for i in range(0, len(text), 16)]
+        calib = [tokenize_batch(tokenizer, text[i:i + 16]) for i in range(0, len(text), 16)]
         desc = ("all-MiniLM-L6-v2 as HF BertModel, batch 32 x 128 tokens of its README; W8A8 "
                 "calibrated on 128 other sentences")
     mask = inputs["attention_mask"]
@@ -282,7 +266,7 @@ def minilm_case(quick: bool = False) -> List[Case]:
               "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER,
                                     calib_data=calib)}
     return [_model_case(MINILM_ID, desc, models, lambda m: m(**inputs),
-                        lambda o: _mean_pool(o, mask), "mean-pooled embedding cosine", patch,
+                        lambda o: mean_pool(o.last_hidden_state, mask), "mean-pooled embedding cosine", patch,
                         settings=settings, quick=quick, build_s=time.perf_counter() - t0)]
 
 

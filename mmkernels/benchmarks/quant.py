@@ -168,6 +168,15 @@ def _no_grad_call(fn, arg):
 MINILM_CASE_ID = "minilm_w8a8-b32-l128"
 
 
+def minilm_windows(batch: int) -> List[str]:
+    """``batch`` windows of 160 words over all-MiniLM-L6-v2's README prose: sentences of at least
+    128 tokens (the tokenizer truncates them to 128)."""
+    from mmkernels.models import minilm as mm
+    words = " ".join(mm.readme_sentences(None)).split()
+    step = max(1, (len(words) - 160) // batch)
+    return [" ".join((words * 2)[i * step:i * step + 160]) for i in range(batch)]
+
+
 def minilm_case(batch: int = 32, length: int = 128) -> Case:
     """Whole all-MiniLM-L6-v2 (real weights) on ``batch`` sentences of ``length`` tokens: every
     Linear at W8A8 (RTN weights, SmoothQuant alpha=0.5 calibrated on other text) against the float32
@@ -177,12 +186,7 @@ def minilm_case(batch: int = 32, length: int = 128) -> Case:
     from mmkernels.quant import quantize_model
 
     base = mm.minilm_l6_v2()
-    text = " ".join(mm.readme_sentences(None))
-    words = text.split()
-    # Sentences of at least `length` tokens (truncated to it): windows over the README's prose.
-    step = max(1, (len(words) - 160) // batch)
-    sentences = [" ".join((words * 2)[i * step:i * step + 160]) for i in range(batch)]
-    inputs = base.tokenize(sentences)
+    inputs = base.tokenize(minilm_windows(batch))
     assert inputs["input_ids"].shape == (batch, length), inputs["input_ids"].shape
     calib = [base.tokenize(mm.calibration_sentences(64)[i:i + 16]) for i in range(0, 64, 16)]
     ours = copy.deepcopy(base)

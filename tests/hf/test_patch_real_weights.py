@@ -41,20 +41,15 @@ def minilm():
     from mmkernels.models.hf import hf_minilm_l6_v2
     from mmkernels.models.minilm import tokenize_batch
     model, tokenizer = hf_minilm_l6_v2()
-
-    def tokenize(sentences):
-        return tokenize_batch(tokenizer, sentences)
-
-    calib_text = calibration_sentences(128)
-    calib = [tokenize(calib_text[i:i + 16]) for i in range(0, len(calib_text), 16)]
-    return model, tokenize(readme_sentences(32)), calib
+    text = calibration_sentences(128)
+    calib = [tokenize_batch(tokenizer, text[i:i + 16]) for i in range(0, len(text), 16)]
+    return model, tokenize_batch(tokenizer, readme_sentences(32)), calib
 
 
 def _embed(model, batch):
+    from mmkernels.models.minilm import mean_pool
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1)
+        return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def _cls(model, pixels):
