@@ -1,31 +1,116 @@
-"""Loading the compiled extension ``mmkernels._C`` once, for every C++ CPU backend."""
+"""The one loader of mmkernels' compiled extensions, and the CPU-class probe.
+
+``CPU`` is ``mmkernels._C`` (``torch.ops.mmkernels_C``: the C++ CPU kernels of every family) and
+``CUDA`` is ``mmkernels._cuda`` (``torch.ops.mmkernels_cuda``, built only with a CUDA torch). Each
+is imported at most once per process; a family asks for the op it needs, so a build that lacks
+it (an older .so) is reported as such::
+
+    ok, why = _extension.CPU.availability("attention_fwd")   # (False, "ImportError: ...")
+    ops = _extension.CPU.require("attention_fwd")             # torch.ops.mmkernels_C, or raises
+
+:func:`cpu_class` says which of this project's two CPU classes the process runs on ("amx": Intel
+with AMX tiles, where torch's oneDNN paths are fast; "avx512" / "avx2" / "scalar" otherwise); the
+dispatcher's auto-selection rules read it.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import importlib
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 
-_OPS = None
-_ERROR: Optional[str] = None
-_TRIED = False
 
+class Extension:
+    """A compiled extension module that registers ``torch.ops.<namespace>`` when imported."""
 
-def cpu_ops(required: str) -> Tuple[Optional[object], str]:
-    """``(torch.ops.mmkernels_C, "")`` when the extension imports and registers ``required``;
-    ``(None, reason)`` otherwise (not built, a broken .so, or a build without that op)."""
-    global _OPS, _ERROR, _TRIED
-    if not _TRIED:
-        _TRIED = True
+    def __init__(self, module: str, namespace: str):
+        self.module = module
+        self.namespace = namespace
+        self._tried = False
+        self._ops = None
+        self._error = ""
+        self._has: Dict[str, str] = {}   # op name -> "" (present) or the reason it is missing
+
+    def _import(self) -> None:
+        self._tried = True
         try:
-            import mmkernels._C  # noqa: F401  (registers torch.ops.mmkernels_C)
+            importlib.import_module(self.module)
+            self._ops = getattr(torch.ops, self.namespace)
+        except Exception as exc:  # ImportError, OSError (a broken .so), RuntimeError
+            self._error = f"{type(exc).__name__}: {exc}"
 
-            _OPS = torch.ops.mmkernels_C
-        except Exception as exc:  # ImportError, OSError (bad .so)
-            _ERROR = f"{type(exc).__name__}: {exc}"
-    if _OPS is None:
-        return None, _ERROR or "mmkernels._C did not load"
+    def availability(self, required: str) -> Tuple[bool, str]:
+        """``(True, "")`` when the extension imports and registers ``required``, else
+        ``(False, reason)`` (not built, a broken .so, or a build without that op)."""
+        why = self._has.get(required)
+        if why is None:
+            if not self._tried:
+                self._import()
+            if self._ops is None:
+                why = f"{self.module} is not built or failed to load ({self._error})"
+            else:
+                try:
+                    getattr(self._ops, required)
+                    why = ""
+                except (AttributeError, RuntimeError) as exc:
+                    why = f"this build of {self.module} has no {required} ({type(exc).__name__})"
+            self._has[required] = why
+        return not why, why
+
+    def ops(self, required: str):
+        """``torch.ops.<namespace>`` when ``required`` is there, else None."""
+        return self._ops if self.availability(required)[0] else None
+
+    def require(self, required: str):
+        """``torch.ops.<namespace>``; RuntimeError with the reason when ``required`` is missing."""
+        if self._has.get(required) == "":   # the common case, on every kernel call
+            return self._ops
+        ok, why = self.availability(required)
+        if not ok:
+            raise RuntimeError(f"{self.module} is not available: {why}")
+        return self._ops
+
+
+CPU = Extension("mmkernels._C", "mmkernels_C")
+CUDA = Extension("mmkernels._cuda", "mmkernels_cuda")
+
+
+# --- CPU class ------------------------------------------------------------------------------------
+
+_CPU_CLASS: Optional[str] = None
+CPU_CLASSES = ("amx", "avx512", "avx2", "scalar")
+
+
+def _cpu_flags() -> set:
     try:
-        getattr(_OPS, required)
-    except (AttributeError, RuntimeError) as exc:
-        return None, f"this build of mmkernels._C has no {required} ({type(exc).__name__})"
-    return _OPS, ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_class() -> str:
+    """This machine's CPU class for auto-selection rules: "amx" (AMX-BF16 tiles: torch's oneDNN
+    bf16 / fp32 paths), else "avx512", "avx2" or "scalar". ``MMKERNELS_CPU_CLASS`` overrides the
+    probe (read once per process, like the probe itself)."""
+    global _CPU_CLASS
+    if _CPU_CLASS is None:
+        forced = os.environ.get("MMKERNELS_CPU_CLASS", "").strip().lower()
+        if forced in CPU_CLASSES:
+            _CPU_CLASS = forced
+        else:
+            flags = _cpu_flags()
+            if {"amx_bf16", "amx_tile"} <= flags:
+                _CPU_CLASS = "amx"
+            elif "avx512f" in flags:
+                _CPU_CLASS = "avx512"
+            elif "avx2" in flags:
+                _CPU_CLASS = "avx2"
+            else:
+                cap = str(torch.backends.cpu.get_cpu_capability()).lower()
+                _CPU_CLASS = "avx512" if "avx512" in cap else "avx2" if "avx2" in cap else "scalar"
+    return _CPU_CLASS

@@ -11,12 +11,55 @@ def cpu_isa() -> str:
     return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
 
 
-def info() -> int:
+_INFO_COLUMNS = ("backend", "ok", "devices", "dtypes", "head dims", "features")
+INFO_WIDTH = 100
+
+
+def capability_lines(verbose: bool = False) -> list:
+    """The capability table of ``mmkernels info``, one block per op, from the backends'
+    declarations (mmkernels._dispatch); ``verbose`` adds each backend's notes."""
+    import textwrap
+
+    from . import _dispatch
+    rows = _dispatch.capability_table()
+    lines, unavailable = [], {}
+    by_op = {}
+    for r in rows:
+        by_op.setdefault(r["op"], []).append(r)
+    wrap = textwrap.TextWrapper(width=INFO_WIDTH, initial_indent="    ", subsequent_indent="      ")
+    for op, op_rows in by_op.items():
+        features = list(_dispatch._OPS.get(op, _dispatch._NO_FEATURES).features)
+        lines.append(f"{op}" + (f"  (features: {', '.join(features)})" if features else ""))
+        cells = []
+        for r in op_rows:
+            ok = r["available"] == "yes"
+            if not ok:
+                unavailable.setdefault(r["available"][4:-1], []).append(f"{op}/{r['backend']}")
+            cells.append({"backend": r["backend"], "ok": "yes" if ok else "no", **r})
+        # Columns every backend of this op leaves empty are dropped (e.g. head dims for qmatmul).
+        keys = [k for k in _INFO_COLUMNS if k in ("backend", "ok") or any(c[k] != "-" for c in cells)]
+        widths = {k: max(len(k), *(len(c[k]) for c in cells)) for k in keys}
+        lines.append("  " + "  ".join(k.ljust(widths[k]) for k in keys).rstrip())
+        for c in cells:
+            lines.append("  " + "  ".join(c[k].ljust(widths[k]) for k in keys).rstrip())
+            if verbose and c["notes"]:
+                lines += wrap.wrap(c["notes"])
+        lines.append("")
+    lines.append("devices: * = only when asked for (backend= or MMKERNELS_[<OP>_]BACKEND)")
+    if unavailable:
+        lines.append("unavailable:")
+        for why, where in unavailable.items():
+            lines += textwrap.wrap(f"{', '.join(where)}: {why}", width=INFO_WIDTH,
+                                   initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
+def info(verbose: bool = False) -> int:
     import platform
 
     import torch
 
-    from . import __version__, _dispatch
+    from . import __version__, _extension
     from .attention import cpu
     print(f"mmkernels {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}"
@@ -28,15 +71,11 @@ def info() -> int:
         print("triton: not installed")
     print(f"C++ extension mmkernels._C: {'built' if cpu.is_available() else 'NOT built'}"
           + ("" if cpu.is_available() else f" ({cpu.LOAD_ERROR})"))
-    print(f"CPU SIMD path: {cpu_isa()}; threads: {torch.get_num_threads()}")
+    print(f"CPU SIMD path: {cpu_isa()}; CPU class: {_extension.cpu_class()}; "
+          f"threads: {torch.get_num_threads()}")
     print(f"CUDA GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    rows = _dispatch.capability_table()
-    keys = ["op", "backend", "available", "devices", "dtypes", "head dims", "notes"]
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
     print()
-    print("  ".join(k.ljust(widths[k]) for k in keys))
-    for r in rows:
-        print("  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys))
+    print("\n".join(capability_lines(verbose)))
     return 0
 
 
@@ -117,7 +156,8 @@ def _fidelity(args) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, SIMD path, extension status, capability table")
+    i = sub.add_parser("info", help="versions, SIMD path, extension status, capability table")
+    i.add_argument("--verbose", "-v", action="store_true", help="each backend's notes too")
     b = sub.add_parser("bench", help="benchmark every kernel against its peers")
     b.add_argument("--gate", action="store_true", help="check the gates (exit 1 if one fails)")
     b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
@@ -136,7 +176,7 @@ def main(argv=None) -> int:
     quantize_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
-        return info()
+        return info(verbose=args.verbose)
     if args.command == "bench":
         return bench(args)
     if args.command == "quantize":

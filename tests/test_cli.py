@@ -14,8 +14,18 @@ def run_cli(*args):
 def test_info_prints_versions_isa_and_capabilities():
     res = run_cli("info")
     assert res.returncode == 0, res.stderr
-    for text in ("torch", "C++ extension mmkernels._C", "CPU SIMD path", "attention", "reference"):
+    for text in ("torch", "C++ extension mmkernels._C", "CPU SIMD path", "CPU class", "attention",
+                 "reference", "qmatmul  (features: int4"):
         assert text in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 100   # a 100-column terminal
+    assert "OpenMP" not in res.stdout                                   # notes only with --verbose
+
+
+def test_info_verbose_adds_the_notes():
+    res = run_cli("info", "--verbose")
+    assert res.returncode == 0, res.stderr
+    assert "OpenMP, AVX-512 / AVX2 / scalar chosen at run time" in res.stdout
+    assert max(len(line) for line in res.stdout.splitlines()) <= 100
 
 
 def test_quick_bench_writes_table_json_png(tmp_path):

@@ -1,4 +1,5 @@
-"""The attention backends: what each one supports, and why it cannot serve a given call.
+"""The attention backends, declared as data (mmkernels._dispatch.Backend): the reasons one cannot
+serve a call and the rows of ``mmkernels info`` both derive from these declarations.
 
 Priority for auto-selection (first capable wins): CUDA tensors -> cuda, triton, reference;
 CPU tensors -> cpu, reference. The Triton backend also runs CPU tensors under
@@ -10,100 +11,20 @@ import importlib
 from typing import List
 
 from .. import _dispatch
-from . import reference
+from .._extension import CPU as _EXT
 from .api import OP, AttentionCall
 
 MAX_HEAD_DIM = 256
+HEAD_DIMS = _dispatch.HeadDims(8, MAX_HEAD_DIM, 8)
 
-
-def _module(name):
-    return importlib.import_module(f"mmkernels.attention.{name}")
-
-
-def _head_dim_reasons(call: AttentionCall) -> List[str]:
-    reasons = []
-    for label, d in (("head dim D", call.head_dim), ("value head dim Dv", call.head_dim_v)):
-        if d % 8 or not 8 <= d <= MAX_HEAD_DIM:
-            reasons.append(f"{label}={d} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]")
-    return reasons
-
-
-# --- reference -------------------------------------------------------------------------------
-
-def _reference_unsupported(call: AttentionCall) -> List[str]:
-    return []
-
-
-REFERENCE = _dispatch.Backend(
-    name="reference", run=reference.attention_forward, unsupported=_reference_unsupported,
-    capabilities={"devices": "any", "dtypes": "float16, bfloat16, float32, float64",
-                  "head dims": "any", "notes": "materialises (H, Lq, Lk) per sequence; the spec"})
-
-
-# --- cpu (C++ extension) ------------------------------------------------------------------------
-
-def _cpu_availability():
-    try:
-        cpu = _module("cpu")
-    except ImportError as exc:
-        return False, f"mmkernels.attention.cpu failed to import ({exc})"
-    if cpu.is_available():
-        return True, ""
-    return False, f"the C++ extension mmkernels._C is not built ({cpu.LOAD_ERROR})"
-
-
-def _cpu_unsupported(call: AttentionCall) -> List[str]:
-    reasons = []
-    if call.device_type != "cpu":
-        reasons.append(f"runs CPU tensors only, got {call.device_type}")
-    if call.dtype_name == "float16":
-        reasons.append("float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 or float32")
-    elif call.dtype_name not in ("float32", "bfloat16"):
-        reasons.append(f"dtype {call.dtype_name} not supported (float32, bfloat16)")
-    return reasons + _head_dim_reasons(call)
-
-
-def _cpu_run(*args):
-    return _module("cpu").attention_forward(*args)
-
-
-CPU = _dispatch.Backend(
-    name="cpu", run=_cpu_run, unsupported=_cpu_unsupported, availability=_cpu_availability,
-    auto_devices=("cpu",),
-    capabilities={"devices": "cpu", "dtypes": "float32, bfloat16",
-                  "head dims": "multiples of 8 in [8, 256]",
-                  "notes": "OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time"})
-
-
-# --- triton ---------------------------------------------------------------------------------
-
-def _triton_availability():
-    try:
-        triton_mod = _module("triton")
-    except ImportError as exc:  # triton itself missing
-        return False, f"triton is not importable ({exc})"
-    return triton_mod.is_available()
-
-
-def _triton_unsupported(call: AttentionCall) -> List[str]:
-    if call.device_type not in ("cpu", "cuda"):
-        return [f"runs CUDA tensors only (CPU under TRITON_INTERPRET=1), got {call.device_type}"]
-    import torch
-    dtype = getattr(torch, call.dtype_name)
-    ok, why = _module("triton").supports(dtype, call.head_dim, call.head_dim_v, call.device_type)
-    return [] if ok else [why]
-
-
-def _triton_run(*args):
-    return _module("triton").attention_forward(*args)
-
-
-TRITON = _dispatch.Backend(
-    name="triton", run=_triton_run, unsupported=_triton_unsupported,
-    availability=_triton_availability, auto_devices=("cuda",),
-    capabilities={"devices": "cuda (cpu under TRITON_INTERPRET=1)",
-                  "dtypes": "float16, bfloat16, float32", "head dims": "multiples of 8 in [8, 256]",
-                  "notes": "FlashAttention-2 style forward + score pass reusing the LSE"})
+_dispatch.define_op(OP, features={
+    "varlen": lambda c: c.varlen,
+    "causal": lambda c: c.causal,
+    "key_bias": lambda c: c.has_bias,
+    "scores": lambda c: bool(c.scores),
+    "lse": lambda c: c.return_lse,
+    "gqa": lambda c: c.num_heads_q != c.num_heads_kv,
+})
 
 
 # --- cuda -------------------------------------------------------------------------------------
@@ -117,9 +38,56 @@ def _cuda_run(*args):  # pragma: no cover - never selected while unavailable
 
 
 CUDA = _dispatch.Backend(
-    name="cuda", run=_cuda_run, unsupported=lambda call: [], availability=_cuda_availability,
-    auto_devices=("cuda",), capabilities={"devices": "cuda", "dtypes": "-", "head dims": "-",
-                                          "notes": "build path + nvcc compile gate only"})
+    "cuda", _cuda_run, devices=("cuda",), availability=_cuda_availability,
+    notes="build path + nvcc compile gate only")
+
+
+# --- triton -----------------------------------------------------------------------------------
+
+def _triton_availability():
+    from .._triton_support import is_available
+    return is_available()
+
+
+def _triton_check(call: AttentionCall) -> List[str]:
+    """What the declarations cannot say: the interpreter mode fixed at import, the GPU's limits."""
+    mod = importlib.import_module("mmkernels.attention.triton")
+    reasons = []
+    if call.device_type == "cpu" and not mod._module_is_interpreted(mod):
+        reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is first imported")
+    if (call.device_type == "cuda" and call.dtype_name == "float32"
+            and max(call.head_dim, call.head_dim_v) > 128 and not mod.interpreter_active()):
+        reasons.append("float32 with head dim > 128 on the GPU (the kernel would spill registers)")
+    return reasons
+
+
+TRITON = _dispatch.Backend(
+    "triton", "mmkernels.attention.triton:attention_forward", devices=("cuda", "cpu"),
+    auto_devices=("cuda",), dtypes=("float16", "bfloat16", "float32"),
+    dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
+    head_dims=HEAD_DIMS, check=_triton_check, availability=_triton_availability,
+    devices_note="cpu under TRITON_INTERPRET=1, when asked for",
+    notes="FlashAttention-2 style forward + score pass reusing the LSE; f32 D > 128 not on the GPU")
+
+
+# --- cpu (C++ extension) ------------------------------------------------------------------------
+
+CPU = _dispatch.Backend(
+    "cpu", "mmkernels.attention.cpu:attention_forward", devices=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    dtype_notes={"float16": "float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 "
+                            "or float32",
+                 "float64": "float64 is the reference's (the test oracle; the kernel computes in "
+                            "float32)"},
+    head_dims=HEAD_DIMS, availability=lambda: _EXT.availability("attention_fwd"),
+    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time")
+
+
+# --- reference ------------------------------------------------------------------------------
+
+REFERENCE = _dispatch.Backend(
+    "reference", "mmkernels.attention.reference:attention_forward", devices=None,
+    notes="materialises (H, Lq, Lk) per sequence; the spec")
 
 # Registration order is the auto-selection priority.
 for _backend in (CUDA, TRITON, CPU, REFERENCE):

@@ -14,30 +14,25 @@ from typing import Optional
 
 import torch
 
-from .._extension import cpu_ops
+from .._extension import CPU as _EXT
 
-LOAD_ERROR: str = ""
-_LOADED: Optional[bool] = None
-
-
-def _load() -> bool:
-    global _LOADED, LOAD_ERROR
-    if _LOADED is None:
-        ops, LOAD_ERROR = cpu_ops("attention_fwd")
-        _LOADED = ops is not None
-    return _LOADED
+REQUIRED_OP = "attention_fwd"
 
 
 def is_available() -> bool:
-    """True when the compiled extension imports and registers its ops."""
-    return _load()
+    """True when the compiled extension imports and registers the attention kernel."""
+    return _EXT.availability(REQUIRED_OP)[0]
+
+
+def __getattr__(name: str):
+    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+        return _EXT.availability(REQUIRED_OP)[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_isa() -> str:
     """The CPU code path the kernel uses now: "avx512_bf16", "avx512", "avx2" or "scalar"."""
-    if not _load():
-        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
-    return torch.ops.mmkernels_C.cpu_isa()
+    return _EXT.require(REQUIRED_OP).cpu_isa()
 
 
 def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -49,8 +44,7 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       causal, scale, scores_mode, out4, lse3, scores2) -> None:
     """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
-    if not _load():
-        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+    ops = _EXT.require(REQUIRED_OP)
     q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
     if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32
                                      or not cu_seqlens_q.is_contiguous()):
@@ -61,7 +55,7 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     target = out4
     if out4.size(-1) > 1 and out4.stride(-1) != 1:
         target = torch.empty(out4.shape, dtype=out4.dtype, device=out4.device)
-    torch.ops.mmkernels_C.attention_fwd(
+    ops.attention_fwd(
         q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
         bool(causal), float(scale), int(scores_mode), target, lse3, scores2)
     if target is not out4:

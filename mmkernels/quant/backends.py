@@ -1,4 +1,5 @@
-"""Backends of ``qmatmul``, registered in priority order (first capable wins).
+"""Backends of ``qmatmul``, declared as data (mmkernels._dispatch.Backend) and registered in
+priority order (first capable wins).
 
 CPU tensors -> cpu (the C++ kernels of mmkernels._C, float32 / bfloat16 ``x``), reference.
 float16 and float64 ``x`` go to the reference (float64 is the test oracle; float16 has no fast
@@ -14,121 +15,95 @@ import importlib
 from typing import List
 
 from .. import _dispatch
-from . import reference
+from .._extension import CPU as _EXT
 
+OP = "qmatmul"
 
-def _cpu_module():
-    return importlib.import_module("mmkernels.quant.cpu")
+_dispatch.define_op(OP, dtype_label="x dtype", features={
+    "int4": lambda c: c.bits == 4 and not c.fp8,
+    "int8": lambda c: c.bits == 8 and not c.fp8,
+    "fp8": lambda c: bool(c.fp8),
+    "w8a8": lambda c: bool(c.act_bits),
+    "asym": lambda c: not c.symmetric,
+    "groups": lambda c: bool(c.group_size),
+    "smooth": lambda c: bool(c.smooth),
+})
 
 
 # --- cuda (C++ / CUDA extension mmkernels._cuda) -------------------------------------------------
 
-def _cuda_module():
-    return importlib.import_module("mmkernels.quant.cuda")
-
-
 def _cuda_availability():
-    return _cuda_module().availability()
+    return importlib.import_module("mmkernels.quant.cuda").availability()
 
 
-def _cuda_unsupported(call) -> List[str]:
-    return _cuda_module().unsupported(call)
-
-
-def _cuda_run(*args):
-    return _cuda_module().qmatmul(*args)
-
-
-_dispatch.register("qmatmul", _dispatch.Backend(
-    name="cuda", run=_cuda_run, unsupported=_cuda_unsupported, availability=_cuda_availability,
-    auto_devices=("cuda",),
-    capabilities={"devices": "cuda", "dtypes": "float16, bfloat16", "head dims": "-",
-                  "notes": "int4 weight-only decode GEMV (M <= 8; larger M goes to the Triton "
-                           "GEMM): 128-bit weight loads, LOP3 / magic-number dequantization, fp32 "
-                           "accumulation, warp-shuffle reduction"}))
+CUDA = _dispatch.Backend(
+    "cuda", "mmkernels.quant.cuda:qmatmul", devices=("cuda",), dtypes=("float16", "bfloat16"),
+    features=("int4", "asym", "groups", "smooth"),
+    feature_notes={"int8": "int8 weights are not supported (int4 only)",
+                   "fp8": "fp8 weights are not supported (int4 only; the triton backend serves fp8)",
+                   "w8a8": "act_bits=8 (W8A8) is not supported (weight-only)"},
+    availability=_cuda_availability,
+    notes="int4 weight-only decode GEMV (M <= 8; larger M goes to the Triton GEMM): 128-bit "
+          "weight loads, LOP3 / magic-number dequantization, fp32 accumulation, warp-shuffle "
+          "reduction")
 
 
 # --- triton -----------------------------------------------------------------------------------
 
-def _triton_module():
-    return importlib.import_module("mmkernels.quant.triton")
-
-
 def _triton_availability():
-    try:
-        mod = _triton_module()
-    except ImportError as exc:
-        return False, f"triton is not importable ({exc})"
-    return mod.is_available()
+    from .._triton_support import is_available
+    return is_available()
 
 
-def _triton_unsupported(call) -> List[str]:
-    import torch
+def _triton_check(call) -> List[str]:
+    """What the declarations cannot say: the interpreter mode fixed at import, the GPU's generation."""
+    mod = importlib.import_module("mmkernels.quant.triton")
+    if call.device_type == "cpu" and not mod._module_is_interpreted():
+        return ["CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"]
+    if call.device_type == "cuda" and not mod.interpreter_active():
+        import torch
 
-    dtype = getattr(torch, call.dtype_name, None)
-    if dtype is None:
-        return [f"x dtype {call.dtype_name} not supported"]
-    ok, why = _triton_module().supports(dtype, call.device_type)
-    return [] if ok else [why]
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return [f"needs a GPU of compute capability >= 8.0, got {major}.{minor}"]
+    return []
 
 
-def _triton_run(*args):
-    return _triton_module().qmatmul(*args)
-
-
-_dispatch.register("qmatmul", _dispatch.Backend(
-    name="triton", run=_triton_run, unsupported=_triton_unsupported,
-    availability=_triton_availability, auto_devices=("cuda",),
-    capabilities={"devices": "cuda (cpu under TRITON_INTERPRET=1)",
-                  "dtypes": "float16, bfloat16, float32", "head dims": "-",
-                  "notes": "weight-only int8 / int4 / fp8 (any group, sym / asym): dequantizing "
-                           "GEMM (M >= 16) and split-K GEMV (M < 16); W8A8 int8 / fp8: fused "
-                           "per-token activation quantization + int8 (IMMA / IGMMA) or fp8 dot "
-                           "(QGMMA on sm_90, fp16-decoded on sm_80) with the scale / bias "
-                           "epilogue"}))
+TRITON = _dispatch.Backend(
+    "triton", "mmkernels.quant.triton:qmatmul", devices=("cuda", "cpu"), auto_devices=("cuda",),
+    dtypes=("float16", "bfloat16", "float32"),
+    dtype_notes={"float64": "x dtype float64 not supported (float16, bfloat16, float32; float64 is "
+                            "the reference's)"},
+    check=_triton_check, availability=_triton_availability,
+    devices_note="cpu under TRITON_INTERPRET=1, when asked for",
+    notes="weight-only int8 / int4 / fp8 (any group, sym / asym): dequantizing GEMM (M >= 16) and "
+          "split-K GEMV (M < 16); W8A8 int8 / fp8: fused per-token activation quantization + int8 "
+          "(IMMA / IGMMA) or fp8 dot (QGMMA on sm_90, fp16-decoded on sm_80) with the scale / bias "
+          "epilogue")
 
 
 # --- cpu (C++ extension) ----------------------------------------------------------------------
 
-def _cpu_availability():
-    try:
-        mod = _cpu_module()
-    except ImportError as exc:
-        return False, f"mmkernels.quant.cpu failed to import ({exc})"
-    if mod.is_available():
-        return True, ""
-    return False, f"the C++ extension mmkernels._C has no qmatmul kernels ({mod.LOAD_ERROR})"
+CPU = _dispatch.Backend(
+    "cpu", "mmkernels.quant.cpu:qmatmul", devices=("cpu",), dtypes=("float32", "bfloat16"),
+    dtype_notes={"float64": "float64 is served by the reference (the test oracle; the kernels "
+                            "compute in float32)",
+                 "float16": "float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
+                            "float32); the reference serves it"},
+    features=("int4", "int8", "w8a8", "asym", "groups", "smooth"),
+    feature_notes={"fp8": "fp8 (e4m3) weights have no CPU kernel (the reference serves them)"},
+    availability=lambda: _EXT.availability("qmatmul_wo"),
+    notes="weight-only int4 / int8: row-dot GEMV for M < 16 on the stored layout, GEMM on a cached "
+          "prepacked layout for M >= 16 (fp32 FMA, or bf16 dot products for bfloat16 x); W8A8: "
+          "per-token int8 activations, int32 VNNI dot products on a cached VNNI-blocked weight "
+          "(equal to the reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at run time")
 
 
-def _cpu_unsupported(call) -> List[str]:
-    return _cpu_module().unsupported(call)
+# --- reference --------------------------------------------------------------------------------
 
+REFERENCE = _dispatch.Backend(
+    "reference", "mmkernels.quant.reference:qmatmul_tensors", devices=None,
+    notes="plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer products")
 
-_CPU_QMATMUL = None
-
-
-def _cpu_run(*args):
-    global _CPU_QMATMUL
-    if _CPU_QMATMUL is None:            # resolved once: this is on every call's path
-        _CPU_QMATMUL = _cpu_module().qmatmul
-    return _CPU_QMATMUL(*args)
-
-
-_dispatch.register("qmatmul", _dispatch.Backend(
-    name="cpu", run=_cpu_run, unsupported=_cpu_unsupported, availability=_cpu_availability,
-    auto_devices=("cpu",),
-    capabilities={"devices": "cpu", "dtypes": "float32, bfloat16 (float16, float64 -> reference)",
-                  "head dims": "-",
-                  "notes": "weight-only int4 / int8: row-dot GEMV for M < 16 on the stored layout, "
-                           "GEMM on a cached prepacked layout for M >= 16 (fp32 FMA, or bf16 "
-                           "dot products for bfloat16 x); W8A8: per-token int8 activations, "
-                           "int32 VNNI dot products on a cached VNNI-blocked weight (equal to the "
-                           "reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at "
-                           "run time"}))
-
-_dispatch.register("qmatmul", _dispatch.Backend(
-    name="reference", run=reference.qmatmul_tensors, unsupported=lambda call: [],
-    capabilities={"devices": "any", "dtypes": "float32, bfloat16, float16, float64",
-                  "head dims": "-",
-                  "notes": "plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer "
-                           "products"}))
+for _backend in (CUDA, TRITON, CPU, REFERENCE):
+    _dispatch.register(OP, _backend)

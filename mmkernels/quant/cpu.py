@@ -40,12 +40,10 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._extension import cpu_ops
+from .._extension import CPU as _EXT
 from . import reference
 
-LOAD_ERROR: str = ""
-_LOADED: Optional[bool] = None
-_OPS = None
+REQUIRED_OP = "qmatmul_wo"
 
 # Weight-only calls with at least this many rows of x run the prepacked GEMM kernel.
 GEMM_MIN_M = 16
@@ -55,46 +53,20 @@ W8A8_MAX_K = 66000
 DTYPES = ("float32", "bfloat16")
 
 
-def _load() -> bool:
-    global _LOADED, LOAD_ERROR, _OPS
-    if _LOADED is None:
-        _OPS, LOAD_ERROR = cpu_ops("qmatmul_wo")
-        _LOADED = _OPS is not None
-    return _LOADED
-
-
 def is_available() -> bool:
     """True when the compiled extension imports and registers the qmatmul ops."""
-    return _load()
+    return _EXT.availability(REQUIRED_OP)[0]
 
 
-def _require():
-    if not _load():
-        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+def __getattr__(name: str):
+    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+        return _EXT.availability(REQUIRED_OP)[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_isa() -> str:
     """The code path the qmatmul kernels use now: "avx512_bf16", "avx512", "avx2" or "scalar"."""
-    _require()
-    return _OPS.qmatmul_cpu_isa()
-
-
-def unsupported(call) -> list:
-    """Reasons the cpu backend cannot serve ``call`` (a ``QMatmulCall``); empty if it can."""
-    reasons = []
-    if getattr(call, "fp8", False):
-        reasons.append("fp8 (e4m3) weights have no CPU kernel (the reference serves them)")
-    if call.device_type != "cpu":
-        reasons.append(f"runs CPU tensors only, got {call.device_type}")
-    if call.dtype_name == "float64":
-        reasons.append("float64 is served by the reference (the test oracle; the kernels compute "
-                       "in float32)")
-    elif call.dtype_name == "float16":
-        reasons.append("float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
-                       "float32); the reference serves it")
-    elif call.dtype_name not in DTYPES:
-        reasons.append(f"dtype {call.dtype_name} not supported ({', '.join(DTYPES)})")
-    return reasons
+    return _EXT.require(REQUIRED_OP).qmatmul_cpu_isa()
 
 
 # --- prepacked-weight cache -------------------------------------------------------------------
@@ -118,7 +90,7 @@ def _stamp(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> tuple:
             tuple(qweight.shape))
 
 
-def _packed(kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
+def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
             bits: int) -> Tuple[Tensor, ...]:
     stamp = _stamp(qweight, scales, zeros)
     with _LOCK:
@@ -132,9 +104,9 @@ def _packed(kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
     q, s = qweight.contiguous(), scales.contiguous()
     z = zeros.contiguous() if zeros is not None else None
     if kind == "wo":
-        tensors = tuple(_OPS.qmatmul_prepack_wo(q, s, z, bits))
+        tensors = tuple(ops.qmatmul_prepack_wo(q, s, z, bits))
     else:
-        tensors = tuple(_OPS.qmatmul_prepack_a8(q, s, z))
+        tensors = tuple(ops.qmatmul_prepack_a8(q, s, z))
     entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp,
              tensors)
     with _LOCK:
@@ -198,7 +170,7 @@ def qmatmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
             bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
             smooth: Optional[Tensor] = None) -> Tensor:
     """Same contract as ``reference.qmatmul_tensors`` (argument checks are done by api.py)."""
-    _require()
+    ops = _EXT.require(REQUIRED_OP)
     k = x.shape[-1]
     n = qweight.shape[0]
     if qweight.dtype not in (torch.int8, torch.uint8) or (act_bits is not None and k > W8A8_MAX_K):
@@ -215,9 +187,9 @@ def qmatmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
     s = scales if scales.is_contiguous() else scales.contiguous()
     z = zeros if zeros is None or zeros.is_contiguous() else zeros.contiguous()
     if act_bits is not None:
-        packed = _packed("a8", qweight, scales, zeros, bits)
-        _OPS.qmatmul_w8a8.default(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
+        packed = _packed(ops, "a8", qweight, scales, zeros, bits)
+        ops.qmatmul_w8a8.default(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
     else:
-        packed = _packed("wo", qweight, scales, zeros, bits) if m >= GEMM_MIN_M else (None,) * 3
-        _OPS.qmatmul_wo.default(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
+        packed = _packed(ops, "wo", qweight, scales, zeros, bits) if m >= GEMM_MIN_M else (None,) * 3
+        ops.qmatmul_wo.default(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

@@ -12,50 +12,34 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._extension import CUDA as _EXT
+
 MAX_BATCH = 8
 DTYPES = ("float16", "bfloat16")
 
-_OP = None
-_ERROR: Optional[str] = None
-_TRIED = False
+REQUIRED_OP = "qgemv_int4"
 
 
 def _op():
-    """``torch.ops.mmkernels_cuda.qgemv_int4`` or None (the reason is kept in ``_ERROR``)."""
-    global _OP, _ERROR, _TRIED
-    if not _TRIED:
-        _TRIED = True
-        try:
-            import mmkernels._cuda  # noqa: F401  (registers torch.ops.mmkernels_cuda)
-
-            _OP = torch.ops.mmkernels_cuda.qgemv_int4
-        except Exception as exc:  # ImportError, OSError (bad .so), AttributeError (old build)
-            _ERROR = f"{type(exc).__name__}: {exc}"
-    return _OP
+    """``torch.ops.mmkernels_cuda.qgemv_int4`` or None (mmkernels._extension.CUDA says why)."""
+    ops = _EXT.ops(REQUIRED_OP)
+    return None if ops is None else getattr(ops, REQUIRED_OP)
 
 
 def availability() -> Tuple[bool, str]:
-    if _op() is None:
-        return False, f"the CUDA extension mmkernels._cuda is not built or lacks qgemv_int4 ({_ERROR})"
+    ok, why = _EXT.availability(REQUIRED_OP)
+    if not ok:
+        return False, why
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, ""
 
 
 def unsupported(call) -> List[str]:
-    """Reasons this backend cannot serve ``call`` (a mmkernels.quant.api.QMatmulCall)."""
-    reasons = []
-    if call.device_type != "cuda":
-        reasons.append(f"runs CUDA tensors only, got {call.device_type}")
-    if call.dtype_name not in DTYPES:
-        reasons.append(f"x dtype {call.dtype_name} not supported (float16, bfloat16)")
-    if call.fp8:
-        reasons.append("fp8 weights are not supported (int4 only; the triton backend serves fp8)")
-    elif call.bits != 4:
-        reasons.append(f"int{call.bits} weights are not supported (int4 only)")
-    if call.act_bits:
-        reasons.append(f"act_bits={call.act_bits} is not supported (weight-only)")
-    return reasons
+    """Reasons this backend cannot serve ``call`` (a mmkernels.quant.api.QMatmulCall), derived from
+    its declaration in mmkernels/quant/backends.py."""
+    from .backends import CUDA
+    return CUDA.unsupported(call)
 
 
 def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -66,7 +50,7 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError("the cuda qmatmul backend runs weight-only int4 with float16 / bfloat16 x")
     op = _op()
     if op is None:
-        raise RuntimeError(f"mmkernels._cuda is not available: {_ERROR}")
+        _EXT.require(REQUIRED_OP)   # raises with the reason
     n = qweight.shape[0]
     k = x.shape[-1]
     lead = x.shape[:-1]

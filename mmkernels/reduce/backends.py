@@ -1,4 +1,4 @@
-"""Backends of the token-reduction primitives.
+"""Backends of the token-reduction primitives, declared as data (mmkernels._dispatch.Backend).
 
 Priority for auto-selection (first capable wins): CUDA tensors -> triton, reference; CPU tensors ->
 cpu (the C++ kernels of mmkernels._C), reference. The Triton backend also runs CPU tensors under
@@ -12,114 +12,73 @@ import importlib
 from typing import List
 
 from .. import _dispatch
-from . import reference
+from .._extension import CPU as _EXT
 
 OPS = ("tome_plan", "tome_merge", "tome_unmerge", "select_tokens", "gather_tokens")
 
+_HALF_AND_UP = ("float16", "bfloat16", "float32")
+_FLOATS = _HALF_AND_UP + ("float64",)
+_F64_TO_REFERENCE = {"float64": "float64 is served by the reference (the kernel computes in float32)"}
 
-def _triton_module():
-    return importlib.import_module("mmkernels.reduce.triton")
+# Per op: (dtypes, dtype_notes) of each backend; None: any dtype (row copies).
+_TRITON_DTYPES = {"tome_plan": (_HALF_AND_UP, _F64_TO_REFERENCE), "tome_merge": (_FLOATS, {}),
+                  "select_tokens": (_FLOATS, {}), "tome_unmerge": (None, {}),
+                  "gather_tokens": (None, {})}
+_CPU_DTYPES = {"tome_plan": (_HALF_AND_UP, _F64_TO_REFERENCE),
+               "tome_merge": (_HALF_AND_UP, _F64_TO_REFERENCE),
+               "select_tokens": (_FLOATS, {}), "tome_unmerge": (None, {}), "gather_tokens": (None, {})}
 
-
-def _cpu_module():
-    return importlib.import_module("mmkernels.reduce.cpu")
-
-
-# --- cpu (C++ extension) ----------------------------------------------------------------------
-
-def _cpu_availability():
-    try:
-        mod = _cpu_module()
-    except ImportError as exc:
-        return False, f"mmkernels.reduce.cpu failed to import ({exc})"
-    if mod.is_available():
-        return True, ""
-    return False, f"the C++ extension mmkernels._C has no reduce kernels ({mod.LOAD_ERROR})"
-
-
-def _cpu_unsupported(op: str):
-    def unsupported(call) -> List[str]:
-        ok, why = _cpu_module().supports(op, call.dtype_name, call.device_type)
-        return [] if ok else [why]
-    return unsupported
-
-
-def _cpu_run(op: str):
-    fn = None
-
-    def run(*args):
-        nonlocal fn
-        if fn is None:
-            fn = getattr(_cpu_module(), op)
-        return fn(*args)
-    return run
-
-
-_CPU_DTYPES = {"tome_plan": "float32, bfloat16, float16 (float64 -> reference)",
-               "tome_merge": "float32, bfloat16, float16 (float64 -> reference)",
-               "select_tokens": "float32, bfloat16, float16, float64",
-               "tome_unmerge": "any (row copies)",
-               "gather_tokens": "any (row copies)"}
-_CPU_NOTES = {"tome_plan": "one call: fp32 normalise, tiled AVX-512 FMA max/argmax "
-                           "(no |A|x|B| matrix), exact top-r by nth_element",
+_TRITON_NOTES = {"tome_plan": "tiled max/argmax of cosine similarity (no |A|x|B| matrix), exact "
+                              "rank-count top-r",
+                 "tome_merge": "one program per slot block walks a CSR of its sources (deterministic)",
+                 "tome_unmerge": "row gather (real dtypes of 1/2/4/8 bytes)",
+                 "select_tokens": "exact rank counting + prefix-sum compaction (no sort)",
+                 "gather_tokens": "row gather (real dtypes of 1/2/4/8 bytes), out-of-range rows read "
+                                  "as zeros"}
+_CPU_NOTES = {"tome_plan": "one call: fp32 normalise, tiled FMA max/argmax (no |A|x|B| matrix), "
+                           "exact top-r by nth_element",
               "tome_merge": "fp32 accumulation in token order (bit-identical to the reference)",
               "tome_unmerge": "row memcpy",
               "select_tokens": "exact top-k by nth_element on (score, index) keys",
               "gather_tokens": "row memcpy"}
 
 
-# --- triton ---------------------------------------------------------------------------------
-
 def _triton_availability():
-    try:
-        mod = _triton_module()
-    except ImportError as exc:
-        return False, f"mmkernels.reduce.triton failed to import ({exc})"
-    return mod.is_available()
+    from .._triton_support import is_available
+    return is_available()
 
 
-def _triton_unsupported(op: str):
-    def unsupported(call) -> List[str]:
-        import torch
+def _triton_check(op: str):
+    def check(call) -> List[str]:
+        """Row copies take real dtypes of 1, 2, 4 or 8 bytes; CPU tensors need the interpreter."""
+        reasons = []
+        if op in ("tome_unmerge", "gather_tokens"):
+            import torch
 
-        dtype = getattr(torch, call.dtype_name, None)
-        if dtype is None:
-            return [f"dtype {call.dtype_name} not supported"]
-        ok, why = _triton_module().supports(op, dtype, call.device_type)
-        return [] if ok else [why]
-    return unsupported
+            dtype = getattr(torch, call.dtype_name, None)
+            if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype.itemsize not in (1, 2, 4, 8):
+                reasons.append(f"dtype {call.dtype_name} not supported (real dtypes of 1, 2, 4 or 8 bytes)")
+        mod = importlib.import_module("mmkernels.reduce.triton")
+        if call.device_type == "cpu" and not mod._module_is_interpreted():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is first imported")
+        return reasons
+    return check
 
-
-def _triton_run(op: str):
-    def run(*args):
-        return getattr(_triton_module(), op)(*args)
-    return run
-
-
-_TRITON_DTYPES = {"tome_plan": "float16, bfloat16, float32",
-                  "tome_merge": "float16, bfloat16, float32, float64",
-                  "select_tokens": "float16, bfloat16, float32, float64",
-                  "tome_unmerge": "any 1/2/4/8-byte real dtype",
-                  "gather_tokens": "any 1/2/4/8-byte real dtype"}
-_TRITON_NOTES = {"tome_plan": "tiled max/argmax of cosine similarity (no |A|x|B| matrix), exact rank-count top-r",
-                 "tome_merge": "one program per slot block walks a CSR of its sources (deterministic)",
-                 "tome_unmerge": "row gather",
-                 "select_tokens": "exact rank counting + prefix-sum compaction (no sort)",
-                 "gather_tokens": "row gather, out-of-range rows read as zeros"}
 
 # Registration order is the auto-selection priority.
 for _op in OPS:
+    _dispatch.define_op(_op)
+    _dtypes, _notes = _TRITON_DTYPES[_op]
     _dispatch.register(_op, _dispatch.Backend(
-        name="triton", run=_triton_run(_op), unsupported=_triton_unsupported(_op),
-        availability=_triton_availability, auto_devices=("cuda",),
-        capabilities={"devices": "cuda (cpu under TRITON_INTERPRET=1)", "dtypes": _TRITON_DTYPES[_op],
-                      "head dims": "-", "notes": _TRITON_NOTES[_op]}))
+        "triton", f"mmkernels.reduce.triton:{_op}", devices=("cuda", "cpu"), auto_devices=("cuda",),
+        dtypes=_dtypes, dtype_notes=_notes, check=_triton_check(_op),
+        availability=_triton_availability, devices_note="cpu under TRITON_INTERPRET=1, when asked for",
+        notes=_TRITON_NOTES[_op]))
+    _dtypes, _notes = _CPU_DTYPES[_op]
     _dispatch.register(_op, _dispatch.Backend(
-        name="cpu", run=_cpu_run(_op), unsupported=_cpu_unsupported(_op),
-        availability=_cpu_availability, auto_devices=("cpu",),
-        capabilities={"devices": "cpu", "dtypes": _CPU_DTYPES[_op], "head dims": "-",
-                      "notes": _CPU_NOTES[_op] + "; OpenMP, AVX-512 / scalar chosen at run time"}))
+        "cpu", f"mmkernels.reduce.cpu:{_op}", devices=("cpu",), dtypes=_dtypes, dtype_notes=_notes,
+        availability=lambda: _EXT.availability("reduce_tome_plan"),
+        notes=_CPU_NOTES[_op] + "; OpenMP, AVX-512 / AVX2 / scalar chosen at run time"))
     _dispatch.register(_op, _dispatch.Backend(
-        name="reference", run=getattr(reference, _op), unsupported=lambda call: [],
-        capabilities={"devices": "any", "dtypes": "any floating", "head dims": "-",
-                      "notes": "plain PyTorch (the spec)"}))
+        "reference", f"mmkernels.reduce.reference:{_op}", devices=None,
+        notes="plain PyTorch (the spec)"))

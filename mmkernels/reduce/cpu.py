@@ -4,7 +4,7 @@ The kernels live in the extension ``mmkernels._C`` (csrc/cpu/reduce*.cpp, regist
 ``torch.ops.mmkernels_C.reduce_*``):
 
 * ``reduce_tome_plan``: the whole plan in one call: fp32 L2 normalisation, tiled max / first argmax
-  of the cosine similarity (AVX-512 FMA; the |A| x |B| matrix is never stored), exact top-r by
+  of the cosine similarity (AVX-512 or AVX2 FMA; the |A| x |B| matrix is never stored), exact top-r by
   unique (similarity, position) keys, the four index maps. Any metric strides.
 * ``reduce_tome_merge``: size-weighted mean per output slot, fp32 accumulation in token order
   (bit-identical to the reference for float32 / bfloat16 / float16 ``x``).
@@ -13,59 +13,33 @@ The kernels live in the extension ``mmkernels._C`` (csrc/cpu/reduce*.cpp, regist
 
 float64 ``metric`` / ``x`` are left to the reference (the spec runs in float64 in tests). OpenMP
 over batch rows (and over A tokens / output slots when the batch is small); the code path
-(AVX-512 or scalar) is chosen from CPUID on every call, ``MMKERNELS_CPU_ISA`` lowers it.
+(AVX-512, AVX2 or scalar) is chosen from CPUID on every call, ``MMKERNELS_CPU_ISA`` lowers it.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-from .._extension import cpu_ops
+from .._extension import CPU as _EXT
 
-LOAD_ERROR: str = ""
-_LOADED: Optional[bool] = None
-_OPS = None
-
-_FLOAT_KINDS = ("float32", "bfloat16", "float16")
-DTYPES = {"tome_plan": _FLOAT_KINDS, "tome_merge": _FLOAT_KINDS,
-          "select_tokens": _FLOAT_KINDS + ("float64",), "tome_unmerge": None, "gather_tokens": None}
-
-
-def _load() -> bool:
-    global _LOADED, LOAD_ERROR, _OPS
-    if _LOADED is None:
-        _OPS, LOAD_ERROR = cpu_ops("reduce_tome_plan")
-        _LOADED = _OPS is not None
-    return _LOADED
+REQUIRED_OP = "reduce_tome_plan"
 
 
 def is_available() -> bool:
     """True when the compiled extension imports and registers the reduce ops."""
-    return _load()
+    return _EXT.availability(REQUIRED_OP)[0]
+
+
+def __getattr__(name: str):
+    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+        return _EXT.availability(REQUIRED_OP)[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cpu_isa() -> str:
-    """The code path the reduce kernels use now: "avx512" or "scalar"."""
-    _require()
-    return _OPS.reduce_cpu_isa()
-
-
-def supports(op: str, dtype_name: str, device_type: str):
-    """(ok, reason) for one call of ``op``."""
-    if device_type != "cpu":
-        return False, f"runs CPU tensors only, got {device_type}"
-    allowed = DTYPES[op]
-    if allowed is not None and dtype_name not in allowed:
-        if dtype_name == "float64":
-            return False, "float64 is served by the reference (the kernel computes in float32)"
-        return False, f"dtype {dtype_name} not supported ({', '.join(allowed)})"
-    return True, ""
-
-
-def _require():
-    if not _load():
-        raise RuntimeError(f"mmkernels._C is not available: {LOAD_ERROR}")
+    """The code path the reduce kernels use now: "avx512", "avx2" or "scalar"."""
+    return _EXT.require(REQUIRED_OP).reduce_cpu_isa()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -74,26 +48,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def tome_plan(metric: torch.Tensor, r: int, protect_first: int = 1):
-    _require()
-    return _OPS.reduce_tome_plan(metric, r, protect_first)
+    return _EXT.require(REQUIRED_OP).reduce_tome_plan(metric, r, protect_first)
 
 
 def tome_merge(x: torch.Tensor, src_to_out: torch.Tensor, n_out: int, size: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    _require()
-    return _OPS.reduce_tome_merge(_rows(x), src_to_out.long(), n_out, size)
+    return _EXT.require(REQUIRED_OP).reduce_tome_merge(_rows(x), src_to_out.long(), n_out, size)
 
 
 def tome_unmerge(x_out: torch.Tensor, src_to_out: torch.Tensor) -> torch.Tensor:
-    _require()
-    return _OPS.reduce_gather_rows(_rows(x_out), src_to_out.long())
+    return _EXT.require(REQUIRED_OP).reduce_gather_rows(_rows(x_out), src_to_out.long())
 
 
 def select_tokens(scores: torch.Tensor, k: int, protect_first: int = 1) -> torch.Tensor:
-    _require()
-    return _OPS.reduce_select_tokens(scores, k, protect_first)
+    return _EXT.require(REQUIRED_OP).reduce_select_tokens(scores, k, protect_first)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    _require()
-    return _OPS.reduce_gather_rows(_rows(x), idx.long())
+    return _EXT.require(REQUIRED_OP).reduce_gather_rows(_rows(x), idx.long())
