@@ -66,8 +66,7 @@ def _calibration(model_dir: str, path: str, samples: int, max_length: int) -> Li
 def run(args) -> int:
     import torch
 
-    from . import save_quantized
-    from .quant import quantize_model
+    from .compress import quantize_model, save_quantized
 
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         print(f"mmkernels quantize: {args.model_dir} has no config.json (a transformers model "

@@ -7,13 +7,15 @@ function that measures our max error against the float64 oracle. Both the CLI
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import mmkernels
+
+from .case import Case
 
 
 @dataclass(frozen=True)
@@ -37,21 +39,6 @@ SHAPES = [
 # Mixed image sizes packed together (224/14 -> 257, 336/14 -> 577, 224/16 -> 197, a thumbnail 50).
 VARLEN_LENGTHS = [257, 577, 197, 50, 257]
 QUICK_SHAPES = [Shape("vit_b16", 1, 2, 2, 197, 64), Shape("dinov2_s14", 1, 2, 2, 257, 64)]
-
-
-@dataclass
-class Case:
-    id: str
-    description: str
-    contenders: Dict[str, Callable[[], object]]
-    error: Optional[Callable[[], float]] = None
-    flops: float = 0.0
-    meta: Dict[str, object] = field(default_factory=dict)
-    # Seconds of timing for this case (None: the run's default) and the most rounds it may take
-    # (None: timing.timed_rounds' default). Cases whose gate measures a small effect get more
-    # rounds so that the median of the paired ratios settles.
-    budget_s: Optional[float] = None
-    max_rounds: Optional[int] = None
 
 
 def _expand_kv(t, group):

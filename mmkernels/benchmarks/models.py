@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Case
+from .case import Case
 from .quant import minilm_windows
 
 DINOV2_ID = "models-dinov2_s-b8-224"

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .attention import Case
+from .case import Case
 
 # (name, N, K): output features x input features of real layers
 LAYER_SHAPES = [("llama7b_qkv_o", 4096, 4096), ("llama7b_up", 11008, 4096),

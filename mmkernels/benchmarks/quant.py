@@ -31,7 +31,7 @@ from torch import nn
 import mmkernels
 from mmkernels.quant import quantize_weight, unpack_int4
 
-from .attention import Case
+from .case import Case
 
 # (name, M, K, N): the issue's shapes, then MiniLM (batch 32 x 128 tokens) and ViT-B/16 (batch 8)
 SHAPES = [
@@ -183,7 +183,7 @@ def minilm_case(batch: int = 32, length: int = 128) -> Case:
     model, plus torchao's int8 dynamic quantization of the same model (eager) as a peer.
     ``error`` is 1 - mean cosine of the mean-pooled sentence embeddings to float32."""
     from mmkernels.models import minilm as mm
-    from mmkernels.quant import quantize_model
+    from mmkernels.compress import quantize_model
 
     base = mm.minilm_l6_v2()
     inputs = base.tokenize(minilm_windows(batch))

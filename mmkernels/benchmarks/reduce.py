@@ -19,7 +19,7 @@ import mmkernels
 from mmkernels.reduce import reference
 from mmkernels.reduce.methods import EViT, tome_block_step
 
-from .attention import Case
+from .case import Case
 
 TOKEN_SHAPES = [("vit_b16", 197, 768), ("llava_576", 577, 1024), ("dinov2_s14", 257, 384)]
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-
-import statistics
 
 from .timing import paired_ratio, timed_rounds
 
@@ -26,9 +25,14 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    from .. import cli
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, ISA {cli.cpu_isa()}")
+            f"{torch.get_num_threads()} threads, ISA {_cpu_isa()}")
+
+
+def _cpu_isa() -> str:
+    # The op layer's answer, not the CLI's: cli imports this module, never the reverse.
+    from ..attention import cpu
+    return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
 
 
 def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:

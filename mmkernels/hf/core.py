@@ -257,7 +257,7 @@ def _patch_attention(model: nn.Module, settings: PatchSettings, record: _Undo) -
 
 
 def _patch_linears(model: nn.Module, options: dict, calib_data, backend, record: _Undo) -> None:
-    from ..quant import quantize_model
+    from ..compress import quantize_model
 
     before = dict(model.named_modules())
     options = dict(options)

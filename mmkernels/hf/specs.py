@@ -71,7 +71,7 @@ def _check_reduce(reduce) -> Dict[str, Any]:
 
 
 def _check_quantize(quantize) -> Dict[str, Any]:
-    from ..quant import quantize_model
+    from ..compress import quantize_model
 
     if not isinstance(quantize, dict):
         raise TypeError(f"quantize must be a dict of quantize_model keyword arguments such as "

@@ -1,8 +1,7 @@
-"""Drop-in modules built on mmkernels ops."""
+"""Drop-in modules built on mmkernels ops (imports :mod:`mmkernels.quant` and the op families,
+never :mod:`mmkernels.compress`)."""
 from .attention import Attention
 from .quant_linear import QuantLinear
+from .split_linear import OutlierSplitLinear
 
-__all__ = ["Attention", "QuantLinear"]
-from .split_linear import OutlierSplitLinear  # noqa: E402
-
-__all__ += ["OutlierSplitLinear"]
+__all__ = ["Attention", "QuantLinear", "OutlierSplitLinear"]

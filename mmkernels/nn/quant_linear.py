@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.api import qmatmul
-from ..quant.format import QuantizedWeight
+from ..quant.packing import QuantizedWeight
 from ..quant.quantize import quantize_weight
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .format import QuantizedWeight, is_fp8
+from .packing import QuantizedWeight, is_fp8
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

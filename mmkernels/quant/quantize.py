@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .format import FP8_DTYPE, FP8_MAX, QuantizedWeight, _check_config, pack_int4, qrange
+from .packing import FP8_DTYPE, FP8_MAX, QuantizedWeight, _check_config, pack_int4, qrange
 
 _TINY = torch.finfo(torch.float32).tiny
 

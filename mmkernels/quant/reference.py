@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .format import (FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors,
+from .packing import (FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors,
                      is_fp8)
 
 

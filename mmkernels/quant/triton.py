@@ -71,7 +71,7 @@ import torch
 
 from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
                                tl, triton)
-from .format import FP8_DTYPE, is_fp8
+from .packing import FP8_DTYPE, is_fp8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Weight storage formats (the W_FMT constexpr).

@@ -15,7 +15,7 @@ import torch
 import mmkernels
 from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight
 from mmkernels.quant import cpu as qcpu
-from mmkernels.quant.format import QuantizedWeight
+from mmkernels.quant.packing import QuantizedWeight
 
 from oracle import FLOOR, max_err
 

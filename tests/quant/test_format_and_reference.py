@@ -7,7 +7,7 @@ import torch
 
 from mmkernels.quant import (QuantizedWeight, pack_int4, qmatmul, qmatmul_reference,
                              quantize_weight, smoothquant_factors, sqnr, unpack_int4)
-from mmkernels.quant.format import qrange
+from mmkernels.quant.packing import qrange
 
 
 # --- packing ----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmkernels.quant import QuantizedWeight, qmatmul, quantize_weight
-from mmkernels.quant.format import FP8_DTYPE
+from mmkernels.quant.packing import FP8_DTYPE
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
 E4M3_GRID = torch.unique(E4M3_GRID[torch.isfinite(E4M3_GRID)])      # all 253 finite values

@@ -32,7 +32,7 @@ from mmkernels import _dispatch  # noqa: E402
 from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight  # noqa: E402
 from mmkernels.quant import reference as R  # noqa: E402
 from mmkernels.quant import triton as T  # noqa: E402
-from mmkernels.quant.format import FP8_DTYPE  # noqa: E402
+from mmkernels.quant.packing import FP8_DTYPE  # noqa: E402
 from oracle import FLOOR, max_err  # noqa: E402
 
 GPU = torch.cuda.is_available()

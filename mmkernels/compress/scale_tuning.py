@@ -22,8 +22,8 @@ output itself, restricted to the item's non-padding tokens when the item is a di
 ``attention_mask`` ``(B, L)`` and the output is ``(B, L, C)``). Optimiser: Adam (the paper's
 AdamW without weight decay, which would pull ``a`` towards 0) with a cosine-decayed step size,
 ``epochs`` shuffled passes over the items. Nothing else in the model changes (LayerNorms, the
-integers; the layers' biases only with ``bias_lr > 0``, a learned bias correction, which on
-all-MiniLM-L6-v2 int4 g128 added nothing: 0.99033 vs 0.99031 embedding cosine); if the mean
+integers; the layers' biases only with ``bias_lr > 0``, a learned bias correction, off by
+default: see the README's recipe notes); if the mean
 calibration loss after tuning is not below the loss before, the start values are kept. The
 result is exported back to QuantLinear layers with the new float32 scales: the same integers, the
 same formats and kernels.
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
 from .calibration import call_model, drop_padding, token_mask
-from .format import QuantizedWeight, is_fp8
+from ..quant.packing import QuantizedWeight, is_fp8
 from .trainable import train_only
 
 LOSSES = ("mse", "cosine")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
 from ...nn.split_linear import OutlierSplitLinear
-from ..format import QuantizedWeight, pack_int4, unpack_weight
+from ...quant.packing import QuantizedWeight, pack_int4, unpack_weight
 
 
 class UnsignedView(NamedTuple):

@@ -1,11 +1,12 @@
-"""GPTQ (mmkernels.quant.gptq): better than RTN on held-out inputs of a layer with correlated
+"""GPTQ (mmkernels.compress.gptq): better than RTN on held-out inputs of a layer with correlated
 inputs, valid QuantizedWeight, act-order round trip through QuantLinear, determinism."""
 import pytest
 import torch
 
 from mmkernels.nn import QuantLinear
-from mmkernels.quant import Hessian, gptq_quantize, quantize_weight
-from mmkernels.quant.format import qrange, unpack_weight
+from mmkernels.compress import Hessian, gptq_quantize
+from mmkernels.quant import quantize_weight
+from mmkernels.quant.packing import qrange, unpack_weight
 
 K, N = 256, 96
 

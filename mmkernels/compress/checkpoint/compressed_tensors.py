@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
-from ..format import FP8_DTYPE, QuantizedWeight
+from ...quant.packing import FP8_DTYPE, QuantizedWeight
 from . import _io
 from .common import (build_layer, default_g_idx, perm_from_g_idx, prefix, quant_layers,
                      refuse_split_layers, unsigned_view)

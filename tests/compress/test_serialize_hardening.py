@@ -12,7 +12,7 @@ from torch import nn
 import mmkernels
 from mmkernels.nn import OutlierSplitLinear, QuantLinear
 from mmkernels.quant import quantize_weight
-from mmkernels.quant.formats import _io, mmkernels_format
+from mmkernels.compress.checkpoint import _io, mmkernels_format
 
 
 class Net(nn.Module):

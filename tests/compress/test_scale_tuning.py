@@ -1,4 +1,4 @@
-"""End-to-end scale tuning (mmkernels.quant.tune_scales, EfficientQAT's E2E-QP): keeps every
+"""End-to-end scale tuning (mmkernels.compress.tune_scales, EfficientQAT's E2E-QP): keeps every
 integer, lowers the held-out error of the model's final output (mse and cosine losses, a custom
 output_fn), the exported layers compute what the tuner computed, start scales kept when tuning
 cannot help, biases changed only with bias_lr, only weight-only integer layers are touched, clear
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mmkernels.nn import QuantLinear
-from mmkernels.quant import quantize_model, tune_scales
-from mmkernels.quant.scale_tuning import ScaleTuner, tunable
+from mmkernels.compress import quantize_model, tune_scales
+from mmkernels.compress.scale_tuning import ScaleTuner, tunable
 
 
 def _rtn(model, **kw):
@@ -157,7 +157,7 @@ def test_interrupted_tuning_leaves_the_model_as_it_was(tiny):
 
 def test_exported_flat():
     import mmkernels
-    assert mmkernels.tune_scales is tune_scales and mmkernels.quant.tune_scales is tune_scales
+    assert mmkernels.tune_scales is tune_scales and mmkernels.compress.tune_scales is tune_scales
 
 
 def test_argument_errors(tiny):

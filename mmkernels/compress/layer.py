@@ -12,9 +12,9 @@ from ..nn.quant_linear import QuantLinear
 from ..nn.split_linear import OutlierSplitLinear
 from .calibration import LayerStats
 from .gptq import GPTQResult, gptq_quantize
-from .metrics import sqnr
-from .quantize import quantize_weight, smoothquant_factors
-from .report import LayerReport, QuantizationReport
+from ..quant.metrics import sqnr
+from ..quant.quantize import quantize_weight, smoothquant_factors
+from .sqnr_report import LayerReport, QuantizationReport
 from .smoothing import search_alpha
 
 SEARCH_ROWS = 2048          # calibration rows an alpha candidate is scored on

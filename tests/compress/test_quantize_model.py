@@ -9,8 +9,8 @@ from torch import nn
 
 import mmkernels
 from mmkernels.nn import OutlierSplitLinear, QuantLinear
-from mmkernels.quant import quantize_model
-from mmkernels.quant.calibration import collect
+from mmkernels.compress import quantize_model
+from mmkernels.compress.calibration import collect
 
 DIM = 64
 
@@ -183,7 +183,7 @@ def test_attention_mask_drops_padding_rows_from_statistics():
 
 def test_exported_flat():
     assert mmkernels.quantize_model is quantize_model
-    assert mmkernels.quant.quantize_model is quantize_model
+    assert mmkernels.compress.quantize_model is quantize_model
 
 
 def test_fp8_rtn_and_report_table():

@@ -16,7 +16,7 @@ from torch import nn
 import mmkernels
 from mmkernels.nn import QuantLinear
 from mmkernels.quant import quantize_weight, smoothquant_factors
-from mmkernels.quant.onnx_export import onnx_stand_in
+from mmkernels.compress.onnx_export import onnx_stand_in
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -20,14 +20,12 @@ so ``lr = 5e-3`` over 200 steps can move a weight by at most half a grid step: o
 
 Differences from the paper:
 
-* Start point: GPTQ (:mod:`mmkernels.quant.gptq`) instead of round-to-nearest. The weight ``w``
+* Start point: GPTQ (:mod:`mmkernels.compress.gptq`) instead of round-to-nearest. The weight ``w``
   in the formula above is GPTQ's *latent* (:attr:`GPTQResult.latent`: each column as updated by
   the errors of the columns GPTQ quantized before it, in GPTQ's column order when act-order
   permutes them), ``s`` and ``z`` start as GPTQ's grid, so ``V = 0`` reproduces GPTQ's integers
-  exactly and tuning only adds rounding flips that the block output asks for. (From RTN, as in the
-  paper, all-MiniLM-L6-v2 int4 g128 reached what GPTQ alone does, 0.9870 vs 0.9871 embedding
-  cosine, 512 calibration sentences, 200 steps; from GPTQ, 0.9880, and 0.9889 with 1400
-  sentences and 400 steps.)
+  exactly and tuning only adds rounding flips that the block output asks for. (The README's
+  recipe notes compare the two start points on all-MiniLM-L6-v2.)
 * Grid: the paper learns multipliers of the group's min and max (recomputing ``s`` and ``z``);
   here the zero point stays GPTQ's and the scale gets a multiplier ``a`` in
   ``[1 - scale_range, 1 + scale_range]`` (``s = a * s_gptq``), with its own step size
@@ -51,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
-from .format import qrange
+from ..quant.packing import qrange
 from .calibration import drop_padding
 from .gptq import GPTQResult, _pack
 from .trainable import train_only

@@ -55,8 +55,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .format import QuantizedWeight, _check_config, pack_int4, qrange
-from .quantize import quantize_weight
+from ..quant.packing import QuantizedWeight, _check_config, pack_int4, qrange
+from ..quant.quantize import quantize_weight
 
 
 class Hessian:
@@ -94,7 +94,7 @@ class GPTQResult:
     columns that saw no input (quantized as zeros); ``latent``: float64 ``(N, K)`` (stored column
     order) the values GPTQ rounded, i.e. each column as updated by the errors of the columns before
     it, so that ``q = clamp(round(latent / s) + z)`` (the start point of
-    :mod:`mmkernels.quant.signround`)."""
+    :mod:`mmkernels.compress.signround`)."""
     qweight: QuantizedWeight
     perm: Optional[Tensor]
     dead: Tensor

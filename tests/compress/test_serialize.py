@@ -13,10 +13,11 @@ from torch import nn
 
 import mmkernels
 from mmkernels.nn import OutlierSplitLinear, QuantLinear
-from mmkernels.quant import QuantizedCheckpoint, quantize_weight, smoothquant_factors
-from mmkernels.quant.format import unpack_weight
-from mmkernels.quant.formats import mmkernels_format
-from mmkernels.quant.formats.common import unsigned_view
+from mmkernels.compress import QuantizedCheckpoint
+from mmkernels.quant import quantize_weight, smoothquant_factors
+from mmkernels.quant.packing import unpack_weight
+from mmkernels.compress.checkpoint import mmkernels_format
+from mmkernels.compress.checkpoint.common import unsigned_view
 
 
 class Small(nn.Module):
@@ -535,7 +536,7 @@ def test_meta_buffer_disagreeing_is_refused(saved):
     save_file(tensors, f)
 
     def rehash(m):
-        from mmkernels.quant.formats._io import tensor_sha256
+        from mmkernels.compress.checkpoint._io import tensor_sha256
         m["tensors"]["fc1.quantized.meta"]["sha256"] = tensor_sha256(tensors["fc1.quantized.meta"])
     _edit_meta(saved, rehash)
     with pytest.raises(ValueError, match=r"quantized.meta holds \[4, 64, 128, 64, 0, 0\]"):

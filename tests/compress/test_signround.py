@@ -1,4 +1,4 @@
-"""SignRound (mmkernels.quant.signround, quantize_model(method="signround")): starts exactly at
+"""SignRound (mmkernels.compress.signround, quantize_model(method="signround")): starts exactly at
 GPTQ, exports the integers its forward used, beats RTN and GPTQ on held-out output error of a
 small three-block BERT encoder with correlated inputs, deterministic, clear argument errors."""
 import copy
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from mmkernels.nn import QuantLinear
-from mmkernels.quant import Hessian, gptq_quantize, quantize_model
-from mmkernels.quant.signround import RoundingTuner, tune_block
+from mmkernels.compress import Hessian, gptq_quantize, quantize_model
+from mmkernels.compress.signround import RoundingTuner, tune_block
 
 from tiny_bert import D
 

@@ -9,9 +9,9 @@ print(report)            # per-layer table (weight / output SQNR in dB) and a su
 Methods
 
 * ``"rtn"``: round-to-nearest (:func:`~mmkernels.quant.quantize_weight`); no data needed.
-* ``"gptq"``: GPTQ (Frantar et al. 2023, :mod:`mmkernels.quant.gptq`); needs ``calib_data``.
+* ``"gptq"``: GPTQ (Frantar et al. 2023, :mod:`mmkernels.compress.gptq`); needs ``calib_data``.
 * ``"signround"``: SignRound (Cheng et al. 2023, "Optimize Weight Rounding via Signed Gradient
-  Descent for the Quantization of LLMs", :mod:`mmkernels.quant.signround`); needs
+  Descent for the Quantization of LLMs", :mod:`mmkernels.compress.signround`); needs
   ``calib_data``, weight-only. Every layer is first GPTQ-quantized (Hessians from one pass of the
   float model; ``desc_act``, ``clip_search``, ``percdamp`` apply), then, one transformer block at
   a time, the rounding of every weight and the group scales are tuned by signed gradient descent
@@ -20,9 +20,9 @@ Methods
   the float model's stream. Layers outside the block stack (a pooler, a head) keep their GPTQ
   weights; without a block stack the result is GPTQ's. ``sequential`` does not apply.
 * ``act_bits=8`` (W8A8) with ``smooth_alpha``: SmoothQuant (Xiao et al. 2023,
-  :mod:`mmkernels.quant.smoothing`), a fixed ``alpha`` or ``"search"`` (per layer, by output error
-  on the calibration inputs, smoothing off being one of the candidates; candidates are scored with
-  RTN weights, the chosen one is then quantized with ``method``).
+  :mod:`mmkernels.compress.smoothing`), a fixed ``alpha`` or ``"search"`` (per layer, by output
+  error on the calibration inputs, smoothing off being one of the candidates; candidates are scored
+  with RTN weights, the chosen one is then quantized with ``method``).
 * ``outlier_channels=k`` (W8A8): each layer's ``k`` input channels with the largest calibrated
   ``max |x|`` get their own W8A8 GEMM (:class:`mmkernels.nn.OutlierSplitLinear`: two QuantLinears,
   both int8 weights and per-token int8 activations, so the small channels' per-token scale is no
@@ -30,18 +30,11 @@ Methods
 * GPTQ options: ``desc_act`` (act-order), ``clip_search`` (clipped group grid), ``percdamp``,
   ``float_target`` (minimise the error against the *float* model's layer output, given the
   partly quantized model's input: the asymmetric calibration of GPTAQ, Li et al. 2025; see
-  :func:`mmkernels.quant.layer.float_target_weight`; on MiniLM it did *not* help: W8A8 0.9992
-  vs 0.9997, int4 0.9837 vs 0.9848, so it is off by default).
+  :func:`mmkernels.compress.layer.float_target_weight`; off by default).
 
-Recipes measured on all-MiniLM-L6-v2 (mean embedding cosine to fp32, 32 README sentences,
-calibrated on other text; tests/quant/test_model_accuracy.py): W8A8 ``method="gptq",
-smooth_alpha="search", outlier_channels=2`` 0.9997 (without the outlier split 0.9993-0.9994 with
-512 calibration sentences, 0.9985 with 128; SmoothQuant alpha=0.5 with RTN 0.9990; plain RTN
-0.9972); int4 g128 ``method="gptq", symmetric=False, desc_act=True, clip_search=True,
-sequential=False`` 0.987 (RTN 0.957); the same with ``method="signround"`` and 400 steps
-0.9889 (1400 calibration sentences; 0.9885 with 1024 sentences and 200 steps; 0.9896 with 3300),
-then :func:`mmkernels.quant.tune_scales` (group scales trained end to end on the embedding's
-cosine, integers kept) 0.9903.
+Which recipe reaches which accuracy on real weights is measured, not promised here: see the
+README's "Accuracy on real weights" table and recipe notes, tests/compress/test_model_accuracy.py
+(the floors CI guards) and ``mmkernels bench --family fidelity``.
 
 Calibration order (what the GPTQ paper calls quantizing "sequentially", each layer seeing the
 outputs of the layers quantized before it). When the model holds its transformer blocks in an
@@ -54,7 +47,7 @@ all layers when there is no such stack (or the block's first input is not positi
 the standard way: one pass of calibration data through the (partly quantized) model with hooks on
 every remaining layer, then all of them are quantized. A target Linear that never runs on the
 calibration data is quantized with RTN (noted in the report). ``sequential=False`` skips the
-block-by-block procedure (one pass for every layer: faster, and for int4 MiniLM slightly better).
+block-by-block procedure (one pass for every layer, faster).
 
 Calibration items are run as ``model(item)`` (tensor), ``model(**item)`` (dict) or
 ``model(*item)`` (tuple / list). Every input row of a Linear counts as a calibration token, except
@@ -64,6 +57,14 @@ layers whose input is ``(B, L, K)``.
 Vision towers: a Linear whose qualified name has a component in ``vision_names`` (by default
 ``vision_tower``, ``vision_model``, ``visual``, ``vision_encoder``, ``image_encoder``) is left in
 float unless ``vision=True``; the report summarises vision-tower layers separately.
+
+Errors: every invalid or inconsistent argument raises ``ValueError`` naming it and the value
+seen: the weight format (``bits``, ``group_size``, ``act_bits=8`` without 8-bit per-channel
+weights, ``fp8`` with anything but symmetric 8-bit RTN), an unknown ``method``, an option that
+needs ``calib_data`` without it, or one that does not apply to the chosen method or format
+(``smooth_alpha`` / ``outlier_channels`` without W8A8, ``float_target`` outside sequential GPTQ,
+``clip_search`` with RTN, ``signround`` with W8A8); a bare ``nn.Linear`` as ``model`` (it cannot
+be replaced in place) is refused too.
 """
 from __future__ import annotations
 
@@ -77,9 +78,9 @@ from torch import nn
 
 from .calibration import block_runner, call_model, capture_block_inputs, collect, run_block, \
     token_mask
-from .format import VALID_BITS, VALID_GROUP_SIZES
+from ..quant.packing import VALID_BITS, VALID_GROUP_SIZES
 from .layer import LayerQuantizer
-from .report import LayerReport, QuantizationReport
+from .sqnr_report import LayerReport, QuantizationReport
 from .signround import RoundingTuner, block_output, tune_block
 from .smoothing import ALPHA_GRID
 
@@ -133,16 +134,16 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
                    signround_iters: int = 200, signround_lr: float = 5e-3,
                    backend: Optional[str] = None) -> QuantizationReport:
     """Replace ``nn.Linear`` modules of ``model`` by ``QuantLinear`` in place; return a
-    :class:`~mmkernels.quant.report.QuantizationReport` (``print`` it for the table).
+    :class:`~mmkernels.compress.sqnr_report.QuantizationReport` (``print`` it for the table).
 
     ``bits`` 8 / 4, ``group_size`` None (per channel) / 32 / 64 / 128, ``symmetric``, ``fp8``
     (float8 e4m3, RTN only): the weight format (see ``quantize_weight``). ``act_bits``: None
     (weight-only) or 8 (W8A8, per-token int8 activations; needs 8-bit per-channel weights).
     ``method``: ``"rtn"``, ``"gptq"`` (needs ``calib_data``; ``desc_act``, ``percdamp`` as in
-    :func:`~mmkernels.quant.gptq.gptq_quantize`) or ``"signround"`` (SignRound, Cheng et al.
+    :func:`~mmkernels.compress.gptq.gptq_quantize`) or ``"signround"`` (SignRound, Cheng et al.
     2023, started from GPTQ; weight-only, needs ``calib_data``; ``signround_iters`` signed
     gradient steps per block at step size ``signround_lr``, see the module docstring and
-    :mod:`mmkernels.quant.signround`). ``smooth_alpha`` (W8A8 only, needs
+    :mod:`mmkernels.compress.signround`). ``smooth_alpha`` (W8A8 only, needs
     ``calib_data``): None (no smoothing), an alpha in [0, 1], or ``"search"`` (per layer over
     ``alpha_grid``). ``include`` / ``exclude``: fnmatch patterns (or lists of them) on qualified
     module names (``"encoder.layer.*.attention.*"``); default all. ``vision``: also quantize

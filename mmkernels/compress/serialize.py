@@ -56,9 +56,9 @@ from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
 from ..nn.split_linear import OutlierSplitLinear
-from .formats import compressed_tensors, gptq_checkpoint, mmkernels_format
-from .formats._io import read_json
-from .formats.common import prefix
+from .checkpoint import compressed_tensors, gptq_checkpoint, mmkernels_format
+from .checkpoint._io import read_json
+from .checkpoint.common import prefix
 
 FORMATS = ("mmkernels", "gptq", "gptq_v2", "compressed-tensors")
 _CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json",

@@ -24,9 +24,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .format import QuantizedWeight
-from .quantize import smoothquant_factors
-from .reference import quantize_activations, quantize_activations_fp8
+from ..quant.packing import QuantizedWeight
+from ..quant.quantize import smoothquant_factors
+from ..quant.reference import quantize_activations, quantize_activations_fp8
 
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 

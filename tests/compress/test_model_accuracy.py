@@ -24,7 +24,7 @@ from torch import nn
 
 from mmkernels.benchmarks.fidelity import minilm_calibration
 from mmkernels.nn import OutlierSplitLinear, QuantLinear
-from mmkernels.quant import quantize_model
+from mmkernels.compress import quantize_model
 
 pytestmark = pytest.mark.slow
 

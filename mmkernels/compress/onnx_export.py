@@ -43,7 +43,7 @@ Per layer, after ``x[..., input_perm]`` (``Gather``) and ``x / smooth`` (``Div``
 
 Checked against onnxruntime 1.31's registered schema of MatMulNBits (its doc string and input
 descriptions, read with ``onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema``)
-and by running the exported graphs with the CPUExecutionProvider (tests/quant/test_onnx_export.py).
+and by running the exported graphs with the CPUExecutionProvider (tests/compress/test_onnx_export.py).
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.quant_linear import QuantLinear
-from .format import pack_int4, unpack_weight
-from .formats.common import quant_layers
+from ..quant.packing import pack_int4, unpack_weight
+from .checkpoint.common import quant_layers
 
 _BLOCKS = (256, 128, 64, 32, 16)
 
@@ -90,7 +90,7 @@ def _(x, b, scales, zero_points, bias, k, n, bits, block_size, accuracy_level):
 @torch.library.custom_op("mmkernels_onnx::w8a8", mutates_args=())
 def _w8a8(x: Tensor, w_t: Tensor, w_zero: Optional[Tensor], w_scale: Tensor,
           bias: Optional[Tensor]) -> Tensor:
-    from .reference import quantize_activations
+    from ..quant.reference import quantize_activations
     x2 = x.reshape(-1, x.shape[-1]).float()
     xq, sx = quantize_activations(x2)
     w = w_t.to(torch.int64) - (0 if w_zero is None else w_zero.to(torch.int64))
@@ -107,7 +107,7 @@ def _(x, w_t, w_zero, w_scale, bias):
 @torch.library.custom_op("mmkernels_onnx::fp8_matmul", mutates_args=())
 def _fp8_matmul(x: Tensor, w: Tensor, scales: Tensor, bias: Optional[Tensor],
                 act_bits: int) -> Tensor:
-    from .reference import qmatmul_tensors
+    from ..quant.reference import qmatmul_tensors
     return qmatmul_tensors(x, w, scales, None, 8, bias, act_bits or None)
 
 

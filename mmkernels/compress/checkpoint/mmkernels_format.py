@@ -40,9 +40,10 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..._version import __version__
 from ...nn.quant_linear import QuantLinear
 from ...nn.split_linear import OutlierSplitLinear
-from ..format import FP8_DTYPE, QuantizedWeight
+from ...quant.packing import FP8_DTYPE, QuantizedWeight
 from . import _io
 from .common import layer_config, prefix, quant_layers, split_layers
 
@@ -243,5 +244,4 @@ def _build_split(name: str, cfg: dict, modules: Dict[str, nn.Module], tensors: D
 
 
 def _library_version() -> str:
-    import mmkernels  # late: this module is imported while mmkernels/__init__ runs
-    return getattr(mmkernels, "__version__", "unknown")
+    return __version__

@@ -1,1 +1,0 @@
-"""Checkpoint layouts used by ``mmkernels.quant.serialize``: one module per format."""
