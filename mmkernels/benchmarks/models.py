@@ -29,6 +29,8 @@ Cases (``--quick``: the same cases on tiny random configs, no real weights, seco
   and a SmolLM2-135M-sized Llama; ``-prefill`` times the language model on the merged
   ``inputs_embeds`` (built once, outside the timing), ``-ttft`` a whole forward from
   ``pixel_values`` keeping the last position's logits (as ``generate`` does for its first token).
+  Contenders: attention only, VisionZip to 64 image tokens, FastV (layer 2, keep 25%; its
+  prefill call marks the image tokens with ``image_token_mask`` as LLaVA's forward does).
   Fidelity: mean per-token cosine of the hidden states / cosine of the last logits.
 
 Models are built one case at a time (see :func:`all_cases`), so memory holds one model's copies.
@@ -351,6 +353,8 @@ def _llava(quick: bool):
 
 LLAVA_VISIONZIP = {"method": "visionzip", "dominant": 54, "contextual": 10}   # 576 -> 64 tokens
 LLAVA_VISIONZIP_QUICK = {"method": "visionzip", "dominant": 6, "contextual": 2}  # 16 -> 8
+LLAVA_FASTV = {"method": "fastv", "layer": 2, "keep": 0.25}        # 576 -> 144 after layer 2
+LLAVA_FASTV_QUICK = {"method": "fastv", "layer": 1, "keep": 0.25}  # 2-layer tiny language model
 
 
 def llava_cases(quick: bool = False) -> List[Case]:
@@ -358,14 +362,18 @@ def llava_cases(quick: bool = False) -> List[Case]:
     t0 = time.perf_counter()
     base, inputs, n_image = _llava(quick)
     visionzip = LLAVA_VISIONZIP_QUICK if quick else LLAVA_VISIONZIP
+    fastv = LLAVA_FASTV_QUICK if quick else LLAVA_FASTV
     settings = {BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                "mmkernels": "patch(model)", "visionzip64": f"patch(model, reduce={visionzip})"}
+                "mmkernels": "patch(model)", "visionzip64": f"patch(model, reduce={visionzip})",
+                "fastv": f"patch(model, reduce={fastv})"}
     patch = _Patched()
     models = {BASELINE: base, "mmkernels": patch("mmkernels", base),
-              "visionzip64": patch("visionzip64", base, reduce=visionzip)}
-    # FastV (reduce={"method": "fastv", ...}) joins these contenders once patch supports it.
+              "visionzip64": patch("visionzip64", base, reduce=visionzip),
+              "fastv": patch("fastv", base, reduce=fastv)}
     # The language model's input (image features merged; 64 image tokens for VisionZip), taken
-    # from one run of each model, outside the timing.
+    # from one run of each model, outside the timing. FastV's language model is called on the
+    # same input with the image tokens marked (``image_token_mask``, what LLaVA's forward passes).
+    image_token = base.config.image_token_id
     embeds = {}
     for name, model in models.items():
         captured = {}
@@ -380,20 +388,23 @@ def llava_cases(quick: bool = False) -> List[Case]:
                 model(**inputs, logits_to_keep=1)
         finally:
             hook.remove()
+        marks = {"image_token_mask": inputs["input_ids"] == image_token} if model is models["fastv"] \
+            else {}
         embeds[id(model.model.language_model)] = (captured["inputs_embeds"],
-                                                  captured["attention_mask"])
+                                                  captured["attention_mask"], marks)
     length = embeds[id(base.model.language_model)][0].shape[1]
     build_s = time.perf_counter() - t0
     size = "tiny random" if quick else "SigLIP-B/16 384 px + SmolLM2-135M-sized Llama, random"
 
     def prefill_call(lm):
-        e, m = embeds[id(lm)]
-        return lm(inputs_embeds=e, attention_mask=m)
+        e, m, marks = embeds[id(lm)]
+        return lm(inputs_embeds=e, attention_mask=m, **marks)
 
     prefill = _model_case(
         LLAVA_PREFILL_ID,
         f"LLaVA ({size}): language-model prefill on merged inputs_embeds, batch 1 x {length} "
-        f"tokens ({n_image} image tokens; VisionZip: 64)",
+        f"tokens ({n_image} image tokens; VisionZip: 64; FastV: all up to its layer, then "
+        f"{fastv['keep']:.0%})",
         {k: m.model.language_model for k, m in models.items()}, prefill_call,
         lambda o: o.last_hidden_state[:, -1], "last-token hidden state cosine", patch,
         settings=settings, quick=quick, build_s=build_s)

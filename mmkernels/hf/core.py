@@ -40,6 +40,7 @@ class PatchReport:
     rows: List[Row] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     quantization: Any = None
+    fastv: Any = None                  # mmkernels.hf.fastv._Run when reduce is fastv
 
     def patched(self, kind: Optional[str] = None) -> List[Row]:
         return [r for r in self.rows if r.action != "left" and kind in (None, r.kind)]
@@ -55,6 +56,12 @@ class PatchReport:
             if state is not None:
                 out[path] = (state.served, dict(state.fallbacks))
         return out
+
+    def fastv_runtime(self) -> Optional[Tuple[int, Dict[str, int]]]:
+        """``(prefills pruned by fastv, {reason: prefills left unpruned})``; None without fastv."""
+        if self.fastv is None:
+            return None
+        return self.fastv.pruned, dict(self.fastv.unpruned)
 
     def __post_init__(self):
         self._attention_modules: Dict[str, nn.Module] = {}
@@ -75,6 +82,9 @@ class PatchReport:
         if fallbacks:
             lines.append("calls served by SDPA instead: " + "; ".join(
                 f"{reason} ({n})" for reason, n in sorted(fallbacks.items())))
+        if self.fastv is not None and self.fastv.unpruned:
+            lines.append("prefills fastv left unpruned: " + "; ".join(
+                f"{reason} ({n})" for reason, n in sorted(self.fastv.unpruned.items())))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -22,8 +22,9 @@ the method's per-block step from :mod:`mmkernels.reduce.methods` (the same funct
   merged with their most similar pruned tokens; the count is data-dependent, so a batch whose
   images keep different counts raises (run one image at a time). ``plus=True`` (PruMerge+) is
   not implemented yet.
-* ``fastv`` belongs to a VLM's language model and is refused here, as are vision-language models
-  (LLaVA & co.: their language model expects a fixed number of image tokens per image) and
+* ``fastv`` belongs to a VLM's language model (:mod:`mmkernels.hf.fastv`, LLaVA models). Other
+  vision-language models are refused (their language model expects a fixed number of image
+  tokens per image; LLaVA's prompts are compacted, :mod:`mmkernels.hf.families.llava`), as are
   transformers backbones (``Dinov2Backbone`` & co.: feature maps need every patch token).
 
 Scores rank tokens by the attention CLS gives them (SigLIP has no CLS token: the mean attention
@@ -128,8 +129,7 @@ def _check_spec(spec: Dict[str, Any], depth: int) -> Dict[str, Any]:
     if method == "fastv":
         raise ValueError(
             "reduce method 'fastv' prunes image tokens inside a vision-language model's language "
-            "model (after its layer K), not in a vision encoder; mmkernels.patch does not support "
-            "it yet (use mmkernels.reduce.methods.FastV on decoder blocks)")
+            "model (after its layer K), not in a vision encoder: its token count is the prompt's")
     if "protect_first" in spec and (not _is_int(spec["protect_first"])
                                     or spec["protect_first"] < 0):
         raise ValueError(f"reduce['protect_first'] must be an int >= 0, got "
@@ -322,14 +322,17 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
     report row per encoder.
 
     A LLaVA model's vision tower is reduced and its prompts compacted to match
-    (:mod:`mmkernels.hf.families.llava`). Raises ``ValueError`` for fastv, for other
-    vision-language models (not supported yet), when the model
-    has no supported vision encoder, when an encoder's attention is not patched, and for spec
-    values that do not fit an encoder (layer indices, r schedule length, token counts).
+    (:mod:`mmkernels.hf.families.llava`); ``fastv`` goes to the language model of a LLaVA model
+    (:mod:`mmkernels.hf.fastv`). Raises ``ValueError`` for other vision-language models (not
+    supported yet), when the model has no supported vision encoder, when an encoder's attention
+    is not patched, and for spec values that do not fit an encoder (layer indices, r schedule
+    length, token counts).
     """
     spec = _as_spec(spec)
     if spec["method"] == "fastv":
-        _check_spec(spec, 1)                       # raises the fastv message
+        from .fastv import apply_fastv
+        apply_fastv(model, spec, record)
+        return
     vlm = _vision_language_model(model)
     if vlm is not None:
         from .families import llava

@@ -146,11 +146,12 @@ def whisper():
                 decoder=True, patched_attention=6)
 
 
-def llava():
+def llava(text_layers: int = 2):
     vision = dict(model_type="clip_vision_model", hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8)
-    text = dict(model_type="llama", **TEXT, num_key_value_heads=2, max_position_embeddings=128,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(model_type="llama", **{**TEXT, "num_hidden_layers": text_layers},
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
     cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=96,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     n_image = (32 // 8) ** 2                     # "default" drops the CLS token

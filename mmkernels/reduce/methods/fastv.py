@@ -33,18 +33,40 @@ def fastv_keep_indices(last_scores: Tensor, image_span: Tuple[int, int], keep_ra
     start, end = image_span
     if not 0 <= start <= end <= n:
         raise ValueError(f"image_span {image_span} is outside a sequence of {n} tokens")
+    image = torch.zeros((b, n), dtype=torch.bool, device=last_scores.device)
+    image[:, start:end] = True
+    return fastv_keep_from_mask(last_scores, image, keep_ratio)
+
+
+def fastv_keep_from_mask(last_scores: Tensor, image_mask: Tensor, keep_ratio: float) -> Tensor:
+    """Positions ``(B, N')`` to keep, ascending: every token where ``image_mask (B, N)`` is False
+    and, in each row, the ``ceil(keep_ratio * n_image)`` image tokens with the highest
+    ``last_scores (B, N)`` (ties toward the lower position). Image tokens may sit anywhere (several
+    images, left padding); every row must hold the same number ``n_image`` of them, so that the
+    kept rows have one length."""
+    if image_mask.shape != last_scores.shape or image_mask.dtype != torch.bool:
+        raise ValueError(f"image_mask must be a bool tensor of the scores' shape "
+                         f"{tuple(last_scores.shape)}, got {image_mask.dtype} "
+                         f"{tuple(image_mask.shape)}")
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    n_img = end - start
+    b, n = last_scores.shape
+    counts = image_mask.sum(dim=1)
+    n_img = int(counts[0]) if b else 0
+    if b and not bool((counts == n_img).all()):
+        raise ValueError(f"every row must hold the same number of image tokens, got "
+                         f"{counts.tolist()}")
+    # Image positions first (ascending), then the others (ascending): a stable sort on ~mask.
+    order = torch.sort((~image_mask).to(torch.int8), dim=1, stable=True).indices
+    image_pos, other_pos = order[:, :n_img], order[:, n_img:]
     keep_img = math.ceil(keep_ratio * n_img) if n_img else 0
     if keep_img:
-        chosen = select_tokens(last_scores[:, start:end].contiguous(), keep_img,
-                               protect_first=0) + start
+        best = select_tokens(last_scores.gather(1, image_pos).contiguous(), keep_img,
+                             protect_first=0)
+        chosen = image_pos.gather(1, best)
     else:
-        chosen = last_scores.new_zeros((b, 0), dtype=torch.int64)
-    before = torch.arange(start, device=last_scores.device).expand(b, start)
-    after = torch.arange(end, n, device=last_scores.device).expand(b, n - end)
-    return torch.cat([before, chosen, after], dim=1)
+        chosen = image_pos[:, :0]
+    return torch.cat([other_pos, chosen], dim=1).sort(dim=1).values
 
 
 def compact_kv_cache(cache: Sequence[Tensor], keep: Tensor) -> Tuple[Tensor, ...]:
