@@ -2,10 +2,13 @@
 
 * Without a GPU, Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1 must
   be set before triton is first imported, hence here).
+* ``backend``: one fixture for every op family; a test that takes it runs on each backend the
+  dispatch registry holds for the family's op, an unavailable one skipped with its reason.
 * MMKERNELS_DEBUG_POISON=1 makes the op fill its outputs with NaN before the backend runs, so a
   backend that forgets to write an element fails the comparison.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,30 +20,41 @@ os.environ.pop("MMKERNELS_BACKEND", None)
 os.environ.pop("MMKERNELS_ATTENTION_BACKEND", None)
 
 import mmkernels  # noqa: E402,F401  (loads the extension after the environment is set)
-from mmkernels import _dispatch  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from backend_params import FAMILY_OPS, BackendUnderTest, backend_cases  # noqa: E402
 
 
-def _available(op, name):
-    for b in _dispatch.backends_for(op):
-        if b.name == name:
-            return b.availability()
-    return False, "not registered"
+
+def _parametrized_by_the_test(metafunc, name: str) -> bool:
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if name in names:
+            return True
+    return False
 
 
-def attention_backends():
-    """(backend name, device) pairs that can run here, each a pytest param (skipped if absent)."""
-    params = []
-    for name, device in (("reference", "cpu"), ("cpu", "cpu"), ("triton", DEVICE)):
-        ok, why = _available("attention", name)
-        marks = [] if ok else [pytest.mark.skip(reason=f"{name} backend unavailable: {why}")]
-        params.append(pytest.param((name, device), id=name, marks=marks))
-    if torch.cuda.is_available():
-        ok, why = _available("attention", "cuda")
-        marks = [] if ok else [pytest.mark.skip(reason=f"cuda backend unavailable: {why}")]
-        params.append(pytest.param(("cuda", "cuda"), id="cuda", marks=marks))
-    return params
+def pytest_generate_tests(metafunc):
+    """A test that takes ``backend`` runs on every backend its family's op has registered (or
+    the module's ``BACKEND_OP``); ``EVERY_CPU_ISA = True`` in the module adds one run per ISA
+    path of the cpu backend."""
+    if "backend" not in metafunc.fixturenames or _parametrized_by_the_test(metafunc, "backend"):
+        return
+    module = metafunc.module
+    family = Path(module.__file__).parent.name
+    op = getattr(module, "BACKEND_OP", None) or FAMILY_OPS.get(family)
+    if op is None:
+        return
+    isa_family = family if getattr(module, "EVERY_CPU_ISA", False) else None
+    metafunc.parametrize("backend", backend_cases(op, isa_family), indirect=True)
+
+
+@pytest.fixture
+def backend(request, monkeypatch) -> BackendUnderTest:
+    """The backend under test (parametrised by :func:`pytest_generate_tests`)."""
+    value, isa = request.param
+    if isa is not None:
+        monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
+    return value
 
 
 def pytest_collection_modifyitems(config, items):

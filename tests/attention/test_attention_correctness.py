@@ -4,10 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import attention_backends
 from oracle import assert_matches_oracle
-
-BACKENDS = attention_backends()
 
 
 def rand(*shape, dtype=torch.float32, device="cpu"):
@@ -44,7 +41,6 @@ SHAPES = [  # (B, Hq, Hkv, Lq, Lk, D)
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dense_float32(backend, shape, causal):
@@ -54,7 +50,6 @@ def test_dense_float32(backend, shape, causal):
     assert_matches_oracle(q, k, v, name, causal=causal)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dense_half(backend, dtype, causal):
@@ -65,7 +60,6 @@ def test_dense_half(backend, dtype, causal):
     assert_matches_oracle(q, k, v, name, causal=causal)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d", list(range(32, 257, 8)))
 def test_every_head_dim(backend, d):
     name, device = backend
@@ -73,7 +67,6 @@ def test_every_head_dim(backend, d):
     assert_matches_oracle(q, k, v, name, scale=0.7 / math.sqrt(d))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d,dv", [(64, 32), (40, 96), (128, 64)])
 def test_value_head_dim_differs(backend, d, dv):
     name, device = backend
@@ -81,7 +74,6 @@ def test_value_head_dim_differs(backend, d, dv):
     assert_matches_oracle(q, k, v, name, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length", [1, 7, 197, 257, 577])
 def test_odd_lengths(backend, length):
     name, device = backend
@@ -91,7 +83,6 @@ def test_odd_lengths(backend, length):
     assert_matches_oracle(q, k, v, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lq,lk", [(321, 321), (40, 577), (577, 400), (1, 700)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_long_sequences_multi_block(backend, lq, lk, dtype):
@@ -106,7 +97,6 @@ def test_long_sequences_multi_block(backend, lq, lk, dtype):
     assert_matches_oracle(q, k, v, name, causal=True, key_bias=bias, scores="mean")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scores", ["cls", "last", "mean"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["bias_BL", "bias_BHL"])
 def test_key_bias_with_masked_keys(backend, scores, per_head):
@@ -123,7 +113,6 @@ def test_key_bias_with_masked_keys(backend, scores, per_head):
     assert torch.all(res.scores[0, ::5] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lq,lk", [(5, 40), (40, 5), (64, 64)])
 def test_causal_cross_bottom_right(backend, lq, lk):
     """Lq > Lk leaves the first Lq - Lk rows fully masked: output 0, lse -inf."""
@@ -135,7 +124,6 @@ def test_causal_cross_bottom_right(backend, lq, lk):
         assert torch.all(torch.isneginf(res.lse[:, :, : lq - lk]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scores", ["cls", "last", "mean"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen_uneven(backend, scores, causal):
@@ -159,7 +147,6 @@ def test_varlen_uneven(backend, scores, causal):
     assert torch.all(res.out[-12:] == 0) and torch.all(torch.isneginf(res.lse[-12:]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_per_head_bias_and_derived_max_seqlen(backend):
     name, device = backend
     lens = [3, 64, 1]
@@ -170,7 +157,6 @@ def test_varlen_per_head_bias_and_derived_max_seqlen(backend):
     assert_matches_oracle(q, k, v, name, cu_seqlens_q=cu, cu_seqlens_k=cu, key_bias=bias)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_strided_views(backend):
     """Every-other-token slices and a batch-strided view: no stride assumption but the last dim."""
     name, device = backend
@@ -180,7 +166,6 @@ def test_non_contiguous_strided_views(backend):
     assert_matches_oracle(q, k, v, name, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_scores_and_lse(backend):
     name, device = backend
     q, k, v = dense_inputs(2, 6, 3, 65, 197, 64, dtype=torch.bfloat16, device=device)

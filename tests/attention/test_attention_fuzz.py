@@ -1,10 +1,8 @@
 """Hypothesis fuzzing of shapes and options, every backend against the float64 oracle."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import attention_backends
 from oracle import assert_matches_oracle
 
 
@@ -57,7 +55,6 @@ def build(case, device):
     return q, k, v, kwargs
 
 
-@pytest.mark.parametrize("backend", attention_backends())
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=attention_case())
 def test_fuzz_against_oracle(backend, case):

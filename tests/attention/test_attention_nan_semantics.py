@@ -17,35 +17,15 @@ other elements must equal the float64 reference run on the same inputs with the 
 by a finite value (rows that do not read it cannot tell the difference). conftest sets
 MMKERNELS_DEBUG_POISON=1: outputs start as NaN, so an element a backend forgets to write fails.
 """
-import os
+import pytest
+import torch
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import mmkernels  # noqa: E402
-from backend_params import backend_params, select_backend  # noqa: E402
+import mmkernels
 
 NAN, INF = float("nan"), float("inf")
 # NaN inputs on purpose: numpy (Triton's interpreter) warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
-
-
-def _cpu_isas():
-    from mmkernels.attention import cpu as acpu
-
-    return ISA_ORDER[: ISA_ORDER.index(acpu.cpu_isa()) + 1]
-
-
-@pytest.fixture(params=backend_params("attention", _cpu_isas))
-def backend(request, monkeypatch):
-    return select_backend(request, monkeypatch)
+EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]

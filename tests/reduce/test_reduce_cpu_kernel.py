@@ -1,6 +1,6 @@
 """The C++ CPU reduce kernels (mmkernels._C reduce_*) against the reference, bit for bit.
 
-The shared tests (test_primitives.py) already run the cpu backend against a float64 oracle; these
+The shared tests (test_reduce_correctness.py) already run the cpu backend against a float64 oracle; these
 add the exactness the kernel promises: the same plan as the reference for random float32 /
 bfloat16 / float16 metrics of any strides, merges identical to the reference's float32 arithmetic,
 and the AVX2 and scalar paths (MMKERNELS_CPU_ISA=avx2 | scalar) agreeing with the AVX-512 one.

@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported); the GPU test runs them compiled on CUDA tensors.
-What the shared tests (test_primitives.py) do not cover: several tiles over A, B and C, 16-bit metrics,
+What the shared tests (test_reduce_correctness.py) do not cover: several tiles over A, B and C, 16-bit metrics,
 exact ties (duplicated / one-hot tokens, zero vectors), NaN / -0.0 / tied scores, float64 and integer
 dtypes, out-of-range gather indices, and dispatch (auto-selection, reasons).
 """
@@ -23,7 +23,7 @@ from mmkernels import _dispatch  # noqa: E402
 from mmkernels.reduce import reference as R  # noqa: E402
 from mmkernels.reduce import triton as T  # noqa: E402
 
-from test_primitives import naive_plan, naive_select  # noqa: E402  (tests/reduce is on sys.path)
+from test_reduce_correctness import naive_plan, naive_select  # noqa: E402  (tests/reduce is on sys.path)
 
 pytestmark = pytest.mark.skipif(not T.supports("gather_tokens", torch.float32, "cpu")[0]
                                 and not torch.cuda.is_available(),

@@ -12,35 +12,17 @@ Every backend (reference; cpu on each ISA path this CPU runs, forced with MMKERN
 the interpreter) must give the plan of the float64 Python definition below, for float32, bfloat16
 and float16 metrics.
 """
-import os
+import pytest
+import torch
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import mmkernels  # noqa: E402
-from backend_params import backend_params, select_backend  # noqa: E402
-from mmkernels.reduce.api import mergeable_a_tokens  # noqa: E402
+import mmkernels
+from mmkernels.reduce.api import mergeable_a_tokens
 
 NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-def _cpu_isas():
-    from mmkernels.reduce import cpu as rcpu
-
-    best = rcpu.cpu_isa()
-    return ["avx512", "avx2", "scalar"] if best == "avx512" else [best]
-
-
-@pytest.fixture(params=backend_params("tome_plan", _cpu_isas))
-def backend(request, monkeypatch):
-    return select_backend(request, monkeypatch)[0]
+EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
@@ -69,10 +51,10 @@ def naive_pairs(metric, r, protect_first):
 
 
 def check(backend, metric, r, protect_first):
-    plan = mmkernels.tome_plan(metric, r, protect_first=protect_first, backend=backend)
+    plan = mmkernels.tome_plan(metric, r, protect_first=protect_first, backend=backend.name)
     got = [sorted(zip(s.tolist(), d.tolist())) for s, d in zip(plan.src_idx, plan.dst_idx)]
     assert got == naive_pairs(metric, r, protect_first)
-    if backend != "reference":  # the index maps too, as the reference builds them
+    if backend.name != "reference":  # the index maps too, as the reference builds them
         ref = mmkernels.tome_plan(metric, r, protect_first=protect_first, backend="reference")
         for g, w in zip(plan, ref):
             assert torch.equal(g, w)

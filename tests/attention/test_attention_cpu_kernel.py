@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from backend_params import cpu_isa_paths
+
 cpu = pytest.importorskip("mmkernels.attention.cpu")
 if not cpu.is_available():
     pytest.skip(f"mmkernels._C not built: {cpu.LOAD_ERROR}", allow_module_level=True)
 
-ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
-BEST = cpu.cpu_isa()
-ISAS = ORDER[: ORDER.index(BEST) + 1]
+ISAS = cpu_isa_paths("attention")          # every ISA path this CPU can run, lowest first
 MODES = {"none": 0, "cls": 1, "last": 2, "mean": 3}
 
 

@@ -17,14 +17,13 @@ from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight
 from mmkernels.quant import cpu as qcpu
 from mmkernels.quant.packing import QuantizedWeight
 
+from backend_params import cpu_isa_paths
 from oracle import FLOOR, max_err
 
 if not qcpu.is_available():
     pytest.skip(f"mmkernels._C has no qmatmul kernels: {qcpu.LOAD_ERROR}", allow_module_level=True)
 
-ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
-BEST = qcpu.cpu_isa()
-ISAS = ORDER[: ORDER.index(BEST) + 1]
+ISAS = cpu_isa_paths("quant")          # every ISA path this CPU can run, lowest first
 DTYPES = [torch.float32, torch.bfloat16]
 M_VALUES = (1, 3, 16, 33, 128)      # 1 / 3: row-dot kernel; >= 16: prepacked GEMM kernel
 

@@ -12,34 +12,16 @@ Backends: reference; cpu on each ISA path this CPU runs (MMKERNELS_CPU_ISA); tri
 interpreter. M = 3 takes the GEMV / row-dot kernels, M = 33 the GEMM kernels. conftest sets
 MMKERNELS_DEBUG_POISON=1 (outputs start as NaN: an unwritten element fails the checks).
 """
-import os
+import pytest
+import torch
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from backend_params import backend_params, select_backend  # noqa: E402
-from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight  # noqa: E402
+from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight
 
 NAN, INF = float("nan"), float("inf")
-ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-def _cpu_isas():
-    from mmkernels.quant import cpu as qcpu
-
-    return ISA_ORDER[: ISA_ORDER.index(qcpu.cpu_isa()) + 1]
-
-
-@pytest.fixture(params=backend_params("qmatmul", _cpu_isas))
-def backend(request, monkeypatch):
-    return select_backend(request, monkeypatch)[0]
+EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -63,7 +45,7 @@ def x_rows(m, dtype, seed=1):
 
 
 def skip_unsupported(backend, kw):
-    if backend == "cpu" and kw.get("fp8"):
+    if backend.name == "cpu" and kw.get("fp8"):
         pytest.skip("fp8 weights have no CPU kernel")
 
 
@@ -85,7 +67,7 @@ def test_w8a8_nonfinite_row_is_nan(backend, dtype, kw, m, with_bias):
     x[1, 5] = NAN
     x[2, 0] = INF
     x[m - 1, K - 1] = -INF
-    got = qmatmul(x, qw, bias, act_bits=8, backend=backend)
+    got = qmatmul(x, qw, bias, act_bits=8, backend=backend.name)
     bad = torch.zeros(m, dtype=torch.bool)
     bad[[1, 2, m - 1]] = True
     assert got.isnan().all(1).equal(bad) and not got[~bad].isnan().any()
@@ -103,12 +85,12 @@ def test_w8a8_smooth_zero(backend, dtype, kw):
     smooth[7] = 0.0
     x = x_rows(5, dtype)
     x[2, 7] = 0.0                   # 0 / 0: NaN
-    got = qmatmul(x, qw, None, act_bits=8, backend=backend, smooth=smooth)
+    got = qmatmul(x, qw, None, act_bits=8, backend=backend.name, smooth=smooth)
     assert got.isnan().all()
     # a NaN factor too, and a finite one elsewhere stays finite
     smooth[7] = 1.0
     smooth[9] = NAN
-    assert qmatmul(x, qw, None, act_bits=8, backend=backend, smooth=smooth).isnan().all()
+    assert qmatmul(x, qw, None, act_bits=8, backend=backend.name, smooth=smooth).isnan().all()
 
 
 def ieee_pattern(t):
@@ -125,7 +107,7 @@ def test_weight_only_ieee(backend, dtype, kw, m):
     x[1, 5] = NAN
     x[2, 4] = INF
     x[m - 1, 17] = -INF
-    got = qmatmul(x, qw, None, backend=backend)
+    got = qmatmul(x, qw, None, backend=backend.name)
     want = qmatmul_reference(x.double(), qw)
     assert got[1].isnan().all()
     assert torch.equal(ieee_pattern(got), ieee_pattern(want))
@@ -142,7 +124,7 @@ def test_weight_only_smooth_zero(backend, dtype, m):
     smooth[7] = 0.0
     x = x_rows(m, dtype)
     x[0, 7] = 0.0                   # 0 / 0: a NaN row
-    got = qmatmul(x, qw, None, backend=backend, smooth=smooth)
+    got = qmatmul(x, qw, None, backend=backend.name, smooth=smooth)
     want = qmatmul_reference(x.double(), qw, None, None, smooth.double())
     assert got[0].isnan().all() and torch.isinf(got[1:]).any()
     assert torch.equal(ieee_pattern(got), ieee_pattern(want))

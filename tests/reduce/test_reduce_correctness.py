@@ -5,13 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmkernels
-from mmkernels import _dispatch
 from mmkernels.reduce import mergeable_a_tokens
-
-
-def reduce_backends():
-    names = [b.name for b in _dispatch.backends_for("tome_plan")]
-    return [pytest.param(n, id=n) for n in names]
 
 
 def naive_plan(metric, r, protect_first):
@@ -54,7 +48,6 @@ def random_metric(b, n, c, dtype=torch.float32, strided=False):
     return torch.randn(b, n, c).to(dtype)
 
 
-@pytest.mark.parametrize("backend", reduce_backends())
 @pytest.mark.parametrize("n", [2, 7, 50, 197])
 @pytest.mark.parametrize("protect_first", [0, 1, 2])
 @pytest.mark.parametrize("r_kind", ["zero", "one", "max"])
@@ -62,7 +55,7 @@ def test_plan_matches_naive(backend, n, protect_first, r_kind):
     limit = mergeable_a_tokens(n, protect_first)
     r = {"zero": 0, "one": min(1, limit), "max": limit}[r_kind]
     metric = random_metric(3, n, 16, strided=True)
-    plan = mmkernels.tome_plan(metric, r, protect_first=protect_first, backend=backend)
+    plan = mmkernels.tome_plan(metric, r, protect_first=protect_first, backend=backend.name)
     want = naive_plan(metric, r, protect_first)
     for b in range(3):
         got = sorted(zip(plan.src_idx[b].tolist(), plan.dst_idx[b].tolist()))
@@ -71,16 +64,15 @@ def test_plan_matches_naive(backend, n, protect_first, r_kind):
         assert plan.keep_idx[b].tolist() == [t for t in range(n) if t not in merged]
 
 
-@pytest.mark.parametrize("backend", reduce_backends())
 @pytest.mark.parametrize("batch", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_match_naive(backend, batch, dtype):
     n, c = 37, 24
     metric = random_metric(batch, n, 8)
-    plan = mmkernels.tome_plan(metric, 9, protect_first=1, backend=backend)
+    plan = mmkernels.tome_plan(metric, 9, protect_first=1, backend=backend.name)
     x = torch.randn(batch, c, n).to(dtype).transpose(1, 2)      # non-contiguous
     size = torch.rand(batch, n) + 0.5
-    x_out, size_out = mmkernels.tome_merge(x, plan, size, backend=backend)
+    x_out, size_out = mmkernels.tome_merge(x, plan, size, backend=backend.name)
     assert x_out.dtype == dtype and x_out.shape == (batch, n - 9, c)
     pairs = naive_plan(metric, 9, 1)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -88,7 +80,7 @@ def test_merge_unmerge_match_naive(backend, batch, dtype):
         want_x, want_size = naive_merge(x[b], size[b], pairs[b])
         torch.testing.assert_close(x_out[b].double(), want_x, atol=tol, rtol=tol)
         torch.testing.assert_close(size_out[b].double(), want_size, atol=1e-5, rtol=1e-5)
-    back = mmkernels.tome_unmerge(x_out, plan, backend=backend)
+    back = mmkernels.tome_unmerge(x_out, plan, backend=backend.name)
     assert back.shape == x.shape
     torch.testing.assert_close(back.gather(1, plan.keep_idx[..., None].expand(-1, -1, c)), x_out)
     torch.testing.assert_close(back.gather(1, plan.src_idx[..., None].expand(-1, -1, c)),
@@ -116,15 +108,14 @@ def naive_select(row, k, pf):
     return sorted(list(range(pf)) + rest)
 
 
-@pytest.mark.parametrize("backend", reduce_backends())
 @pytest.mark.parametrize("k,pf", [(1, 1), (5, 0), (5, 2), (50, 1), (98, 1)])
 def test_select_and_gather(backend, k, pf):
     scores = torch.rand(5, 98)
     scores[:, 10:20] = 0.5  # ties
-    idx = mmkernels.select_tokens(scores, k, protect_first=pf, backend=backend)
+    idx = mmkernels.select_tokens(scores, k, protect_first=pf, backend=backend.name)
     assert idx.tolist() == [naive_select(r, k, pf) for r in scores]
     x = torch.randn(5, 64, 98).transpose(1, 2)
-    sel = mmkernels.gather_tokens(x, idx, backend=backend)
+    sel = mmkernels.gather_tokens(x, idx, backend=backend.name)
     torch.testing.assert_close(sel, torch.stack([x[b, idx[b]] for b in range(5)]))
 
 
@@ -171,40 +162,12 @@ def test_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
-def test_bad_inputs():
-    metric = torch.randn(2, 10, 4)
-    with pytest.raises(ValueError, match=r"r=6 must be in \[0, 4\].*4 tokens can merge"):
-        mmkernels.tome_plan(metric, 6)
-    with pytest.raises(ValueError, match=r"metric must be 3-D"):
-        mmkernels.tome_plan(metric[0], 1)
-    with pytest.raises(TypeError, match=r"r must be a Python int"):
-        mmkernels.tome_plan(metric, 1.0)
-    plan = mmkernels.tome_plan(metric, 2)
-    with pytest.raises(ValueError, match=r"the plan was made for \(2, 10\)"):
-        mmkernels.tome_merge(torch.randn(2, 11, 3), plan)
-    with pytest.raises(ValueError, match=r"size must be \(B, N\)"):
-        mmkernels.tome_merge(torch.randn(2, 10, 3), plan, torch.ones(2, 9))
-    with pytest.raises(ValueError, match=r"x_out has \(2, 10\)"):
-        mmkernels.tome_unmerge(torch.randn(2, 10, 3), plan)
-    with pytest.raises(TypeError, match=r"plan must be a TomePlan"):
-        mmkernels.tome_merge(torch.randn(2, 10, 3), tuple(plan))
-    with pytest.raises(ValueError, match=r"k=11 must be in \[1, 10\]"):
-        mmkernels.select_tokens(torch.rand(2, 10), 11)
-    with pytest.raises(ValueError, match=r"every k must be in"):
-        mmkernels.select_tokens(torch.rand(2, 10), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match=r"idx values must be in \[0, 10\)"):
-        mmkernels.gather_tokens(torch.randn(2, 10, 3), torch.tensor([[0, 10], [1, 2]]))
-    with pytest.raises(TypeError, match=r"idx must be an int64/int32 tensor"):
-        mmkernels.gather_tokens(torch.randn(2, 10, 3), torch.zeros(2, 2))
-
-
-@pytest.mark.parametrize("backend", reduce_backends())
 @pytest.mark.parametrize("batch", [1, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plan_batches_and_bf16_metric(backend, batch, dtype):
     """Batch sizes 1..33 and bfloat16 metrics (similarities are computed in float32)."""
     metric = random_metric(batch, 51, 12, dtype=dtype, strided=True)
-    plan = mmkernels.tome_plan(metric, 11, protect_first=2, backend=backend)
+    plan = mmkernels.tome_plan(metric, 11, protect_first=2, backend=backend.name)
     want = naive_plan(metric.float(), 11, 2)
     for b in range(batch):
         assert sorted(zip(plan.src_idx[b].tolist(), plan.dst_idx[b].tolist())) == want[b]

@@ -1,4 +1,4 @@
-"""Token-reduction methods on a small random ViT (real weights: tests/reduce/test_methods_dinov2.py)."""
+"""Token-reduction methods on a small random ViT (real weights: tests/reduce/test_reduce_methods_dinov2.py)."""
 import pytest
 import torch
 
