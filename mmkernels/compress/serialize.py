@@ -13,21 +13,21 @@ Every format is a **directory** (like a Hugging Face checkpoint), tensors in ``m
 ================================  ==============================================================
 ``format``                        layout (each module's docstring has the details and sources)
 ================================  ==============================================================
-``"mmkernels"``                   ``formats/mmkernels_format.py``: the whole state dict, as is,
+``"mmkernels"``                   ``checkpoint/mmkernels_format.py``: the whole state dict, as is,
                                   plus ``mmkernels.json`` (per-layer configuration, sha256 of every
                                   tensor, format version). Lossless for every QuantLinear
                                   (int8 / int4 / fp8, groups, act-order perm, W8A8, smoothing)
                                   and OutlierSplitLinear.
-``"gptq"`` / ``"gptq_v2"``        ``formats/gptq_checkpoint.py``: qweight / qzeros / scales /
+``"gptq"`` / ``"gptq_v2"``        ``checkpoint/gptq_checkpoint.py``: qweight / qzeros / scales /
                                   g_idx + ``quantize_config.json``; int4 / int8 weight-only,
                                   one configuration for all layers, float16 scales by default.
-``"compressed-tensors"``          ``formats/compressed_tensors.py``: pack-quantized (int4 / int8
+``"compressed-tensors"``          ``checkpoint/compressed_tensors.py``: pack-quantized (int4 / int8
                                   weight-only), int-quantized (W8A8), float-quantized (fp8) +
                                   ``config.json``; per-layer configurations allowed.
 ================================  ==============================================================
 
 Loading never executes code: safetensors and JSON only, no pickle, and no file reached through a
-symlink leading out of the checkpoint directory (formats/_io.py). ``load_quantized`` detects the
+symlink leading out of the checkpoint directory (checkpoint/_io.py). ``load_quantized`` detects the
 format from the files (``mmkernels.json``; ``config.json`` ``quant_method``;
 ``quantize_config.json``) and refuses damaged or inconsistent checkpoints with a ValueError that
 names the file and tensor.

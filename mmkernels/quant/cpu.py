@@ -5,7 +5,7 @@ The kernels live in the extension ``mmkernels._C`` (csrc/cpu/qmatmul*.cpp, regis
 chosen from CPUID on every call and ``MMKERNELS_CPU_ISA`` lowers it.
 
 * Weight-only, ``M < GEMM_MIN_M`` rows (decode): ``qmatmul_wo`` without a prepacked weight runs the
-  row-dot kernel straight on the canonical buffers (format.py): int4 bytes are looked up in a
+  row-dot kernel straight on the canonical buffers (packing.py): int4 bytes are looked up in a
   16-entry table of the group's dequantized values (low nibbles against x's even features, high
   nibbles against the odd ones), int8 bytes are widened and scaled; OpenMP over output channels.
 * Weight-only, ``M >= GEMM_MIN_M``: a prepacked weight (``qmatmul_prepack_wo``: strips of 64 output

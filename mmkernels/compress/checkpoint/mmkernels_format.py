@@ -5,7 +5,7 @@ A directory holding two files::
     model.safetensors    every tensor of ``model.state_dict()``, under its state-dict name and in
                          its own dtype: the QuantLinear buffers (``<layer>.quantized.qweight``,
                          ``.scales``, ``.zeros`` (asymmetric), ``.meta``, ``<layer>.bias``,
-                         ``.smooth``, ``.input_perm``; layouts in ``quant/format.py`` and
+                         ``.smooth``, ``.input_perm``; layouts in ``quant/packing.py`` and
                          ``nn/quant_linear.py``) and every float parameter / buffer
     mmkernels.json       {"format": "mmkernels-quantized", "format_version": 1,
                           "library_version": "...", "weights_file": "model.safetensors",
