@@ -54,6 +54,44 @@ def capability_lines(verbose: bool = False) -> list:
     return lines
 
 
+def _representative_calls() -> list:
+    """A few calls whose automatic backend choice ``mmkernels info`` explains."""
+    from .attention.api import AttentionCall
+    from .quant.api import QMatmulCall
+
+    def attn(dtype, causal=False):
+        return AttentionCall("cpu", dtype, 64, 64, 12, 12, False, causal, False, None, False)
+    calls = [("attention", attn(d)) for d in ("float32", "bfloat16", "float16")]
+    calls.append(("attention", attn("bfloat16", causal=True)))
+    calls += [("qmatmul", QMatmulCall("cpu", d, 8, 0, True, 8, False)) for d in ("float32", "float16")]
+    calls.append(("qmatmul", QMatmulCall("cpu", "bfloat16", 4, 128, False, 0, False)))
+    return calls
+
+
+def choice_lines() -> list:
+    """Which backend auto-selection takes for some CPU calls on this machine, and why (the
+    backends before it in priority order that could have run the call say why they were passed
+    over: an auto rule such as "torch only on AMX")."""
+    import textwrap
+
+    from . import _dispatch, _extension
+    lines = [f"auto-selection on this machine (CPU class {_extension.cpu_class()}):"]
+    for op, call in _representative_calls():
+        chosen, trail = _dispatch.auto_choice(op, call, "cpu")
+        lines.append(f"  {call} -> {chosen.name if chosen else 'none'}")
+        auto_here = {b.name for b in _dispatch.backends_for(op) if "cpu" in b.auto_devices}
+        for name, verdict in trail:       # the backends ahead of the choice: why not them
+            if chosen is not None and name == chosen.name:
+                break
+            if name in auto_here:
+                lines += textwrap.wrap(f"not {name}: {verdict}", width=INFO_WIDTH,
+                                       initial_indent="      ", subsequent_indent="        ")
+        if chosen is not None and chosen.auto_rule is not None:
+            lines += textwrap.wrap(f"why: {chosen.auto_verdict(call)[1]}", width=INFO_WIDTH,
+                                   initial_indent="      ", subsequent_indent="        ")
+    return lines
+
+
 def info(verbose: bool = False) -> int:
     import platform
 
@@ -76,6 +114,8 @@ def info(verbose: bool = False) -> int:
     print(f"CUDA GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print()
     print("\n".join(capability_lines(verbose)))
+    print()
+    print("\n".join(choice_lines()))
     return 0
 
 

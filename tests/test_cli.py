@@ -21,6 +21,26 @@ def test_info_prints_versions_isa_and_capabilities():
     assert "OpenMP" not in res.stdout                                   # notes only with --verbose
 
 
+def test_info_shows_the_auto_choice_and_why():
+    """The CPU class is forced through MMKERNELS_CPU_CLASS: the choice follows the rule, never a
+    timing (AMX: torch's SDPA for plain attention; elsewhere our cpu kernel)."""
+    import os
+
+    import pytest
+    from mmkernels.attention import cpu
+    if not cpu.is_available():
+        pytest.skip(f"the rule compares with the cpu backend: {cpu.LOAD_ERROR}")
+    for klass, choice in (("avx512", "cpu"), ("amx", "torch")):
+        res = subprocess.run([sys.executable, "-m", "mmkernels.cli", "info"], capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "MMKERNELS_CPU_CLASS": klass})
+        assert res.returncode == 0, res.stderr
+        text = res.stdout.split("auto-selection on this machine", 1)[1]
+        assert f"(CPU class {klass})" in text
+        assert f"attention(float32 on cpu, D=64, Dv=64, Hq=12, Hkv=12) -> {choice}" in text
+        assert "qmatmul(float32 on cpu, int8 per-channel sym, A8) -> cpu" in text
+        assert ("AMX CPU: oneDNN's SDPA" if klass == "amx" else "without AMX: our cpu") in text
+
+
 def test_info_verbose_adds_the_notes():
     res = run_cli("info", "--verbose")
     assert res.returncode == 0, res.stderr

@@ -2,7 +2,8 @@
 serve a call and the rows of ``mmkernels info`` both derive from these declarations.
 
 Priority for auto-selection (first capable wins): CUDA tensors -> cuda, triton, reference;
-CPU tensors -> cpu, reference. The Triton backend also runs CPU tensors under
+CPU tensors -> torch (PyTorch's SDPA, only where its auto rule takes the call: on AMX CPUs, or for
+calls our cpu kernel cannot take), cpu, reference. The Triton backend also runs CPU tensors under
 ``TRITON_INTERPRET=1``, but only when asked for explicitly (that is how it is tested without a GPU).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import List
 
 from .. import _dispatch
 from .._extension import CPU as _EXT
+from .._extension import cpu_class
 from .api import OP, AttentionCall
 
 MAX_HEAD_DIM = 256
@@ -83,6 +85,52 @@ CPU = _dispatch.Backend(
     notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time")
 
 
+# --- torch (PyTorch's CPU flash attention, the kernel of F.scaled_dot_product_attention) ----------
+
+def _torch_availability():
+    import torch
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return True, ""
+    return False, f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu"
+
+
+def _torch_check(call: AttentionCall) -> List[str]:
+    if call.head_dim != call.head_dim_v:
+        return [f"D={call.head_dim} != Dv={call.head_dim_v} (SDPA's CPU flash kernel needs D == Dv)"]
+    return []
+
+
+# Measured with `mmkernels bench` (paired rounds, plain calls, ViT-B/16 .. SigLIP shapes):
+# Intel AMX: ours 0.26-0.44x SDPA's speed in bf16, 0.80-1.03x in fp32 (0.87-0.90x with key_bias),
+# measurements/intel-amx-2026-12-05.md; AMD Zen 4 (no AMX): ours 1.49x fp32, 2.74x bf16 (README).
+def _torch_auto_rule(call: AttentionCall):
+    """on AMX CPUs, or when our cpu kernel cannot take the call (SDPA beats the reference)"""
+    cpu_reasons = CPU.reasons(call)
+    if cpu_reasons:
+        return True, "our cpu kernel cannot take it; SDPA beats the reference"
+    klass = cpu_class()
+    if klass == "amx":
+        return True, ("AMX CPU: oneDNN's SDPA beats our AVX-512 kernel (Intel AMX: ours 0.26-0.44x "
+                      "its speed in bf16, 0.80-1.03x in fp32)")
+    return False, (f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA "
+                   "in fp32, 2.74x in bf16)")
+
+
+TORCH = _dispatch.Backend(
+    "torch", "mmkernels.attention.sdpa:attention_forward", devices=("cpu",),
+    dtypes=("float32", "bfloat16", "float16"),
+    dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
+    features=("key_bias", "lse", "gqa"),
+    feature_notes={"causal": "causal: SDPA's is_causal is top-left aligned and reads masked keys "
+                             "(docs/nan_semantics.md says they are never read)",
+                   "scores": "scores: SDPA forms no per-key probabilities",
+                   "varlen": "varlen (cu_seqlens) is not served (SDPA is dense)"},
+    check=_torch_check, availability=_torch_availability, auto_rule=_torch_auto_rule,
+    notes="aten._scaled_dot_product_flash_attention_for_cpu (SDPA's CPU kernel, with its LSE); "
+          "key_bias as a float32 mask; a +-inf in q / k, or a -inf-masked key next to a "
+          "non-finite k / v, is computed by the reference (exact NaN semantics)")
+
+
 # --- reference ------------------------------------------------------------------------------
 
 REFERENCE = _dispatch.Backend(
@@ -90,5 +138,5 @@ REFERENCE = _dispatch.Backend(
     notes="materialises (H, Lq, Lk) per sequence; the spec")
 
 # Registration order is the auto-selection priority.
-for _backend in (CUDA, TRITON, CPU, REFERENCE):
+for _backend in (CUDA, TRITON, TORCH, CPU, REFERENCE):
     _dispatch.register(OP, _backend)

@@ -1,9 +1,10 @@
 """Backends of ``qmatmul``, declared as data (mmkernels._dispatch.Backend) and registered in
 priority order (first capable wins).
 
-CPU tensors -> cpu (the C++ kernels of mmkernels._C, float32 / bfloat16 ``x``), reference.
-float16 and float64 ``x`` go to the reference (float64 is the test oracle; float16 has no fast
-CPU path on CPUs without AVX512-FP16).
+CPU tensors -> cpu (the C++ kernels of mmkernels._C, float32 / bfloat16 ``x``), torch (W8A8 int8
+through ``torch._int_mm``, bit-identical to the reference: it takes the W8A8 calls the cpu backend
+cannot, e.g. float16 ``x``), reference. float64 ``x`` goes to the reference (the test oracle), as
+do float16 weight-only calls (no fast CPU path on CPUs without AVX512-FP16).
 CUDA tensors -> cuda (int4 weight-only fp16 / bf16 decode GEMV of csrc/cuda/qgemv_int4.cu, when
 mmkernels._cuda is built), triton (every format), reference. The Triton backend also runs CPU
 tensors under ``TRITON_INTERPRET=1`` when asked for explicitly (``backend="triton"``): that is how
@@ -16,6 +17,7 @@ from typing import List
 
 from .. import _dispatch
 from .._extension import CPU as _EXT
+from .._extension import cpu_class
 
 OP = "qmatmul"
 
@@ -99,11 +101,45 @@ CPU = _dispatch.Backend(
           "(equal to the reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at run time")
 
 
+# --- torch (torch._int_mm: oneDNN, AMX-INT8 where the CPU has it) --------------------------------
+
+def _torch_check(call) -> List[str]:
+    if not call.act_bits:
+        return ["weight-only calls are not served (mmkernels/quant/int_mm.py says why)"]
+    return []
+
+
+# Measured with `mmkernels bench` (paired rounds): our W8A8 vs torchao's eager W8A8 (quantize +
+# torch._int_mm): Intel AMX 1.09-2.8x (M >= 128; 0.79x vs torchao compiled at M=128),
+# measurements/intel-amx-2026-12-05.md; AMD Zen 4 1.6-5.3x (README).
+def _torch_auto_rule(call):
+    """when our cpu kernel cannot take the call (bit-identical to the reference, and faster)"""
+    cpu_reasons = CPU.reasons(call)
+    if cpu_reasons:
+        return True, "our cpu kernel cannot take it; torch._int_mm beats the reference"
+    return False, (f"our VNNI W8A8 kernel is faster on this {cpu_class()} CPU (Intel AMX: 1.09-2.8x "
+                   "eager torch._int_mm W8A8; AMD Zen 4: 1.6-5.3x)")
+
+
+TORCH = _dispatch.Backend(
+    "torch", "mmkernels.quant.int_mm:qmatmul", devices=("cpu",),
+    dtypes=("float32", "bfloat16", "float16"),
+    dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
+    features=("int8", "w8a8", "asym", "smooth"),
+    feature_notes={"int4": "int4 weights are not served",
+                   "fp8": "fp8 weights are not served (the reference serves them)",
+                   "groups": "grouped scales are not served"},
+    check=_torch_check, auto_rule=_torch_auto_rule,
+    notes="W8A8 int8: the reference's per-token activation quantization, torch._int_mm (exact "
+          "int32 products; asym weights shifted to int8 and corrected exactly), the reference's "
+          "epilogue: equal to the reference bit for bit")
+
+
 # --- reference --------------------------------------------------------------------------------
 
 REFERENCE = _dispatch.Backend(
     "reference", "mmkernels.quant.reference:qmatmul_tensors", devices=None,
     notes="plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer products")
 
-for _backend in (CUDA, TRITON, CPU, REFERENCE):
+for _backend in (CUDA, TRITON, CPU, TORCH, REFERENCE):
     _dispatch.register(OP, _backend)

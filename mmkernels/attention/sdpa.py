@@ -1,0 +1,74 @@
+"""The "torch" attention backend: PyTorch's CPU flash attention (the kernel behind
+``F.scaled_dot_product_attention`` on CPU, called as ``aten._scaled_dot_product_flash_attention_for_cpu``
+because it also returns the log-sum-exp).
+
+It serves exactly what it can serve with this library's semantics (docs/nan_semantics.md,
+docs/attention_kernel_contract.md), and its declaration in backends.py refuses the rest:
+
+* no ``causal``: SDPA's ``is_causal`` is top-left aligned (ours bottom-right) and, like any additive
+  mask, it reads masked keys (a NaN in a causally masked ``v`` or ``k`` reaches the rows that must
+  not see it);
+* no ``scores`` (SDPA never forms per-key probabilities), no varlen (``cu_seqlens``);
+* ``D == Dv`` (the flash kernel's requirement);
+* ``key_bias`` as a float32 mask ``(B, Hq, 1, Lk)``: exact for finite biases; ``-inf`` entries
+  are added, not skipped, so when a ``-inf``-masked key could be read (a non-finite value in ``v``;
+  ``k`` is checked anyway) the call takes the rare path below; rows whose keys are all masked are
+  set to the contract's ``out = 0``, ``lse = -inf`` afterwards.
+
+Rare path (the call is computed by the reference, exact): a NaN or ``±inf`` in ``q`` or ``k``
+(SDPA's kernel takes a row whose logits are all NaN or all ``-inf`` for a fully masked one: out 0,
+lse 0, where the spec says NaN, resp. lse ``-inf``), or the ``-inf``-bias case above. Checking
+costs one pass over ``q`` and ``k`` (and ``v`` with a ``-inf`` bias), small beside the O(L^2 D)
+attention. A ``±inf`` in ``v`` gives ``±inf`` in SDPA's output where the spec says NaN: such
+elements are turned into NaN (only an infinite ``v`` can make an infinite output).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+_NEG_INF = float("-inf")
+
+
+def _heads(t: torch.Tensor, hq: int) -> torch.Tensor:
+    """k / v with their kv heads repeated to the query heads (query head h reads kv head h // g)."""
+    hkv = t.shape[1]
+    if hkv == hq:
+        return t
+    g = hq // hkv
+    return t[:, :, None].expand(t.shape[0], hkv, g, *t.shape[2:]).reshape(t.shape[0], hq, *t.shape[2:])
+
+
+def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, scale, scores_mode, out4, lse3, scores2) -> None:
+    """Writes out4 (and lse3 when given) as the contract specifies, for the calls the backend
+    declares (dense, not causal, no scores, D == Dv)."""
+    if causal or cu_seqlens_q is not None or scores_mode or q4.shape[-1] != v4.shape[-1]:
+        raise ValueError("the torch attention backend serves dense, non-causal calls without "
+                         "scores and with D == Dv (dispatch checks this)")
+    rare = not (bool(torch.isfinite(q4).all()) and bool(torch.isfinite(k4).all()))
+    masked = None
+    if bias3 is not None and not rare:
+        is_masked = bias3 == _NEG_INF
+        if bool(is_masked.any()):
+            rare = not bool(torch.isfinite(v4).all())
+            masked = is_masked.all(-1)                      # (B, Hq): rows that see no key
+    if rare:
+        reference.attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, causal, scale, scores_mode, out4, lse3, scores2)
+        return
+    hq = q4.shape[1]
+    mask = None
+    if bias3 is not None:
+        # float32 mask even for half q: the bias is added in float32, as the spec does
+        mask = bias3.to(torch.float32)[:, :, None, :]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q4, _heads(k4, hq), _heads(v4, hq), 0.0, False, attn_mask=mask, scale=float(scale))
+    out = out.masked_fill(torch.isinf(out), float("nan"))   # an inf in v: NaN, as the spec says
+    if masked is not None:
+        out = out.masked_fill(masked[:, :, None, None], 0.0)
+        lse = lse.masked_fill(masked[:, :, None], _NEG_INF)
+    out4.copy_(out)
+    if lse3 is not None:
+        lse3.copy_(lse)
