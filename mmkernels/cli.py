@@ -60,11 +60,16 @@ def _representative_calls() -> list:
     from .quant.api import QMatmulCall
 
     def attn(dtype, causal=False):
-        return AttentionCall("cpu", dtype, 64, 64, 12, 12, False, causal, False, None, False)
+        return AttentionCall(device_type="cpu", dtype_name=dtype, head_dim=64, head_dim_v=64,
+                             num_heads_q=12, num_heads_kv=12, varlen=False, causal=causal,
+                             has_bias=False, scores=None, return_lse=False)
     calls = [("attention", attn(d)) for d in ("float32", "bfloat16", "float16")]
     calls.append(("attention", attn("bfloat16", causal=True)))
-    calls += [("qmatmul", QMatmulCall("cpu", d, 8, 0, True, 8, False)) for d in ("float32", "float16")]
-    calls.append(("qmatmul", QMatmulCall("cpu", "bfloat16", 4, 128, False, 0, False)))
+    def qmm(dtype, bits, group_size, symmetric, act_bits):
+        return QMatmulCall(device_type="cpu", dtype_name=dtype, bits=bits, group_size=group_size,
+                           symmetric=symmetric, act_bits=act_bits, smooth=False)
+    calls += [("qmatmul", qmm(d, 8, 0, True, 8)) for d in ("float32", "float16")]
+    calls.append(("qmatmul", qmm("bfloat16", 4, 128, False, 0)))
     return calls
 
 
