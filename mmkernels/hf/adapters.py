@@ -9,8 +9,11 @@ drop path / dropout, MLP), so ``adapter.mlp_step(adapter.attention_step(x))`` eq
 attention module's :class:`~mmkernels.hf.hf_attention.ModuleState` side channel: they come from
 :func:`mmkernels.attention` (the call mmkernels.patch routes), never from eager attention maps.
 
-Families (transformers 5.x layouts, checked against 5.25; found by the layer's exact type, the
-CLIP/SigLIP ones only in vision towers):
+Families (transformers 5.x layouts, checked against 5.17 and 5.25; found by the layer's exact type,
+the CLIP/SigLIP ones only in vision towers). Where releases differ the adapter follows the module
+tree, not names: DINOv2's attention is ``attention.attention`` (+ ``attention.output``) up to 5.17
+and one ``attention`` module (``q_proj`` ...) from 5.18; the adapter calls ``layer.attention`` as
+the layer does and finds the module that calls the attention interface inside it.
 
 ============  =====================  ==========================================  ========  =======
 family        layer class            attention branch / MLP branch               prefix    scores
@@ -55,9 +58,20 @@ class LayerAdapter:
 
     # -- per family ------------------------------------------------------------------------------
     @property
-    def attention(self) -> nn.Module:
-        """The layer's attention module (the one mmkernels.patch records)."""
+    def attention_block(self) -> nn.Module:
+        """The layer's attention submodule, called as the layer calls it (it may wrap the module
+        that calls transformers' attention interface, e.g. DINOv2 up to 5.17:
+        ``attention.attention`` + ``attention.output``)."""
         raise NotImplementedError
+
+    @property
+    def attention(self) -> nn.Module:
+        """The module mmkernels.patch records: the first module in :attr:`attention_block`
+        (itself included) whose forward calls transformers' attention interface."""
+        from .core import routes_through_interface
+
+        block = self.attention_block
+        return next((m for m in block.modules() if routes_through_interface(m)), block)
 
     def _attention_branch(self, x: Tensor) -> Tensor:
         """``x`` plus the attention branch, exactly as the layer's forward computes it."""
@@ -69,7 +83,8 @@ class LayerAdapter:
 
     # -- shared ----------------------------------------------------------------------------------
     def _attend(self, h: Tensor) -> Tensor:
-        return self.attention(h, None)[0]
+        out = self.attention_block(h)
+        return out[0] if isinstance(out, tuple) else out
 
     def attention_step(self, x: Tensor, *, key_bias: Optional[Tensor] = None,
                        scores: Optional[str] = None, return_keys: bool = False):
@@ -128,7 +143,7 @@ class ViTLayerAdapter(LayerAdapter):
     family = "vit"
 
     @property
-    def attention(self) -> nn.Module:
+    def attention_block(self) -> nn.Module:
         return self.layer.attention
 
     def _attention_branch(self, x: Tensor) -> Tensor:
@@ -148,7 +163,7 @@ class Dinov2LayerAdapter(LayerAdapter):
     family = "dinov2"
 
     @property
-    def attention(self) -> nn.Module:
+    def attention_block(self) -> nn.Module:
         return self.layer.attention
 
     def _attention_branch(self, x: Tensor) -> Tensor:
@@ -168,7 +183,7 @@ class ClipLayerAdapter(LayerAdapter):
     family = "clip"
 
     @property
-    def attention(self) -> nn.Module:
+    def attention_block(self) -> nn.Module:
         return self.layer.self_attn
 
     def _attention_branch(self, x: Tensor) -> Tensor:

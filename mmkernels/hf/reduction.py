@@ -37,6 +37,7 @@ no attention maps): such a call runs the encoder **unreduced** (HF's own layer f
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 import weakref
@@ -266,13 +267,16 @@ class _EncoderRun:
         run = self
 
         def forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
-            if kwargs.get("output_attentions"):
+            if kwargs.get("output_attentions") or _attentions_recorded():
                 if i == 0:
                     warnings.warn(
                         "mmkernels token reduction: output_attentions=True asks for attention "
                         "maps, which fused attention does not make; this encoder runs unreduced",
                         stacklevel=2)
-                return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
+                if attention_mask is not None or args or _takes_mask(type(layer)):
+                    return type(layer).forward(layer, hidden_states, attention_mask, *args,
+                                               **kwargs)
+                return type(layer).forward(layer, hidden_states, **kwargs)
             if attention_mask is not None or args:
                 raise ValueError(
                     f"{type(layer).__name__} (token reduction by mmkernels.patch) got an attention "
@@ -282,6 +286,23 @@ class _EncoderRun:
             return run.step(i, hidden_states)
 
         return forward
+
+
+def _takes_mask(cls: type) -> bool:
+    """Whether a layer class's forward has an ``attention_mask`` parameter (DINOv2's has none up
+    to transformers 5.17)."""
+    return "attention_mask" in inspect.signature(cls.forward).parameters
+
+
+def _attentions_recorded() -> bool:
+    """Whether the running model call records attention maps (``output_attentions=True``):
+    transformers 5.x collects them with hooks and does not always pass the flag down to layers."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and "attentions" in collected
 
 
 # ----------------------------------------------------------------------------------------------

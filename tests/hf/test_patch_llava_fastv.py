@@ -1,15 +1,20 @@
 """FastV inside a LLaVA model's language model through ``mmkernels.patch(reduce={"method":
 "fastv", ...})``: against a by-hand oracle (eager last-query probabilities, HF's own layers on the
 kept tokens), in ``generate()`` with batch > 1 and left padding, and its errors."""
+import inspect
 import math
 
 import pytest
 import torch
+import transformers
 
 import mmkernels
 from mmkernels.hf import is_patched
 import tiny_models
 
+# The cache argument's name: ``cache`` from transformers 5.18 (``past_key_values`` before).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(
+    transformers.LlavaForConditionalGeneration.forward).parameters else "past_key_values"
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
 IMAGE_TOKEN = 96
 N_IMAGE = 16
@@ -114,7 +119,7 @@ def test_prefill_and_one_decode_step_match_the_oracle(llava3, cut, keep_ratio):
         assert cache.layers[cut].keys.shape[2] == kept                # pruned after it
         nxt = out.logits[:, -1:].argmax(-1)
         step = model(input_ids=nxt, attention_mask=torch.ones(1, prompt_len + 1, dtype=torch.long),
-                     cache=cache, use_cache=True)
+                     use_cache=True, **{CACHE_KWARG: cache})
         assert cache.layers[cut].keys.shape[2] == kept + 1
         assert report.fastv_runtime() == (1, {})
         runtime = report.runtime()

@@ -9,6 +9,7 @@ reduced tokens equal a direct run of the method through the adapters, bad specs 
 ToMe & co. give the same tokens on HF DINOv2 and on our VisionTransformer with the same weights.
 """
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -190,6 +191,14 @@ def test_unpatch_restores_bit_identical(family, method):
     assert not any(m in hf_attention.STATES for m in model.modules())
 
 
+def _run_layer(layer, x):
+    """``layer(x)`` without a mask (CLIP's layers take ``attention_mask`` positionally; DINOv2's
+    take none up to transformers 5.17)."""
+    if "attention_mask" in inspect.signature(type(layer).forward).parameters:
+        return layer(x, None)
+    return layer(x)
+
+
 def test_adapters_equal_the_hf_layers_bit_for_bit(family):
     model = _build(family)
     encoders = find_vision_encoders(model)
@@ -199,12 +208,12 @@ def test_adapters_equal_the_hf_layers_bit_for_bit(family):
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
-            assert torch.equal(adapter(x), layer(x, None))          # unpatched: HF's attention
+            assert torch.equal(adapter(x), _run_layer(layer, x))    # unpatched: HF's attention
         with mmkernels.patched(model):
             for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
-                assert torch.equal(adapter(x), layer(x, None))
+                assert torch.equal(adapter(x), _run_layer(layer, x))
                 y, scores, keys = adapter.attention_step(x, scores="mean", return_keys=True)
-                assert torch.equal(adapter.mlp_step(y), layer(x, None))
+                assert torch.equal(adapter.mlp_step(y), _run_layer(layer, x))
                 assert scores.shape == (2, 9) and keys.shape == (2, 2, 9, 16)
                 assert torch.allclose(scores.sum(-1), torch.ones(2), atol=1e-5)
                 state = hf_attention.STATES[adapter.attention]
