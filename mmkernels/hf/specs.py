@@ -6,6 +6,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from .._dispatch import BACKEND_NAMES
+
 # method -> {key: (type check description, default)}; "method" itself is implied.
 REDUCE_KEYS: Dict[str, Dict[str, Any]] = {
     "tome": {"r": None, "protect_first": 1},
@@ -14,7 +16,7 @@ REDUCE_KEYS: Dict[str, Dict[str, Any]] = {
     "prumerge": {"layer": -2, "plus": False},
     "fastv": {"layer": 2, "keep": 0.25},
 }
-BACKENDS = (None, "reference", "cpu", "triton", "cuda")
+BACKENDS = (None, *BACKEND_NAMES)
 
 
 def _freeze(value):
