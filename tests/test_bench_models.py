@@ -78,7 +78,8 @@ def test_models_gates_name_real_cases_and_contenders():
                       (models.MINILM_ID, "w8a8"): 2.0,
                       (models.MINILM_ID, "w8a8_outlier"): 1.8,
                       (models.WHISPER_ID, "mmkernels"): 1.15,
-                      (models.LLAVA_PREFILL_ID, "visionzip64"): 4.0}
+                      (models.LLAVA_PREFILL_ID, "visionzip64"): 4.0,
+                      (models.LLAVA_PREFILL_ID, "fastv"): 2.0}
 
 
 def test_a_case_without_its_package_is_skipped_with_a_message():
