@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ from torch import Tensor, nn
 from ..nn.quant_linear import QuantLinear
 from ..quant.packing import pack_int4, unpack_weight
 from .checkpoint.common import quant_layers
+
+if TYPE_CHECKING:
+    import onnx
 
 _BLOCKS = (256, 128, 64, 32, 16)
 
@@ -304,9 +307,11 @@ def _swapped(model: nn.Module, accuracy_level: int):
             m.training = mode
 
 
-def export_onnx(model: nn.Module, example_inputs, path: Optional[str] = None, *, opset: int = 21,
-                dynamic_shapes=None, accuracy_level: int = 0, input_names=None,
-                output_names=None):
+def export_onnx(model: nn.Module, example_inputs: Union[Tensor, Tuple[Tensor, ...]],
+                path: Optional[str] = None, *, opset: int = 21,
+                dynamic_shapes: Optional[Union[Dict[str, Any], Tuple[Any, ...]]] = None,
+                accuracy_level: int = 0, input_names: Optional[Sequence[str]] = None,
+                output_names: Optional[Sequence[str]] = None) -> "onnx.ModelProto":
     """Export ``model`` (with its QuantLinear layers) to ONNX; see the module docstring.
 
     ``example_inputs``: a tensor or a tuple of positional inputs (float32 activations).

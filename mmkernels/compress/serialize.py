@@ -49,7 +49,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ class QuantizedCheckpoint:
 def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
                    scale_dtype: Optional[torch.dtype] = None, config: Optional[dict] = None,
                    overwrite: bool = False, float_dtype: Optional[torch.dtype] = None,
-                   tokenizer=None) -> None:
+                   tokenizer: Any = None) -> None:
     """Write ``model`` (QuantLinear layers and float tensors) to the directory ``path``.
 
     ``format``: ``"mmkernels"`` (lossless), ``"gptq"`` (v1: zero points stored minus one),
@@ -216,7 +216,8 @@ def _make_parents(folder: str) -> list:
     return missing
 
 
-def load_quantized(path: str, model: Optional[nn.Module] = None):
+def load_quantized(path: str, model: Optional[nn.Module] = None
+                   ) -> Union[nn.Module, "QuantizedCheckpoint"]:
     """Read a checkpoint directory written by :func:`save_quantized` (or by the GPTQ /
     compressed-tensors tools). Returns ``model`` with its layers replaced and its tensors loaded,
     or a :class:`QuantizedCheckpoint` when ``model`` is None (see the module docstring).

@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
 
@@ -194,7 +194,7 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, **kwargs):
+def patched(model: nn.Module, **kwargs: Any) -> Iterator[PatchReport]:
     """``with mmkernels.patched(model, ...) as report:`` patch for the block, then unpatch."""
     report = patch(model, **kwargs)
     try:

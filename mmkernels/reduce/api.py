@@ -405,7 +405,7 @@ def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None
 
 
 def select_tokens(scores: Tensor, k: Union[int, Tensor], *, protect_first: int = 1,
-                  backend: Optional[str] = None):
+                  backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Indices of the ``k`` highest-scoring tokens per row, ascending, first ``protect_first`` kept.
 
     ``k`` an int: returns ``(B, k)`` int64. ``k`` a ``(B,)`` integer tensor (per-image counts,
