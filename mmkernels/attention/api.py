@@ -251,6 +251,16 @@ def _output_shapes(q, k, v, varlen):
     return (b, hq, lq, dv), (b, hq, lq), (b, k.shape[2])
 
 
+def _new_out(q, out_shape, varlen, dtype=None):
+    """The output buffer: dense ``(B, Hq, Lq, Dv)`` is a view of ``(B, Lq, Hq, Dv)`` memory (as
+    SDPA's CPU output is), so ``out.transpose(1, 2)``, the layout models consume, is contiguous
+    and reshaping it to ``(B, Lq, Hq * Dv)`` needs no copy."""
+    if varlen:
+        return q.new_empty(out_shape, dtype=dtype)
+    b, hq, lq, dv = out_shape
+    return q.new_empty((b, lq, hq, dv), dtype=dtype).transpose(1, 2)
+
+
 def _bias_view(key_bias, q, num_heads, varlen):
     """key_bias as (Bb, Hq, Sk) in float32 (float64 for float64 inputs); per-key bias has head stride 0."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -275,7 +285,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
     if varlen:
         _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
-    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    out = _new_out(q, out_shape, varlen)
     lse = torch.empty(lse_shape if return_lse else (0,), dtype=torch.float32, device=q.device)
     scores = torch.empty(scores_shape if scores_mode else (0,), dtype=torch.float32, device=q.device)
     if _poison_requested():
@@ -310,7 +320,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
 def _attention_fake(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                     causal, scale, scores_mode, return_lse, backend):
     out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, cu_seqlens_q is not None)
-    return (q.new_empty(out_shape),
+    return (_new_out(q, out_shape, cu_seqlens_q is not None),
             q.new_empty(lse_shape if return_lse else (0,), dtype=torch.float32),
             q.new_empty(scores_shape if scores_mode else (0,), dtype=torch.float32))
 
@@ -397,7 +407,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     """Fused scaled-dot-product attention with per-key bias, varlen, GQA and per-key scores.
 
     Dense layout (like ``F.scaled_dot_product_attention``): q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``,
-    v ``(B, Hkv, Lk, Dv)`` -> out ``(B, Hq, Lq, Dv)``.
+    v ``(B, Hkv, Lk, Dv)`` -> out ``(B, Hq, Lq, Dv)``, any input strides; out is a view of
+    ``(B, Lq, Hq, Dv)`` memory (like SDPA's CPU output): ``out.transpose(1, 2)`` is contiguous.
     Packed varlen layout (like ``flash_attn_varlen_func``): q ``(Tq, Hq, D)``, k/v ``(Tk, Hkv, D|Dv)``,
     int32 ``cu_seqlens_q/k`` of length B+1, ``max_seqlen_q/k`` Python ints (derived from cu_seqlens,
     with one host sync, when omitted outside torch.compile).
