@@ -1,25 +1,20 @@
 """Build for mmkernels.
 
-The C++ CPU extension ``mmkernels._C`` is always built. Its SIMD code paths live in files named
-``*_avx512.cpp`` / ``*_avx2.cpp``; only those files get the matching ``-m`` flags, and the kernel
-picks a path at run time from CPUID (never ``-march=native``, so one wheel runs on any x86-64).
+The C++ CPU extension ``mmkernels._C`` is always built, with ninja (``torch.utils.cpp_extension``
+uses it when the ``ninja`` executable is found; pyproject's build requirements install it). Every
+file gets the same baseline x86-64 flags: the SIMD files (``*_avx512.cpp`` / ``*_avx2.cpp``) switch
+their own code to their instruction set with ``#pragma GCC target`` (``MMK_TARGET_*`` in
+``csrc/cpu/cpu_features.h``), and the kernels pick a path at run time from CPUID (never
+``-march=native``, so one wheel runs on any x86-64). ``MAX_JOBS`` bounds ninja's parallel jobs.
 
 The CUDA extension ``mmkernels._cuda`` is built only when torch is a CUDA build and a CUDA toolkit
 is found; ``csrc/cuda/*.cu`` are also compiled stand-alone by the nvcc compile gate.
 """
 import glob
 import os
-import platform
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
-
-ISA_FLAGS = {
-    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
-                    "-mavx512vnni", "-mfma", "-mf16c"],
-    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-}
-IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _extensions():
@@ -28,9 +23,6 @@ def _extensions():
 
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"]
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
-    if not IS_X86:
-        sources = [s for s in sources if not any(s.endswith(sfx) for sfx in ISA_FLAGS)]
-        cxx.append("-DMMK_NO_X86")
     exts = [cpp_extension.CppExtension(
         "mmkernels._C", sources, include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
@@ -49,26 +41,12 @@ def _extensions():
 def _build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
-    class BuildWithIsaFlags(BuildExtension):
-        """Adds per-file ISA flags. Ninja is off because it compiles all files with one flag set."""
-
-        def build_extensions(self):
-            original = self.compiler._compile
-
-            def compile_with_isa(obj, src, ext, cc_args, extra_postargs, pp_opts):
-                for suffix, flags in ISA_FLAGS.items():
-                    if src.endswith(suffix):
-                        if isinstance(extra_postargs, dict):
-                            extra_postargs = dict(extra_postargs)
-                            extra_postargs["cxx"] = list(extra_postargs.get("cxx", [])) + flags
-                        else:
-                            extra_postargs = list(extra_postargs) + flags
-                return original(obj, src, ext, cc_args, extra_postargs, pp_opts)
-
-            self.compiler._compile = compile_with_isa
-            super().build_extensions()
-
-    return BuildWithIsaFlags.with_options(use_ninja=False)
+    try:  # the pip package's ninja (a build requirement), also when the venv is not activated
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:  # a ninja on PATH, or torch falls back to compiling file by file
+        pass
+    return BuildExtension.with_options(use_ninja=True)
 
 
 class BuildPyWithCudaSources(build_py):

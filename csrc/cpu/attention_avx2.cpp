@@ -1,10 +1,15 @@
-// AVX2 + FMA attention path (compiled with -mavx2 -mfma -mf16c by setup.py). fp32 micro-kernels;
+// AVX2 + FMA attention path (compiled for AVX2 + FMA by MMK_TARGET_AVX2, cpu_features.h). fp32 micro-kernels;
 // bf16 inputs are widened to fp32 when packing. No torch headers in this file (see attention.h).
 #include "cpu/attention.h"
+#include "cpu/cpu_features.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
+MMK_TARGET_AVX2
 #include "cpu/attention_kernel.h"
 
 namespace mmk {
@@ -84,7 +89,7 @@ const AttnImpl* attn_impl_avx2(int) { return &kImpl; }
 }  // namespace cpu
 }  // namespace mmk
 
-#else  // MMK_NO_X86
+#else  // not x86
 namespace mmk {
 namespace cpu {
 const AttnImpl* attn_impl_avx2(int) { return nullptr; }

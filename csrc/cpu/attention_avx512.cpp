@@ -1,4 +1,4 @@
-// AVX-512 attention path (compiled with -mavx512f/bw/vl/dq/bf16/vnni -mfma -mf16c by setup.py).
+// AVX-512 attention path (its code is compiled for AVX-512 by MMK_TARGET_AVX512, cpu_features.h).
 // Two flavours:
 //   "avx512"      fp32 FMA micro-kernels; bf16 inputs are widened to fp32 when packing.
 //   "avx512_bf16" bf16 inputs only: Q.K^T and P.V with vdpbf16ps on pair-interleaved panels,
@@ -6,12 +6,17 @@
 //                 AVX512_BF16; no bf16 instruction is reachable from the plain "avx512" flavour.
 // No torch headers in this file (see attention.h).
 #include "cpu/attention.h"
+#include "cpu/cpu_features.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 // GCC 12 reports false "may be used uninitialized" inside its own _mm512_reduce_* intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
+MMK_TARGET_AVX512
 #include "cpu/attention_kernel.h"
 
 namespace mmk {
@@ -355,7 +360,7 @@ const AttnImpl* attn_impl_avx512(int dtype, bool bf16_dot) {
 }  // namespace cpu
 }  // namespace mmk
 
-#else  // MMK_NO_X86
+#else  // not x86
 namespace mmk {
 namespace cpu {
 const AttnImpl* attn_impl_avx512(int, bool) { return nullptr; }

@@ -4,9 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#if !defined(MMK_NO_X86) && (defined(__x86_64__) || defined(_M_X64))
+#ifdef MMK_X86
 #include <cpuid.h>
-#define MMK_X86 1
 #endif
 
 namespace mmk {

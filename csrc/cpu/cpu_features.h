@@ -1,5 +1,21 @@
-// Runtime CPU feature detection for the CPU kernels (no torch headers here).
+// Run-time CPU feature detection for the CPU kernels, and the instruction sets the SIMD
+// translation units are compiled for (no torch headers here).
 #pragma once
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MMK_X86 1
+#endif
+
+// The SIMD translation units (*_avx512.cpp, *_avx2.cpp) are compiled with the baseline flags like
+// every other file; each one switches its own code to its instruction set with one of these
+// pragmas, written AFTER all its #includes except the kernel-body header (attention_kernel.h)
+// that it instantiates. Everything defined after the pragma must have internal linkage (an
+// anonymous namespace): an inline function with external linkage compiled for AVX-512 could be
+// the copy the linker keeps for baseline callers. Standard headers stay before the pragma for the
+// same reason. The path is picked at run time (selected_isa below), never by -march.
+#define MMK_TARGET_AVX512 \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c\")")
+#define MMK_TARGET_AVX2 _Pragma("GCC target(\"avx2,fma,f16c\")")
 
 namespace mmk {
 namespace cpu {

@@ -24,9 +24,8 @@
 #include "cpu/cpu_features.h"
 #include "cpu/qmatmul_kernel.h"
 
-#if !defined(MMK_NO_X86) && (defined(__x86_64__) || defined(_M_X64))
+#ifdef MMK_X86
 #include <cpuid.h>
-#define MMK_QMM_X86 1
 #endif
 
 namespace mmk {
@@ -182,7 +181,7 @@ const QmmImpl kScalar = {"scalar", rowdot_scalar, false, nullptr, nullptr, false
 // ---------------------------------------------------------------------------------------------
 
 bool cpu_has_vnni() {
-#ifdef MMK_QMM_X86
+#ifdef MMK_X86
   static const bool has = [] {
     unsigned int a, b, c, d;
     if (__get_cpuid_max(0, nullptr) < 7) return false;

@@ -1,12 +1,13 @@
-// AVX2 + FMA kernels of the quantized matmul (compiled with -mavx2 -mfma -mf16c by setup.py;
-// chosen at run time on CPUs without AVX-512, or with MMKERNELS_CPU_ISA=avx2). Same algorithms
+// AVX2 + FMA kernels of the quantized matmul (compiled for AVX2 + FMA by MMK_TARGET_AVX2,
+// cpu_features.h; chosen at run time on CPUs without AVX-512, or with MMKERNELS_CPU_ISA=avx2). Same algorithms
 // and layouts as qmatmul_avx512.cpp with 8-lane vectors; bf16 activations are widened to fp32
 // by the driver (no bf16 dot products here). W8A8 has no vpdpbusd: x_q is widened to int16 and
 // multiplied with vpmaddwd, which cannot saturate (|x_q| <= 127, |w| <= 255: a pair sums to at
 // most 64770 < 2^31). No torch headers in this file (see qmatmul_kernel.h).
+#include "cpu/cpu_features.h"
 #include "cpu/qmatmul_kernel.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
@@ -14,6 +15,8 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+
+MMK_TARGET_AVX2
 
 namespace mmk {
 namespace cpu {

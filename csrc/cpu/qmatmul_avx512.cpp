@@ -1,10 +1,11 @@
-// AVX-512 kernels of the quantized matmul (compiled with -mavx512f/bw/vl/dq/bf16/vnni -mfma by
-// setup.py; chosen at run time). The bf16 dot products (vdpbf16ps) are used only by the
+// AVX-512 kernels of the quantized matmul (compiled for AVX-512 by MMK_TARGET_AVX512,
+// cpu_features.h; chosen at run time). The bf16 dot products (vdpbf16ps) are used only by the
 // "avx512_bf16" table, the int8 dot products (vpdpbusd) only when the driver saw AVX512-VNNI in
 // CPUID. No torch headers in this file (see qmatmul_kernel.h for the layouts).
+#include "cpu/cpu_features.h"
 #include "cpu/qmatmul_kernel.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: _mm512_reduce_* intrinsics
 #include <immintrin.h>
@@ -12,6 +13,8 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+
+MMK_TARGET_AVX512
 
 namespace mmk {
 namespace cpu {

@@ -1,14 +1,17 @@
-// AVX2 kernels of the token-reduction primitives (compiled with -mavx2 -mfma -mf16c by setup.py;
-// chosen at run time on CPUs without AVX-512). The arithmetic is the AVX-512 path's, lane for
+// AVX2 kernels of the token-reduction primitives (compiled for AVX2 + FMA by MMK_TARGET_AVX2,
+// cpu_features.h; chosen at run time on CPUs without AVX-512). The arithmetic is the AVX-512 path's, lane for
 // lane (FMA channel by channel for the similarities, rounded products and sums for the merge), so
 // both give the same plans and the same merged values. No torch headers (see reduce_kernel.h).
+#include "cpu/cpu_features.h"
 #include "cpu/reduce_kernel.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 #include <immintrin.h>
 
 #include <cstring>
 #include <limits>
+
+MMK_TARGET_AVX2
 
 namespace mmk {
 namespace cpu {
@@ -231,7 +234,7 @@ const ReduceImpl* reduce_impl_avx2() { return &kImpl; }
 }  // namespace cpu
 }  // namespace mmk
 
-#else  // MMK_NO_X86
+#else  // not x86
 namespace mmk {
 namespace cpu {
 namespace reduce {

@@ -1,13 +1,16 @@
-// AVX-512 kernels of the token-reduction primitives (compiled with -mavx512f/bw/vl/dq -mfma
-// -mf16c by setup.py; chosen at run time). No torch headers in this file (see reduce_kernel.h).
+// AVX-512 kernels of the token-reduction primitives (compiled for AVX-512 by MMK_TARGET_AVX512,
+// cpu_features.h; chosen at run time). No torch headers in this file (see reduce_kernel.h).
+#include "cpu/cpu_features.h"
 #include "cpu/reduce_kernel.h"
 
-#if !defined(MMK_NO_X86)
+#ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <climits>
 #include <limits>
+
+MMK_TARGET_AVX512
 
 namespace mmk {
 namespace cpu {
@@ -178,7 +181,7 @@ const ReduceImpl* reduce_impl_avx512() { return &kImpl; }
 }  // namespace cpu
 }  // namespace mmk
 
-#else  // MMK_NO_X86
+#else  // not x86
 namespace mmk {
 namespace cpu {
 namespace reduce {
