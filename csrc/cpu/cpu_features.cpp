@@ -27,16 +27,17 @@ static unsigned long long xgetbv0() {
   return ((unsigned long long)edx << 32) | eax;
 }
 
-static Isa detect() {
+static CpuFeatures probe() {
+  CpuFeatures f;
   unsigned int a, b, c, d;
-  if (!__get_cpuid(1, &a, &b, &c, &d)) return Isa::Scalar;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
-  if (!osxsave || !avx) return Isa::Scalar;
+  if (!osxsave || !avx) return f;
   const unsigned long long xcr0 = xgetbv0();
   const bool ymm_os = (xcr0 & 0x6) == 0x6;
   const bool zmm_os = (xcr0 & 0xe6) == 0xe6;
-  if (!ymm_os) return Isa::Scalar;
-  if (__get_cpuid_max(0, nullptr) < 7) return Isa::Scalar;
+  if (!ymm_os) return f;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = (b >> 5) & 1;
   const bool avx512f = (b >> 16) & 1, avx512dq = (b >> 17) & 1, avx512bw = (b >> 30) & 1,
@@ -45,19 +46,25 @@ static Isa detect() {
   unsigned int a1 = 0, b1, c1, d1;
   if (a >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
   const bool avx512bf16 = (a1 >> 5) & 1;
-  (void)avx512vnni;
-  if (zmm_os && avx512f && avx512dq && avx512bw && avx512vl && fma && f16c)
-    return avx512bf16 ? Isa::Avx512Bf16 : Isa::Avx512;
-  if (avx2 && fma && f16c) return Isa::Avx2;
-  return Isa::Scalar;
+  f.avx2 = avx2 && fma && f16c;
+  f.avx512 = zmm_os && avx512f && avx512dq && avx512bw && avx512vl && fma && f16c;
+  f.avx512_bf16 = f.avx512 && avx512bf16;
+  f.avx512_vnni = f.avx512 && avx512vnni;
+  return f;
 }
 #else
-static Isa detect() { return Isa::Scalar; }
+static CpuFeatures probe() { return CpuFeatures{}; }
 #endif
 
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = probe();
+  return features;
+}
+
 Isa detected_isa() {
-  static const Isa isa = detect();
-  return isa;
+  const CpuFeatures& f = cpu_features();
+  if (f.avx512) return f.avx512_bf16 ? Isa::Avx512Bf16 : Isa::Avx512;
+  return f.avx2 ? Isa::Avx2 : Isa::Scalar;
 }
 
 Isa selected_isa(const char** error) {

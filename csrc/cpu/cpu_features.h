@@ -25,7 +25,16 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 const char* isa_name(Isa isa);
 
-// Best path this CPU can run (CPUID + OS support for the register state).
+// What CPUID (and the OS's register-state support, XGETBV) report; the one probe of the library.
+struct CpuFeatures {
+  bool avx2 = false;         // AVX2 + FMA + F16C, YMM state enabled
+  bool avx512 = false;       // AVX-512 F/BW/VL/DQ + FMA + F16C, ZMM state enabled
+  bool avx512_bf16 = false;  // and AVX512_BF16 (vdpbf16ps)
+  bool avx512_vnni = false;  // and AVX512_VNNI (vpdpbusd)
+};
+const CpuFeatures& cpu_features();
+
+// Best path this CPU can run (from cpu_features()).
 Isa detected_isa();
 
 // The path to use now: detected_isa(), lowered by MMKERNELS_CPU_ISA=avx512_bf16|avx512|avx2|scalar

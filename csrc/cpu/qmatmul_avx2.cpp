@@ -3,9 +3,9 @@
 // and layouts as qmatmul_avx512.cpp with 8-lane vectors; bf16 activations are widened to fp32
 // by the driver (no bf16 dot products here). W8A8 has no vpdpbusd: x_q is widened to int16 and
 // multiplied with vpmaddwd, which cannot saturate (|x_q| <= 127, |w| <= 255: a pair sums to at
-// most 64770 < 2^31). No torch headers in this file (see qmatmul_kernel.h).
+// most 64770 < 2^31). No torch headers in this file (see qmatmul.h).
 #include "cpu/cpu_features.h"
-#include "cpu/qmatmul_kernel.h"
+#include "cpu/qmatmul.h"
 
 #ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -1,9 +1,9 @@
 // AVX-512 kernels of the quantized matmul (compiled for AVX-512 by MMK_TARGET_AVX512,
 // cpu_features.h; chosen at run time). The bf16 dot products (vdpbf16ps) are used only by the
 // "avx512_bf16" table, the int8 dot products (vpdpbusd) only when the driver saw AVX512-VNNI in
-// CPUID. No torch headers in this file (see qmatmul_kernel.h for the layouts).
+// CPUID. No torch headers in this file (see qmatmul.h for the layouts).
 #include "cpu/cpu_features.h"
-#include "cpu/qmatmul_kernel.h"
+#include "cpu/qmatmul.h"
 
 #ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

@@ -1,36 +1,60 @@
-// Token-reduction primitives on the CPU (csrc/cpu/reduce*.cpp): the torch-facing entry points
-// registered in csrc/ops.cpp as mmkernels_C::reduce_*. Semantics: mmkernels/reduce/reference.py.
+// Token-reduction primitives on the CPU: the plain-pointer interface between the torch glue
+// (reduce_torch.cpp), the ISA choice (reduce.cpp) and the kernels of each path
+// (reduce_{avx512,avx2,scalar}.cpp). No torch headers here.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
-#include <string>
-#include <tuple>
 
 namespace mmk {
 namespace cpu {
+namespace reduce {
 
-// (src_to_out (B,N), keep_idx (B,N-r), src_idx (B,r), dst_idx (B,r)), int64. metric float32,
-// bfloat16 or float16, any strides.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_tome_plan(
-    const at::Tensor& metric, int64_t r, int64_t protect_first);
+enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// (x_out (B,n_out,C) in x.dtype, size_out (B,n_out) in size.dtype). x float32/bfloat16/float16
-// with stride(-1) == 1; src_to_out int64 (B,N); size floating (B,N), any strides.
-std::tuple<at::Tensor, at::Tensor> reduce_tome_merge(const at::Tensor& x,
-                                                      const at::Tensor& src_to_out, int64_t n_out,
-                                                      const at::Tensor& size);
+// B-side layout of the similarity kernel: tiles of 16 tokens, tile t holds C rows of 16 floats
+// (packed[t][k][lane] = normalised B token t*16+lane, channel k; lanes past nb are zero).
+constexpr int kTile = 16;
+// A rows are processed 8 at a time; A buffers are padded (with zero rows) to a multiple of 8.
+constexpr int kRowBlock = 8;
 
-// out[b, j] = x[b, idx[b, j]] (rows copied as bytes: any dtype). x needs stride(-1) == 1.
-at::Tensor reduce_gather_rows(const at::Tensor& x, const at::Tensor& idx);
+// One batch row of a merge: sources of output slot s are list[off[s] .. off[s+1]) (token
+// indices, ascending); w[i] = size of token i (fp32), wsum[s] = sum of w over slot s's sources
+// (accumulated in token order). x rows have stride sxn elements, channels contiguous; out rows
+// are contiguous (stride C).
+struct MergeRow {
+  const void* x;
+  int64_t sxn;
+  void* out;
+  int64_t C;
+  int dtype;
+  const int32_t* off;
+  const int32_t* list;
+  const float* w;
+  const float* wsum;
+};
 
-// (B,k) int64 ascending: the first protect_first indices + the best k - protect_first of the
-// rest (descending score, ties to the lower index). scores float32/bfloat16/float16/float64.
-at::Tensor reduce_select_tokens(const at::Tensor& scores, int64_t k, int64_t protect_first);
+struct ReduceImpl {
+  const char* name;
+  // For A rows [a0, a1) (a0, a1 multiples of kRowBlock, A padded): best[i] = max_j dot(A_i, B_j),
+  // arg[i] = the first j attaining it, j over the nb packed B tokens (nb >= 1).
+  void (*sim_argmax)(const float* a, int64_t c, int64_t a0, int64_t a1, const float* b_packed,
+                     int64_t nb, float* best, int32_t* arg);
+  // out[s] = (sum over sources i, in order, of w[i] * x[i]) / wsum[s] for slots [s0, s1); the
+  // products and sums are rounded in fp32 one by one (no FMA), like the reference.
+  void (*merge_slots)(const MergeRow& p, int64_t s0, int64_t s1);
+};
 
-// Name of the code path the reduce kernels use now ("avx512" or "scalar").
-std::string reduce_cpu_isa();
+const ReduceImpl* reduce_impl_avx512();  // nullptr when not compiled for x86
+const ReduceImpl* reduce_impl_avx2();    // nullptr when not compiled for x86
+const ReduceImpl* reduce_impl_scalar();
 
+// The path to use now (cpu_features.h: CPUID, lowered by MMKERNELS_CPU_ISA). Sets *error (static
+// string) and returns nullptr when MMKERNELS_CPU_ISA is invalid.
+const ReduceImpl* reduce_impl(const char** error);
+
+// Name of that path: "avx512", "avx2" or "scalar" ("" with *error set).
+const char* reduce_cpu_isa(const char** error);
+
+}  // namespace reduce
 }  // namespace cpu
 }  // namespace mmk

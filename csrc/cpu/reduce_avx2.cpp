@@ -1,9 +1,9 @@
 // AVX2 kernels of the token-reduction primitives (compiled for AVX2 + FMA by MMK_TARGET_AVX2,
 // cpu_features.h; chosen at run time on CPUs without AVX-512). The arithmetic is the AVX-512 path's, lane for
 // lane (FMA channel by channel for the similarities, rounded products and sums for the merge), so
-// both give the same plans and the same merged values. No torch headers (see reduce_kernel.h).
+// both give the same plans and the same merged values. No torch headers (see reduce.h).
 #include "cpu/cpu_features.h"
-#include "cpu/reduce_kernel.h"
+#include "cpu/reduce.h"
 
 #ifdef MMK_X86
 #include <immintrin.h>

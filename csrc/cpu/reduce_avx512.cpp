@@ -1,7 +1,7 @@
 // AVX-512 kernels of the token-reduction primitives (compiled for AVX-512 by MMK_TARGET_AVX512,
-// cpu_features.h; chosen at run time). No torch headers in this file (see reduce_kernel.h).
+// cpu_features.h; chosen at run time). No torch headers in this file (see reduce.h).
 #include "cpu/cpu_features.h"
-#include "cpu/reduce_kernel.h"
+#include "cpu/reduce.h"
 
 #ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
