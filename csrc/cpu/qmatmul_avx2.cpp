@@ -17,27 +17,13 @@
 #include <type_traits>
 
 MMK_TARGET_AVX2
+#include "cpu/qmatmul_kernel.h"
+#include "cpu/vec_avx2.h"
 
 namespace mmk {
 namespace cpu {
 namespace qmm {
 namespace {
-
-inline void store_scalar(const Out& o, int64_t m, int64_t n, float v) {
-  if (o.bias) v += o.bias[n];
-  if (o.dtype == kF32) {
-    ((float*)o.y)[m * o.ldo + n] = v;
-  } else {
-    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_bf16(v);
-  }
-}
-
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 
 inline __m128i load8(const uint8_t* p) { return _mm_loadl_epi64((const __m128i*)p); }
 
@@ -118,7 +104,7 @@ void rowdot4_block(const RowdotJob& j, int64_t n, int64_t m) {
         tail += (float)((u & 15) - z) * s * j.xe[(m + i) * j.ldx + b] +
                 (float)((u >> 4) - z) * s * j.xo[(m + i) * j.ldx + b];
       }
-      store_scalar(j.out, m + i, n + r, hsum(_mm256_add_ps(acc[r][i][0], acc[r][i][1])) + tail);
+      store_scalar(j.out, m + i, n + r, V256::hsum(_mm256_add_ps(acc[r][i][0], acc[r][i][1])) + tail);
     }
 }
 
@@ -167,29 +153,20 @@ void rowdot8_block(const RowdotJob& j, int64_t n, int64_t m) {
         const int z = sym ? 0 : (int)w.zeros[(n + r) * w.G + gg];
         tail += (float)(q - z) * w.scales[(n + r) * w.G + gg] * j.xe[(m + i) * j.ldx + k];
       }
-      store_scalar(j.out, m + i, n + r, hsum(acc[r][i]) + tail);
+      store_scalar(j.out, m + i, n + r, V256::hsum(acc[r][i]) + tail);
     }
 }
 
-template <int MB>
-void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
-  constexpr int NB = MB == 1 ? 4 : 2;
-  const bool b4 = j.w.bits == 4;
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) b4 ? rowdot4_block<NB, MB>(j, n, m) : rowdot8_block<NB, MB>(j, n, m);
-  for (; n < n1; ++n) b4 ? rowdot4_block<1, MB>(j, n, m) : rowdot8_block<1, MB>(j, n, m);
-}
-
-void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
-  switch (j.M - m) {
-    case 3: rowdot_rows<3>(j, n0, n1, m); break;
-    case 2: rowdot_rows<2>(j, n0, n1, m); break;
-    case 1: rowdot_rows<1>(j, n0, n1, m); break;
-    default: break;
+struct RowdotBlocks {
+  static int kind(const RowdotJob& j) { return j.w.bits == 4 ? 1 : 0; }
+  template <int NB, int MB>
+  static void block(const RowdotJob& j, int kind, int64_t n, int64_t m) {
+    if (kind == 1) rowdot4_block<NB, MB>(j, n, m);
+    else rowdot8_block<NB, MB>(j, n, m);
   }
-}
+};
+
+void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) { rowdot_blocks<RowdotBlocks>(j, n0, n1); }
 
 // =============================================================================================
 // gemm (weight-only, fp32): the strip of 64 channels is decoded into panel[k][64] = w_hat, then
@@ -254,20 +231,6 @@ void ukernel(const float* a, int64_t lda, const float* panel, int64_t kc, float*
     }
 }
 
-template <typename F>
-void for_row_tiles(int64_t m0, int64_t m1, F&& f) {
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) f(m, std::integral_constant<int, MR>());
-  switch (m1 - m) {
-    case 5: f(m, std::integral_constant<int, 5>()); break;
-    case 4: f(m, std::integral_constant<int, 4>()); break;
-    case 3: f(m, std::integral_constant<int, 3>()); break;
-    case 2: f(m, std::integral_constant<int, 2>()); break;
-    case 1: f(m, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* scratch) {
   float* panel = (float*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
   float* C = panel + KC * kStrip;
@@ -275,7 +238,7 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
   for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
     const int64_t kc = std::min(KC, j.K - k0);
     decode_panel(j, strip, k0 / 2, (k0 + kc + 1) / 2, panel);
-    for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+    for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
       for (int q = 0; q < 4; ++q)
         ukernel<R>(a + m * j.lda + k0, j.lda, panel + 16 * q, kc, C + (m - m0) * kStrip + 16 * q,
                    k0 == 0);

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 MMK_TARGET_AVX512
+#include "cpu/qmatmul_kernel.h"
 
 namespace mmk {
 namespace cpu {
@@ -53,15 +54,6 @@ inline void store_out(const Out& o, int64_t m, int64_t n0, __m512 v, __mmask16 m
     _mm512_mask_storeu_ps((float*)o.y + m * o.ldo + n0, mask, v);
   } else {
     _mm256_mask_storeu_epi16((uint16_t*)o.y + m * o.ldo + n0, mask, to_bf16(v));
-  }
-}
-
-inline void store_scalar(const Out& o, int64_t m, int64_t n, float v) {
-  if (o.bias) v += o.bias[n];
-  if (o.dtype == kF32) {
-    ((float*)o.y)[m * o.ldo + n] = v;
-  } else {
-    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_bf16(v);
   }
 }
 
@@ -250,31 +242,17 @@ void rowdot8_block(const RowdotJob& j, int64_t n, int64_t m) {
     }
 }
 
-template <int MB>
-void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
-  constexpr int NB = MB == 1 ? 4 : 2;
-  const int kind = j.w.bits == 8 ? 0 : rowdot_x8_layout(j.w) ? 2 : 1;
-  auto block = [&](int64_t n, auto nb) {
-    constexpr int B = decltype(nb)::value;
-    if (kind == 0) rowdot8_block<B, MB>(j, n, m);
-    else if (kind == 1) rowdot4_block<B, MB>(j, n, m);
-    else rowdot4_wide_block<B, MB>(j, n, m);
-  };
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) block(n, std::integral_constant<int, NB>());
-  for (; n < n1; ++n) block(n, std::integral_constant<int, 1>());
-}
-
-void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
-  switch (j.M - m) {
-    case 3: rowdot_rows<3>(j, n0, n1, m); break;
-    case 2: rowdot_rows<2>(j, n0, n1, m); break;
-    case 1: rowdot_rows<1>(j, n0, n1, m); break;
-    default: break;
+struct RowdotBlocks {
+  static int kind(const RowdotJob& j) { return j.w.bits == 8 ? 0 : rowdot_x8_layout(j.w) ? 2 : 1; }
+  template <int NB, int MB>
+  static void block(const RowdotJob& j, int kind, int64_t n, int64_t m) {
+    if (kind == 0) rowdot8_block<NB, MB>(j, n, m);
+    else if (kind == 1) rowdot4_block<NB, MB>(j, n, m);
+    else rowdot4_wide_block<NB, MB>(j, n, m);
   }
-}
+};
+
+void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) { rowdot_blocks<RowdotBlocks>(j, n0, n1); }
 
 // =============================================================================================
 // gemm: weight-only, larger M. Per (block of rows, strip of 64 channels): for each block of KC
@@ -414,20 +392,6 @@ void ukernel_bf16(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t
   }
 }
 
-template <typename F>
-void for_row_tiles(int64_t m0, int64_t m1, F&& f) {
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) f(m, std::integral_constant<int, MR>());
-  switch (m1 - m) {
-    case 5: f(m, std::integral_constant<int, 5>()); break;
-    case 4: f(m, std::integral_constant<int, 4>()); break;
-    case 3: f(m, std::integral_constant<int, 3>()); break;
-    case 2: f(m, std::integral_constant<int, 2>()); break;
-    case 1: f(m, std::integral_constant<int, 1>()); break;
-    default: break;
-  }
-}
-
 void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* scratch) {
   const bool bf16 = j.a_dtype == kBF16;
   const int64_t KC = kc_of(j);
@@ -441,7 +405,7 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
     if (bf16) {
       decode_panel<true>(j, strip, p0, p1, panel);
       const uint16_t* a = (const uint16_t*)j.a;
-      for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+      for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
         const uint16_t* am = a + m * j.lda;
         float* Cm = C + (m - m0) * kStripK;
         if (j.G == 1) {
@@ -455,7 +419,7 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
     } else {
       decode_panel<false>(j, strip, p0, p1, panel);
       const float* a = (const float*)j.a;
-      for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+      for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
         ukernel_f32<R>(a + m * j.lda + k0, j.lda, (const float*)panel, kc,
                        C + (m - m0) * kStripK, k0 == 0);
       });
@@ -580,7 +544,7 @@ void a8_tile(const A8Job& j, int64_t m, int64_t strip) {
 }
 
 void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
-  for_row_tiles(m0, m1, [&](int64_t m, auto R) {
+  for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
     if (j.symmetric) a8_tile<R, true>(j, m, strip);
     else a8_tile<R, false>(j, m, strip);
   });

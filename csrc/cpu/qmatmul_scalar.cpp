@@ -7,21 +7,13 @@
 #include <vector>
 
 #include "cpu/qmatmul.h"
+#include "cpu/qmatmul_kernel.h"
 
 namespace mmk {
 namespace cpu {
 namespace qmm {
 namespace {
 
-
-inline void store_scalar(const Out& o, int64_t m, int64_t n, float v) {
-  if (o.bias) v += o.bias[n];
-  if (o.dtype == kF32) {
-    ((float*)o.y)[m * o.ldo + n] = v;
-  } else {
-    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_bf16(v);
-  }
-}
 
 // Stored integer of weight (n, k) and its zero point, as in format.py.
 inline int weight_int(const QWeight& w, int64_t n, int64_t k) {
