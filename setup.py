@@ -22,8 +22,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     # -falign-functions=64: a kernel's inner loops sit at the same cache-line offsets whatever the
-    # link order puts before them (measured on Zen 4: the same int8 GEMV machine code ran 1.1-1.3x
-    # slower at two other offsets).
+    # link order puts before them (measured on Zen 4: the same int8 GEMV machine code ran ~1.1x
+    # slower at another offset).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-falign-functions=64"]
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
     exts = [cpp_extension.CppExtension(

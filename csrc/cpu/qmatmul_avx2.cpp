@@ -157,16 +157,26 @@ void rowdot8_block(const RowdotJob& j, int64_t n, int64_t m) {
     }
 }
 
-struct RowdotBlocks {
-  static int kind(const RowdotJob& j) { return j.w.bits == 4 ? 1 : 0; }
-  template <int NB, int MB>
-  static void block(const RowdotJob& j, int kind, int64_t n, int64_t m) {
-    if (kind == 1) rowdot4_block<NB, MB>(j, n, m);
-    else rowdot8_block<NB, MB>(j, n, m);
-  }
-};
+// Blocks of MB <= 4 rows x NB output channels (4 for a single row, else 2), then single channels.
+template <int MB>
+void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
+  constexpr int NB = MB == 1 ? 4 : 2;
+  const bool b4 = j.w.bits == 4;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) b4 ? rowdot4_block<NB, MB>(j, n, m) : rowdot8_block<NB, MB>(j, n, m);
+  for (; n < n1; ++n) b4 ? rowdot4_block<1, MB>(j, n, m) : rowdot8_block<1, MB>(j, n, m);
+}
 
-void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) { rowdot_blocks<RowdotBlocks>(j, n0, n1); }
+void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
+  switch (j.M - m) {
+    case 3: rowdot_rows<3>(j, n0, n1, m); break;
+    case 2: rowdot_rows<2>(j, n0, n1, m); break;
+    case 1: rowdot_rows<1>(j, n0, n1, m); break;
+    default: break;
+  }
+}
 
 // =============================================================================================
 // gemm (weight-only, fp32): the strip of 64 channels is decoded into panel[k][64] = w_hat, then

@@ -44,31 +44,6 @@ void for_row_tiles(int64_t m0, int64_t m1, F&& f) {
   }
 }
 
-// The rowdot blocking, shared by the ISA paths: output channels [n0, n1) for every row of x, in
-// blocks of MB <= 4 rows x NB channels (4 for a single row, else 2; then single channels).
-// Blocks::block<NB, MB>(j, kind, n, m) computes one block; kind = Blocks::kind(j) (which
-// row-dot kernel the weight format takes), computed once per row block.
-template <class Blocks, int MB>
-void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
-  constexpr int NB = MB == 1 ? 4 : 2;
-  const int kind = Blocks::kind(j);
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) Blocks::template block<NB, MB>(j, kind, n, m);
-  for (; n < n1; ++n) Blocks::template block<1, MB>(j, kind, n, m);
-}
-
-template <class Blocks>
-void rowdot_blocks(const RowdotJob& j, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= j.M; m += 4) rowdot_rows<Blocks, 4>(j, n0, n1, m);
-  switch (j.M - m) {
-    case 3: rowdot_rows<Blocks, 3>(j, n0, n1, m); break;
-    case 2: rowdot_rows<Blocks, 2>(j, n0, n1, m); break;
-    case 1: rowdot_rows<Blocks, 1>(j, n0, n1, m); break;
-    default: break;
-  }
-}
-
 }  // namespace
 }  // namespace qmm
 }  // namespace cpu
