@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -361,8 +361,11 @@ def _backward(ctx, grad_out, grad_lse, _grad_scores):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_attention(q, k, v, *, key_bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                        causal=False, scale=None, scores=None):
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_bias: Optional[Tensor] = None,
+                        cu_seqlens_q: Optional[Tensor] = None,
+                        cu_seqlens_k: Optional[Tensor] = None, causal: bool = False,
+                        scale: Optional[float] = None, scores: Optional[str] = None
+                        ) -> Tuple[Tensor, ...]:
     """Differentiable reference on the public layouts: returns ``(out, lse)`` (and scores when
     asked, as a third element). Used by the backward pass and by tests as the oracle."""
     varlen = cu_seqlens_q is not None
@@ -403,7 +406,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
               cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
               max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
               scores: Optional[str] = None, return_lse: bool = False,
-              backend: Optional[str] = None):
+              backend: Optional[str] = None) -> Union[Tensor, AttentionOutput]:
     """Fused scaled-dot-product attention with per-key bias, varlen, GQA and per-key scores.
 
     Dense layout (like ``F.scaled_dot_product_attention``): q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``,
