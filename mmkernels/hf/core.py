@@ -43,9 +43,11 @@ class PatchReport:
     fastv: Any = None                  # mmkernels.hf.fastv._Run when reduce is fastv
 
     def patched(self, kind: Optional[str] = None) -> List[Row]:
+        """The rows of modules served by mmkernels (of one ``kind`` when given)."""
         return [r for r in self.rows if r.action != "left" and kind in (None, r.kind)]
 
     def left(self, kind: Optional[str] = None) -> List[Row]:
+        """The rows of modules left alone, each with its reason (of one ``kind`` when given)."""
         return [r for r in self.rows if r.action == "left" and kind in (None, r.kind)]
 
     def runtime(self) -> Dict[str, Tuple[int, Dict[str, int]]]:
@@ -128,6 +130,7 @@ def _model_type(model: nn.Module) -> str:
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is currently patched by :func:`patch`."""
     return model in _RECORDS
 
 
