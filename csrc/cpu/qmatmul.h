@@ -5,7 +5,7 @@
 //
 // Three kinds of kernels:
 //  * rowdot   weight-only, small M (decode): reads the canonical weight layout of
-//             mmkernels/quant/format.py row by row (no repacking); each output channel's weights
+//             mmkernels/quant/packing.py row by row (no repacking); each output channel's weights
 //             are decoded once per block of up to 4 activation rows and dotted with them.
 //  * gemm     weight-only, larger M: a strip of 64 output channels of a prepacked weight is
 //             decoded block by block (KC input features) into an L2-resident panel, then a
@@ -27,7 +27,7 @@ enum Dtype : int { kF32 = 0, kBF16 = 1 };
 // Output channels per strip of both prepacked layouts (4 AVX-512 vectors of fp32 / int32).
 constexpr int kStrip = 64;
 
-// ---- canonical weight (mmkernels/quant/format.py) ---------------------------------------------
+// ---- canonical weight (mmkernels/quant/packing.py) ---------------------------------------------
 // q: int8 (N, K) / uint8 (N, K) / packed int4 uint8 (N, K/2), rows contiguous. scales (N, G)
 // float32; zeros (N, G) uint8 or nullptr (symmetric). gs = K / G (group size; K if per channel).
 struct QWeight {

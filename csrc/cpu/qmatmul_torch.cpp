@@ -2,7 +2,7 @@
 // layouts), activation staging, per-thread scratch and the work split over OpenMP threads, then
 // the kernels of the selected path (qmatmul.h); registered as mmkernels_C::qmatmul_* (schemas in
 // csrc/ops.cpp). Semantics: mmkernels/quant/reference.py; weight buffers:
-// mmkernels/quant/format.py.
+// mmkernels/quant/packing.py.
 //
 // Which kernel runs (weight-only):
 //   * no prepacked weight given (the Python glue passes one only for M >= its GEMM threshold):

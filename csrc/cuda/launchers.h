@@ -36,7 +36,7 @@ cudaError_t merge_attention_states(
 //               + bias[n]
 //
 // qweight: (n, k/2) uint8, contiguous, element 2j in the low nibble of byte j (the format of
-// mmkernels/quant/format.py): two's-complement nibbles when zeros == nullptr (symmetric), else
+// mmkernels/quant/packing.py): two's-complement nibbles when zeros == nullptr (symmetric), else
 // unsigned with zeros (n, k / group_size) uint8. scales: (n, k / group_size) float32, contiguous.
 // group_size: 32, 64, 128 or 0 (= k, per output channel). x: (batch, k) rows ldx elements apart,
 // contiguous along k; out: (batch, n) rows ldo apart; both `dtype` (kFloat16 / kBFloat16).

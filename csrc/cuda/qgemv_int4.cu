@@ -2,7 +2,7 @@
 //
 //   out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n],   g = k / group_size
 //
-// Storage (mmkernels/quant/format.py): qweight (N, K/2) uint8, element 2j in the LOW nibble of
+// Storage (mmkernels/quant/packing.py): qweight (N, K/2) uint8, element 2j in the LOW nibble of
 // byte j; symmetric values are two's-complement nibbles (zero point 0), asymmetric ones unsigned
 // with a uint8 zero point per group; scales float32 (N, G); group_size 32 / 64 / 128 or K.
 //
