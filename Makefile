@@ -1,6 +1,6 @@
 # Set-up and the two main commands, from a fresh machine with only Python:
 #   make test   create .venv if missing, install, run the test suite (what CI runs)
-#   make lint   ruff on the Python sources (CI runs it first)
+#   make lint   ruff (lint + format check) on the Python sources, clang-format on csrc (CI runs it first)
 #   make bench  same set-up, then the benchmark report for this machine (table, JSON, PNG, gates)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkernels-installed
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml requirements/dev.txt requirements/constraints.txt
 BENCH_OUT ?= bench/out
+CSRC_FORMAT := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
 .PHONY: install lint test bench compile-gate info clean
 
@@ -28,6 +29,8 @@ install: $(STAMP)
 # ruff (pycodestyle + pyflakes rules, pyproject [tool.ruff]); CI runs it before the tests.
 lint: $(STAMP)
 	$(PY) -m ruff check mmkernels models tests bench setup.py
+	$(PY) -m ruff format --check mmkernels models tests bench setup.py
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC_FORMAT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900

@@ -10,6 +10,7 @@ their own code to their instruction set with ``#pragma GCC target`` (``MMK_TARGE
 The CUDA extension ``mmkernels._cuda`` is built only when torch is a CUDA build and a CUDA toolkit
 is found; ``csrc/cuda/*.cu`` are also compiled stand-alone by the nvcc compile gate.
 """
+
 import glob
 import os
 
@@ -26,18 +27,34 @@ def _extensions():
     # slower at another offset).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-falign-functions=64"]
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
-    exts = [cpp_extension.CppExtension(
-        "mmkernels._C", sources, include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    exts = [
+        cpp_extension.CppExtension(
+            "mmkernels._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
 
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    if torch.version.cuda and cpp_extension.CUDA_HOME and cuda_sources \
-            and os.environ.get("MMKERNELS_NO_CUDA") != "1":
-        exts.append(cpp_extension.CUDAExtension(
-            "mmkernels._cuda", cuda_sources, include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
-                                         "-gencode=arch=compute_90a,code=sm_90a"]}))
+    if torch.version.cuda and cpp_extension.CUDA_HOME and cuda_sources and os.environ.get("MMKERNELS_NO_CUDA") != "1":
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "mmkernels._cuda",
+                cuda_sources,
+                include_dirs=[os.path.abspath("csrc")],
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++17"],
+                    "nvcc": [
+                        "-O3",
+                        "-std=c++17",
+                        "-gencode=arch=compute_80,code=sm_80",
+                        "-gencode=arch=compute_90a,code=sm_90a",
+                    ],
+                },
+            )
+        )
     return exts
 
 
@@ -46,6 +63,7 @@ def _build_ext_class():
 
     try:  # the pip package's ninja (a build requirement), also when the venv is not activated
         import ninja
+
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:  # a ninja on PATH, or torch falls back to compiling file by file
         pass

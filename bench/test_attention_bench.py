@@ -5,13 +5,13 @@
 Gates are not checked here (pytest-benchmark does not interleave contenders); use
 `mmkernels bench --gate`, which reads mmkernels/benchmarks/gates.toml.
 """
+
 import pytest
 
 from mmkernels.benchmarks.attention import all_cases
 
 CASES = all_cases(quick=False)
-PARAMS = [pytest.param(case, name, id=f"{case.id}:{name}")
-          for case in CASES for name in case.contenders]
+PARAMS = [pytest.param(case, name, id=f"{case.id}:{name}") for case in CASES for name in case.contenders]
 
 
 @pytest.mark.parametrize("case, contender", PARAMS)

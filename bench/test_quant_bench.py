@@ -5,6 +5,7 @@
 
 Gates are not checked here; use `mmkernels bench --family quant --gate`.
 """
+
 import pytest
 
 from mmkernels.benchmarks.quant import QUICK_SHAPES, SHAPES, qmatmul_case, FORMATS

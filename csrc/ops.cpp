@@ -37,21 +37,27 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
       "int scores_mode, Tensor(a!) out4, Tensor(b!)? lse3, Tensor(c!)? scores2) -> ()");
   m.def("cpu_isa() -> str", &isa_op<mmk::cpu::attention_cpu_isa>);
-  m.def("reduce_tome_plan(Tensor metric, int r, int protect_first) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("reduce_tome_merge(Tensor x, Tensor src_to_out, int n_out, Tensor size) "
-        "-> (Tensor, Tensor)");
+  m.def(
+      "reduce_tome_plan(Tensor metric, int r, int protect_first) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "reduce_tome_merge(Tensor x, Tensor src_to_out, int n_out, Tensor size) "
+      "-> (Tensor, Tensor)");
   m.def("reduce_gather_rows(Tensor x, Tensor idx) -> Tensor");
   m.def("reduce_select_tokens(Tensor scores, int k, int protect_first) -> Tensor");
   m.def("reduce_cpu_isa() -> str", &isa_op<mmk::cpu::reduce::reduce_cpu_isa>);
-  m.def("qmatmul_prepack_wo(Tensor qweight, Tensor scales, Tensor? zeros, int bits) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("qmatmul_prepack_a8(Tensor qweight, Tensor scales, Tensor? zeros) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("qmatmul_wo(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
-        "Tensor? bias, Tensor? smooth, Tensor? pw, Tensor? psT, Tensor? pzT, Tensor(a!) out) -> ()");
-  m.def("qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
-        "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
+  m.def(
+      "qmatmul_prepack_wo(Tensor qweight, Tensor scales, Tensor? zeros, int bits) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "qmatmul_prepack_a8(Tensor qweight, Tensor scales, Tensor? zeros) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "qmatmul_wo(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+      "Tensor? bias, Tensor? smooth, Tensor? pw, Tensor? psT, Tensor? pzT, Tensor(a!) out) -> ()");
+  m.def(
+      "qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+      "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
 }
 

@@ -7,6 +7,7 @@ Public API (flat): ``attention``, ``AttentionOutput``, the token-reduction primi
 (:mod:`mmkernels.compress`), ``patch`` for transformers models (:mod:`mmkernels.hf`); modules in
 ``mmkernels.nn``.
 """
+
 from ._dispatch import NoBackendError
 from ._version import __version__
 from .attention import AttentionOutput, attention, reference_attention
@@ -14,11 +15,31 @@ from .compress import export_onnx, load_quantized, quantize_model, save_quantize
 from .hf import PatchReport, patch, patched, unpatch
 from .quant import QuantizedWeight, qmatmul, quantize_weight
 from .quant.cpu import clear_caches
-from .reduce import (TomePlan, gather_tokens, select_tokens, tome_merge, tome_plan,
-                     tome_unmerge)
+from .reduce import TomePlan, gather_tokens, select_tokens, tome_merge, tome_plan, tome_unmerge
 
-__all__ = ["attention", "AttentionOutput", "reference_attention", "NoBackendError",
-           "tome_plan", "tome_merge", "tome_unmerge", "TomePlan", "select_tokens", "gather_tokens",
-           "qmatmul", "quantize_weight", "QuantizedWeight", "__version__",
-           "quantize_model", "tune_scales", "save_quantized", "load_quantized", "export_onnx",
-           "patch", "unpatch", "patched", "PatchReport", "clear_caches"]
+__all__ = [
+    "attention",
+    "AttentionOutput",
+    "reference_attention",
+    "NoBackendError",
+    "tome_plan",
+    "tome_merge",
+    "tome_unmerge",
+    "TomePlan",
+    "select_tokens",
+    "gather_tokens",
+    "qmatmul",
+    "quantize_weight",
+    "QuantizedWeight",
+    "__version__",
+    "quantize_model",
+    "tune_scales",
+    "save_quantized",
+    "load_quantized",
+    "export_onnx",
+    "patch",
+    "unpatch",
+    "patched",
+    "PatchReport",
+    "clear_caches",
+]

@@ -17,6 +17,7 @@ Selection order:
 When nothing can serve a call, :class:`NoBackendError` lists every backend with its reasons, in the
 spirit of xformers' "No operator found for ... because ..." message.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,8 +50,7 @@ class HeadDims:
         for label, attr in (("head dim D", "head_dim"), ("value head dim Dv", "head_dim_v")):
             d = getattr(call, attr, None)
             if d is not None and (d % self.multiple or not self.low <= d <= self.high):
-                out.append(f"{label}={d} is not a multiple of {self.multiple} in "
-                           f"[{self.low}, {self.high}]")
+                out.append(f"{label}={d} is not a multiple of {self.multiple} in [{self.low}, {self.high}]")
         return out
 
     def __str__(self) -> str:
@@ -70,8 +70,9 @@ _OPS: Dict[str, OpSpec] = {}
 _NO_FEATURES = OpSpec({})
 
 
-def define_op(op: str, features: Optional[Mapping[str, Callable[[Any], bool]]] = None,
-              dtype_label: str = "dtype") -> None:
+def define_op(
+    op: str, features: Optional[Mapping[str, Callable[[Any], bool]]] = None, dtype_label: str = "dtype"
+) -> None:
     """Declare ``op``'s optional features (e.g. attention's varlen, key_bias, scores ...)."""
     _OPS[op] = OpSpec(dict(features or {}), dtype_label)
     _SELECTED.clear()
@@ -98,17 +99,24 @@ class Backend:
     * ``devices_note`` / ``notes``: free text for ``mmkernels info --verbose`` (never a rule).
     """
 
-    def __init__(self, name: str, run: Any, *, devices: Optional[Sequence[str]] = ("cpu", "cuda"),
-                 auto_devices: Optional[Sequence[str]] = None,
-                 dtypes: Optional[Sequence[str]] = None,
-                 dtype_notes: Optional[Mapping[str, str]] = None,
-                 head_dims: Optional[HeadDims] = None,
-                 features: Optional[Iterable[str]] = None,
-                 feature_notes: Optional[Mapping[str, str]] = None,
-                 check: Optional[Callable[[Any], Iterable[str]]] = None,
-                 availability: Optional[Callable[[], Tuple[bool, str]]] = None,
-                 auto_rule: Optional[Callable[[Any], Tuple[bool, str]]] = None,
-                 devices_note: str = "", notes: str = ""):
+    def __init__(
+        self,
+        name: str,
+        run: Any,
+        *,
+        devices: Optional[Sequence[str]] = ("cpu", "cuda"),
+        auto_devices: Optional[Sequence[str]] = None,
+        dtypes: Optional[Sequence[str]] = None,
+        dtype_notes: Optional[Mapping[str, str]] = None,
+        head_dims: Optional[HeadDims] = None,
+        features: Optional[Iterable[str]] = None,
+        feature_notes: Optional[Mapping[str, str]] = None,
+        check: Optional[Callable[[Any], Iterable[str]]] = None,
+        availability: Optional[Callable[[], Tuple[bool, str]]] = None,
+        auto_rule: Optional[Callable[[Any], Tuple[bool, str]]] = None,
+        devices_note: str = "",
+        notes: str = "",
+    ):
         if name not in BACKEND_NAMES:
             raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
         self.name = name
@@ -118,8 +126,11 @@ class Backend:
         else:
             self.run = run
         self.devices = None if devices is None else tuple(devices)
-        self.auto_devices = tuple(auto_devices) if auto_devices is not None else (
-            self.devices if self.devices is not None else ("cpu", "cuda"))
+        self.auto_devices = (
+            tuple(auto_devices)
+            if auto_devices is not None
+            else (self.devices if self.devices is not None else ("cpu", "cuda"))
+        )
         self.dtypes = None if dtypes is None else tuple(dtypes)
         self.dtype_notes = dict(dtype_notes or {})
         self.head_dims = head_dims
@@ -130,7 +141,7 @@ class Backend:
         self.auto_rule = auto_rule
         self.devices_note = devices_note
         self.notes = notes
-        self.op: Optional[str] = None   # set by register()
+        self.op: Optional[str] = None  # set by register()
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, op={self.op!r})"
@@ -138,7 +149,7 @@ class Backend:
     def _resolve_and_run(self, *args, **kwargs):
         module, _, attr = self._run_spec.partition(":")
         fn = getattr(importlib.import_module(module), attr)
-        self.run = fn   # later calls go straight to the kernel's entry
+        self.run = fn  # later calls go straight to the kernel's entry
         return fn(*args, **kwargs)
 
     @property
@@ -153,10 +164,11 @@ class Backend:
             where = " or ".join(d.upper() if d in ("cpu", "cuda") else d for d in self.devices)
             reasons.append(f"runs {where} tensors only, got {device}")
         dtype = getattr(call, "dtype_name", None)
-        if dtype is not None and (self.dtypes is not None and dtype not in self.dtypes
-                                  or dtype in self.dtype_notes):
-            reasons.append(self.dtype_notes.get(dtype) or (
-                f"{self.spec.dtype_label} {dtype} not supported ({', '.join(self.dtypes)})"))
+        if dtype is not None and (self.dtypes is not None and dtype not in self.dtypes or dtype in self.dtype_notes):
+            reasons.append(
+                self.dtype_notes.get(dtype)
+                or (f"{self.spec.dtype_label} {dtype} not supported ({', '.join(self.dtypes)})")
+            )
         if self.head_dims is not None:
             reasons += self.head_dims.reasons(call)
         if self.features is not None:
@@ -166,7 +178,7 @@ class Backend:
         if self.check is not None:
             try:
                 reasons += list(self.check(call))
-            except ImportError:   # the module behind the hook is missing: availability says so
+            except ImportError:  # the module behind the hook is missing: availability says so
                 pass
         return reasons
 
@@ -200,18 +212,26 @@ class Backend:
         else:
             have = [f for f in all_features if f in self.features]
             lack = [f for f in all_features if f not in self.features]
-            features = ("all but " + ",".join(lack)) if len(lack) <= len(have) else (
-                ("only " + ",".join(have)) if have else "none")
+            features = (
+                ("all but " + ",".join(lack))
+                if len(lack) <= len(have)
+                else (("only " + ",".join(have)) if have else "none")
+            )
         notes = [self.notes] if self.notes else []
         if self.devices_note:
             notes.append(self.devices_note)
         notes += [f"{DTYPE_SHORT.get(d, d)}: {why}" for d, why in self.dtype_notes.items()]
         if self.auto_rule is not None:
-            notes.append("auto-selection: " + (getattr(self.auto_rule, "__doc__", "") or "rule")
-                         .strip().splitlines()[0])
-        return {"devices": devices, "dtypes": dtypes or "-",
-                "head dims": str(self.head_dims) if self.head_dims else "-",
-                "features": features, "notes": "; ".join(notes)}
+            notes.append(
+                "auto-selection: " + (getattr(self.auto_rule, "__doc__", "") or "rule").strip().splitlines()[0]
+            )
+        return {
+            "devices": devices,
+            "dtypes": dtypes or "-",
+            "head dims": str(self.head_dims) if self.head_dims else "-",
+            "features": features,
+            "notes": "; ".join(notes),
+        }
 
 
 _REGISTRY: Dict[str, List[Backend]] = {}
@@ -261,8 +281,7 @@ def _verdict(b: Backend, call: Any, device_type: Optional[str]) -> str:
     return "ok"
 
 
-def _format_reasons(header: str, call: Any, backends: Sequence[Backend],
-                    device_type: Optional[str] = None) -> str:
+def _format_reasons(header: str, call: Any, backends: Sequence[Backend], device_type: Optional[str] = None) -> str:
     lines = [f"{header} {call}:"]
     for b in backends:
         lines.append(f"  - {b.name}: " + _verdict(b, call, device_type))
@@ -273,15 +292,15 @@ def _format_reasons(header: str, call: Any, backends: Sequence[Backend],
 # os.environ's underlying dict when it has the POSIX layout (bytes keys): os.environ.get encodes
 # the key and decodes the value each time, ~3 us per variable, a visible share of a GEMV call.
 _ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_FAST = isinstance(_ENV_DATA, dict) and os.name == "posix" and all(
-    isinstance(k, bytes) for k in list(_ENV_DATA)[:1])
+_ENV_FAST = (
+    isinstance(_ENV_DATA, dict) and os.name == "posix" and all(isinstance(k, bytes) for k in list(_ENV_DATA)[:1])
+)
 
 
 def _env_overrides(op: str) -> tuple:
     """The raw values of ``MMKERNELS_<OP>_BACKEND`` and ``MMKERNELS_BACKEND`` (None if unset)."""
     if _ENV_FAST:
-        return (_ENV_DATA.get(b"MMKERNELS_" + op.upper().encode() + b"_BACKEND"),
-                _ENV_DATA.get(b"MMKERNELS_BACKEND"))
+        return (_ENV_DATA.get(b"MMKERNELS_" + op.upper().encode() + b"_BACKEND"), _ENV_DATA.get(b"MMKERNELS_BACKEND"))
     return (os.environ.get(f"MMKERNELS_{op.upper()}_BACKEND"), os.environ.get("MMKERNELS_BACKEND"))
 
 
@@ -325,27 +344,32 @@ def _select_uncached(op: str, call: Any, device_type: str, backend: Optional[str
     if name is not None:
         by_name = {b.name: b for b in backends}
         if name not in by_name:
-            raise ValueError(f"{source}: unknown backend {name!r} for {op}; "
-                             f"expected one of {sorted(by_name)} or 'auto'")
+            raise ValueError(
+                f"{source}: unknown backend {name!r} for {op}; expected one of {sorted(by_name)} or 'auto'"
+            )
         chosen = by_name[name]
         reasons = chosen.reasons(call)
         if reasons:
-            raise NoBackendError(f"{source} asked for backend {name!r}, which cannot run {call}: "
-                                 + "; ".join(reasons) + "\n"
-                                 + _format_reasons("Backends for", call, backends))
+            raise NoBackendError(
+                f"{source} asked for backend {name!r}, which cannot run {call}: "
+                + "; ".join(reasons)
+                + "\n"
+                + _format_reasons("Backends for", call, backends)
+            )
         return chosen
     for b in backends:
         if device_type in b.auto_devices and not b.reasons(call) and b.auto_verdict(call)[0]:
             # Warn when a faster backend exists but cannot serve this call (float64 is the
             # reference's own job: tests use it as the oracle).
             faster = [o for o in backends if o.name != "reference" and device_type in o.auto_devices]
-            if (b.name == "reference" and faster
-                    and getattr(call, "dtype_name", "") != "float64"):
+            if b.name == "reference" and faster and getattr(call, "dtype_name", "") != "float64":
                 key = (op, str(call))
                 if key not in _WARNED:
                     _WARNED.add(key)
-                    warnings.warn(_format_reasons("mmkernels falls back to the slow reference for",
-                                                  call, backends, device_type), stacklevel=4)
+                    warnings.warn(
+                        _format_reasons("mmkernels falls back to the slow reference for", call, backends, device_type),
+                        stacklevel=4,
+                    )
             return b
     raise NoBackendError(_format_reasons("No mmkernels backend can run", call, backends, device_type))
 

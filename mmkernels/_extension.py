@@ -12,6 +12,7 @@ it (an older .so) is reported as such::
 with AMX tiles, where torch's oneDNN paths are fast; "avx512" / "avx2" / "scalar" otherwise); the
 dispatcher's auto-selection rules read it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,7 +31,7 @@ class Extension:
         self._tried = False
         self._ops = None
         self._error = ""
-        self._has: Dict[str, str] = {}   # op name -> "" (present) or the reason it is missing
+        self._has: Dict[str, str] = {}  # op name -> "" (present) or the reason it is missing
 
     def _import(self) -> None:
         self._tried = True
@@ -64,7 +65,7 @@ class Extension:
 
     def require(self, required: str):
         """``torch.ops.<namespace>``; RuntimeError with the reason when ``required`` is missing."""
-        if self._has.get(required) == "":   # the common case, on every kernel call
+        if self._has.get(required) == "":  # the common case, on every kernel call
             return self._ops
         ok, why = self.availability(required)
         if not ok:

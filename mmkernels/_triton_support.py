@@ -1,4 +1,5 @@
 """Triton, when it can be imported, and the mode helpers every Triton backend shares."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """``mmkernels info | bench | compile-gate``."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from pathlib import Path
 
 def cpu_isa() -> str:
     from .attention import cpu
+
     return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
 
 
@@ -21,6 +23,7 @@ def capability_lines(verbose: bool = False) -> list:
     import textwrap
 
     from . import _dispatch
+
     rows = _dispatch.capability_table()
     lines, unavailable = [], {}
     by_op = {}
@@ -49,8 +52,9 @@ def capability_lines(verbose: bool = False) -> list:
     if unavailable:
         lines.append("unavailable:")
         for why, where in unavailable.items():
-            lines += textwrap.wrap(f"{', '.join(where)}: {why}", width=INFO_WIDTH,
-                                   initial_indent="  ", subsequent_indent="    ")
+            lines += textwrap.wrap(
+                f"{', '.join(where)}: {why}", width=INFO_WIDTH, initial_indent="  ", subsequent_indent="    "
+            )
     return lines
 
 
@@ -60,14 +64,34 @@ def _representative_calls() -> list:
     from .quant.api import QMatmulCall
 
     def attn(dtype, causal=False):
-        return AttentionCall(device_type="cpu", dtype_name=dtype, head_dim=64, head_dim_v=64,
-                             num_heads_q=12, num_heads_kv=12, varlen=False, causal=causal,
-                             has_bias=False, scores=None, return_lse=False)
+        return AttentionCall(
+            device_type="cpu",
+            dtype_name=dtype,
+            head_dim=64,
+            head_dim_v=64,
+            num_heads_q=12,
+            num_heads_kv=12,
+            varlen=False,
+            causal=causal,
+            has_bias=False,
+            scores=None,
+            return_lse=False,
+        )
+
     calls = [("attention", attn(d)) for d in ("float32", "bfloat16", "float16")]
     calls.append(("attention", attn("bfloat16", causal=True)))
+
     def qmm(dtype, bits, group_size, symmetric, act_bits):
-        return QMatmulCall(device_type="cpu", dtype_name=dtype, bits=bits, group_size=group_size,
-                           symmetric=symmetric, act_bits=act_bits, smooth=False)
+        return QMatmulCall(
+            device_type="cpu",
+            dtype_name=dtype,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            act_bits=act_bits,
+            smooth=False,
+        )
+
     calls += [("qmatmul", qmm(d, 8, 0, True, 8)) for d in ("float32", "float16")]
     calls.append(("qmatmul", qmm("bfloat16", 4, 128, False, 0)))
     return calls
@@ -80,20 +104,26 @@ def choice_lines() -> list:
     import textwrap
 
     from . import _dispatch, _extension
+
     lines = [f"auto-selection on this machine (CPU class {_extension.cpu_class()}):"]
     for op, call in _representative_calls():
         chosen, trail = _dispatch.auto_choice(op, call, "cpu")
         lines.append(f"  {call} -> {chosen.name if chosen else 'none'}")
         auto_here = {b.name for b in _dispatch.backends_for(op) if "cpu" in b.auto_devices}
-        for name, verdict in trail:       # the backends ahead of the choice: why not them
+        for name, verdict in trail:  # the backends ahead of the choice: why not them
             if chosen is not None and name == chosen.name:
                 break
             if name in auto_here:
-                lines += textwrap.wrap(f"not {name}: {verdict}", width=INFO_WIDTH,
-                                       initial_indent="      ", subsequent_indent="        ")
+                lines += textwrap.wrap(
+                    f"not {name}: {verdict}", width=INFO_WIDTH, initial_indent="      ", subsequent_indent="        "
+                )
         if chosen is not None and chosen.auto_rule is not None:
-            lines += textwrap.wrap(f"why: {chosen.auto_verdict(call)[1]}", width=INFO_WIDTH,
-                                   initial_indent="      ", subsequent_indent="        ")
+            lines += textwrap.wrap(
+                f"why: {chosen.auto_verdict(call)[1]}",
+                width=INFO_WIDTH,
+                initial_indent="      ",
+                subsequent_indent="        ",
+            )
     return lines
 
 
@@ -104,18 +134,20 @@ def info(verbose: bool = False) -> int:
 
     from . import __version__, _extension
     from .attention import cpu
+
     print(f"mmkernels {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}"
-          f" (CUDA {torch.version.cuda or 'none'})")
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     try:
         import triton
+
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    print(f"C++ extension mmkernels._C: {'built' if cpu.is_available() else 'NOT built'}"
-          + ("" if cpu.is_available() else f" ({cpu.LOAD_ERROR})"))
-    print(f"CPU SIMD path: {cpu_isa()}; CPU class: {_extension.cpu_class()}; "
-          f"threads: {torch.get_num_threads()}")
+    print(
+        f"C++ extension mmkernels._C: {'built' if cpu.is_available() else 'NOT built'}"
+        + ("" if cpu.is_available() else f" ({cpu.LOAD_ERROR})")
+    )
+    print(f"CPU SIMD path: {cpu_isa()}; CPU class: {_extension.cpu_class()}; threads: {torch.get_num_threads()}")
     print(f"CUDA GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print()
     print("\n".join(capability_lines(verbose)))
@@ -132,13 +164,16 @@ def bench(args) -> int:
     from .benchmarks import quant as quant_cases
     from .benchmarks import reduce as reduce_cases
     from .benchmarks import report
-    families = {"attention": attention_cases.all_cases, "reduce": reduce_cases.all_cases,
-                "quant": quant_cases.all_cases, "models": models_cases.all_cases}
-    chosen = families if args.family == "all" else {
-        k: v for k, v in families.items() if k == args.family}
+
+    families = {
+        "attention": attention_cases.all_cases,
+        "reduce": reduce_cases.all_cases,
+        "quant": quant_cases.all_cases,
+        "models": models_cases.all_cases,
+    }
+    chosen = families if args.family == "all" else {k: v for k, v in families.items() if k == args.family}
     if args.gate and args.quick:
-        print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to",
-              file=sys.stderr)
+        print("--gate needs the full cases; --quick runs tiny shapes that gates do not apply to", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,6 +217,7 @@ def _fidelity(args) -> list:
     import json
 
     from .benchmarks import fidelity, report
+
     print("[fidelity]")
     rows = fidelity.run(only=args.only)
     if not rows:
@@ -193,8 +229,9 @@ def _fidelity(args) -> list:
     print(table)
     print()
     (out / "fidelity.md").write_text(f"Machine: {report.machine_description()}\n\n{table}\n")
-    (out / "fidelity.json").write_text(json.dumps(
-        {"machine": report.machine_description(), "rows": fidelity.as_json(rows)}, indent=2))
+    (out / "fidelity.json").write_text(
+        json.dumps({"machine": report.machine_description(), "rows": fidelity.as_json(rows)}, indent=2)
+    )
     return [out / "fidelity.md", out / "fidelity.json"]
 
 
@@ -208,16 +245,20 @@ def main(argv=None) -> int:
     b.add_argument("--gates", type=Path, default=None, help="gates file (default: the packaged one)")
     b.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not for gates")
     b.add_argument("--only", default=None, help="run only cases whose id contains this text")
-    b.add_argument("--family", default="all", choices=["all", "attention", "reduce", "quant",
-                                                        "models", "fidelity"],
-                   help="kernel family to benchmark (models: patched HF models vs unpatched, "
-                        "speed and fidelity, minutes long; fidelity: the whole-model accuracy "
-                        "report, minutes long; not with --quick)")
+    b.add_argument(
+        "--family",
+        default="all",
+        choices=["all", "attention", "reduce", "quant", "models", "fidelity"],
+        help="kernel family to benchmark (models: patched HF models vs unpatched, "
+        "speed and fidelity, minutes long; fidelity: the whole-model accuracy "
+        "report, minutes long; not with --quick)",
+    )
     b.add_argument("--out", default="bench/out", help="directory for table, JSON and PNG")
     b.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case")
     b.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads")
     sub.add_parser("compile-gate", help="AOT-compile Triton configs and csrc/cuda for sm_80/sm_90")
     from . import quantize_cli
+
     quantize_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -227,6 +268,7 @@ def main(argv=None) -> int:
     if args.command == "quantize":
         return quantize_cli.run(args)
     from .compile_gate import run_gate
+
     return 0 if run_gate(verbose=True) else 1
 
 

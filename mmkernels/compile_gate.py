@@ -23,6 +23,7 @@ missing tensor-core instruction in a kernel whose dots must use them (fp16 / bf1
 fp8). Compiles run in two worker processes (fresh interpreters without ``TRITON_INTERPRET``, so
 kernels compile rather than interpret).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,14 @@ from typing import Dict, List, Optional
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The CUDA sources: csrc/ of a checkout, or the copy an installed wheel carries (mmkernels/_csrc,
 # written by setup.py's build_py).
-CSRC_DIR = next((d for d in (os.path.join(REPO_ROOT, "csrc"),
-                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "_csrc"))
-                 if os.path.isdir(os.path.join(d, "cuda"))), os.path.join(REPO_ROOT, "csrc"))
+CSRC_DIR = next(
+    (
+        d
+        for d in (os.path.join(REPO_ROOT, "csrc"), os.path.join(os.path.dirname(os.path.abspath(__file__)), "_csrc"))
+        if os.path.isdir(os.path.join(d, "cuda"))
+    ),
+    os.path.join(REPO_ROOT, "csrc"),
+)
 CUDA_SRC_DIR = os.path.join(CSRC_DIR, "cuda")
 NVCC_ARCHES = {80: ["-arch=sm_80"], 90: ["-gencode", "arch=compute_90a,code=sm_90a"]}
 # Largest dynamic shared memory one block may use (opt-in), bytes.
@@ -59,10 +65,10 @@ class GateResult:
     variant: str
     cc: int
     registers: Optional[int] = None
-    shared: Optional[int] = None      # bytes: metadata.shared (Triton) / static smem (nvcc)
-    spill: Optional[int] = None       # bytes: STACK + LOCAL (Triton) / spill stores + loads (nvcc)
+    shared: Optional[int] = None  # bytes: metadata.shared (Triton) / static smem (nvcc)
+    spill: Optional[int] = None  # bytes: STACK + LOCAL (Triton) / spill stores + loads (nvcc)
     tensor_cores: Optional[str] = None  # "HMMA" / "HGMMA" / "no" / "-" (not required)
-    status: str = "ok"                # ok | FAIL | SKIPPED
+    status: str = "ok"  # ok | FAIL | SKIPPED
     detail: str = ""
     seconds: float = 0.0
     extra: Dict[str, object] = field(default_factory=dict)
@@ -82,8 +88,9 @@ def parse_resource_usage(text: str) -> Dict[str, Dict[str, int]]:
     """``cuobjdump --dump-resource-usage`` -> {function: {reg, stack, shared, local}}."""
     out = {}
     for m in _RES_RE.finditer(text):
-        out[m.group(1)] = dict(reg=int(m.group(2)), stack=int(m.group(3)), shared=int(m.group(4)),
-                               local=int(m.group(5)))
+        out[m.group(1)] = dict(
+            reg=int(m.group(2)), stack=int(m.group(3)), shared=int(m.group(4)), local=int(m.group(5))
+        )
     return out
 
 
@@ -126,8 +133,9 @@ def parse_ptxas_verbose(text: str) -> List[Dict[str, object]]:
     for line in text.splitlines():
         m = _PTXAS_FN_RE.search(line)
         if m:
-            cur = dict(function=m.group(1), arch=m.group(2), registers=None, smem=0, stack=0,
-                       spill_stores=0, spill_loads=0)
+            cur = dict(
+                function=m.group(1), arch=m.group(2), registers=None, smem=0, stack=0, spill_stores=0, spill_loads=0
+            )
             funcs.append(cur)
             continue
         if cur is None:
@@ -158,8 +166,7 @@ def _triton_bin(name: str) -> str:
 
 
 # Modules whose ``compile_targets(capabilities)`` list the Triton kernel variants to build.
-TRITON_TARGET_MODULES = ("mmkernels.attention.triton", "mmkernels.reduce.triton",
-                         "mmkernels.quant.triton")
+TRITON_TARGET_MODULES = ("mmkernels.attention.triton", "mmkernels.reduce.triton", "mmkernels.quant.triton")
 
 
 def collect_triton_targets(capabilities=(80, 90)) -> list:
@@ -178,22 +185,28 @@ def compile_triton_target(target, workdir: str) -> GateResult:
     from triton.backends.compiler import GPUTarget
 
     short = target.kernel.strip("_").replace("attn_", "").replace("_kernel", "")
-    label = getattr(target, "label", "") or (f"{target.dtype} {target.variant} "
-                                             f"{target.constexprs['BLOCK_M']}x{target.constexprs['BLOCK_N']}"
-                                             f" w{target.num_warps}s{target.num_stages}")
+    label = getattr(target, "label", "") or (
+        f"{target.dtype} {target.variant} "
+        f"{target.constexprs['BLOCK_M']}x{target.constexprs['BLOCK_N']}"
+        f" w{target.num_warps}s{target.num_stages}"
+    )
     res = GateResult(kernel=short, variant=label, cc=target.capability)
     t0 = time.time()
     try:
         src = triton.compiler.ASTSource(target.resolve(), target.signature, target.constexprs, target.attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", target.capability, 32),
-                                  options=dict(num_warps=target.num_warps, num_stages=target.num_stages))
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", target.capability, 32),
+            options=dict(num_warps=target.num_warps, num_stages=target.num_stages),
+        )
     except Exception as exc:  # a compile error fails the gate
         res.status, res.detail = "FAIL", f"compile error: {type(exc).__name__}: {str(exc)[-400:]}"
         res.seconds = time.time() - t0
         return res
     res.seconds = time.time() - t0
-    cubin = os.path.join(workdir, f"{target.kernel}_{target.dtype}_{target.variant}_sm{target.capability}"
-                         f"_{os.getpid()}.cubin")
+    cubin = os.path.join(
+        workdir, f"{target.kernel}_{target.dtype}_{target.variant}_sm{target.capability}_{os.getpid()}.cubin"
+    )
     with open(cubin, "wb") as f:
         f.write(compiled.asm["cubin"])
     cuobjdump = _triton_bin("cuobjdump")
@@ -218,8 +231,10 @@ def compile_triton_target(target, workdir: str) -> GateResult:
     if res.shared > SMEM_LIMIT[target.capability]:
         problems.append(f"shared memory {res.shared} B > {SMEM_LIMIT[target.capability]} B")
     if target.needs_tensor_cores and not found & set(wanted):
-        problems.append(f"no tensor-core instruction ({' / '.join(wanted)}) in a dot kernel "
-                        f"(found: {', '.join(sorted(found)) or 'none'})")
+        problems.append(
+            f"no tensor-core instruction ({' / '.join(wanted)}) in a dot kernel "
+            f"(found: {', '.join(sorted(found)) or 'none'})"
+        )
     if problems:
         res.status, res.detail = "FAIL", "; ".join(problems)
     return res
@@ -247,12 +262,19 @@ def _run_triton_chunk(targets, workdir: str, index: int) -> List[GateResult]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "mmkernels.compile_gate", "--worker", in_path, out_path],
-                          capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmkernels.compile_gate", "--worker", in_path, out_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
     if proc.returncode != 0 or not os.path.exists(out_path):
         detail = f"worker crashed (rc {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-600:]}"
-        return [GateResult(kernel=t.kernel, variant=f"{t.dtype} {t.variant}", cc=t.capability,
-                           status="FAIL", detail=detail) for t in targets]
+        return [
+            GateResult(kernel=t.kernel, variant=f"{t.dtype} {t.variant}", cc=t.capability, status="FAIL", detail=detail)
+            for t in targets
+        ]
     with open(out_path, "rb") as f:
         return [GateResult(**r) for r in pickle.load(f)]
 
@@ -272,8 +294,24 @@ def compile_cuda_source(path: str, cc: int, workdir: str, nvcc: Optional[str] = 
         res.status, res.detail = "SKIPPED", "nvcc not on PATH"
         return res
     obj = os.path.join(workdir, f"{name}.sm{cc}.o")
-    cmd = [nvcc, "-c", "-O3", "-std=c++17", *NVCC_ARCHES[cc], "-Xptxas", "-v", "-Werror", "all-warnings",
-           "-Xcompiler", "-Wall", "-I", CSRC_DIR, path, "-o", obj]
+    cmd = [
+        nvcc,
+        "-c",
+        "-O3",
+        "-std=c++17",
+        *NVCC_ARCHES[cc],
+        "-Xptxas",
+        "-v",
+        "-Werror",
+        "all-warnings",
+        "-Xcompiler",
+        "-Wall",
+        "-I",
+        CSRC_DIR,
+        path,
+        "-o",
+        obj,
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     res.seconds = time.time() - t0
@@ -305,10 +343,19 @@ def format_table(results: List[GateResult]) -> str:
     head = ("kernel", "variant", "cc", "regs", "smem B", "spill B", "tensor cores", "status", "s")
     rows = [head]
     for r in results:
-        rows.append((r.kernel, r.variant, f"sm_{r.cc}", "-" if r.registers is None else str(r.registers),
-                     "-" if r.shared is None else str(r.shared), "-" if r.spill is None else str(r.spill),
-                     r.tensor_cores or "-", r.status + (f": {r.detail}" if r.detail else ""),
-                     f"{r.seconds:.1f}"))
+        rows.append(
+            (
+                r.kernel,
+                r.variant,
+                f"sm_{r.cc}",
+                "-" if r.registers is None else str(r.registers),
+                "-" if r.shared is None else str(r.shared),
+                "-" if r.spill is None else str(r.spill),
+                r.tensor_cores or "-",
+                r.status + (f": {r.detail}" if r.detail else ""),
+                f"{r.seconds:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows[:]) if i != 7 else len(head[7]) for i in range(len(head))]
     lines = []
     for row in rows:
@@ -318,13 +365,13 @@ def format_table(results: List[GateResult]) -> str:
     return "\n".join(lines)
 
 
-def run_gate(verbose: bool = True, capabilities=(80, 90), workers: int = WORKERS,
-             triton_targets=None) -> bool:
+def run_gate(verbose: bool = True, capabilities=(80, 90), workers: int = WORKERS, triton_targets=None) -> bool:
     """Compile everything; print the table when verbose; True when nothing failed."""
     t0 = time.time()
     results: List[GateResult] = []
     try:
         import triton  # noqa: F401
+
         have_triton = True
     except Exception as exc:  # pragma: no cover
         have_triton = False
@@ -340,8 +387,7 @@ def run_gate(verbose: bool = True, capabilities=(80, 90), workers: int = WORKERS
                     triton_targets = collect_triton_targets(capabilities)
                 # heaviest first so the two shares finish together (the attention kernels, by head dim)
                 order = sorted(triton_targets, key=lambda t: -t.constexprs.get("BLOCK_D", 0))
-                futures += [threads.submit(_run_triton_chunk, order[i::workers], workdir, i)
-                            for i in range(workers)]
+                futures += [threads.submit(_run_triton_chunk, order[i::workers], workdir, i) for i in range(workers)]
             nvcc = shutil.which("nvcc")
             for src in nvcc_sources():
                 for cc in capabilities:
@@ -356,8 +402,10 @@ def run_gate(verbose: bool = True, capabilities=(80, 90), workers: int = WORKERS
     skipped = [r for r in results if r.status == "SKIPPED"]
     if verbose:
         print(format_table(results))
-        print(f"\n{len(results)} builds: {len(results) - len(failed) - len(skipped)} ok, {len(failed)} failed, "
-              f"{len(skipped)} skipped in {time.time() - t0:.0f} s")
+        print(
+            f"\n{len(results)} builds: {len(results) - len(failed) - len(skipped)} ok, {len(failed)} failed, "
+            f"{len(skipped)} skipped in {time.time() - t0:.0f} s"
+        )
         for r in skipped:
             print(f"SKIPPED (not passed): {r.kernel} sm_{r.cc}: {r.detail}")
         print("compile gate:", "FAIL" if failed else "PASS")

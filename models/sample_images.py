@@ -4,6 +4,7 @@ Sources, in this order, each skipped when absent: scikit-image's bundled samples
 ``grace_hopper.jpg``, scikit-learn's ``load_sample_images()`` (china, flower). Nothing is
 downloaded: scikit-image samples that need ``pooch`` are not listed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,18 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 # Bundled in scikit-image's wheel (gray ones become RGB); order: most "natural photo" first.
-SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field",
-                   "immunohistochemistry", "coins", "retina", "colorwheel")
+SKIMAGE_SAMPLES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "retina",
+    "colorwheel",
+)
 
 
 def _rgb(array) -> Optional[np.ndarray]:
@@ -32,6 +43,7 @@ def _skimage() -> Iterator[Tuple[str, Callable]]:
     if importlib.util.find_spec("skimage") is None:
         return
     from skimage import data
+
     for name in SKIMAGE_SAMPLES:
         if hasattr(data, name):
             yield f"skimage.{name}", getattr(data, name)
@@ -41,12 +53,16 @@ def _grace_hopper() -> Iterator[Tuple[str, Callable]]:
     if importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("PIL") is None:
         return
     import matplotlib
+
     path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
     if os.path.isfile(path):
+
         def load():
             from PIL import Image
+
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"))
+
         yield "matplotlib.grace_hopper", load
 
 
@@ -54,6 +70,7 @@ def _sklearn() -> Iterator[Tuple[str, Callable]]:
     if importlib.util.find_spec("sklearn") is None:
         return
     from sklearn.datasets import load_sample_images
+
     try:
         bunch = load_sample_images()
     except Exception:  # files missing from the install

@@ -17,6 +17,7 @@ Where this differs from HF transformers' ``Dinov2Model`` (and why):
   ``(H // patch, W // patch)``, CLS position kept as is).
 * No mask token, dropout or drop-path: this model is for inference.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -34,8 +35,7 @@ def _pair(v: Size2) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
-                          new_grid: Tuple[int, int]) -> Tensor:
+def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int], new_grid: Tuple[int, int]) -> Tensor:
     """Resize a ``(1, 1 + gh*gw, C)`` position table (CLS position first) to ``new_grid``.
 
     The patch part is viewed as a ``(gh, gw)`` image with C channels and resized with bicubic
@@ -47,8 +47,9 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: Tuple[int, int],
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]
     patch_pos = patch_pos.reshape(1, grid[0], grid[1], dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(new_grid), mode="bicubic",
-                              align_corners=False).to(pos_embed.dtype)
+    patch_pos = F.interpolate(patch_pos.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(
+        pos_embed.dtype
+    )
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
@@ -58,14 +59,21 @@ class Embeddings(nn.Module):
     so a border smaller than a patch is dropped), a CLS token in front, then position embeddings
     interpolated to the ``(H // p, W // p)`` grid."""
 
-    def __init__(self, img_size: Size2, patch_size: int, in_chans: int, embed_dim: int,
-                 pos_grid: Optional[Size2] = None, device=None, dtype=None):
+    def __init__(
+        self,
+        img_size: Size2,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        pos_grid: Optional[Size2] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.patch_size = patch_size
         h, w = _pair(img_size)
-        self.pos_grid = _pair(pos_grid) if pos_grid is not None else (h // patch_size,
-                                                                      w // patch_size)
+        self.pos_grid = _pair(pos_grid) if pos_grid is not None else (h // patch_size, w // patch_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size, **factory)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **factory))
         n_pos = 1 + self.pos_grid[0] * self.pos_grid[1]
@@ -90,8 +98,7 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_value: float = 1.0, device=None, dtype=None):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value), device=device,
-                                             dtype=dtype))
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value), device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
@@ -116,9 +123,20 @@ class Block(nn.Module):
     * :meth:`mlp_step`: ``x + ls2(mlp(norm2(x)))``
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 layer_scale: bool = True, layer_scale_init: float = 1.0, qkv_bias: bool = True,
-                 norm_eps: float = 1e-6, backend: Optional[str] = None, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        layer_scale: bool = True,
+        layer_scale_init: float = 1.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **factory)
@@ -128,8 +146,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **factory)
         self.ls2 = LayerScale(dim, layer_scale_init, **factory) if layer_scale else nn.Identity()
 
-    def attention_step(self, x: Tensor, *, key_bias: Optional[Tensor] = None,
-                       scores: Optional[str] = None, return_keys: bool = False):
+    def attention_step(
+        self, x: Tensor, *, key_bias: Optional[Tensor] = None, scores: Optional[str] = None, return_keys: bool = False
+    ):
         """Attention with its residual. Returns x; ``(x, scores)`` when ``scores`` is given;
         ``(x, scores_or_None, keys)`` with ``return_keys=True`` (keys ``(B, H, L, D)``), the same
         convention as :class:`mmkernels.nn.Attention`. ``key_bias`` is passed through (e.g.
@@ -166,21 +185,43 @@ class VisionTransformer(nn.Module):
         tokens = model.norm(x)
     """
 
-    def __init__(self, img_size: Size2 = 224, patch_size: int = 16, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 layer_scale: bool = True, *, layer_scale_init: float = 1.0,
-                 qkv_bias: bool = True, norm_eps: float = 1e-6, in_chans: int = 3,
-                 pos_grid: Optional[Size2] = None, backend: Optional[str] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        img_size: Size2 = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        layer_scale: bool = True,
+        *,
+        layer_scale_init: float = 1.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
+        in_chans: int = 3,
+        pos_grid: Optional[Size2] = None,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.patch_size = embed_dim, num_heads, patch_size
         self.embed = Embeddings(img_size, patch_size, in_chans, embed_dim, pos_grid, **factory)
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, layer_scale=layer_scale,
-                  layer_scale_init=layer_scale_init, qkv_bias=qkv_bias, norm_eps=norm_eps,
-                  backend=backend, **factory)
-            for _ in range(depth))
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                layer_scale=layer_scale,
+                layer_scale_init=layer_scale_init,
+                qkv_bias=qkv_bias,
+                norm_eps=norm_eps,
+                backend=backend,
+                **factory,
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps, **factory)
 
     def forward_features(self, pixels: Tensor) -> Tensor:
@@ -199,4 +240,3 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             blk.attn.backend = backend
         return self
-

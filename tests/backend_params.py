@@ -1,5 +1,6 @@
 """The backends a family's tests run on, read from the dispatch registry (used by conftest's
 ``backend`` fixture; importable by a test that parametrises by hand, e.g. a hypothesis test)."""
+
 import importlib
 from typing import List, NamedTuple, Optional
 
@@ -18,17 +19,18 @@ FAMILY_OPS = {"attention": "attention", "reduce": "tome_plan", "quant": "qmatmul
 class BackendUnderTest(NamedTuple):
     """What the ``backend`` fixture yields: a registered backend's name (pass it as ``backend=``)
     and the device its inputs go on (``name, device = backend`` unpacks it)."""
+
     name: str
     device: str
 
 
 def _device(b) -> str:
-    devices = getattr(b, "devices", None)        # None: any device
+    devices = getattr(b, "devices", None)  # None: any device
     if devices is not None and "cpu" not in devices:
         return "cuda"
     if b.name != "reference" and torch.cuda.is_available() and (devices is None or "cuda" in devices):
         return "cuda"
-    return "cpu"                                 # triton without a GPU: the interpreter
+    return "cpu"  # triton without a GPU: the interpreter
 
 
 def cpu_isa_paths(family: str) -> List[str]:
@@ -49,8 +51,11 @@ def backend_cases(op: str, isa_family: Optional[str] = None) -> list:
         if ok and value.device == "cuda" and not torch.cuda.is_available():
             ok, why = False, "needs a CUDA GPU"
         if not ok:
-            params.append(pytest.param((value, None), id=b.name,
-                                       marks=pytest.mark.skip(reason=f"{b.name} backend unavailable: {why}")))
+            params.append(
+                pytest.param(
+                    (value, None), id=b.name, marks=pytest.mark.skip(reason=f"{b.name} backend unavailable: {why}")
+                )
+            )
         elif b.name == "cpu" and isa_family is not None:
             params += [pytest.param((value, isa), id=f"cpu-{isa}") for isa in cpu_isa_paths(isa_family)]
         else:

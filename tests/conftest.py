@@ -7,6 +7,7 @@
 * MMKERNELS_DEBUG_POISON=1 makes the op fill its outputs with NaN before the backend runs, so a
   backend that forgets to write an element fails the comparison.
 """
+
 import os
 from pathlib import Path
 
@@ -21,7 +22,6 @@ os.environ.pop("MMKERNELS_ATTENTION_BACKEND", None)
 
 import mmkernels  # noqa: E402,F401  (loads the extension after the environment is set)
 from backend_params import FAMILY_OPS, BackendUnderTest, backend_cases  # noqa: E402
-
 
 
 def _parametrized_by_the_test(metafunc, name: str) -> bool:

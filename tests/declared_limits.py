@@ -6,6 +6,7 @@ are never skipped this way: a refusal there stays a failure.
 
 Imported by the conftest.py of each family folder that has such a backend.
 """
+
 import pytest
 
 from mmkernels import _dispatch
@@ -15,9 +16,9 @@ NARROW_BACKENDS = ("torch",)
 
 def _backend_param(item):
     callspec = getattr(item, "callspec", None)
-    for value in (callspec.params.values() if callspec is not None else ()):
+    for value in callspec.params.values() if callspec is not None else ():
         head = value[0] if isinstance(value, tuple) and value else value
-        name = getattr(head, "name", head)                # BackendUnderTest or a plain name
+        name = getattr(head, "name", head)  # BackendUnderTest or a plain name
         if isinstance(name, str) and name in NARROW_BACKENDS:
             return name
     return None

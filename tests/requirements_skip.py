@@ -1,4 +1,5 @@
 """Skipping a test whose optional package (real weights, a peer, a runtime) is not installed."""
+
 import importlib.util
 
 import pytest

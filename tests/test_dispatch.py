@@ -1,5 +1,6 @@
 """Backend selection: priority, overrides (argument and environment), the 'why not' report derived
 from each backend's declarations, and the capability table built from the same data."""
+
 import pytest
 
 from mmkernels import _dispatch
@@ -22,12 +23,21 @@ OP = "toy_op_for_tests"
 def toy_op():
     _dispatch.define_op(OP, features={"varlen": lambda c: c.varlen, "scores": lambda c: c.scores})
     _dispatch.register(OP, _dispatch.Backend("cuda", lambda: "cuda", devices=("cuda",)))
-    _dispatch.register(OP, _dispatch.Backend(
-        "cpu", lambda: "cpu", devices=("cpu",), dtypes=("float32", "bfloat16"),
-        dtype_notes={"float16": "float16 has no fast path here"},
-        head_dims=_dispatch.HeadDims(8, 256, 8), features=("varlen",)))
-    _dispatch.register(OP, _dispatch.Backend(
-        "triton", lambda: "triton", availability=lambda: (False, "triton not installed")))
+    _dispatch.register(
+        OP,
+        _dispatch.Backend(
+            "cpu",
+            lambda: "cpu",
+            devices=("cpu",),
+            dtypes=("float32", "bfloat16"),
+            dtype_notes={"float16": "float16 has no fast path here"},
+            head_dims=_dispatch.HeadDims(8, 256, 8),
+            features=("varlen",),
+        ),
+    )
+    _dispatch.register(
+        OP, _dispatch.Backend("triton", lambda: "triton", availability=lambda: (False, "triton not installed"))
+    )
     _dispatch.register(OP, _dispatch.Backend("reference", lambda: "ref", devices=None))
     yield OP
     _dispatch._REGISTRY.pop(OP)
@@ -47,10 +57,13 @@ def test_priority_picks_first_capable(toy_op):
 def test_every_reason_is_returned(toy_op):
     """Device, dtype, head dim and feature reasons all come back, not only the first."""
     reasons = _backend(toy_op, "cpu").reasons(Call("float16", "cuda", head_dim=12, scores=True))
-    assert reasons == ["runs CPU tensors only, got cuda", "float16 has no fast path here",
-                       "head dim D=12 is not a multiple of 8 in [8, 256]",
-                       "value head dim Dv=12 is not a multiple of 8 in [8, 256]",
-                       "scores is not supported"]
+    assert reasons == [
+        "runs CPU tensors only, got cuda",
+        "float16 has no fast path here",
+        "head dim D=12 is not a multiple of 8 in [8, 256]",
+        "value head dim Dv=12 is not a multiple of 8 in [8, 256]",
+        "scores is not supported",
+    ]
     assert _backend(toy_op, "cpu").reasons(Call("float64"))[0] == "dtype float64 not supported (float32, bfloat16)"
     # availability first, then the call's own reasons
     assert _backend(toy_op, "triton").reasons(Call()) == ["triton not installed"]
@@ -74,6 +87,7 @@ def test_run_spec_is_imported_once_then_bound():
     b = _dispatch.Backend("reference", "math:sqrt")
     assert b.run(16.0) == 4.0
     import math
+
     assert b.run is math.sqrt
 
 
@@ -104,6 +118,7 @@ def test_argument_then_environment_override(toy_op, monkeypatch):
 def test_environment_override_read_on_every_call(toy_op):
     # Set and unset through os.environ directly (not monkeypatch): the fast read must see both.
     import os
+
     var = f"MMKERNELS_{toy_op.upper()}_BACKEND"
     assert _dispatch.select(toy_op, Call(), "cpu").name == "cpu"
     os.environ[var] = "reference"
@@ -126,19 +141,18 @@ def test_no_capable_backend_lists_each_with_all_reasons(toy_op):
     _dispatch.clear_selection_cache()
     with pytest.raises(_dispatch.NoBackendError, match=r"No mmkernels backend can run toy") as info:
         _dispatch.select(toy_op, Call("float64", head_dim=12), "cpu")
-    assert ("- cpu: dtype float64 not supported (float32, bfloat16); head dim D=12 is not a multiple"
-            in str(info.value))
+    assert "- cpu: dtype float64 not supported (float32, bfloat16); head dim D=12 is not a multiple" in str(info.value)
 
 
 def test_auto_rule_passes_a_capable_backend_over(toy_op):
     """An auto rule (e.g. 'torch only on AMX') steers auto-selection; explicit selection ignores it."""
+
     def rule(call):
         """only for bfloat16"""
         return call.dtype_name == "bfloat16", "toy rule: bfloat16 only"
 
-    _dispatch.register(toy_op, _dispatch.Backend("torch", lambda: "torch", devices=("cpu",),
-                                                 auto_rule=rule))
-    _dispatch._REGISTRY[toy_op].insert(0, _dispatch._REGISTRY[toy_op].pop())   # first in priority
+    _dispatch.register(toy_op, _dispatch.Backend("torch", lambda: "torch", devices=("cpu",), auto_rule=rule))
+    _dispatch._REGISTRY[toy_op].insert(0, _dispatch._REGISTRY[toy_op].pop())  # first in priority
     _dispatch.clear_selection_cache()
     assert _dispatch.select(toy_op, Call("bfloat16"), "cpu").name == "torch"
     assert _dispatch.select(toy_op, Call("float32"), "cpu").name == "cpu"
@@ -174,6 +188,7 @@ def test_reduce_cpu_declares_its_avx2_path():
 def test_one_extension_loader():
     from mmkernels import _extension
     from mmkernels.attention import backends as ab
+
     ok, why = _extension.CPU.availability("attention_fwd")
     assert ab.CPU.availability() == (ok, why)
     missing = _extension.CPU.availability("no_such_op_anywhere")

@@ -6,6 +6,7 @@ Every import statement of every module counts, including the ones inside functio
 it late to dodge the cycle" is still an upward import. Read from the source (AST), so the test needs
 no optional package and sees code paths that never run here.
 """
+
 import ast
 from pathlib import Path
 
@@ -15,14 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Rank of each top-level part of the package: a module may import parts of the same or a lower rank.
 RANKS = {
-    "_version": 0, "_extension": 0, "_triton_support": 0, "_dispatch": 0,
-    "attention": 1, "reduce": 1, "quant": 1,       # ops: api, reference, backends, kernels
-    "nn": 2,                                       # drop-in modules built on the ops
-    "compress": 3,                                 # calibration, GPTQ, quantize_model, checkpoints
-    "hf": 4, "models": 4,                          # transformers patching, the model layer
-    "(root)": 5,                                   # mmkernels/__init__: the flat public API
-    "benchmarks": 5, "compile_gate": 5,
-    "cli": 6, "quantize_cli": 6,
+    "_version": 0,
+    "_extension": 0,
+    "_triton_support": 0,
+    "_dispatch": 0,
+    "attention": 1,
+    "reduce": 1,
+    "quant": 1,  # ops: api, reference, backends, kernels
+    "nn": 2,  # drop-in modules built on the ops
+    "compress": 3,  # calibration, GPTQ, quantize_model, checkpoints
+    "hf": 4,
+    "models": 4,  # transformers patching, the model layer
+    "(root)": 5,  # mmkernels/__init__: the flat public API
+    "benchmarks": 5,
+    "compile_gate": 5,
+    "cli": 6,
+    "quantize_cli": 6,
 }
 LAYER_NAMES = {1: "op layer", 2: "nn", 3: "compress", 4: "hf / models", 5: "public API / benchmarks", 6: "cli"}
 
@@ -60,11 +69,11 @@ def _imports(path: Path):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
-            if source == "mmkernels":      # from mmkernels import nn / from .. import compress
+            if source == "mmkernels":  # from mmkernels import nn / from .. import compress
                 for alias in node.names:
                     target = f"mmkernels.{alias.name}"
                     yield node.lineno, target if _part(target) in RANKS else source
@@ -85,8 +94,10 @@ def _violations():
                 continue
             assert there in RANKS, f"{path}:{line} imports {target}: add {there!r} to RANKS"
             if RANKS[there] > rank:
-                found.append(f"{path.relative_to(REPO)}:{line}: {module} ({LAYER_NAMES.get(rank, rank)}) "
-                             f"imports {target} ({LAYER_NAMES.get(RANKS[there], RANKS[there])})")
+                found.append(
+                    f"{path.relative_to(REPO)}:{line}: {module} ({LAYER_NAMES.get(rank, rank)}) "
+                    f"imports {target} ({LAYER_NAMES.get(RANKS[there], RANKS[there])})"
+                )
     return found
 
 
@@ -100,9 +111,18 @@ def test_no_upward_imports():
     assert not violations, "upward imports:\n" + "\n".join(violations)
 
 
-@pytest.mark.parametrize("lower, upper", [("quant", "nn"), ("quant", "compress"), ("quant", "hf"),
-                                          ("quant", "benchmarks"), ("nn", "compress"),
-                                          ("compress", "hf"), ("benchmarks", "cli")])
+@pytest.mark.parametrize(
+    "lower, upper",
+    [
+        ("quant", "nn"),
+        ("quant", "compress"),
+        ("quant", "hf"),
+        ("quant", "benchmarks"),
+        ("nn", "compress"),
+        ("compress", "hf"),
+        ("benchmarks", "cli"),
+    ],
+)
 def test_named_rules(lower, upper):
     """The rules the issue names, spelled out (they follow from RANKS; this keeps them from being
     ranked away silently)."""
@@ -124,6 +144,10 @@ def test_the_checker_sees_late_and_relative_imports(tmp_path, monkeypatch):
 def test_no_import_order_hacks():
     """Package __init__ files import in one block: no ``noqa: E402`` (an import that must come
     late is a cycle waiting to happen)."""
-    hacks = [f"{p.relative_to(REPO)}:{i}" for p in _sources()
-             for i, line in enumerate(p.read_text().splitlines(), 1) if "noqa: E402" in line]
+    hacks = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in _sources()
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "noqa: E402" in line
+    ]
     assert not hacks, f"E402 suppressions: {hacks}"

@@ -1,5 +1,6 @@
 """Every public entry point (``mmkernels.__all__``, ``mmkernels.hf``) carries type hints and a
 docstring: the contract a user reads in their editor."""
+
 import inspect
 
 import pytest
@@ -31,11 +32,14 @@ def test_there_are_entry_points():
 def test_entry_point_has_hints_and_a_docstring(name):
     fn = ENTRY_POINTS[name]
     signature = inspect.signature(fn)
-    unhinted = [p.name for p in signature.parameters.values()
-                if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty
-                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unhinted = [
+        p.name
+        for p in signature.parameters.values()
+        if p.name not in ("self", "cls")
+        and p.annotation is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
     assert not unhinted, f"{name}: parameters without a type hint: {unhinted}"
     if fn.__name__ != "__init__":
-        assert signature.return_annotation is not inspect.Signature.empty, \
-            f"{name}: no return type hint"
+        assert signature.return_annotation is not inspect.Signature.empty, f"{name}: no return type hint"
         assert inspect.getdoc(fn), f"{name}: no docstring"

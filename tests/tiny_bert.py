@@ -1,5 +1,6 @@
 """A small three-block post-LN BERT encoder and correlated token inputs: the test model of the
 block-wise and end-to-end quantizers (tests/compress/test_signround.py, test_scale_tuning.py)."""
+
 import torch
 from torch import nn
 

@@ -29,9 +29,9 @@ int64_t round_up64(int64_t a, int64_t b) { return ceil_div64(a, b) * b; }
 const AttnImpl* impl_for(Isa isa, int dtype) {
   switch (isa) {
     case Isa::Avx512Bf16: return attn_impl_avx512(dtype, true);
-    case Isa::Avx512: return attn_impl_avx512(dtype, false);
-    case Isa::Avx2: return attn_impl_avx2(dtype);
-    default: return attn_impl_scalar(dtype);
+    case Isa::Avx512:     return attn_impl_avx512(dtype, false);
+    case Isa::Avx2:       return attn_impl_avx2(dtype);
+    default:              return attn_impl_scalar(dtype);
   }
 }
 
@@ -86,7 +86,8 @@ struct ArenaLease {
 
 // A NaN or +-inf in V (rare: run reported a non-finite output row, and the item was rerun on a
 // sanitised V): out[i, c] = NaN for every row i of the item that sees a key j with V[j, c]
-// non-finite (docs/nan_semantics.md). A key is seen unless causality excludes it or its bias is -inf.
+// non-finite (docs/nan_semantics.md). A key is seen unless causality excludes it or its bias is
+// -inf.
 float elem_f32(const void* base, int64_t off, int dtype) {
   if (dtype == kF32) return ((const float*)base)[off];
   const uint32_t u = (uint32_t)((const uint16_t*)base)[off] << 16;
@@ -98,7 +99,9 @@ float elem_f32(const void* base, int64_t off, int dtype) {
 void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it) {
   const int kvh = it.h / (p.Hq / p.Hkv);
   const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
-  auto bad = [&](int64_t j, int c) { return !std::isfinite(elem_f32(p.v, vbase + j * p.v_ss + c, p.dtype)); };
+  auto bad = [&](int64_t j, int c) {
+    return !std::isfinite(elem_f32(p.v, vbase + j * p.v_ss + c, p.dtype));
+  };
   std::vector<int64_t> keys;  // keys with a non-finite V value, ascending
   for (int64_t j = 0; j < s.Lk; ++j)
     for (int c = 0; c < p.Dv; ++c)
@@ -116,8 +119,10 @@ void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it)
       if (bias != nullptr && bias[j] == -INFINITY) continue;
       for (int c = 0; c < p.Dv; ++c) {
         if (!bad(j, c)) continue;
-        if (p.dtype == kF32) ((float*)p.out)[ooff + c] = NAN;
-        else ((uint16_t*)p.out)[ooff + c] = 0x7fc0;
+        if (p.dtype == kF32)
+          ((float*)p.out)[ooff + c] = NAN;
+        else
+          ((uint16_t*)p.out)[ooff + c] = 0x7fc0;
       }
     }
   }
@@ -132,7 +137,8 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const Isa isa = selected_isa(&err);
   if (err) return err;
   const AttnImpl* impl = impl_for(isa, p.dtype);
-  if (impl == nullptr) return "mmkernels: no CPU attention kernel in this build for the selected ISA";
+  if (impl == nullptr)
+    return "mmkernels: no CPU attention kernel in this build for the selected ISA";
   if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) return "mmkernels: Hq must be a multiple of Hkv";
 
   const int64_t nseq = p.nseq;
@@ -144,9 +150,11 @@ const char* attention_forward_cpu(const AttnParams& p) {
     if (varlen) {
       const int64_t q0 = p.cu_q[b], q1 = p.cu_q[b + 1], k0 = p.cu_k[b], k1 = p.cu_k[b + 1];
       if (q0 < 0 || q1 < q0 || q1 > p.Sq)
-        return "mmkernels: cu_seqlens_q must be non-decreasing, start >= 0 and end <= total query rows";
+        return "mmkernels: cu_seqlens_q must be non-decreasing, start >= 0 and end <= total query "
+               "rows";
       if (k0 < 0 || k1 < k0 || k1 > p.Sk)
-        return "mmkernels: cu_seqlens_k must be non-decreasing, start >= 0 and end <= total key rows";
+        return "mmkernels: cu_seqlens_k must be non-decreasing, start >= 0 and end <= total key "
+               "rows";
       s = AttnSeq{0, 0, q0, k0, q1 - q0, k1 - k0};
     } else {
       s = AttnSeq{b, b, 0, 0, p.Sq, p.Sk};
@@ -200,8 +208,10 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const int64_t ldp = round_up64(lk_max > 0 ? lk_max : 1, kBK) + kBK;
   const int64_t nkb = ceil_div64(ldp, kBK);
   int64_t npart = 0;
-  if (mode == 3) npart = nitems * ldp;
-  else if (mode == 1 || mode == 2) npart = nseq * Hq * ldp;
+  if (mode == 3)
+    npart = nitems * ldp;
+  else if (mode == 1 || mode == 2)
+    npart = nseq * Hq * ldp;
   const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
   const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
   const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
@@ -248,7 +258,6 @@ const char* attention_forward_cpu(const AttnParams& p) {
     }
   }
 
-
   // K/V of a (sequence, kv head) are packed by the first thread that needs them (0 = not packed,
   // 1 = being packed, 2 = ready): no separate packing pass, and the packed panels are still in
   // cache when the items that read them run.
@@ -275,12 +284,18 @@ const char* attention_forward_cpu(const AttnParams& p) {
     AttnScratch sc{};
     {
       float* cur = mem;
-      sc.S = cur; cur += round_up64(nS, 16);
-      sc.P = cur; cur += round_up64(nS, 16);
-      sc.O = cur; cur += round_up64(nO, 16);
-      sc.Qf = cur; cur += round_up64(nQ, 16);
-      sc.rowbuf = cur; cur += kRowBuf;
-      sc.keep = mode ? cur : nullptr; cur += round_up64(nKeep, 16);
+      sc.S = cur;
+      cur += round_up64(nS, 16);
+      sc.P = cur;
+      cur += round_up64(nS, 16);
+      sc.O = cur;
+      cur += round_up64(nO, 16);
+      sc.Qf = cur;
+      cur += round_up64(nQ, 16);
+      sc.rowbuf = cur;
+      cur += kRowBuf;
+      sc.keep = mode ? cur : nullptr;
+      cur += round_up64(nKeep, 16);
       sc.keep_m = mode ? cur : nullptr;
       sc.ldk = ldp;
       sc.nkb = nkb;

@@ -30,8 +30,8 @@ struct AttnParams {
   int64_t sc_sb = 0, sc_ss = 0;
   const int32_t* cu_q = nullptr;  // varlen when non-null (then cu_k too)
   const int32_t* cu_k = nullptr;
-  int64_t nseq = 0;               // number of sequences
-  int64_t Sq = 0, Sk = 0;         // dense lengths (per-sequence in dense mode)
+  int64_t nseq = 0;        // number of sequences
+  int64_t Sq = 0, Sk = 0;  // dense lengths (per-sequence in dense mode)
   int Hq = 0, Hkv = 0, D = 0, Dv = 0;
   bool causal = false;
   float scale = 1.f;
@@ -41,10 +41,10 @@ struct AttnParams {
 
 // One sequence's placement.
 struct AttnSeq {
-  int64_t bq;      // batch index into q/out/lse (0 in varlen mode)
-  int64_t bk;      // batch index into k/v/bias (0 in varlen mode)
-  int64_t q_begin; // first query row in the Sq axis
-  int64_t k_begin; // first key row in the Sk axis
+  int64_t bq;       // batch index into q/out/lse (0 in varlen mode)
+  int64_t bk;       // batch index into k/v/bias (0 in varlen mode)
+  int64_t q_begin;  // first query row in the Sq axis
+  int64_t k_begin;  // first key row in the Sk axis
   int64_t Lq, Lk;
 };
 
@@ -53,32 +53,33 @@ struct AttnItem {
   int64_t seq;
   int32_t h;
   int32_t q0, nq;
-  float* part;  // scores partial row for this item (mean mode) or for (seq, h) (cls/last); may be null
+  float*
+      part;  // scores partial row for this item (mean mode) or for (seq, h) (cls/last); may be null
 };
 
 // Per-thread scratch, allocated by the driver (sizes from the block constants below).
 struct AttnScratch {
-  float* S;      // BQ * kLDS logits of the current block
-  float* P;      // BQ * kLDS probabilities (fp32, or bf16 pairs for the dot-product path)
-  float* O;      // BQ * Dvp  output accumulator
-  float* Qf;     // BQ * D    query rows converted to float (bf16 input on non-bf16 paths)
-  float* rowbuf; // kRowBuf   m, l, alpha, limits (BQ each), then the block's column terms (kLDS)
-  float* keep;   // BQ * ldk  kept probabilities for scores (rows that contribute), may be null
-  float* keep_m; // BQ * nkb  running max at the time each block's probabilities were kept
-  int64_t ldk;   // row stride of keep (>= Lk max rounded up to BK)
-  int64_t nkb;   // row stride of keep_m
+  float* S;       // BQ * kLDS logits of the current block
+  float* P;       // BQ * kLDS probabilities (fp32, or bf16 pairs for the dot-product path)
+  float* O;       // BQ * Dvp  output accumulator
+  float* Qf;      // BQ * D    query rows converted to float (bf16 input on non-bf16 paths)
+  float* rowbuf;  // kRowBuf   m, l, alpha, limits (BQ each), then the block's column terms (kLDS)
+  float* keep;    // BQ * ldk  kept probabilities for scores (rows that contribute), may be null
+  float* keep_m;  // BQ * nkb  running max at the time each block's probabilities were kept
+  int64_t ldk;    // row stride of keep (>= Lk max rounded up to BK)
+  int64_t nkb;    // row stride of keep_m
 };
 
 // Block sizes shared by every path (the driver sizes scratch with them).
-constexpr int kBQ = 64;   // max query rows per item
-constexpr int kBK = 64;   // keys per block (multiple of every panel width, even)
-constexpr int kBKMerge = 16;           // a last block of <= kBK + kBKMerge keys is not split
+constexpr int kBQ = 64;       // max query rows per item
+constexpr int kBK = 64;       // keys per block (multiple of every panel width, even)
+constexpr int kBKMerge = 16;  // a last block of <= kBK + kBKMerge keys is not split
 // Items that see at most kBKOne keys (vision towers: 197, 257, ...) take them all in one block:
 // one row max / row sum per row instead of one per 64 keys, no rescaling of O, and the P.V
 // accumulators stay in registers over the whole key range. S and P rows then hold up to
 // kBKOne floats (S: 64 x 336 floats = 86 KiB per thread, L2-resident).
 constexpr int kBKOne = 320;
-constexpr int kLDS = kBKOne + 16;     // row stride of the S / P scratch (>= kBK + kBKMerge, >= kBKOne)
+constexpr int kLDS = kBKOne + 16;  // row stride of the S / P scratch (>= kBK + kBKMerge, >= kBKOne)
 constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
 
 // What one ISA path provides.
@@ -90,8 +91,7 @@ struct AttnImpl {
   // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
   // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero. sanitize_v: V is always
   // packed (never read in place) and its NaN / inf values become 0 (the rare path below).
-  void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp,
-               bool sanitize_v);
+  void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp, bool sanitize_v);
   // Computes one item (out, lse, scores partial); v_sanitized: vp was packed with sanitize_v.
   // Returns true when a row that is not a NaN row came out non-finite: V held a NaN / inf among
   // the keys the item computed with (P = 0 of a masked key times NaN is NaN). The driver then

@@ -1,5 +1,6 @@
-// AVX2 + FMA attention path (compiled for AVX2 + FMA by MMK_TARGET_AVX2, cpu_features.h). fp32 micro-kernels;
-// bf16 inputs are widened to fp32 when packing. No torch headers in this file (see attention.h).
+// AVX2 + FMA attention path (compiled for AVX2 + FMA by MMK_TARGET_AVX2, cpu_features.h). fp32
+// micro-kernels; bf16 inputs are widened to fp32 when packing. No torch headers in this file (see
+// attention.h).
 #include "cpu/attention.h"
 #include "cpu/cpu_features.h"
 

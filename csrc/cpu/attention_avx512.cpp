@@ -147,7 +147,8 @@ struct MicroBf16Dot {
     int pn = 0;
     for (; pn + 2 <= npan; pn += 2)
       s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
-    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
+    if (pn < npan)
+      s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
   }
 
   static void s_block(const uint16_t* q, int64_t qs, const uint16_t* kp, int D, int nq, int npan,
@@ -158,13 +159,13 @@ struct MicroBf16Dot {
     const uint16_t* qr = q + r0 * qs;
     float* Sr = S + r0 * kLDS;
     switch (rem) {
-      case 0: break;
-      case 1: s_rows<1>(qr, qs, kp, D, npan, Sr, cb, s2); break;
-      case 2: s_rows<2>(qr, qs, kp, D, npan, Sr, cb, s2); break;
-      case 3: s_rows<3>(qr, qs, kp, D, npan, Sr, cb, s2); break;
-      case 4: s_rows<4>(qr, qs, kp, D, npan, Sr, cb, s2); break;
-      case 5: s_rows<5>(qr, qs, kp, D, npan, Sr, cb, s2); break;
-      case 6: s_rows<6>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 0:  break;
+      case 1:  s_rows<1>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 2:  s_rows<2>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 3:  s_rows<3>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 4:  s_rows<4>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 5:  s_rows<5>(qr, qs, kp, D, npan, Sr, cb, s2); break;
+      case 6:  s_rows<6>(qr, qs, kp, D, npan, Sr, cb, s2); break;
       default: s_rows<7>(qr, qs, kp, D, npan, Sr, cb, s2); break;
     }
   }
@@ -186,7 +187,8 @@ struct MicroBf16Dot {
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(alpha[r]);
 #pragma GCC unroll 4
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * Dvp + c * W), a);
+      for (int c = 0; c < C; ++c)
+        acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * Dvp + c * W), a);
     }
     for (int jp = 0; jp < npairs; ++jp) {
       __m512i vv[C];
@@ -211,9 +213,9 @@ struct MicroBf16Dot {
   static void pv_rows(int C, const uint16_t* P, const uint16_t* vp, int Dvp, int np, float* O,
                       const float* alpha) {
     switch (C) {
-      case 1: pv_tile<R, 1>(P, vp, Dvp, np, O, alpha); break;
-      case 2: pv_tile<R, 2>(P, vp, Dvp, np, O, alpha); break;
-      case 3: pv_tile<R, 3>(P, vp, Dvp, np, O, alpha); break;
+      case 1:  pv_tile<R, 1>(P, vp, Dvp, np, O, alpha); break;
+      case 2:  pv_tile<R, 2>(P, vp, Dvp, np, O, alpha); break;
+      case 3:  pv_tile<R, 3>(P, vp, Dvp, np, O, alpha); break;
       default: pv_tile<R, 4>(P, vp, Dvp, np, O, alpha); break;
     }
   }
@@ -233,7 +235,8 @@ struct MicroBf16Dot {
       int r0 = 0;
       for (; r0 + 4 <= nq; r0 += 4)
         pv_rows<4>(C, P + r0 * kLDS, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
-      for (; r0 < nq; ++r0) pv_rows<1>(C, P + r0 * kLDS, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
+      for (; r0 < nq; ++r0)
+        pv_rows<1>(C, P + r0 * kLDS, vpc, Dvp, npairs, Oc + r0 * Dvp, alpha + r0);
     }
   }
 };

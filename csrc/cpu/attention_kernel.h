@@ -140,7 +140,8 @@ struct MicroF32 {
     // K rows two panels ahead into L1; V rows (read later, by the V copy or by P.V) into L2.
     prefetch_rows<3>(k0p, p.k_ss * es, 0, imin(Lk, 2 * W), (int)(D * es));
     for (int64_t pn = 0; pn < npan; ++pn) {
-      prefetch_rows<3>(k0p, p.k_ss * es, imin(Lk, (pn + 2) * W), imin(Lk, (pn + 3) * W), (int)(D * es));
+      prefetch_rows<3>(k0p, p.k_ss * es, imin(Lk, (pn + 2) * W), imin(Lk, (pn + 3) * W),
+                       (int)(D * es));
       prefetch_rows<2>(v0p, p.v_ss * es, pn * W, imin(Lk, (pn + 1) * W), (int)(Dv * es));
       float* dst = kp + pn * D * W;
       if constexpr (V::kPanel32) {
@@ -267,7 +268,8 @@ struct MicroF32 {
     int pn = 0;
     for (; pn + 2 <= npan; pn += 2)
       s_tile<R, 2>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
-    if (pn < npan) s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
+    if (pn < npan)
+      s_tile<R, 1>(q, qs, kp + (int64_t)pn * D * W, D, S + pn * W, colb + pn * W, scale2);
   }
 
   // S[r][0 : npan*W] = (q_r . k_j) * scale2 + colb[j] for the npan panels starting at kp.
@@ -282,12 +284,12 @@ struct MicroF32 {
   static void dispatch_rows(int rem, const float* q, int64_t qs, const float* kp, int D, int npan,
                             float* S, const float* cb, float s2) {
     switch (rem) {
-      case 1: s_rows<1>(q, qs, kp, D, npan, S, cb, s2); break;
-      case 2: s_rows<2>(q, qs, kp, D, npan, S, cb, s2); break;
-      case 3: s_rows<3>(q, qs, kp, D, npan, S, cb, s2); break;
-      case 4: s_rows<4>(q, qs, kp, D, npan, S, cb, s2); break;
-      case 5: s_rows<(5 < V::RS ? 5 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
-      case 6: s_rows<(6 < V::RS ? 6 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 1:  s_rows<1>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 2:  s_rows<2>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 3:  s_rows<3>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 4:  s_rows<4>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 5:  s_rows<(5 < V::RS ? 5 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
+      case 6:  s_rows<(6 < V::RS ? 6 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
       default: s_rows<(7 < V::RS ? 7 : 1)>(q, qs, kp, D, npan, S, cb, s2); break;
     }
   }
@@ -328,9 +330,9 @@ struct MicroF32 {
   static void pv_rows(int C, const float* P, const float* vp, int64_t ldv, int Dvp, int kb,
                       float* O, const float* alpha) {
     switch (C) {
-      case 1: pv_tile<R, 1>(P, vp, ldv, Dvp, kb, O, alpha); break;
-      case 2: pv_tile<R, 2>(P, vp, ldv, Dvp, kb, O, alpha); break;
-      case 3: pv_tile<R, (3 <= V::CPV ? 3 : 1)>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      case 1:  pv_tile<R, 1>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      case 2:  pv_tile<R, 2>(P, vp, ldv, Dvp, kb, O, alpha); break;
+      case 3:  pv_tile<R, (3 <= V::CPV ? 3 : 1)>(P, vp, ldv, Dvp, kb, O, alpha); break;
       default: pv_tile<R, (4 <= V::CPV ? 4 : 1)>(P, vp, ldv, Dvp, kb, O, alpha); break;
     }
   }
@@ -559,7 +561,8 @@ struct AttnKernel {
         const float invl = l[r] > 0.f ? 1.f / l[r] : 0.f;
         for (int b = 0; b < nblocks; ++b) {
           const float mb = f[b];
-          f[b] = (invl == 0.f || mb == kNegInf) ? 0.f : V::first(V::exp2(V::set1(mb - m[r]))) * invl;
+          f[b] =
+              (invl == 0.f || mb == kNegInf) ? 0.f : V::first(V::exp2(V::set1(mb - m[r]))) * invl;
         }
       }
       int64_t j = 0;

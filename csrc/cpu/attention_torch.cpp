@@ -27,7 +27,8 @@ void check_last_contiguous(const Tensor& t, const char* name) {
 }
 
 void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
-                       const std::optional<Tensor>& bias3, const std::optional<Tensor>& cu_seqlens_q,
+                       const std::optional<Tensor>& bias3,
+                       const std::optional<Tensor>& cu_seqlens_q,
                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                        int64_t max_seqlen_k, bool causal, double scale, int64_t scores_mode,
                        const Tensor& out4, const std::optional<Tensor>& lse3,
@@ -56,18 +57,16 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   const int64_t Bq = q4.size(0), Hq = q4.size(1), Sq = q4.size(2), D = q4.size(3);
   const int64_t Bk = k4.size(0), Hkv = k4.size(1), Sk = k4.size(2);
   const int64_t Dv = v4.size(3);
-  TORCH_CHECK(k4.size(3) == D, "attention_fwd (CPU): k4 head dim ", k4.size(3),
-              " != q4 head dim ", D);
-  TORCH_CHECK(v4.size(0) == Bk && v4.size(1) == Hkv && v4.size(2) == Sk,
-              "attention_fwd (CPU): v4 ", v4.sizes(), " does not match k4 ", k4.sizes(),
-              " in (B, Hkv, Sk)");
+  TORCH_CHECK(k4.size(3) == D, "attention_fwd (CPU): k4 head dim ", k4.size(3), " != q4 head dim ",
+              D);
+  TORCH_CHECK(v4.size(0) == Bk && v4.size(1) == Hkv && v4.size(2) == Sk, "attention_fwd (CPU): v4 ",
+              v4.sizes(), " does not match k4 ", k4.sizes(), " in (B, Hkv, Sk)");
   TORCH_CHECK(D % 8 == 0 && D >= 8 && D <= 256 && Dv % 8 == 0 && Dv >= 8 && Dv <= 256,
               "attention_fwd (CPU): head dims must be multiples of 8 in [8, 256], got D=", D,
               ", Dv=", Dv);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention_fwd (CPU): Hq (", Hq,
               ") must be a multiple of Hkv (", Hkv, ")");
-  TORCH_CHECK(out4.size(0) == Bq && out4.size(1) == Hq && out4.size(2) == Sq &&
-                  out4.size(3) == Dv,
+  TORCH_CHECK(out4.size(0) == Bq && out4.size(1) == Hq && out4.size(2) == Sq && out4.size(3) == Dv,
               "attention_fwd (CPU): out4 must be ", at::IntArrayRef({Bq, Hq, Sq, Dv}), ", got ",
               out4.sizes());
   TORCH_CHECK(scores_mode >= 0 && scores_mode <= 3,
@@ -84,10 +83,11 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
     const Tensor& ck = *cu_seqlens_k;
     for (const Tensor* c : {&cq, &ck}) {
       check_cpu(*c, "cu_seqlens");
-      TORCH_CHECK(c->scalar_type() == at::kInt && c->dim() == 1 && c->is_contiguous() &&
-                      c->numel() >= 1,
-                  "attention_fwd (CPU): cu_seqlens must be contiguous 1-D int32 with B+1 entries, "
-                  "got ", c->scalar_type(), " ", c->sizes());
+      TORCH_CHECK(
+          c->scalar_type() == at::kInt && c->dim() == 1 && c->is_contiguous() && c->numel() >= 1,
+          "attention_fwd (CPU): cu_seqlens must be contiguous 1-D int32 with B+1 entries, "
+          "got ",
+          c->scalar_type(), " ", c->sizes());
     }
     TORCH_CHECK(cq.numel() == ck.numel(), "attention_fwd (CPU): cu_seqlens_q has ", cq.numel(),
                 " entries, cu_seqlens_k ", ck.numel());
@@ -105,20 +105,27 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   p.k = k4.data_ptr();
   p.v = v4.data_ptr();
   p.out = out4.data_ptr();
-  p.q_sb = q4.stride(0); p.q_sh = q4.stride(1); p.q_ss = q4.stride(2);
-  p.k_sb = k4.stride(0); p.k_sh = k4.stride(1); p.k_ss = k4.stride(2);
-  p.v_sb = v4.stride(0); p.v_sh = v4.stride(1); p.v_ss = v4.stride(2);
-  p.o_sb = out4.stride(0); p.o_sh = out4.stride(1); p.o_ss = out4.stride(2);
+  p.q_sb = q4.stride(0);
+  p.q_sh = q4.stride(1);
+  p.q_ss = q4.stride(2);
+  p.k_sb = k4.stride(0);
+  p.k_sh = k4.stride(1);
+  p.k_ss = k4.stride(2);
+  p.v_sb = v4.stride(0);
+  p.v_sh = v4.stride(1);
+  p.v_ss = v4.stride(2);
+  p.o_sb = out4.stride(0);
+  p.o_sh = out4.stride(1);
+  p.o_ss = out4.stride(2);
 
   if (bias3.has_value()) {
     const Tensor& b = *bias3;
     check_cpu(b, "bias3");
     TORCH_CHECK(b.scalar_type() == at::kFloat, "attention_fwd (CPU): bias3 must be float32, got ",
                 b.scalar_type());
-    TORCH_CHECK(b.dim() == 3 && b.size(1) == Hq && b.size(2) == Sk &&
-                    (b.size(0) == Bk || b.size(0) == 1),
-                "attention_fwd (CPU): bias3 must be (", Bk, " or 1, ", Hq, ", ", Sk, "), got ",
-                b.sizes());
+    TORCH_CHECK(
+        b.dim() == 3 && b.size(1) == Hq && b.size(2) == Sk && (b.size(0) == Bk || b.size(0) == 1),
+        "attention_fwd (CPU): bias3 must be (", Bk, " or 1, ", Hq, ", ", Sk, "), got ", b.sizes());
     check_last_contiguous(b, "bias3");
     p.bias = b.data_ptr<float>();
     p.bias_sb = b.size(0) == 1 ? 0 : b.stride(0);
@@ -129,22 +136,25 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
     check_cpu(l, "lse3");
     TORCH_CHECK(l.scalar_type() == at::kFloat && l.dim() == 3 && l.size(0) == Bout &&
                     l.size(1) == Hq && l.size(2) == Sq,
-                "attention_fwd (CPU): lse3 must be float32 (", Bout, ", ", Hq, ", ", Sq,
-                "), got ", l.scalar_type(), " ", l.sizes());
+                "attention_fwd (CPU): lse3 must be float32 (", Bout, ", ", Hq, ", ", Sq, "), got ",
+                l.scalar_type(), " ", l.sizes());
     p.lse = l.data_ptr<float>();
-    p.lse_sb = l.stride(0); p.lse_sh = l.stride(1); p.lse_ss = l.stride(2);
+    p.lse_sb = l.stride(0);
+    p.lse_sh = l.stride(1);
+    p.lse_ss = l.stride(2);
   }
   if (scores_mode != 0) {
     TORCH_CHECK(scores2.has_value(), "attention_fwd (CPU): scores_mode ", scores_mode,
                 " needs scores2");
     const Tensor& s = *scores2;
     check_cpu(s, "scores2");
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == Bout &&
-                    s.size(1) == Sk,
-                "attention_fwd (CPU): scores2 must be float32 (", Bout, ", ", Sk, "), got ",
-                s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(
+        s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == Bout && s.size(1) == Sk,
+        "attention_fwd (CPU): scores2 must be float32 (", Bout, ", ", Sk, "), got ",
+        s.scalar_type(), " ", s.sizes());
     p.scores = s.data_ptr<float>();
-    p.sc_sb = s.stride(0); p.sc_ss = s.stride(1);
+    p.sc_sb = s.stride(0);
+    p.sc_ss = s.stride(1);
   }
   if (varlen) {
     p.cu_q = cu_seqlens_q->data_ptr<int32_t>();

@@ -14,9 +14,9 @@ namespace cpu {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16: return "avx512_bf16";
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
+    case Isa::Avx512:     return "avx512";
+    case Isa::Avx2:       return "avx2";
+    default:              return "scalar";
   }
 }
 
@@ -31,7 +31,8 @@ static CpuFeatures probe() {
   CpuFeatures f;
   unsigned int a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1,
+             f16c = (c >> 29) & 1;
   if (!osxsave || !avx) return f;
   const unsigned long long xcr0 = xgetbv0();
   const bool ymm_os = (xcr0 & 0x6) == 0x6;
@@ -73,17 +74,22 @@ Isa selected_isa(const char** error) {
   const char* env = std::getenv("MMKERNELS_CPU_ISA");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
   Isa want;
-  if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::Avx512Bf16;
-  else if (std::strcmp(env, "avx512") == 0) want = Isa::Avx512;
-  else if (std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
-  else if (std::strcmp(env, "scalar") == 0) want = Isa::Scalar;
+  if (std::strcmp(env, "avx512_bf16") == 0)
+    want = Isa::Avx512Bf16;
+  else if (std::strcmp(env, "avx512") == 0)
+    want = Isa::Avx512;
+  else if (std::strcmp(env, "avx2") == 0)
+    want = Isa::Avx2;
+  else if (std::strcmp(env, "scalar") == 0)
+    want = Isa::Scalar;
   else {
     *error = "MMKERNELS_CPU_ISA must be one of auto, avx512_bf16, avx512, avx2, scalar";
     return Isa::Scalar;
   }
   if ((int)want > (int)best) {
-    *error = "MMKERNELS_CPU_ISA asks for an instruction set this CPU does not support "
-             "(see mmkernels.attention.cpu.cpu_isa() for the best one available)";
+    *error =
+        "MMKERNELS_CPU_ISA asks for an instruction set this CPU does not support "
+        "(see mmkernels.attention.cpu.cpu_isa() for the best one available)";
     return Isa::Scalar;
   }
   return want;

@@ -47,7 +47,7 @@ const QmmImpl* qmm_impl(const char** error) {
   const QmmImpl* impl = nullptr;
   switch (isa) {
     case Isa::Avx512Bf16:
-    case Isa::Avx512: {
+    case Isa::Avx512:     {
       const bool bf16 = isa == Isa::Avx512Bf16;
       impl = qmm_impl_avx512(bf16);
       if (impl && !cpu_features().avx512_vnni) {
@@ -58,7 +58,7 @@ const QmmImpl* qmm_impl(const char** error) {
       break;
     }
     case Isa::Avx2: impl = qmm_impl_avx2(); break;
-    default: break;
+    default:        break;
   }
   return impl ? impl : qmm_impl_scalar();
 }

@@ -117,7 +117,8 @@ struct GemmJob {
 
 // a8: x rows (M, K) (stride ldx, fp32 / bf16), optional smooth (K) fp32. Workspace filled by
 // a8_quantize: aq (M, 4T) elements of a8_elem_bytes (row stride 4T elements), sx (M) activation
-// scales, rowsum (M) = sum_k x_q[m, k]. For the scalar path p is unused and w is read in the canonical layout.
+// scales, rowsum (M) = sum_k x_q[m, k]. For the scalar path p is unused and w is read in the
+// canonical layout.
 struct A8Job {
   const void* x;
   int64_t ldx;

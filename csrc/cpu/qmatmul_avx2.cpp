@@ -1,7 +1,7 @@
 // AVX2 + FMA kernels of the quantized matmul (compiled for AVX2 + FMA by MMK_TARGET_AVX2,
-// cpu_features.h; chosen at run time on CPUs without AVX-512, or with MMKERNELS_CPU_ISA=avx2). Same algorithms
-// and layouts as qmatmul_avx512.cpp with 8-lane vectors; bf16 activations are widened to fp32
-// by the driver (no bf16 dot products here). W8A8 has no vpdpbusd: x_q is widened to int16 and
+// cpu_features.h; chosen at run time on CPUs without AVX-512, or with MMKERNELS_CPU_ISA=avx2). Same
+// algorithms and layouts as qmatmul_avx512.cpp with 8-lane vectors; bf16 activations are widened to
+// fp32 by the driver (no bf16 dot products here). W8A8 has no vpdpbusd: x_q is widened to int16 and
 // multiplied with vpmaddwd, which cannot saturate (|x_q| <= 127, |w| <= 255: a pair sums to at
 // most 64770 < 2^31). No torch headers in this file (see qmatmul.h).
 #include "cpu/cpu_features.h"
@@ -104,7 +104,8 @@ void rowdot4_block(const RowdotJob& j, int64_t n, int64_t m) {
         tail += (float)((u & 15) - z) * s * j.xe[(m + i) * j.ldx + b] +
                 (float)((u >> 4) - z) * s * j.xo[(m + i) * j.ldx + b];
       }
-      store_scalar(j.out, m + i, n + r, V256::hsum(_mm256_add_ps(acc[r][i][0], acc[r][i][1])) + tail);
+      store_scalar(j.out, m + i, n + r,
+                   V256::hsum(_mm256_add_ps(acc[r][i][0], acc[r][i][1])) + tail);
     }
 }
 
@@ -163,7 +164,8 @@ void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
   constexpr int NB = MB == 1 ? 4 : 2;
   const bool b4 = j.w.bits == 4;
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) b4 ? rowdot4_block<NB, MB>(j, n, m) : rowdot8_block<NB, MB>(j, n, m);
+  for (; n + NB <= n1; n += NB)
+    b4 ? rowdot4_block<NB, MB>(j, n, m) : rowdot8_block<NB, MB>(j, n, m);
   for (; n < n1; ++n) b4 ? rowdot4_block<1, MB>(j, n, m) : rowdot8_block<1, MB>(j, n, m);
 }
 
@@ -171,9 +173,9 @@ void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
   int64_t m = 0;
   for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
   switch (j.M - m) {
-    case 3: rowdot_rows<3>(j, n0, n1, m); break;
-    case 2: rowdot_rows<2>(j, n0, n1, m); break;
-    case 1: rowdot_rows<1>(j, n0, n1, m); break;
+    case 3:  rowdot_rows<3>(j, n0, n1, m); break;
+    case 2:  rowdot_rows<2>(j, n0, n1, m); break;
+    case 1:  rowdot_rows<1>(j, n0, n1, m); break;
     default: break;
   }
 }
@@ -227,7 +229,8 @@ void ukernel(const float* a, int64_t lda, const float* panel, int64_t kc, float*
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(panel + k * kStrip), b1 = _mm256_loadu_ps(panel + k * kStrip + 8);
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kStrip),
+                 b1 = _mm256_loadu_ps(panel + k * kStrip + 8);
     for (int r = 0; r < R; ++r) {
       const __m256 av = _mm256_broadcast_ss(a + r * lda + k);
       acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
@@ -315,7 +318,8 @@ void a8_tile(const A8Job& j, int64_t m, int64_t strip, int q16) {
     for (int c = 0; c < 4; ++c) {
       const __m128i raw = _mm_loadu_si128((const __m128i*)(bt + 16 * c));
       const __m256i wv = j.symmetric ? _mm256_cvtepi8_epi16(raw) : _mm256_cvtepu8_epi16(raw);
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(av[r], wv));
+      for (int r = 0; r < R; ++r)
+        acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(av[r], wv));
     }
   }
   const int64_t n0 = strip * kStrip + q16 * 16;
@@ -343,8 +347,8 @@ void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   }
 }
 
-const QmmImpl kImpl = {"avx2", rowdot, false, gemm_item, gemm_scratch_bytes, false,
-                       a8_quantize, a8_item, false, 2};
+const QmmImpl kImpl = {"avx2", rowdot,      false,   gemm_item, gemm_scratch_bytes,
+                       false,  a8_quantize, a8_item, false,     2};
 
 }  // namespace
 

@@ -177,9 +177,11 @@ void rowdot4_wide_block(const RowdotJob& j, int64_t n, int64_t m) {
       for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(xb + i * j.ldx8 + 16 * p);
 #pragma GCC unroll 4
       for (int r = 0; r < NB; ++r) {
-        const __m512 wv = _mm512_permutexvar_ps(p == 0 ? v[r] : _mm512_srli_epi32(v[r], 4 * p), T[r]);
+        const __m512 wv =
+            _mm512_permutexvar_ps(p == 0 ? v[r] : _mm512_srli_epi32(v[r], 4 * p), T[r]);
 #pragma GCC unroll 8
-        for (int i = 0; i < MB; ++i) acc[r][i][p & 1] = _mm512_fmadd_ps(wv, xv[i], acc[r][i][p & 1]);
+        for (int i = 0; i < MB; ++i)
+          acc[r][i][p & 1] = _mm512_fmadd_ps(wv, xv[i], acc[r][i][p & 1]);
       }
     }
   }
@@ -251,9 +253,12 @@ void rowdot_rows(const RowdotJob& j, int64_t n0, int64_t n1, int64_t m) {
   const int kind = j.w.bits == 8 ? 0 : rowdot_x8_layout(j.w) ? 2 : 1;
   auto block = [&](int64_t n, auto nb) {
     constexpr int B = decltype(nb)::value;
-    if (kind == 0) rowdot8_block<B, MB>(j, n, m);
-    else if (kind == 1) rowdot4_block<B, MB>(j, n, m);
-    else rowdot4_wide_block<B, MB>(j, n, m);
+    if (kind == 0)
+      rowdot8_block<B, MB>(j, n, m);
+    else if (kind == 1)
+      rowdot4_block<B, MB>(j, n, m);
+    else
+      rowdot4_wide_block<B, MB>(j, n, m);
   };
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) block(n, std::integral_constant<int, NB>());
@@ -264,9 +269,9 @@ void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
   int64_t m = 0;
   for (; m + 4 <= j.M; m += 4) rowdot_rows<4>(j, n0, n1, m);
   switch (j.M - m) {
-    case 3: rowdot_rows<3>(j, n0, n1, m); break;
-    case 2: rowdot_rows<2>(j, n0, n1, m); break;
-    case 1: rowdot_rows<1>(j, n0, n1, m); break;
+    case 3:  rowdot_rows<3>(j, n0, n1, m); break;
+    case 2:  rowdot_rows<2>(j, n0, n1, m); break;
+    case 1:  rowdot_rows<1>(j, n0, n1, m); break;
     default: break;
   }
 }
@@ -295,8 +300,7 @@ int64_t gemm_scratch_bytes(const GemmJob& j, int64_t rows) {
 
 // Unsigned values u of pair p for 16 channels (lanes) of column c of the strip: lo = feature 2p,
 // hi = feature 2p + 1.
-inline void load_pair(const GemmJob& j, int64_t strip, int64_t p, int c, __m512i& lo,
-                      __m512i& hi) {
+inline void load_pair(const GemmJob& j, int64_t strip, int64_t p, int c, __m512i& lo, __m512i& hi) {
   const int64_t unit = j.bits == 4 ? 1 : 2;
   const uint8_t* src = j.p.w + ((strip * j.p.P + p) * kStripK + 16 * c) * unit;
   if (j.bits == 4) {
@@ -332,10 +336,9 @@ void decode_panel(const GemmJob& j, int64_t strip, int64_t p0, int64_t p1, void*
         const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c]));
         if (BF16) {
           // bf16(lo) in the low half of the lane, bf16(hi) in the high half (exact: integers)
-          const __m512i pair =
-              _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(flo), 16),
-                              _mm512_and_si512(_mm512_castps_si512(fhi),
-                                               _mm512_set1_epi32((int)0xffff0000u)));
+          const __m512i pair = _mm512_or_si512(
+              _mm512_srli_epi32(_mm512_castps_si512(flo), 16),
+              _mm512_and_si512(_mm512_castps_si512(fhi), _mm512_set1_epi32((int)0xffff0000u)));
           _mm512_storeu_si512((uint32_t*)panel + (p - p0) * kStripK + 16 * c, pair);
         } else {
           float* dst = (float*)panel + 2 * (p - p0) * kStripK + 16 * c;
@@ -376,8 +379,8 @@ void ukernel_f32(const float* a, int64_t lda, const float* panel, int64_t kc, fl
 
 // C[R][64] (+)= (A[R][pairs] . panel[pairs][64]) (* s[64] when s != nullptr), bf16 pairs.
 template <int R>
-void ukernel_bf16(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t npairs,
-                  float* C, const float* s, bool first) {
+void ukernel_bf16(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t npairs, float* C,
+                  const float* s, bool first) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -404,7 +407,8 @@ void ukernel_bf16(const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t
     for (int r = 0; r < R; ++r) {
       float* dst = C + r * kStripK + 16 * c;
       const __m512 prev = first ? _mm512_setzero_ps() : _mm512_loadu_ps(dst);
-      _mm512_storeu_ps(dst, s ? _mm512_fmadd_ps(acc[r][c], sv, prev) : _mm512_add_ps(prev, acc[r][c]));
+      _mm512_storeu_ps(dst,
+                       s ? _mm512_fmadd_ps(acc[r][c], sv, prev) : _mm512_add_ps(prev, acc[r][c]));
     }
   }
 }
@@ -437,8 +441,8 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
       decode_panel<false>(j, strip, p0, p1, panel);
       const float* a = (const float*)j.a;
       for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
-        ukernel_f32<R>(a + m * j.lda + k0, j.lda, (const float*)panel, kc,
-                       C + (m - m0) * kStripK, k0 == 0);
+        ukernel_f32<R>(a + m * j.lda + k0, j.lda, (const float*)panel, kc, C + (m - m0) * kStripK,
+                       k0 == 0);
       });
     }
   }
@@ -551,7 +555,8 @@ void a8_tile(const A8Job& j, int64_t m, int64_t strip) {
     const __m512 sx = _mm512_set1_ps(j.sx[m + r]);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512i exact = _mm512_sub_epi32(acc[r][c], SYM ? corr[c] : _mm512_mullo_epi32(corr[c], rs));
+      const __m512i exact =
+          _mm512_sub_epi32(acc[r][c], SYM ? corr[c] : _mm512_mullo_epi32(corr[c], rs));
       // (acc * s_x) * s_w + bias, rounded step by step like the reference: no FMA (the build is
       // ISO C++17, so GCC does not contract; tests check the result bit for bit)
       const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), sx), sw[c]);
@@ -562,15 +567,17 @@ void a8_tile(const A8Job& j, int64_t m, int64_t strip) {
 
 void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
-    if (j.symmetric) a8_tile<R, true>(j, m, strip);
-    else a8_tile<R, false>(j, m, strip);
+    if (j.symmetric)
+      a8_tile<R, true>(j, m, strip);
+    else
+      a8_tile<R, false>(j, m, strip);
   });
 }
 
-const QmmImpl kImplBf16 = {"avx512_bf16", rowdot, true, gemm_item, gemm_scratch_bytes, true,
-                           a8_quantize, a8_item, true, 1};
-const QmmImpl kImpl = {"avx512", rowdot, true, gemm_item, gemm_scratch_bytes, false,
-                       a8_quantize, a8_item, true, 1};
+const QmmImpl kImplBf16 = {"avx512_bf16", rowdot,      true,    gemm_item, gemm_scratch_bytes,
+                           true,          a8_quantize, a8_item, true,      1};
+const QmmImpl kImpl = {"avx512", rowdot,      true,    gemm_item, gemm_scratch_bytes,
+                       false,    a8_quantize, a8_item, true,      1};
 
 }  // namespace
 

@@ -35,11 +35,11 @@ void for_row_tiles(int64_t m0, int64_t m1, F&& f) {
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) f(m, std::integral_constant<int, MR>());
   switch (m1 - m) {
-    case 5: f(m, std::integral_constant<int, 5>()); break;
-    case 4: f(m, std::integral_constant<int, 4>()); break;
-    case 3: f(m, std::integral_constant<int, 3>()); break;
-    case 2: f(m, std::integral_constant<int, 2>()); break;
-    case 1: f(m, std::integral_constant<int, 1>()); break;
+    case 5:  f(m, std::integral_constant<int, 5>()); break;
+    case 4:  f(m, std::integral_constant<int, 4>()); break;
+    case 3:  f(m, std::integral_constant<int, 3>()); break;
+    case 2:  f(m, std::integral_constant<int, 2>()); break;
+    case 1:  f(m, std::integral_constant<int, 1>()); break;
     default: break;
   }
 }

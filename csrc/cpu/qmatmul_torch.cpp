@@ -95,14 +95,14 @@ void check_x_out(const at::Tensor& x2, const at::Tensor& out, int64_t N, int64_t
               "qmatmul (CPU): x2 and out must be CPU tensors");
   TORCH_CHECK(x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16,
               "qmatmul (CPU): x2 must be float32 or bfloat16 (float16 / float64 are served by the "
-              "reference), got ", x2.scalar_type());
+              "reference), got ",
+              x2.scalar_type());
   TORCH_CHECK(x2.dim() == 2 && x2.size(1) == K, "qmatmul (CPU): x2 must be (M, K=", K, "), got ",
               x2.sizes());
   TORCH_CHECK(x2.size(1) <= 1 || x2.stride(1) == 1,
               "qmatmul (CPU): x2 needs stride(1) == 1, got strides ", x2.strides());
   TORCH_CHECK(out.scalar_type() == x2.scalar_type() && out.dim() == 2 &&
-                  out.size(0) == x2.size(0) && out.size(1) == N &&
-                  (N <= 1 || out.stride(1) == 1),
+                  out.size(0) == x2.size(0) && out.size(1) == N && (N <= 1 || out.stride(1) == 1),
               "qmatmul (CPU): out must be ", x2.scalar_type(), " (", x2.size(0), ", ", N,
               ") with stride(1) == 1, got ", out.scalar_type(), " ", out.sizes());
 }
@@ -114,9 +114,8 @@ QWeight check_weight(const at::Tensor& qweight, const at::Tensor& scales,
               "qmatmul (CPU): qweight must be a contiguous 2-D CPU tensor, got ", qweight.sizes());
   const bool sym = !zeros.has_value();
   const auto want = (bits == 8 && sym) ? at::kChar : at::kByte;
-  TORCH_CHECK(qweight.scalar_type() == want, "qmatmul (CPU): qweight must be ", want, " for ",
-              bits, "-bit ", sym ? "symmetric" : "asymmetric", " weights, got ",
-              qweight.scalar_type());
+  TORCH_CHECK(qweight.scalar_type() == want, "qmatmul (CPU): qweight must be ", want, " for ", bits,
+              "-bit ", sym ? "symmetric" : "asymmetric", " weights, got ", qweight.scalar_type());
   const int64_t N = qweight.size(0), K = qweight.size(1) * (bits == 4 ? 2 : 1);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == N &&
                   scales.size(1) >= 1 && K % scales.size(1) == 0 && scales.is_contiguous(),
@@ -436,7 +435,8 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
   j.p.T = ceil_div(K, 4);
   if (impl != qmm_impl_scalar()) {
     TORCH_CHECK(pw.has_value() && colsum.has_value() && zp.has_value() && sw.has_value(),
-                "qmatmul (CPU): the ", impl->name, " W8A8 kernel needs the prepacked weight "
+                "qmatmul (CPU): the ", impl->name,
+                " W8A8 kernel needs the prepacked weight "
                 "(qmatmul_prepack_a8)");
     TORCH_CHECK(pw->scalar_type() == at::kByte && pw->is_contiguous() &&
                     pw->numel() == j.p.Npad * j.p.T * 4 && colsum->scalar_type() == at::kInt &&

@@ -100,7 +100,8 @@ struct ReduceKernel {
 
   static inline float fmax_(float a, float b) { return a > b ? a : b; }
 
-  // ---- merge -------------------------------------------------------------------------------------
+  // ---- merge
+  // -------------------------------------------------------------------------------------
 
   template <int DT>
   static inline T load(const void* base, int64_t off, int n) {
@@ -116,13 +117,17 @@ struct ReduceKernel {
   static inline void store(void* base, int64_t off, T v, int n) {
     if (DT == kF32) {
       float* p = static_cast<float*>(base) + off;
-      if (n >= W) V::store(p, v);
-      else V::storen(p, v, n);
+      if (n >= W)
+        V::store(p, v);
+      else
+        V::storen(p, v, n);
       return;
     }
     uint16_t* p = static_cast<uint16_t*>(base) + off;
-    if (DT == kF16) V::store_f16(p, v, n);
-    else V::store_bf16_torch(p, v, n);
+    if (DT == kF16)
+      V::store_f16(p, v, n);
+    else
+      V::store_bf16_torch(p, v, n);
   }
 
   // w * x rounded to fp32 on its own (never fused with the following add).
@@ -143,8 +148,8 @@ struct ReduceKernel {
       const int64_t i = src[q];
       const T wi = V::set1(w[i]);
       for (int u = 0; u < U; ++u)
-        acc[u] = V::add(acc[u], mul_rounded(load<DT>(x, i * sxn + c0 + u * W,
-                                                     u == U - 1 ? n_last : W), wi));
+        acc[u] = V::add(
+            acc[u], mul_rounded(load<DT>(x, i * sxn + c0 + u * W, u == U - 1 ? n_last : W), wi));
     }
     for (int u = 0; u < U; ++u)
       store<DT>(out, c0 + u * W, V::div(acc[u], den), u == U - 1 ? n_last : W);
@@ -172,9 +177,9 @@ struct ReduceKernel {
 
   static void merge_slots(const MergeRow& p, int64_t s0, int64_t s1) {
     switch (p.dtype) {
-      case kF32: merge_slots_t<kF32>(p, s0, s1); break;
+      case kF32:  merge_slots_t<kF32>(p, s0, s1); break;
       case kBF16: merge_slots_t<kBF16>(p, s0, s1); break;
-      default: merge_slots_t<kF16>(p, s0, s1); break;
+      default:    merge_slots_t<kF16>(p, s0, s1); break;
     }
   }
 };

@@ -15,7 +15,6 @@ namespace cpu {
 namespace reduce {
 namespace {
 
-
 void sim_argmax_scalar(const float* a, int64_t c, int64_t a0, int64_t a1, const float* bp,
                        int64_t nb, float* best, int32_t* arg) {
   float acc[kTile];
@@ -30,7 +29,10 @@ void sim_argmax_scalar(const float* a, int64_t c, int64_t a0, int64_t a1, const 
         for (int l = 0; l < kTile; ++l) acc[l] += ar[k] * b[k * kTile + l];
       const int64_t nl = std::min<int64_t>(kTile, nb - t * kTile);
       for (int l = 0; l < nl; ++l)
-        if (acc[l] > m) { m = acc[l]; mj = (int32_t)(t * kTile + l); }
+        if (acc[l] > m) {
+          m = acc[l];
+          mj = (int32_t)(t * kTile + l);
+        }
     }
     best[i] = m;
     arg[i] = mj;
@@ -60,12 +62,11 @@ void merge_slots_scalar_t(const MergeRow& p, int64_t s0, int64_t s1) {
 
 void merge_slots_scalar(const MergeRow& p, int64_t s0, int64_t s1) {
   switch (p.dtype) {
-    case kF32: merge_slots_scalar_t<float>(p, s0, s1); break;
+    case kF32:  merge_slots_scalar_t<float>(p, s0, s1); break;
     case kBF16: merge_slots_scalar_t<c10::BFloat16>(p, s0, s1); break;
-    default: merge_slots_scalar_t<c10::Half>(p, s0, s1); break;
+    default:    merge_slots_scalar_t<c10::Half>(p, s0, s1); break;
   }
 }
-
 
 const ReduceImpl kImpl = {"scalar", &sim_argmax_scalar, &merge_slots_scalar};
 

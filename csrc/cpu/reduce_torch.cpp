@@ -59,14 +59,16 @@ inline uint64_t dkey(double f) {
 }
 
 template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
+inline float to_f(T v) {
+  return static_cast<float>(v);
+}
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kF32;
+    case at::kFloat:    return kF32;
     case at::kBFloat16: return kBF16;
-    case at::kHalf: return kF16;
-    default: return -1;
+    case at::kHalf:     return kF16;
+    default:            return -1;
   }
 }
 
@@ -173,7 +175,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
   TORCH_CHECK(protect_first >= 0 && protect_first <= n, op, ": protect_first=", protect_first,
               " must be in [0, ", n, "]");
   PlanGeom g;
-  g.n = n; g.c = c; g.pf = protect_first; g.r = r;
+  g.n = n;
+  g.c = c;
+  g.pf = protect_first;
+  g.r = r;
   g.a_start = protect_first + (protect_first & 1);
   g.b_start = protect_first + 1 - (protect_first & 1);
   g.na = g.a_start < n ? (n - g.a_start + 1) / 2 : 0;
@@ -198,9 +203,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
   auto run_row = [&](int64_t b, PlanScratch& s, bool inner_parallel, int nt) {
     if (compute) {
       switch (dt) {
-        case kF32: plan_prepare(metric.data_ptr<float>() + b * sb, sn, sc, g, s); break;
+        case kF32:  plan_prepare(metric.data_ptr<float>() + b * sb, sn, sc, g, s); break;
         case kBF16: plan_prepare(metric.data_ptr<c10::BFloat16>() + b * sb, sn, sc, g, s); break;
-        default: plan_prepare(metric.data_ptr<c10::Half>() + b * sb, sn, sc, g, s); break;
+        default:    plan_prepare(metric.data_ptr<c10::Half>() + b * sb, sn, sc, g, s); break;
       }
       if (inner_parallel) {
         const int64_t blocks = g.na_pad / kRowBlock;
@@ -209,8 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
           k->sim_argmax(s.a.data(), c, ib * kRowBlock, (ib + 1) * kRowBlock, s.bp.data(), g.nb,
                         s.best.data(), s.arg.data());
       } else {
-        k->sim_argmax(s.a.data(), c, 0, g.na_pad, s.bp.data(), g.nb, s.best.data(),
-                      s.arg.data());
+        k->sim_argmax(s.a.data(), c, 0, g.na_pad, s.bp.data(), g.nb, s.best.data(), s.arg.data());
       }
     }
     plan_finish(g, s, ps2o + b * n, pkeep + b * (n - r), psrc + b * r, pdst + b * r);
@@ -394,8 +398,7 @@ Tensor reduce_gather_rows(const Tensor& x, const Tensor& idx) {
       copy(rows * id / T, rows * (id + 1) / T);
     }
   }
-  TORCH_CHECK(!any_bad.load(), op, ": idx value ", bad.load(), " is outside [0, ", n,
-              ")");
+  TORCH_CHECK(!any_bad.load(), op, ": idx value ", bad.load(), " is outside [0, ", n, ")");
   return out;
 }
 

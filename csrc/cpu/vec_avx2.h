@@ -46,8 +46,12 @@ struct V256 {
   }
   // Lanes of cb that are -inf, and x with those lanes set to -inf.
   using Mask = __m256;
-  static inline Mask neginf_lanes(T cb) { return _mm256_cmp_ps(cb, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ); }
-  static inline T set_neginf(T x, Mask m) { return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), m); }
+  static inline Mask neginf_lanes(T cb) {
+    return _mm256_cmp_ps(cb, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
+  }
+  static inline T set_neginf(T x, Mask m) {
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), m);
+  }
   static inline bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
   // [-0.5, 0.5] (max relative error 1.7e-7), 2^n built in the exponent field (n = -127 gives +0).
@@ -63,7 +67,8 @@ struct V256 {
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402210682630539e-1f));
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931471824645996e-1f));
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0000001192092896f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
   // Lanes [0, n) as a mask (n may be <= 0 or >= W); ordered a > b; and; where m: yes, else no.
@@ -84,7 +89,8 @@ struct V256 {
   static inline I iota_i() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static inline I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static inline I select_i(Mask m, I yes, I no) {
-    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(no), _mm256_castsi256_ps(yes), m));
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(no), _mm256_castsi256_ps(yes), m));
   }
   static inline void store_i(int32_t* p, I v) { _mm256_storeu_si256((__m256i*)p, v); }
   static inline Mask eq(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
@@ -133,15 +139,16 @@ struct V256 {
   // The same rounding with torch's NaN: every NaN lane stores 0x7fc0 (as c10::BFloat16).
   static inline void store_bf16_torch(uint16_t* p, T v, int n) {
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    const __m256i r = _mm256_castps_si256(_mm256_blendv_ps(
-        _mm256_castsi256_ps(bf16_rne(_mm256_castps_si256(v))),
-        _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
+    const __m256i r =
+        _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bf16_rne(_mm256_castps_si256(v))),
+                                             _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
     store_u16(p, pack_u16(r), n);
   }
   // bf16 bits of u rounded to nearest even, in the low half of each 32-bit lane.
   static inline __m256i bf16_rne(__m256i u) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                             16);
   }
   // The low halves of the 32-bit lanes as 8 uint16 (they fit: packus does not saturate them; the
   // permute puts the two 64-bit halves of interest side by side).

@@ -40,7 +40,9 @@ struct V512 {
   static inline Mask neginf_lanes(T cb) {
     return _mm512_cmp_ps_mask(cb, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
   }
-  static inline T set_neginf(T x, Mask m) { return _mm512_mask_mov_ps(x, m, _mm512_set1_ps(-__builtin_inff())); }
+  static inline T set_neginf(T x, Mask m) {
+    return _mm512_mask_mov_ps(x, m, _mm512_set1_ps(-__builtin_inff()));
+  }
   static inline bool any(Mask m) { return m != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
   // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
@@ -86,7 +88,8 @@ struct V512 {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(n), p));
   }
   static inline void store_f16(uint16_t* p, T v, int n) {
-    _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_mask_storeu_epi16(p, lanes(n),
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 
   // bf16 <-> fp32 for n lanes, AVX-512F/BW integer ops only (so the plain "avx512" flavour stays
@@ -99,7 +102,8 @@ struct V512 {
   static inline void store_bf16(uint16_t* p, T v, int n) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(
         _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
     r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
@@ -108,11 +112,11 @@ struct V512 {
   static inline void store_bf16_torch(uint16_t* p, T v, int n) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
     _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(r));
   }
-
 
   // Panel packing: dst[c * 16 + w] = row_w[c] for 32-bit elements, c < ncols (a multiple of 4),
   // w < 16; rows w >= nrows are zero. 16x16 register transposes.

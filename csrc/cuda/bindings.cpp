@@ -1,6 +1,6 @@
-// Torch bindings of the CUDA kernels (built into mmkernels._cuda only when torch is a CUDA build and a
-// CUDA toolkit is found; see setup.py). The kernels themselves live in csrc/cuda/*.cu behind the
-// plain-pointer launchers of launchers.h.
+// Torch bindings of the CUDA kernels (built into mmkernels._cuda only when torch is a CUDA build
+// and a CUDA toolkit is found; see setup.py). The kernels themselves live in csrc/cuda/*.cu behind
+// the plain-pointer launchers of launchers.h.
 //
 //   torch.ops.mmkernels_cuda.merge_attention_states(o1, lse1, o2, lse2) -> (o, lse)
 //     o1, o2: (rows, heads, head_dim) float16 / bfloat16 / float32, any strides, same shape/dtype
@@ -25,30 +25,35 @@ namespace {
 
 mmkernels::cuda::DType to_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return mmkernels::cuda::DType::kFloat32;
-    case at::kHalf: return mmkernels::cuda::DType::kFloat16;
+    case at::kFloat:    return mmkernels::cuda::DType::kFloat32;
+    case at::kHalf:     return mmkernels::cuda::DType::kFloat16;
     case at::kBFloat16: return mmkernels::cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "merge_attention_states: o1 dtype must be float16, bfloat16 or float32, got ",
-                         t.scalar_type());
+    default:
+      TORCH_CHECK(false,
+                  "merge_attention_states: o1 dtype must be float16, bfloat16 or float32, got ",
+                  t.scalar_type());
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& o1, const at::Tensor& lse1,
-                                                          const at::Tensor& o2, const at::Tensor& lse2) {
+std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& o1,
+                                                          const at::Tensor& lse1,
+                                                          const at::Tensor& o2,
+                                                          const at::Tensor& lse2) {
   TORCH_CHECK(o1.is_cuda() && o2.is_cuda() && lse1.is_cuda() && lse2.is_cuda(),
               "merge_attention_states: all tensors must be CUDA tensors");
-  TORCH_CHECK(o1.dim() == 3, "merge_attention_states: o1 must be (rows, heads, head_dim), got ", o1.sizes());
-  TORCH_CHECK(o2.sizes() == o1.sizes(), "merge_attention_states: o2 shape ", o2.sizes(), " != o1 shape ",
+  TORCH_CHECK(o1.dim() == 3, "merge_attention_states: o1 must be (rows, heads, head_dim), got ",
               o1.sizes());
-  TORCH_CHECK(o2.scalar_type() == o1.scalar_type(), "merge_attention_states: o2 dtype ", o2.scalar_type(),
-              " != o1 dtype ", o1.scalar_type());
+  TORCH_CHECK(o2.sizes() == o1.sizes(), "merge_attention_states: o2 shape ", o2.sizes(),
+              " != o1 shape ", o1.sizes());
+  TORCH_CHECK(o2.scalar_type() == o1.scalar_type(), "merge_attention_states: o2 dtype ",
+              o2.scalar_type(), " != o1 dtype ", o1.scalar_type());
   const auto rows = o1.size(0), heads = o1.size(1), head_dim = o1.size(2);
   for (const auto* l : {&lse1, &lse2}) {
     TORCH_CHECK(l->scalar_type() == at::kFloat, "merge_attention_states: lse must be float32, got ",
                 l->scalar_type());
     TORCH_CHECK(l->dim() == 2 && l->size(0) == rows && l->size(1) == heads,
-                "merge_attention_states: lse must be (rows, heads) = (", rows, ", ", heads, "), got ",
-                l->sizes());
+                "merge_attention_states: lse must be (rows, heads) = (", rows, ", ", heads,
+                "), got ", l->sizes());
   }
   const c10::cuda::CUDAGuard guard(o1.device());
   auto o = at::empty_like(o1, at::MemoryFormat::Contiguous);
@@ -63,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states(const at::Tensor& o1, 
       to_dtype(o1), o.data_ptr(), lse.data_ptr<float>(), o1.data_ptr(), lse1.data_ptr<float>(),
       o2.data_ptr(), lse2.data_ptr<float>(), rows, heads, head_dim, so, so1, so2, sl, sl1, sl2,
       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "merge_attention_states: launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "merge_attention_states: launch failed: ", cudaGetErrorString(err));
   return {o, lse};
 }
 
@@ -80,8 +86,8 @@ at::Tensor qgemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::
   TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, "qgemv_int4: x must have unit stride along K");
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k % 2 == 0, "qgemv_int4: K must be even, got ", k);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(1) == k / 2 &&
-                  qweight.is_contiguous(),
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  qweight.size(1) == k / 2 && qweight.is_contiguous(),
               "qgemv_int4: qweight must be contiguous uint8 (N, K/2) = (N, ", k / 2, "), got ",
               qweight.scalar_type(), qweight.sizes());
   const int64_t n = qweight.size(0);
@@ -125,9 +131,11 @@ at::Tensor qgemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::
 }  // namespace
 
 TORCH_LIBRARY(mmkernels_cuda, m) {
-  m.def("merge_attention_states(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2) -> (Tensor, Tensor)");
-  m.def("qgemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
-        "int group_size) -> Tensor");
+  m.def(
+      "merge_attention_states(Tensor o1, Tensor lse1, Tensor o2, Tensor lse2) -> (Tensor, Tensor)");
+  m.def(
+      "qgemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
+      "int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_cuda, CUDA, m) {

@@ -23,12 +23,13 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // stride may be anything too). lse1, lse2, lse_out: float32 (rows, heads) with element strides;
 // lse_out may be nullptr. o1 / o2 / o share `dtype`; math is float32.
 // Returns the launch error (cudaSuccess when queued).
-cudaError_t merge_attention_states(
-    DType dtype, void* o, float* lse_out, const void* o1, const float* lse1, const void* o2,
-    const float* lse2, int64_t rows, int64_t heads, int64_t head_dim,
-    const int64_t o_strides[3], const int64_t o1_strides[3], const int64_t o2_strides[3],
-    const int64_t lse_out_strides[2], const int64_t lse1_strides[2], const int64_t lse2_strides[2],
-    cudaStream_t stream);
+cudaError_t merge_attention_states(DType dtype, void* o, float* lse_out, const void* o1,
+                                   const float* lse1, const void* o2, const float* lse2,
+                                   int64_t rows, int64_t heads, int64_t head_dim,
+                                   const int64_t o_strides[3], const int64_t o1_strides[3],
+                                   const int64_t o2_strides[3], const int64_t lse_out_strides[2],
+                                   const int64_t lse1_strides[2], const int64_t lse2_strides[2],
+                                   cudaStream_t stream);
 
 // int4 weight GEMV for decode, fp16 / bf16 activations (csrc/cuda/qgemv_int4.cu):
 //

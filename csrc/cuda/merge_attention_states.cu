@@ -1,8 +1,8 @@
 // merge_attention_states: combine two partial attention results over disjoint key sets.
 //
-// Split-KV / chunked-prefill attention computes softmax(QK^T)V over key subsets separately; each part
-// returns its output o_i (normalised within the part) and the row log-sum-exp lse_i. The exact result
-// over the union is the LSE-weighted combination:
+// Split-KV / chunked-prefill attention computes softmax(QK^T)V over key subsets separately; each
+// part returns its output o_i (normalised within the part) and the row log-sum-exp lse_i. The exact
+// result over the union is the LSE-weighted combination:
 //   lse = log(exp(lse1) + exp(lse2)) = m + log(exp(lse1 - m) + exp(lse2 - m)),  m = max(lse1, lse2)
 //   o   = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)
 // A part with no key (lse = -inf) gets weight 0; both -inf -> o = 0, lse = -inf.
@@ -20,22 +20,30 @@ namespace mmkernels {
 namespace cuda {
 namespace {
 
-template <typename T> struct Convert;
-template <> struct Convert<float> {
+template <typename T>
+struct Convert;
+template <>
+struct Convert<float> {
   __device__ static float load(float v) { return v; }
   __device__ static float store(float v) { return v; }
 };
-template <> struct Convert<__half> {
+template <>
+struct Convert<__half> {
   __device__ static float load(__half v) { return __half2float(v); }
   __device__ static __half store(float v) { return __float2half_rn(v); }
 };
-template <> struct Convert<__nv_bfloat16> {
+template <>
+struct Convert<__nv_bfloat16> {
   __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
-struct Strides3 { int64_t s0, s1, s2; };
-struct Strides2 { int64_t s0, s1; };
+struct Strides3 {
+  int64_t s0, s1, s2;
+};
+struct Strides2 {
+  int64_t s0, s1;
+};
 
 // blockDim = (32, HEADS_PER_BLOCK): x walks head_dim, y picks the head; grid.x covers rows*heads.
 template <typename T>
@@ -97,19 +105,22 @@ cudaError_t launch(void* o, float* lse_out, const void* o1, const float* lse1, c
 
 }  // namespace
 
-cudaError_t merge_attention_states(
-    DType dtype, void* o, float* lse_out, const void* o1, const float* lse1, const void* o2,
-    const float* lse2, int64_t rows, int64_t heads, int64_t head_dim,
-    const int64_t o_strides[3], const int64_t o1_strides[3], const int64_t o2_strides[3],
-    const int64_t lse_out_strides[2], const int64_t lse1_strides[2], const int64_t lse2_strides[2],
-    cudaStream_t stream) {
+cudaError_t merge_attention_states(DType dtype, void* o, float* lse_out, const void* o1,
+                                   const float* lse1, const void* o2, const float* lse2,
+                                   int64_t rows, int64_t heads, int64_t head_dim,
+                                   const int64_t o_strides[3], const int64_t o1_strides[3],
+                                   const int64_t o2_strides[3], const int64_t lse_out_strides[2],
+                                   const int64_t lse1_strides[2], const int64_t lse2_strides[2],
+                                   cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
       return launch<float>(o, lse_out, o1, lse1, o2, lse2, rows, heads, head_dim, o_strides,
-                           o1_strides, o2_strides, lse_out_strides, lse1_strides, lse2_strides, stream);
+                           o1_strides, o2_strides, lse_out_strides, lse1_strides, lse2_strides,
+                           stream);
     case DType::kFloat16:
       return launch<__half>(o, lse_out, o1, lse1, o2, lse2, rows, heads, head_dim, o_strides,
-                            o1_strides, o2_strides, lse_out_strides, lse1_strides, lse2_strides, stream);
+                            o1_strides, o2_strides, lse_out_strides, lse1_strides, lse2_strides,
+                            stream);
     case DType::kBFloat16:
       return launch<__nv_bfloat16>(o, lse_out, o1, lse1, o2, lse2, rows, heads, head_dim, o_strides,
                                    o1_strides, o2_strides, lse_out_strides, lse1_strides,

@@ -38,8 +38,8 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kChunk = 32;                 // int4 elements per lane and step (16 bytes)
-constexpr uint32_t kMagic = 0x4B000000u;   // bit pattern of 2^23
+constexpr int kChunk = 32;                // int4 elements per lane and step (16 bytes)
+constexpr uint32_t kMagic = 0x4B000000u;  // bit pattern of 2^23
 
 struct QGemvParams {
   void* out;
@@ -48,14 +48,16 @@ struct QGemvParams {
   int64_t ldx;
   const uint8_t* qweight;
   const float* scales;
-  const uint8_t* zeros;   // nullptr: symmetric
-  const float* bias;      // nullptr: no bias
+  const uint8_t* zeros;  // nullptr: symmetric
+  const float* bias;     // nullptr: no bias
   int batch;
   int64_t n, k, group_size, groups;
 };
 
-template <typename T> struct Act;
-template <> struct Act<__half> {
+template <typename T>
+struct Act;
+template <>
+struct Act<__half> {
   __device__ static float load(const __half* p) { return __half2float(*p); }
   __device__ static void load8(const __half* p, float f[8]) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
@@ -69,7 +71,8 @@ template <> struct Act<__half> {
   }
   __device__ static __half store(float v) { return __float2half_rn(v); }
 };
-template <> struct Act<__nv_bfloat16> {
+template <>
+struct Act<__nv_bfloat16> {
   __device__ static float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   __device__ static void load8(const __nv_bfloat16* p, float f[8]) {
     const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
@@ -261,14 +264,15 @@ cudaError_t qgemv_int4(DType dtype, void* out, int64_t ldo, const void* x, int64
   if (group_size % kChunk != 0 && group_size != k) return cudaErrorInvalidValue;
   if (k % group_size != 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  QGemvParams p{out, ldo, x, ldx, qweight, scales, zeros, bias, static_cast<int>(batch), n, k,
-                group_size, k / group_size};
+  QGemvParams p{
+      out, ldo, x,          ldx,           qweight, scales, zeros, bias, static_cast<int>(batch),
+      n,   k,   group_size, k / group_size};
   // 128-bit loads: whole 16-byte chunks in every row, aligned rows and x rows.
   const bool vec = (k % kChunk) == 0 && aligned16(qweight) && aligned16(x) && (ldx % 8) == 0;
   switch (dtype) {
-    case DType::kFloat16: return dispatch_vec<__half>(p, vec, stream);
+    case DType::kFloat16:  return dispatch_vec<__half>(p, vec, stream);
     case DType::kBFloat16: return dispatch_vec<__nv_bfloat16>(p, vec, stream);
-    default: return cudaErrorInvalidValue;
+    default:               return cudaErrorInvalidValue;
   }
 }
 

@@ -6,6 +6,7 @@ custom op, which builds the canonical strided views of docs/attention_kernel_con
 the backend. ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op with a fake
 implementation.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,18 +49,30 @@ class AttentionCall:
     return_lse: bool
 
     def __str__(self):
-        extras = [n for n, on in (("varlen", self.varlen), ("causal", self.causal),
-                                  ("key_bias", self.has_bias), ("lse", self.return_lse)) if on]
+        extras = [
+            n
+            for n, on in (
+                ("varlen", self.varlen),
+                ("causal", self.causal),
+                ("key_bias", self.has_bias),
+                ("lse", self.return_lse),
+            )
+            if on
+        ]
         if self.scores:
             extras.append(f"scores={self.scores!r}")
-        return (f"attention({self.dtype_name} on {self.device_type}, D={self.head_dim}, "
-                f"Dv={self.head_dim_v}, Hq={self.num_heads_q}, Hkv={self.num_heads_kv}"
-                + (", " + ", ".join(extras) if extras else "") + ")")
+        return (
+            f"attention({self.dtype_name} on {self.device_type}, D={self.head_dim}, "
+            f"Dv={self.head_dim_v}, Hq={self.num_heads_q}, Hkv={self.num_heads_kv}"
+            + (", " + ", ".join(extras) if extras else "")
+            + ")"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks (once, before dispatch)
 # ----------------------------------------------------------------------------------------------
+
 
 def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} on {t.device}"
@@ -87,15 +100,17 @@ def _check_cu_seqlens(name, cu, total, batch, max_name, max_seqlen):
     if cu.dim() != 1 or cu.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D of length batch+1, got shape {list(cu.shape)}")
     if batch is not None and cu.shape[0] != batch:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch+1): "
-                         f"got {batch} and {cu.shape[0]}")
-    if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool)
-                                   or max_seqlen < 0):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch+1): got {batch} and {cu.shape[0]}"
+        )
+    if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0):
         raise TypeError(f"{max_name} must be a non-negative Python int, got {max_seqlen!r}")
     if not _values_checkable(cu):
         if max_seqlen is None:
-            raise ValueError(f"{max_name} is required under torch.compile / CUDA-graph capture "
-                             "(it cannot be read from cu_seqlens without a host sync)")
+            raise ValueError(
+                f"{max_name} is required under torch.compile / CUDA-graph capture "
+                "(it cannot be read from cu_seqlens without a host sync)"
+            )
         return max_seqlen
     return _check_cu_values(name, cu.tolist(), total, max_name, max_seqlen)
 
@@ -110,14 +125,12 @@ def _check_cu_values(name, values, total, max_name, max_seqlen):
     if any(n < 0 for n in lengths):
         raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != total:
-        raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), "
-                         f"got {values[-1]}")
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {values[-1]}")
     longest = max(lengths, default=0)
     if max_seqlen is None:
         return longest
     if max_seqlen < longest:
-        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in "
-                         f"{name} ({longest})")
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({longest})")
     return max_seqlen
 
 
@@ -141,10 +154,8 @@ def _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
     if cu_seqlens_q.device.type != "cpu" or cu_seqlens_k.device.type != "cpu":
         return
-    _check_cu_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], "max_seqlen_q",
-                     max_seqlen_q)
-    _check_cu_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], "max_seqlen_k",
-                     max_seqlen_k)
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0], "max_seqlen_q", max_seqlen_q)
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0], "max_seqlen_k", max_seqlen_k)
 
 
 def _check_bias(key_bias, q, batch, num_heads, num_keys, varlen):
@@ -157,16 +168,32 @@ def _check_bias(key_bias, q, batch, num_heads, num_keys, varlen):
         ok = key_bias.shape in ((num_keys,), (num_keys, num_heads))
         expected = f"({num_keys},) or ({num_keys}, {num_heads}) for packed (varlen) keys"
     else:
-        ok = (key_bias.dim() in (2, 3) and key_bias.shape[0] in (1, batch)
-              and key_bias.shape[-1] == num_keys
-              and (key_bias.dim() == 2 or key_bias.shape[1] == num_heads))
+        ok = (
+            key_bias.dim() in (2, 3)
+            and key_bias.shape[0] in (1, batch)
+            and key_bias.shape[-1] == num_keys
+            and (key_bias.dim() == 2 or key_bias.shape[1] == num_heads)
+        )
         expected = f"(B, Lk) = ({batch}, {num_keys}) or (B, Hq, Lk) = ({batch}, {num_heads}, {num_keys})"
     if not ok:
         raise ValueError(f"key_bias must have shape {expected}, got {list(key_bias.shape)}")
 
 
-def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                    max_seqlen_k, scores, return_lse, backend) -> Tuple[int, int]:
+def check_arguments(
+    q,
+    k,
+    v,
+    causal,
+    scale,
+    key_bias,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scores,
+    return_lse,
+    backend,
+) -> Tuple[int, int]:
     """Validate everything; return the (possibly derived) ``max_seqlen_q, max_seqlen_k``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_tensor(name, t)
@@ -175,12 +202,12 @@ def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, "
-                         f"v {v.device}")
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     if scores not in reference.SCORES_MODES:
         raise ValueError(f"scores must be one of None, 'cls', 'last', 'mean'; got {scores!r}")
@@ -191,8 +218,7 @@ def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k
 
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     rank = 3 if varlen else 4
-    layout = ("(T, H, D) packed layout (cu_seqlens given)" if varlen
-              else "(B, H, L, D) layout (no cu_seqlens)")
+    layout = "(T, H, D) packed layout (cu_seqlens given)" if varlen else "(B, H, L, D) layout (no cu_seqlens)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D in the {layout}, got shape {list(t.shape)}")
@@ -205,8 +231,9 @@ def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got q {_describe(q)}, k {_describe(k)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of "
-                         f"key/value heads ({hkv}) (GQA/MQA)")
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv}) (GQA/MQA)"
+        )
     if d == 0 or v.shape[-1] == 0:
         raise ValueError(f"head dims must be positive, got q {_describe(q)}, v {_describe(v)}")
 
@@ -217,10 +244,10 @@ def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k
             _require_tensor(name, cu)
             if cu.device != q.device:
                 raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None,
-                                         "max_seqlen_q", max_seqlen_q)
-        max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0],
-                                         cu_seqlens_q.shape[0], "max_seqlen_k", max_seqlen_k)
+        max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, "max_seqlen_q", max_seqlen_q)
+        max_seqlen_k = _check_cu_seqlens(
+            "cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.shape[0], "max_seqlen_k", max_seqlen_k
+        )
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("max_seqlen_q / max_seqlen_k are only used with cu_seqlens (varlen)")
@@ -233,15 +260,24 @@ def check_arguments(q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k
 def describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse) -> AttentionCall:
     h_axis = 1
     return AttentionCall(
-        device_type=q.device.type, dtype_name=str(q.dtype).replace("torch.", ""),
-        head_dim=q.shape[-1], head_dim_v=v.shape[-1], num_heads_q=q.shape[h_axis],
-        num_heads_kv=k.shape[h_axis], varlen=varlen, causal=causal,
-        has_bias=key_bias is not None, scores=scores, return_lse=return_lse)
+        device_type=q.device.type,
+        dtype_name=str(q.dtype).replace("torch.", ""),
+        head_dim=q.shape[-1],
+        head_dim_v=v.shape[-1],
+        num_heads_q=q.shape[h_axis],
+        num_heads_kv=k.shape[h_axis],
+        varlen=varlen,
+        causal=causal,
+        has_bias=key_bias is not None,
+        scores=scores,
+        return_lse=return_lse,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Canonical views and the custom op
 # ----------------------------------------------------------------------------------------------
+
 
 def _output_shapes(q, k, v, varlen):
     dv = v.shape[-1]
@@ -276,11 +312,21 @@ def _poison_requested() -> bool:
 
 
 @torch.library.custom_op("mmkernels::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
-                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
-                  scores_mode: int, return_lse: bool, backend: str
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_bias: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    scores_mode: int,
+    return_lse: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
     if varlen:
         _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -311,23 +357,53 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Optional[Tensor],
     # Selection runs here, at execution time, so that tracing never enters the registry.
     call = describe_call(q, k, v, causal, key_bias, varlen, _SCORES_NAMES[scores_mode], return_lse)
     chosen = _dispatch.select(OP, call, q.device.type, backend or None)
-    chosen.run(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-        scores_mode, out4, lse3, scores2)
+    chosen.run(
+        q4,
+        k4,
+        v4,
+        bias3,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        scores_mode,
+        out4,
+        lse3,
+        scores2,
+    )
     return out, lse, scores
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    causal, scale, scores_mode, return_lse, backend):
+def _attention_fake(
+    q,
+    k,
+    v,
+    key_bias,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    return_lse,
+    backend,
+):
     out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, cu_seqlens_q is not None)
-    return (_new_out(q, out_shape, cu_seqlens_q is not None),
-            q.new_empty(lse_shape if return_lse else (0,), dtype=torch.float32),
-            q.new_empty(scores_shape if scores_mode else (0,), dtype=torch.float32))
+    return (
+        _new_out(q, out_shape, cu_seqlens_q is not None),
+        q.new_empty(lse_shape if return_lse else (0,), dtype=torch.float32),
+        q.new_empty(scores_shape if scores_mode else (0,), dtype=torch.float32),
+    )
 
 
 # Autograd: the backward recomputes the forward through the reference (float32 math for half
 # inputs) and differentiates it. Correct for every backend; a fused backward kernel is future work.
 # ``scores`` are not differentiable (they are importance signals for pruning).
+
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, key_bias, cu_q, cu_k, _mq, _mk, causal, scale, _scores_mode, return_lse, _b) = inputs
@@ -344,8 +420,9 @@ def _backward(ctx, grad_out, grad_lse, _grad_scores):
         if key_bias is not None and ctx.needs_input_grad[3]:
             bias_leaf = key_bias.detach().to(compute).requires_grad_(True)
         bias = bias_leaf if bias_leaf is not None else key_bias
-        out, lse = reference_attention(*leaves, key_bias=bias, cu_seqlens_q=cu_q,
-                                       cu_seqlens_k=cu_k, causal=ctx.causal, scale=ctx.scale)
+        out, lse = reference_attention(
+            *leaves, key_bias=bias, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=ctx.causal, scale=ctx.scale
+        )
         targets, grads = [out], [grad_out.to(compute)]
         if ctx.return_lse and grad_lse is not None and grad_lse.numel():
             finite = torch.isfinite(lse)
@@ -361,11 +438,18 @@ def _backward(ctx, grad_out, grad_lse, _grad_scores):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_bias: Optional[Tensor] = None,
-                        cu_seqlens_q: Optional[Tensor] = None,
-                        cu_seqlens_k: Optional[Tensor] = None, causal: bool = False,
-                        scale: Optional[float] = None, scores: Optional[str] = None
-                        ) -> Tuple[Tensor, ...]:
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_bias: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    scores: Optional[str] = None,
+) -> Tuple[Tensor, ...]:
     """Differentiable reference on the public layouts: returns ``(out, lse)`` (and scores when
     asked, as a third element). Used by the backward pass and by tests as the oracle."""
     varlen = cu_seqlens_q is not None
@@ -373,15 +457,21 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_bias: Optional[T
     outs, lses, score_list = [], [], []
     if varlen:
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        pieces = [(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1), v[c:e].transpose(0, 1),
-                   None if key_bias is None else (key_bias[c:e] if key_bias.dim() == 1
-                                                  else key_bias[c:e].t()))
-                  for a, b, c, e in zip(cq[:-1], cq[1:], ck[:-1], ck[1:])]
+        pieces = [
+            (
+                q[a:b].transpose(0, 1),
+                k[c:e].transpose(0, 1),
+                v[c:e].transpose(0, 1),
+                None if key_bias is None else (key_bias[c:e] if key_bias.dim() == 1 else key_bias[c:e].t()),
+            )
+            for a, b, c, e in zip(cq[:-1], cq[1:], ck[:-1], ck[1:])
+        ]
     else:
         nb = q.shape[0]
-        pieces = [(q[i], k[i], v[i],
-                   None if key_bias is None else key_bias[i if key_bias.shape[0] > 1 else 0])
-                  for i in range(nb)]
+        pieces = [
+            (q[i], k[i], v[i], None if key_bias is None else key_bias[i if key_bias.shape[0] > 1 else 0])
+            for i in range(nb)
+        ]
     for qs, ks, vs, bs in pieces:
         o, lse, p = reference.sequence_attention(qs, ks, vs, bs, causal=causal, scale=scale)
         if varlen:
@@ -401,12 +491,23 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, key_bias: Optional[T
 # Public entry point
 # ----------------------------------------------------------------------------------------------
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-              scale: Optional[float] = None, key_bias: Optional[Tensor] = None,
-              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-              scores: Optional[str] = None, return_lse: bool = False,
-              backend: Optional[str] = None) -> Union[Tensor, AttentionOutput]:
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    key_bias: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    scores: Optional[str] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+) -> Union[Tensor, AttentionOutput]:
     """Fused scaled-dot-product attention with per-key bias, varlen, GQA and per-key scores.
 
     Dense layout (like ``F.scaled_dot_product_attention``): q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``,
@@ -439,12 +540,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     sees key ``j``. A row that sees no key stays 0 with lse ``-inf`` whatever q holds.
     """
     max_seqlen_q, max_seqlen_k = check_arguments(
-        q, k, v, causal, scale, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        scores, return_lse, backend)
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        key_bias,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scores,
+        return_lse,
+        backend,
+    )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse, score = _attention_op(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, causal, scale, reference.SCORES_MODES[scores],
-                                    return_lse, backend or "")
+    out, lse, score = _attention_op(
+        q,
+        k,
+        v,
+        key_bias,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        reference.SCORES_MODES[scores],
+        return_lse,
+        backend or "",
+    )
     if scores is None and not return_lse:
         return out
     return AttentionOutput(out, lse if return_lse else None, score if scores else None)

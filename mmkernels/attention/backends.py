@@ -6,6 +6,7 @@ CPU tensors -> torch (PyTorch's SDPA, only where its auto rule takes the call: o
 calls our cpu kernel cannot take), cpu, reference. The Triton backend also runs CPU tensors under
 ``TRITON_INTERPRET=1``, but only when asked for explicitly (that is how it is tested without a GPU).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,17 +20,21 @@ from .api import OP, AttentionCall
 MAX_HEAD_DIM = 256
 HEAD_DIMS = _dispatch.HeadDims(8, MAX_HEAD_DIM, 8)
 
-_dispatch.define_op(OP, features={
-    "varlen": lambda c: c.varlen,
-    "causal": lambda c: c.causal,
-    "key_bias": lambda c: c.has_bias,
-    "scores": lambda c: bool(c.scores),
-    "lse": lambda c: c.return_lse,
-    "gqa": lambda c: c.num_heads_q != c.num_heads_kv,
-})
+_dispatch.define_op(
+    OP,
+    features={
+        "varlen": lambda c: c.varlen,
+        "causal": lambda c: c.causal,
+        "key_bias": lambda c: c.has_bias,
+        "scores": lambda c: bool(c.scores),
+        "lse": lambda c: c.return_lse,
+        "gqa": lambda c: c.num_heads_q != c.num_heads_kv,
+    },
+)
 
 
 # --- cuda -------------------------------------------------------------------------------------
+
 
 def _cuda_availability():
     return False, "no CUDA C++ attention kernel yet (Triton serves CUDA tensors)"
@@ -40,14 +45,16 @@ def _cuda_run(*args):  # pragma: no cover - never selected while unavailable
 
 
 CUDA = _dispatch.Backend(
-    "cuda", _cuda_run, devices=("cuda",), availability=_cuda_availability,
-    notes="build path + nvcc compile gate only")
+    "cuda", _cuda_run, devices=("cuda",), availability=_cuda_availability, notes="build path + nvcc compile gate only"
+)
 
 
 # --- triton -----------------------------------------------------------------------------------
 
+
 def _triton_availability():
     from .._triton_support import is_available
+
     return is_available()
 
 
@@ -57,38 +64,54 @@ def _triton_check(call: AttentionCall) -> List[str]:
     reasons = []
     if call.device_type == "cpu" and not mod._module_is_interpreted(mod):
         reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is first imported")
-    if (call.device_type == "cuda" and call.dtype_name == "float32"
-            and max(call.head_dim, call.head_dim_v) > 128 and not mod.interpreter_active()):
+    if (
+        call.device_type == "cuda"
+        and call.dtype_name == "float32"
+        and max(call.head_dim, call.head_dim_v) > 128
+        and not mod.interpreter_active()
+    ):
         reasons.append("float32 with head dim > 128 on the GPU (the kernel would spill registers)")
     return reasons
 
 
 TRITON = _dispatch.Backend(
-    "triton", "mmkernels.attention.triton:attention_forward", devices=("cuda", "cpu"),
-    auto_devices=("cuda",), dtypes=("float16", "bfloat16", "float32"),
+    "triton",
+    "mmkernels.attention.triton:attention_forward",
+    devices=("cuda", "cpu"),
+    auto_devices=("cuda",),
+    dtypes=("float16", "bfloat16", "float32"),
     dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
-    head_dims=HEAD_DIMS, check=_triton_check, availability=_triton_availability,
+    head_dims=HEAD_DIMS,
+    check=_triton_check,
+    availability=_triton_availability,
     devices_note="cpu under TRITON_INTERPRET=1, when asked for",
-    notes="FlashAttention-2 style forward + score pass reusing the LSE; f32 D > 128 not on the GPU")
+    notes="FlashAttention-2 style forward + score pass reusing the LSE; f32 D > 128 not on the GPU",
+)
 
 
 # --- cpu (C++ extension) ------------------------------------------------------------------------
 
 CPU = _dispatch.Backend(
-    "cpu", "mmkernels.attention.cpu:attention_forward", devices=("cpu",),
+    "cpu",
+    "mmkernels.attention.cpu:attention_forward",
+    devices=("cpu",),
     dtypes=("float32", "bfloat16"),
-    dtype_notes={"float16": "float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 "
-                            "or float32",
-                 "float64": "float64 is the reference's (the test oracle; the kernel computes in "
-                            "float32)"},
-    head_dims=HEAD_DIMS, availability=lambda: _EXT.availability("attention_fwd"),
-    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time")
+    dtype_notes={
+        "float16": "float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 or float32",
+        "float64": "float64 is the reference's (the test oracle; the kernel computes in float32)",
+    },
+    head_dims=HEAD_DIMS,
+    availability=lambda: _EXT.availability("attention_fwd"),
+    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time",
+)
 
 
 # --- torch (PyTorch's CPU flash attention, the kernel of F.scaled_dot_product_attention) ----------
 
+
 def _torch_availability():
     import torch
+
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         return True, ""
     return False, f"torch {torch.__version__} has no aten._scaled_dot_product_flash_attention_for_cpu"
@@ -110,32 +133,43 @@ def _torch_auto_rule(call: AttentionCall):
         return True, "our cpu kernel cannot take it; SDPA beats the reference"
     klass = cpu_class()
     if klass == "amx":
-        return True, ("AMX CPU: oneDNN's SDPA beats our AVX-512 kernel (Intel AMX: ours 0.26-0.44x "
-                      "its speed in bf16, 0.80-1.03x in fp32)")
-    return False, (f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA "
-                   "in fp32, 2.74x in bf16)")
+        return True, (
+            "AMX CPU: oneDNN's SDPA beats our AVX-512 kernel (Intel AMX: ours 0.26-0.44x "
+            "its speed in bf16, 0.80-1.03x in fp32)"
+        )
+    return False, (f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in bf16)")
 
 
 TORCH = _dispatch.Backend(
-    "torch", "mmkernels.attention.sdpa:attention_forward", devices=("cpu",),
+    "torch",
+    "mmkernels.attention.sdpa:attention_forward",
+    devices=("cpu",),
     dtypes=("float32", "bfloat16", "float16"),
     dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
     features=("key_bias", "lse", "gqa"),
-    feature_notes={"causal": "causal: SDPA's is_causal is top-left aligned and reads masked keys "
-                             "(docs/nan_semantics.md says they are never read)",
-                   "scores": "scores: SDPA forms no per-key probabilities",
-                   "varlen": "varlen (cu_seqlens) is not served (SDPA is dense)"},
-    check=_torch_check, availability=_torch_availability, auto_rule=_torch_auto_rule,
+    feature_notes={
+        "causal": "causal: SDPA's is_causal is top-left aligned and reads masked keys "
+        "(docs/nan_semantics.md says they are never read)",
+        "scores": "scores: SDPA forms no per-key probabilities",
+        "varlen": "varlen (cu_seqlens) is not served (SDPA is dense)",
+    },
+    check=_torch_check,
+    availability=_torch_availability,
+    auto_rule=_torch_auto_rule,
     notes="aten._scaled_dot_product_flash_attention_for_cpu (SDPA's CPU kernel, with its LSE); "
-          "key_bias as a float32 mask; a +-inf in q / k, or a -inf-masked key next to a "
-          "non-finite k / v, is computed by the reference (exact NaN semantics)")
+    "key_bias as a float32 mask; a +-inf in q / k, or a -inf-masked key next to a "
+    "non-finite k / v, is computed by the reference (exact NaN semantics)",
+)
 
 
 # --- reference ------------------------------------------------------------------------------
 
 REFERENCE = _dispatch.Backend(
-    "reference", "mmkernels.attention.reference:attention_forward", devices=None,
-    notes="materialises (H, Lq, Lk) per sequence; the spec")
+    "reference",
+    "mmkernels.attention.reference:attention_forward",
+    devices=None,
+    notes="materialises (H, Lq, Lk) per sequence; the spec",
+)
 
 # Registration order is the auto-selection priority.
 for _backend in (CUDA, TRITON, TORCH, CPU, REFERENCE):

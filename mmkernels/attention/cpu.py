@@ -8,6 +8,7 @@ everything else about the layout (batch, head and sequence strides) is used as g
 The code path (AVX-512 with BF16 dot products, AVX-512, AVX2, scalar) is chosen from CPUID on
 every call; ``MMKERNELS_CPU_ISA=avx512_bf16|avx512|avx2|scalar`` forces a lower one.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,7 +26,7 @@ def is_available() -> bool:
 
 
 def __getattr__(name: str):
-    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+    if name == "LOAD_ERROR":  # why the extension is unavailable ("" when it loads)
         return _EXT.availability(REQUIRED_OP)[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -41,22 +42,47 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
-def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, scale, scores_mode, out4, lse3, scores2) -> None:
+def attention_forward(
+    q4,
+    k4,
+    v4,
+    bias3,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    out4,
+    lse3,
+    scores2,
+) -> None:
     """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
     ops = _EXT.require(REQUIRED_OP)
     q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
-    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32
-                                     or not cu_seqlens_q.is_contiguous()):
+    if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous()):
         cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
-    if cu_seqlens_k is not None and (cu_seqlens_k.dtype != torch.int32
-                                     or not cu_seqlens_k.is_contiguous()):
+    if cu_seqlens_k is not None and (cu_seqlens_k.dtype != torch.int32 or not cu_seqlens_k.is_contiguous()):
         cu_seqlens_k = cu_seqlens_k.to(torch.int32).contiguous()
     target = out4
     if out4.size(-1) > 1 and out4.stride(-1) != 1:
         target = torch.empty(out4.shape, dtype=out4.dtype, device=out4.device)
     ops.attention_fwd(
-        q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        bool(causal), float(scale), int(scores_mode), target, lse3, scores2)
+        q4,
+        k4,
+        v4,
+        bias3,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        bool(causal),
+        float(scale),
+        int(scores_mode),
+        target,
+        lse3,
+        scores2,
+    )
     if target is not out4:
         out4.copy_(target)

@@ -23,6 +23,7 @@ docs/nan_semantics.md states the same rules for every op of the library.
 This module materialises the ``(H, Lq, Lk)`` matrix on purpose: it is the readable spec and the
 float64 oracle of the tests, not a fast path.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,9 +60,9 @@ def sequence_attention(q, k, v, bias=None, *, causal=False, scale=None):
     logits = logits.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     lse = torch.where(lse == float("inf"), float("nan"), lse)  # a +inf logit: NaN row
-    empty = (lse == float("-inf"))[..., None]                   # fully masked row: p = 0
+    empty = (lse == float("-inf"))[..., None]  # fully masked row: p = 0
     p = torch.exp(logits - torch.where(empty, 0, lse[..., None]))
-    p = torch.where(visible, p, 0)                              # NaN rows: NaN on visible keys only
+    p = torch.where(visible, p, 0)  # NaN rows: NaN on visible keys only
     bad_v = ~torch.isfinite(v)
     out = p.to(v.dtype) @ v.masked_fill(bad_v, 0)
     # NaN / inf in v[j, c]: NaN in column c of every row that sees key j
@@ -79,9 +80,23 @@ def sequence_scores(p, mode: int):
     return rows.mean(dim=(0, 1))
 
 
-def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, scale, scores_mode, out4, lse3, scores2,
-                      compute_dtype: Optional[torch.dtype] = None):
+def attention_forward(
+    q4,
+    k4,
+    v4,
+    bias3,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    out4,
+    lse3,
+    scores2,
+    compute_dtype: Optional[torch.dtype] = None,
+):
     """Backend entry point on the canonical views (docs/attention_kernel_contract.md).
 
     Computes in ``compute_dtype``: float32 for half-precision inputs unless told otherwise, the

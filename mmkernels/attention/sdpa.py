@@ -22,6 +22,7 @@ costs one pass over ``q`` and ``k`` (and ``v`` with a ``-inf`` bias), small besi
 attention. A ``±inf`` in ``v`` gives ``±inf`` in SDPA's output where the spec says NaN: such
 elements are turned into NaN (only an infinite ``v`` can make an infinite output).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,23 +41,53 @@ def _heads(t: torch.Tensor, hq: int) -> torch.Tensor:
     return t[:, :, None].expand(t.shape[0], hkv, g, *t.shape[2:]).reshape(t.shape[0], hq, *t.shape[2:])
 
 
-def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, scale, scores_mode, out4, lse3, scores2) -> None:
+def attention_forward(
+    q4,
+    k4,
+    v4,
+    bias3,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    out4,
+    lse3,
+    scores2,
+) -> None:
     """Writes out4 (and lse3 when given) as the contract specifies, for the calls the backend
     declares (dense, not causal, no scores, D == Dv)."""
     if causal or cu_seqlens_q is not None or scores_mode or q4.shape[-1] != v4.shape[-1]:
-        raise ValueError("the torch attention backend serves dense, non-causal calls without "
-                         "scores and with D == Dv (dispatch checks this)")
+        raise ValueError(
+            "the torch attention backend serves dense, non-causal calls without "
+            "scores and with D == Dv (dispatch checks this)"
+        )
     rare = not (bool(torch.isfinite(q4).all()) and bool(torch.isfinite(k4).all()))
     masked = None
     if bias3 is not None and not rare:
         is_masked = bias3 == _NEG_INF
         if bool(is_masked.any()):
             rare = not bool(torch.isfinite(v4).all())
-            masked = is_masked.all(-1)                      # (B, Hq): rows that see no key
+            masked = is_masked.all(-1)  # (B, Hq): rows that see no key
     if rare:
-        reference.attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, causal, scale, scores_mode, out4, lse3, scores2)
+        reference.attention_forward(
+            q4,
+            k4,
+            v4,
+            bias3,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal,
+            scale,
+            scores_mode,
+            out4,
+            lse3,
+            scores2,
+        )
         return
     hq = q4.shape[1]
     mask = None
@@ -64,8 +95,9 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         # float32 mask even for half q: the bias is added in float32, as the spec does
         mask = bias3.to(torch.float32)[:, :, None, :]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q4, _heads(k4, hq), _heads(v4, hq), 0.0, False, attn_mask=mask, scale=float(scale))
-    out = out.masked_fill(torch.isinf(out), float("nan"))   # an inf in v: NaN, as the spec says
+        q4, _heads(k4, hq), _heads(v4, hq), 0.0, False, attn_mask=mask, scale=float(scale)
+    )
+    out = out.masked_fill(torch.isinf(out), float("nan"))  # an inf in v: NaN, as the spec says
     if masked is not None:
         out = out.masked_fill(masked[:, :, None, None], 0.0)
         lse = lse.masked_fill(masked[:, :, None], _NEG_INF)

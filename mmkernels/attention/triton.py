@@ -42,6 +42,7 @@ Whether ``@triton.jit`` functions (Triton's own ``tl.zeros`` & co. included) are
 is fixed when triton is first imported: CPU tensors therefore need ``TRITON_INTERPRET=1`` set before that
 (tests/conftest.py does), and the compile gate compiles in fresh worker processes without it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -49,8 +50,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
-                               tl, triton)
+from .._triton_support import (
+    CompileTarget,
+    interpreter_active,
+    is_available,  # noqa: F401
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634
 SCORES_NONE, SCORES_CLS, SCORES_LAST, SCORES_MEAN = 0, 1, 2, 3
@@ -74,19 +80,45 @@ def block_d(head_dim: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, K_head, V_head, Bias_head, start_n, offs_m, offs_n, offs_d, offs_dv,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bn,
-                  len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
-                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+    def _fwd_tile(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_head,
+        V_head,
+        Bias_head,
+        start_n,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_bn,
+        len_k,
+        causal_shift,
+        head_dim,
+        head_dim_v,
+        qk_scale,
+        use_bias,
+        MASKED: tl.constexpr,
+        IS_CAUSAL: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
         """One key tile of the online softmax. MASKED=False: every key valid for every row."""
         keys = start_n + offs_n
         d_ok = offs_d < head_dim
         dv_ok = offs_dv < head_dim_v
-        k_ptrs = K_head + tl.cast(start_n, tl.int64) * stride_kn \
-            + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd          # (BLOCK_D, BLOCK_N) = K^T
-        v_ptrs = V_head + tl.cast(start_n, tl.int64) * stride_vn \
-            + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd         # (BLOCK_N, BLOCK_DV)
+        k_ptrs = (
+            K_head + tl.cast(start_n, tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        )  # (BLOCK_D, BLOCK_N) = K^T
+        v_ptrs = (
+            V_head + tl.cast(start_n, tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+        )  # (BLOCK_N, BLOCK_DV)
         # Key bias, branch-free: without a bias the load is masked off and adds 0 (one FADD per
         # logit; it saves a kernel variant per config). A key whose bias is -inf is never read:
         # its V load is masked off (so P = 0 cannot meet a NaN there) and its logit is -inf.
@@ -140,16 +172,52 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, Bias, Out, Lse, CuQ, CuK,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_bb, stride_bh, stride_bn,
-        stride_ob, stride_oh, stride_om, stride_od,
-        stride_lb, stride_lh, stride_lm,
-        seqlen_q, seqlen_k, head_dim8, head_dim_v8, kv_group, qk_scale, is_varlen, write_lse, has_bias,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        Q,
+        K,
+        V,
+        Bias,
+        Out,
+        Lse,
+        CuQ,
+        CuK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_bb,
+        stride_bh,
+        stride_bn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        stride_lb,
+        stride_lh,
+        stride_lm,
+        seqlen_q,
+        seqlen_k,
+        head_dim8,
+        head_dim_v8,
+        kv_group,
+        qk_scale,
+        is_varlen,
+        write_lse,
+        has_bias,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        IS_CAUSAL: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         # D and Dv arrive divided by 8 (the contract makes them multiples of 8) so that the compiler
         # knows the head-dim masks are constant over 8 lanes and keeps 16-byte vector loads.
@@ -171,8 +239,14 @@ if triton is not None:
         # (that needs a host sync), so a malformed one leaves rows unwritten but is never read or
         # written out of bounds. (A branch, not a clamp of the extents: clamping made ptxas spill
         # in several compile-gate configs.)
-        if (start_m >= len_q) | (q_start < 0) | (q_start + len_q > seqlen_q) | (k_start < 0) \
-                | (len_k < 0) | (k_start + len_k > seqlen_k):
+        if (
+            (start_m >= len_q)
+            | (q_start < 0)
+            | (q_start + len_q > seqlen_q)
+            | (k_start < 0)
+            | (len_k < 0)
+            | (k_start + len_k > seqlen_k)
+        ):
             return
         batch = tl.where(varlen, 0, b).to(tl.int64)
         kv_h = tl.cast(h // kv_group, tl.int64)
@@ -185,8 +259,14 @@ if triton is not None:
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < len_q
 
-        q_ptrs = Q + batch * stride_qb + h64 * stride_qh + tl.cast(q_start + start_m, tl.int64) * stride_qm \
-            + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = (
+            Q
+            + batch * stride_qb
+            + h64 * stride_qh
+            + tl.cast(q_start + start_m, tl.int64) * stride_qm
+            + tl.arange(0, BLOCK_M)[:, None] * stride_qm
+            + offs_d[None, :] * stride_qd
+        )
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -211,26 +291,80 @@ if triton is not None:
 
         # 1) unmasked tiles
         for start_n in range(0, full_hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_head, V_head, Bias_head, start_n,
-                                      offs_m, offs_n, offs_d, offs_dv,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_bn,
-                                      len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
-                                      False, IS_CAUSAL, UPCAST, DOT_PRECISION)
+            acc, m_i, l_i = _fwd_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_head,
+                V_head,
+                Bias_head,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                offs_dv,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_bn,
+                len_k,
+                causal_shift,
+                head_dim,
+                head_dim_v,
+                qk_scale,
+                use_bias,
+                False,
+                IS_CAUSAL,
+                UPCAST,
+                DOT_PRECISION,
+            )
         # 2) the causal diagonal and the ragged last tile
         for start_n in range(full_hi, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_head, V_head, Bias_head, start_n,
-                                      offs_m, offs_n, offs_d, offs_dv,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_bn,
-                                      len_k, causal_shift, head_dim, head_dim_v, qk_scale, use_bias,
-                                      True, IS_CAUSAL, UPCAST, DOT_PRECISION)
+            acc, m_i, l_i = _fwd_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                K_head,
+                V_head,
+                Bias_head,
+                start_n,
+                offs_m,
+                offs_n,
+                offs_d,
+                offs_dv,
+                stride_kn,
+                stride_kd,
+                stride_vn,
+                stride_vd,
+                stride_bn,
+                len_k,
+                causal_shift,
+                head_dim,
+                head_dim_v,
+                qk_scale,
+                use_bias,
+                True,
+                IS_CAUSAL,
+                UPCAST,
+                DOT_PRECISION,
+            )
 
         # Fully masked rows (l = 0): out 0, lse -inf. NaN rows (l NaN): out and lse NaN.
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         # |out| <= max |V| for finite V: an inf here came from an inf in V, which gives NaN.
         acc = tl.where(tl.abs(acc) == float("inf"), float("nan"), acc)
-        o_ptrs = Out + batch * stride_ob + h64 * stride_oh + tl.cast(q_start + start_m, tl.int64) * stride_om \
-            + tl.arange(0, BLOCK_M)[:, None] * stride_om + offs_dv[None, :] * stride_od
+        o_ptrs = (
+            Out
+            + batch * stride_ob
+            + h64 * stride_oh
+            + tl.cast(q_start + start_m, tl.int64) * stride_om
+            + tl.arange(0, BLOCK_M)[:, None] * stride_om
+            + offs_dv[None, :] * stride_od
+        )
         tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
         l_ptrs = Lse + batch * stride_lb + h64 * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lm
@@ -238,15 +372,44 @@ if triton is not None:
 
     @triton.jit
     def _attn_scores_kernel(
-        Q, K, Bias, Lse, Scores, CuQ, CuK,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_bb, stride_bh, stride_bn,
-        stride_lb, stride_lh, stride_lm,
-        stride_sb, stride_sn,
-        seqlen_q, seqlen_k, num_heads, head_dim8, kv_group, qk_scale, is_varlen, mode, has_bias, is_causal,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        Q,
+        K,
+        Bias,
+        Lse,
+        Scores,
+        CuQ,
+        CuK,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_bb,
+        stride_bh,
+        stride_bn,
+        stride_lb,
+        stride_lh,
+        stride_lm,
+        stride_sb,
+        stride_sn,
+        seqlen_q,
+        seqlen_k,
+        num_heads,
+        head_dim8,
+        kv_group,
+        qk_scale,
+        is_varlen,
+        mode,
+        has_bias,
+        is_causal,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         head_dim = head_dim8 * 8  # see _attn_fwd_kernel
         pid_n = tl.program_id(0)
@@ -283,26 +446,39 @@ if triton is not None:
         for h in range(0, num_heads):
             h64 = tl.cast(h, tl.int64)
             kv_h = tl.cast(h // kv_group, tl.int64)
-            k_ptrs = K + batch * stride_kb + kv_h * stride_kh + (k_start + offs_n).to(tl.int64)[None, :] * stride_kn \
+            k_ptrs = (
+                K
+                + batch * stride_kb
+                + kv_h * stride_kh
+                + (k_start + offs_n).to(tl.int64)[None, :] * stride_kn
                 + offs_d[:, None] * stride_kd
+            )
             kt = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
-            bias = tl.load(Bias + batch * stride_bb + h64 * stride_bh
-                           + (k_start + offs_n).to(tl.int64) * stride_bn, mask=key_ok & (has_bias != 0),
-                           other=0.0)
+            bias = tl.load(
+                Bias + batch * stride_bb + h64 * stride_bh + (k_start + offs_n).to(tl.int64) * stride_bn,
+                mask=key_ok & (has_bias != 0),
+                other=0.0,
+            )
             Q_head = Q + batch * stride_qb + h64 * stride_qh
             L_head = Lse + batch * stride_lb + h64 * stride_lh
             for start_m in range(row_start, row_hi, BLOCK_M):
                 rows = start_m + tl.arange(0, BLOCK_M)
                 r_ok = rows < row_hi
-                q_ptrs = Q_head + tl.cast(q_start + start_m, tl.int64) * stride_qm \
-                    + tl.arange(0, BLOCK_M)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+                q_ptrs = (
+                    Q_head
+                    + tl.cast(q_start + start_m, tl.int64) * stride_qm
+                    + tl.arange(0, BLOCK_M)[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd
+                )
                 q = tl.load(q_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
                 if UPCAST:
                     q = q.to(tl.float32)
-                lse = tl.load(L_head + (q_start + rows).to(tl.int64) * stride_lm, mask=r_ok,
-                              other=float("-inf")) * 1.4426950408889634
+                lse = (
+                    tl.load(L_head + (q_start + rows).to(tl.int64) * stride_lm, mask=r_ok, other=float("-inf"))
+                    * 1.4426950408889634
+                )
                 s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale + bias[None, :] * 1.4426950408889634
                 # A NaN row (lse NaN) counts: p is NaN on the keys it sees. Keys with bias -inf
                 # are never read (p = 0 whatever q.k is).
@@ -336,10 +512,14 @@ def _kernels(interpret: bool):
     this = sys.modules[__name__]
     if _module_is_interpreted(this) != interpret:
         if interpret:
-            raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
-                               "before triton is first imported (tests/conftest.py does).")
-        raise RuntimeError("Triton kernels were imported with TRITON_INTERPRET=1 and cannot be compiled in "
-                           "this process; run the compile in a process without it.")
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported (tests/conftest.py does)."
+            )
+        raise RuntimeError(
+            "Triton kernels were imported with TRITON_INTERPRET=1 and cannot be compiled in "
+            "this process; run the compile in a process without it."
+        )
     return this
 
 
@@ -391,8 +571,9 @@ def _base_config(bd: int, dtype: torch.dtype, cc: Optional[int]) -> Dict[str, in
         # times the operand registers of fp16, so tiles are small. fp32 with D > 128 is not offered
         # on the GPU (every tile that fits without spilling is too small to be worth it).
         if bd <= 32:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32,
-                        SCORES_WARPS=8 if cc < 90 else 4)
+            return dict(
+                BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=8 if cc < 90 else 4
+            )
         if bd <= 64:
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=32, SCORES_WARPS=4)
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, SCORES_BLOCK_M=16, SCORES_WARPS=8)
@@ -404,10 +585,15 @@ def _base_config(bd: int, dtype: torch.dtype, cc: Optional[int]) -> Dict[str, in
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, SCORES_BLOCK_M=64, SCORES_WARPS=8)
         return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, SCORES_BLOCK_M=64, SCORES_WARPS=8)
     if bd <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64 if hopper else 32, num_warps=8, num_stages=3 if hopper else 2,
-                    SCORES_BLOCK_M=64, SCORES_WARPS=8)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if hopper else 1, SCORES_BLOCK_M=32,
-                SCORES_WARPS=8)
+        return dict(
+            BLOCK_M=128,
+            BLOCK_N=64 if hopper else 32,
+            num_warps=8,
+            num_stages=3 if hopper else 2,
+            SCORES_BLOCK_M=64,
+            SCORES_WARPS=8,
+        )
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2 if hopper else 1, SCORES_BLOCK_M=32, SCORES_WARPS=8)
 
 
 def supports(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_type: str) -> Tuple[bool, str]:
@@ -422,8 +608,12 @@ def supports(dtype: torch.dtype, head_dim: int, head_dim_v: int, device_type: st
             return False, f"{name}={d} must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
     if device_type == "cpu" and not _module_is_interpreted(sys.modules[__name__]):
         return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-    if device_type == "cuda" and dtype == torch.float32 and max(head_dim, head_dim_v) > 128 \
-            and not interpreter_active():
+    if (
+        device_type == "cuda"
+        and dtype == torch.float32
+        and max(head_dim, head_dim_v) > 128
+        and not interpreter_active()
+    ):
         return False, "float32 with head dim > 128 on the GPU (the kernel would spill registers)"
     return True, ""
 
@@ -449,25 +639,80 @@ _TL_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp3
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 FWD_ARGS = [
-    "Q", "K", "V", "Bias", "Out", "Lse", "CuQ", "CuK",
-    "stride_qb", "stride_qh", "stride_qm", "stride_qd",
-    "stride_kb", "stride_kh", "stride_kn", "stride_kd",
-    "stride_vb", "stride_vh", "stride_vn", "stride_vd",
-    "stride_bb", "stride_bh", "stride_bn",
-    "stride_ob", "stride_oh", "stride_om", "stride_od",
-    "stride_lb", "stride_lh", "stride_lm",
-    "seqlen_q", "seqlen_k", "head_dim8", "head_dim_v8", "kv_group", "qk_scale", "is_varlen", "write_lse",
+    "Q",
+    "K",
+    "V",
+    "Bias",
+    "Out",
+    "Lse",
+    "CuQ",
+    "CuK",
+    "stride_qb",
+    "stride_qh",
+    "stride_qm",
+    "stride_qd",
+    "stride_kb",
+    "stride_kh",
+    "stride_kn",
+    "stride_kd",
+    "stride_vb",
+    "stride_vh",
+    "stride_vn",
+    "stride_vd",
+    "stride_bb",
+    "stride_bh",
+    "stride_bn",
+    "stride_ob",
+    "stride_oh",
+    "stride_om",
+    "stride_od",
+    "stride_lb",
+    "stride_lh",
+    "stride_lm",
+    "seqlen_q",
+    "seqlen_k",
+    "head_dim8",
+    "head_dim_v8",
+    "kv_group",
+    "qk_scale",
+    "is_varlen",
+    "write_lse",
     "has_bias",
 ]
 SCORES_ARGS = [
-    "Q", "K", "Bias", "Lse", "Scores", "CuQ", "CuK",
-    "stride_qb", "stride_qh", "stride_qm", "stride_qd",
-    "stride_kb", "stride_kh", "stride_kn", "stride_kd",
-    "stride_bb", "stride_bh", "stride_bn",
-    "stride_lb", "stride_lh", "stride_lm",
-    "stride_sb", "stride_sn",
-    "seqlen_q", "seqlen_k", "num_heads", "head_dim8", "kv_group", "qk_scale", "is_varlen", "mode",
-    "has_bias", "is_causal",
+    "Q",
+    "K",
+    "Bias",
+    "Lse",
+    "Scores",
+    "CuQ",
+    "CuK",
+    "stride_qb",
+    "stride_qh",
+    "stride_qm",
+    "stride_qd",
+    "stride_kb",
+    "stride_kh",
+    "stride_kn",
+    "stride_kd",
+    "stride_bb",
+    "stride_bh",
+    "stride_bn",
+    "stride_lb",
+    "stride_lh",
+    "stride_lm",
+    "stride_sb",
+    "stride_sn",
+    "seqlen_q",
+    "seqlen_k",
+    "num_heads",
+    "head_dim8",
+    "kv_group",
+    "qk_scale",
+    "is_varlen",
+    "mode",
+    "has_bias",
+    "is_causal",
 ]
 
 
@@ -494,12 +739,24 @@ def _target(kernel, arg_names, variant, dtype, ptr_types, constexprs, cfg, cc, a
     # constexpr-only parameters (BLOCK_M, ...) follow the runtime arguments in the kernel signature
     all_names = list(arg_names) + [k for k in constexprs if k not in arg_names]
     sig = {name: sig.get(name, "constexpr") for name in all_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(all_names)
-             if name in aligned and sig[name] != "constexpr"}
-    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_DTYPE_NAME[dtype], signature=sig,
-                         constexprs=consts, attrs=attrs, num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"], capability=cc,
-                         needs_tensor_cores=True)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(all_names)
+        if name in aligned and sig[name] != "constexpr"
+    }
+    return CompileTarget(
+        module=__name__,
+        kernel=kernel,
+        variant=variant,
+        dtype=_DTYPE_NAME[dtype],
+        signature=sig,
+        constexprs=consts,
+        attrs=attrs,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        capability=cc,
+        needs_tensor_cores=True,
+    )
 
 
 def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
@@ -521,25 +778,68 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
                 if dtype == torch.float32 and bd > 128:
                     continue  # not offered on the GPU, see supports()
                 cfg = select_config(bd, dtype, cc, causal=False)
-                sc_ptrs = {"Q": p, "K": p, "Bias": "*fp32", "Lse": "*fp32", "Scores": "*fp32",
-                           "CuQ": "*i32", "CuK": "*i32"}
-                out.append(_target(
-                    "_attn_scores_kernel", SCORES_ARGS, f"D{bd}", dtype, sc_ptrs,
-                    dict(BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
-                         UPCAST=False, DOT_PRECISION=dot_precision(dtype, False)),
-                    dict(cfg, num_warps=cfg["SCORES_WARPS"], num_stages=1), cc,
-                    aligned=set(sc_ptrs) | {a for a in SCORES_ARGS if a.startswith("stride_")}))
+                sc_ptrs = {
+                    "Q": p,
+                    "K": p,
+                    "Bias": "*fp32",
+                    "Lse": "*fp32",
+                    "Scores": "*fp32",
+                    "CuQ": "*i32",
+                    "CuK": "*i32",
+                }
+                out.append(
+                    _target(
+                        "_attn_scores_kernel",
+                        SCORES_ARGS,
+                        f"D{bd}",
+                        dtype,
+                        sc_ptrs,
+                        dict(
+                            BLOCK_M=cfg["SCORES_BLOCK_M"],
+                            BLOCK_N=cfg["BLOCK_N"],
+                            BLOCK_D=bd,
+                            UPCAST=False,
+                            DOT_PRECISION=dot_precision(dtype, False),
+                        ),
+                        dict(cfg, num_warps=cfg["SCORES_WARPS"], num_stages=1),
+                        cc,
+                        aligned=set(sc_ptrs) | {a for a in SCORES_ARGS if a.startswith("stride_")},
+                    )
+                )
                 for causal in (False, True):
                     cfg = select_config(bd, dtype, cc, causal=causal)
                     variant = f"D{bd}" + ("-causal" if causal else "")
-                    fwd_ptrs = {"Q": p, "K": p, "V": p, "Out": p, "Bias": "*fp32", "Lse": "*fp32",
-                                "CuQ": "*i32", "CuK": "*i32"}
-                    out.append(_target(
-                        "_attn_fwd_kernel", FWD_ARGS, variant, dtype, fwd_ptrs,
-                        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, BLOCK_DV=bd,
-                             IS_CAUSAL=causal, UPCAST=False,
-                             DOT_PRECISION=dot_precision(dtype, False)),
-                        cfg, cc, aligned=set(fwd_ptrs) | {a for a in FWD_ARGS if a.startswith("stride_")}))
+                    fwd_ptrs = {
+                        "Q": p,
+                        "K": p,
+                        "V": p,
+                        "Out": p,
+                        "Bias": "*fp32",
+                        "Lse": "*fp32",
+                        "CuQ": "*i32",
+                        "CuK": "*i32",
+                    }
+                    out.append(
+                        _target(
+                            "_attn_fwd_kernel",
+                            FWD_ARGS,
+                            variant,
+                            dtype,
+                            fwd_ptrs,
+                            dict(
+                                BLOCK_M=cfg["BLOCK_M"],
+                                BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_D=bd,
+                                BLOCK_DV=bd,
+                                IS_CAUSAL=causal,
+                                UPCAST=False,
+                                DOT_PRECISION=dot_precision(dtype, False),
+                            ),
+                            cfg,
+                            cc,
+                            aligned=set(fwd_ptrs) | {a for a in FWD_ARGS if a.startswith("stride_")},
+                        )
+                    )
     return out
 
 
@@ -550,8 +850,24 @@ def _dummy(device, dtype):
     return torch.empty(1, device=device, dtype=dtype)
 
 
-def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      causal, scale, scores_mode, out4, lse3, scores2, *, config=None) -> None:
+def attention_forward(
+    q4,
+    k4,
+    v4,
+    bias3,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    out4,
+    lse3,
+    scores2,
+    *,
+    config=None,
+) -> None:
     """Run the Triton kernels per docs/attention_kernel_contract.md (writes out4 / lse3 / scores2).
 
     ``config`` (optional, for tests / benchmarks) overrides keys of :func:`select_config`'s answer.
@@ -598,19 +914,68 @@ def attention_forward(q4, k4, v4, bias3, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     if max_seqlen_q > 0 and max_seqlen_k >= 0:
         grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), Hq, nseq)
         kern._attn_fwd_kernel[grid](
-            q4, k4, v4, bias_t, out4, lse_t, cu_q, cu_k,
-            *q4.stride(), *k4.stride(), *v4.stride(), *bias_strides, *out4.stride(), *lse_strides,
-            Sq, Sk, D // 8, Dv // 8, group, qk_scale, int(varlen), int(lse is not None), int(bias3 is not None),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BD, BLOCK_DV=BDV,
-            IS_CAUSAL=bool(causal), UPCAST=interpret, DOT_PRECISION=prec, **launch)
+            q4,
+            k4,
+            v4,
+            bias_t,
+            out4,
+            lse_t,
+            cu_q,
+            cu_k,
+            *q4.stride(),
+            *k4.stride(),
+            *v4.stride(),
+            *bias_strides,
+            *out4.stride(),
+            *lse_strides,
+            Sq,
+            Sk,
+            D // 8,
+            Dv // 8,
+            group,
+            qk_scale,
+            int(varlen),
+            int(lse is not None),
+            int(bias3 is not None),
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=BD,
+            BLOCK_DV=BDV,
+            IS_CAUSAL=bool(causal),
+            UPCAST=interpret,
+            DOT_PRECISION=prec,
+            **launch,
+        )
 
     if want_scores and max_seqlen_k > 0:
         grid = (triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), nseq)
         kern._attn_scores_kernel[grid](
-            q4, k4, bias_t, lse_t, scores2, cu_q, cu_k,
-            *q4.stride(), *k4.stride(), *bias_strides, *lse_strides, *scores2.stride(),
-            Sq, Sk, Hq, D // 8, group, qk_scale, int(varlen), int(scores_mode), int(bias3 is not None),
+            q4,
+            k4,
+            bias_t,
+            lse_t,
+            scores2,
+            cu_q,
+            cu_k,
+            *q4.stride(),
+            *k4.stride(),
+            *bias_strides,
+            *lse_strides,
+            *scores2.stride(),
+            Sq,
+            Sk,
+            Hq,
+            D // 8,
+            group,
+            qk_scale,
+            int(varlen),
+            int(scores_mode),
+            int(bias3 is not None),
             int(bool(causal)),
-            BLOCK_M=cfg["SCORES_BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BD,
-            UPCAST=interpret, DOT_PRECISION=prec,
-            **({} if interpret else dict(num_warps=cfg["SCORES_WARPS"], num_stages=1)))
+            BLOCK_M=cfg["SCORES_BLOCK_M"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=BD,
+            UPCAST=interpret,
+            DOT_PRECISION=prec,
+            **({} if interpret else dict(num_warps=cfg["SCORES_WARPS"], num_stages=1)),
+        )

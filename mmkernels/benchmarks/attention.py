@@ -4,6 +4,7 @@ A case builds its inputs once and returns the contenders as zero-argument callab
 function that measures our max error against the float64 oracle. Both the CLI
 (``mmkernels bench``) and the pytest-benchmark files under bench/ use these definitions.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,14 +78,22 @@ def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
         def measure():
             res = mmkernels.attention(q, k, v, causal=causal, **kw)
             out = res if isinstance(res, torch.Tensor) else res.out
-            return _max_err(out, q, k, v, causal=causal, **{x: y for x, y in kw.items()
-                                                             if x == "key_bias"})
+            return _max_err(out, q, k, v, causal=causal, **{x: y for x, y in kw.items() if x == "key_bias"})
+
         return measure
 
-    cases = [Case(base, desc, {
-        "mmkernels": ours(),
-        "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal),
-    }, err(), flops)]
+    cases = [
+        Case(
+            base,
+            desc,
+            {
+                "mmkernels": ours(),
+                "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal),
+            },
+            err(),
+            flops,
+        )
+    ]
     if not extras:
         return cases
 
@@ -96,23 +105,41 @@ def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
             p = torch.softmax(logits, dim=-1, dtype=torch.float32)
             rows = {"cls": p[:, :, 0], "last": p[:, :, -1], "mean": p.mean(2)}[mode]
             return out, rows.mean(1)
+
         return run
 
     for mode in ("cls", "mean"):
-        cases.append(Case(f"{base}-scores_{mode}", desc + f" scores={mode}", {
-            "mmkernels": ours(scores=mode),
-            "mmkernels_plain": ours(),
-            "eager_sdpa_plus_softmax": eager_scores(mode),
-        }, err(scores=mode), flops))
+        cases.append(
+            Case(
+                f"{base}-scores_{mode}",
+                desc + f" scores={mode}",
+                {
+                    "mmkernels": ours(scores=mode),
+                    "mmkernels_plain": ours(),
+                    "eager_sdpa_plus_softmax": eager_scores(mode),
+                },
+                err(scores=mode),
+                flops,
+            )
+        )
     bias = torch.randn(b, L, generator=g)
-    bias[:, -L // 10:] = float("-inf")  # padded keys
+    bias[:, -L // 10 :] = float("-inf")  # padded keys
     dense_mask = bias[:, None, None, :].expand(b, 1, L, L).to(dtype).contiguous()
-    cases.append(Case(f"{base}-key_bias", desc + " key_bias (B, Lk)", {
-        "mmkernels": ours(key_bias=bias),
-        "sdpa_dense_mask": lambda: _sdpa(q, k_full, v_full, group, attn_mask=dense_mask),
-        "sdpa_broadcast_mask": lambda: _sdpa(q, k_full, v_full, group,
-                                             attn_mask=bias[:, None, None, :].to(dtype)),
-    }, err(key_bias=bias), flops))
+    cases.append(
+        Case(
+            f"{base}-key_bias",
+            desc + " key_bias (B, Lk)",
+            {
+                "mmkernels": ours(key_bias=bias),
+                "sdpa_dense_mask": lambda: _sdpa(q, k_full, v_full, group, attn_mask=dense_mask),
+                "sdpa_broadcast_mask": lambda: _sdpa(
+                    q, k_full, v_full, group, attn_mask=bias[:, None, None, :].to(dtype)
+                ),
+            },
+            err(key_bias=bias),
+            flops,
+        )
+    )
     return cases
 
 
@@ -122,8 +149,10 @@ def varlen_case(dtype: torch.dtype, lengths=VARLEN_LENGTHS, heads=12, d=64) -> C
     q, k, v = (torch.randn(total, heads, d, generator=g).to(dtype) for _ in range(3))
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     longest = max(lengths)
-    pieces = [(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
-               v[a:b].transpose(0, 1)[None]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    pieces = [
+        (q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None])
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+    ]
     # Padded peer: pad every image to the longest and mask the padding with a dense float mask.
     qp = torch.zeros(n, heads, longest, d, dtype=dtype)
     kp, vp = qp.clone(), qp.clone()
@@ -135,27 +164,32 @@ def varlen_case(dtype: torch.dtype, lengths=VARLEN_LENGTHS, heads=12, d=64) -> C
     dt = str(dtype).replace("torch.", "")
 
     def ours():
-        return mmkernels.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                   max_seqlen_q=longest, max_seqlen_k=longest)
+        return mmkernels.attention(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest
+        )
 
     def error():
-        want = mmkernels.reference_attention(q.double(), k.double(), v.double(),
-                                             cu_seqlens_q=cu, cu_seqlens_k=cu)[0]
+        want = mmkernels.reference_attention(q.double(), k.double(), v.double(), cu_seqlens_q=cu, cu_seqlens_k=cu)[0]
         return (ours().double() - want).abs().max().item()
 
     flops = sum(4.0 * heads * m * m * d for m in lengths)
-    return Case(f"varlen_mixed_images-{dt}", f"varlen lengths={lengths} H={heads} D={d} {dt}", {
-        "mmkernels": ours,
-        "sdpa_per_image_loop": lambda: [F.scaled_dot_product_attention(*p) for p in pieces],
-        "sdpa_padded_dense_mask": lambda: F.scaled_dot_product_attention(qp, kp, vp,
-                                                                         attn_mask=mask),
-    }, error, flops)
+    return Case(
+        f"varlen_mixed_images-{dt}",
+        f"varlen lengths={lengths} H={heads} D={d} {dt}",
+        {
+            "mmkernels": ours,
+            "sdpa_per_image_loop": lambda: [F.scaled_dot_product_attention(*p) for p in pieces],
+            "sdpa_padded_dense_mask": lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask),
+        },
+        error,
+        flops,
+    )
 
 
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     """Every attention case. ``quick``: tiny shapes for a smoke run (CI), not for gates."""
     cases: List[Case] = []
-    for shape in (QUICK_SHAPES if quick else SHAPES):
+    for shape in QUICK_SHAPES if quick else SHAPES:
         gated = shape.name in ("vit_b16", "dinov2_s14")
         cases += dense_cases(shape, torch.float32, extras=gated)
         cases += dense_cases(shape, torch.bfloat16, extras=gated)

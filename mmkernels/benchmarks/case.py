@@ -2,6 +2,7 @@
 :mod:`mmkernels.benchmarks.report` runs: inputs built once, the contenders as zero-argument
 callables (ours under ``"mmkernels"``), optionally a function measuring our max error against the
 float64 oracle."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ class Case:
     zero-argument callable (``"mmkernels"`` is ours, the others are peers timed in the same
     rounds); ``error()`` returns our max error against the oracle; ``flops`` gives GFLOP/s in the
     table; ``meta`` carries family-specific extras (the models family's fidelity numbers)."""
+
     id: str
     description: str
     contenders: Dict[str, Callable[[], object]]

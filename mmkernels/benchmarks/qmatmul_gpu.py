@@ -15,6 +15,7 @@ inputs, and reports our max error against the float64 reference.
 
 Without a GPU ``all_cases()`` returns an empty list and ``main`` says why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,7 @@ import torch.nn.functional as F
 from .case import Case
 
 # (name, N, K): output features x input features of real layers
-LAYER_SHAPES = [("llama7b_qkv_o", 4096, 4096), ("llama7b_up", 11008, 4096),
-                ("llama7b_down", 4096, 11008)]
+LAYER_SHAPES = [("llama7b_qkv_o", 4096, 4096), ("llama7b_up", 11008, 4096), ("llama7b_down", 4096, 11008)]
 QUICK_SHAPES = [("llama7b_qkv_o", 4096, 4096)]
 DECODE_M = (1, 2, 4, 8, 16)
 PREFILL_M = (256, 1024, 4096)
@@ -48,6 +48,7 @@ def _err(run, x, qw, act_bits=None):
     def measure():
         want = qmatmul_reference(x.double(), qw, act_bits=act_bits)
         return (run().double() - want).abs().max().item()
+
     return measure
 
 
@@ -68,10 +69,16 @@ def int4_decode_cases(shapes, ms=DECODE_M, dtype=torch.float16) -> List[Case]:
                 "mmkernels_triton": (lambda x=x, qw=qw: mmkernels.qmatmul(x, qw, backend="triton")),
                 "cublas_fp16": (lambda x=x, w16=w16: F.linear(x, w16)),
             }
-            cases.append(Case(f"int4_decode-{name}-m{m}", f"int4 g128 sym M={m} N={n} K={k} "
-                              f"{str(dtype).replace('torch.', '')}", contenders,
-                              _err(contenders["mmkernels"], x, qw), 2.0 * m * n * k,
-                              meta=dict(m=m, n=n, k=k)))
+            cases.append(
+                Case(
+                    f"int4_decode-{name}-m{m}",
+                    f"int4 g128 sym M={m} N={n} K={k} {str(dtype).replace('torch.', '')}",
+                    contenders,
+                    _err(contenders["mmkernels"], x, qw),
+                    2.0 * m * n * k,
+                    meta=dict(m=m, n=n, k=k),
+                )
+            )
     return cases
 
 
@@ -96,26 +103,34 @@ def w8a8_prefill_cases(shapes, ms=PREFILL_M, dtype=torch.bfloat16) -> List[Case]
                     "cublas_bf16": (lambda x=x, wb=wb: F.linear(x, wb)),
                 }
                 if not fp8:
-                    wt = qw.qweight.t()   # (K, N) column-major int8, as _int_mm wants
+                    wt = qw.qweight.t()  # (K, N) column-major int8, as _int_mm wants
 
                     def torch_int8(x=x, wt=wt, s=qw.scales[:, 0]):
                         xq, sx = quantize_activations(x.float())
                         return (torch._int_mm(xq, wt).float() * sx[:, None] * s).to(x.dtype)
+
                     contenders["torch_int_mm"] = torch_int8
                 else:
                     wt = qw.qweight.t()
 
                     def torch_fp8(x=x, wt=wt, s=qw.scales[:, 0]):
                         xq, sx = quantize_activations_fp8(x.float())
-                        return torch._scaled_mm(xq, wt, scale_a=sx[:, None].contiguous(),
-                                                scale_b=s[None, :].contiguous(),
-                                                out_dtype=x.dtype)
+                        return torch._scaled_mm(
+                            xq, wt, scale_a=sx[:, None].contiguous(), scale_b=s[None, :].contiguous(), out_dtype=x.dtype
+                        )
+
                     contenders["torch_scaled_mm"] = torch_fp8
                 kind = "fp8" if fp8 else "int8"
-                cases.append(Case(f"w8a8_{kind}_prefill-{name}-m{m}",
-                                  f"W8A8 {kind} per-channel M={m} N={n} K={k} bf16 x", contenders,
-                                  _err(contenders["mmkernels"], x, qw, 8), 2.0 * m * n * k,
-                                  meta=dict(m=m, n=n, k=k)))
+                cases.append(
+                    Case(
+                        f"w8a8_{kind}_prefill-{name}-m{m}",
+                        f"W8A8 {kind} per-channel M={m} N={n} K={k} bf16 x",
+                        contenders,
+                        _err(contenders["mmkernels"], x, qw, 8),
+                        2.0 * m * n * k,
+                        meta=dict(m=m, n=n, k=k),
+                    )
+                )
     return cases
 
 
@@ -152,8 +167,14 @@ def check_targets(results: List[dict]) -> List[dict]:
         for r in results:
             if key in r["case"] and subject in r["ms"] and baseline in r["ms"]:
                 speedup = r["ms"][baseline] / r["ms"][subject]
-                verdicts.append(dict(case=r["case"], target=f"{baseline}/{subject} >= {need}",
-                                     speedup=speedup, passed=speedup >= need))
+                verdicts.append(
+                    dict(
+                        case=r["case"],
+                        target=f"{baseline}/{subject} >= {need}",
+                        speedup=speedup,
+                        passed=speedup >= need,
+                    )
+                )
     return verdicts
 
 
@@ -166,21 +187,26 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: the qmatmul GPU benchmark needs one (nothing measured)")
         return 0
-    print(f"GPU: {torch.cuda.get_device_name()} (capability "
-          f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    print(f"GPU: {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
     results = []
     for case in all_cases(args.quick, args.only):
         ms = time_case(case)
         err = case.error() if case.error else float("nan")
-        results.append(dict(case=case.id, description=case.description, ms=ms, max_err=err,
-                            tflops={k: case.flops / (v * 1e9) for k, v in ms.items()}))
+        results.append(
+            dict(
+                case=case.id,
+                description=case.description,
+                ms=ms,
+                max_err=err,
+                tflops={k: case.flops / (v * 1e9) for k, v in ms.items()},
+            )
+        )
         line = "  ".join(f"{k} {v:.4f} ms" for k, v in ms.items())
         print(f"{case.id:<40} {line}  max err {err:.3g}")
     verdicts = check_targets(results)
     print("\nspeed targets (goals, see mmkernels/quant/triton.py):")
     for v in verdicts:
-        print(f"  {'PASS' if v['passed'] else 'miss'}  {v['case']:<40} {v['target']:<30} "
-              f"{v['speedup']:.2f}x")
+        print(f"  {'PASS' if v['passed'] else 'miss'}  {v['case']:<40} {v['target']:<30} {v['speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results=results, targets=verdicts), f, indent=1)

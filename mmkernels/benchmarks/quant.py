@@ -19,6 +19,7 @@ float weight:
 A peer that is not installed, or that fails on this machine, is left out of the case with a note
 in ``meta`` (the report shows only contenders that ran).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,13 @@ from .case import Case
 
 # (name, M, K, N): the issue's shapes, then MiniLM (batch 32 x 128 tokens) and ViT-B/16 (batch 8)
 SHAPES = [
-    ("llama_4k", 1, 4096, 4096), ("llama_mlp", 1, 4096, 11008), ("decode_b8", 8, 4096, 4096),
-    ("prefill", 128, 4096, 4096), ("vit_mlp", 512, 768, 3072),
-    ("minilm_ffn_up", 4096, 384, 1536), ("minilm_ffn_down", 4096, 1536, 384),
+    ("llama_4k", 1, 4096, 4096),
+    ("llama_mlp", 1, 4096, 11008),
+    ("decode_b8", 8, 4096, 4096),
+    ("prefill", 128, 4096, 4096),
+    ("vit_mlp", 512, 768, 3072),
+    ("minilm_ffn_up", 4096, 384, 1536),
+    ("minilm_ffn_down", 4096, 1536, 384),
     ("vit_b_qkv", 1576, 768, 2304),
 ]
 QUICK_SHAPES = [("tiny_gemv", 1, 256, 512), ("tiny_gemm", 32, 256, 512)]
@@ -51,31 +56,30 @@ def _quiet(fn):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return fn(*a, **k)
+
     return wrapped
 
 
 @_quiet
 def _torchao_linear(linear: nn.Linear, kind: str, compiled: bool):
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                      quantize_)
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
     m = copy.deepcopy(linear)
-    quantize_(m, Int8WeightOnlyConfig() if kind == "int8wo"
-              else Int8DynamicActivationInt8WeightConfig())
+    quantize_(m, Int8WeightOnlyConfig() if kind == "int8wo" else Int8DynamicActivationInt8WeightConfig())
     return torch.compile(m) if compiled else m
 
 
 @_quiet
 def _bnb_linear(linear: nn.Linear, kind: str):
     import bitsandbytes as bnb
+
     k, n = linear.in_features, linear.out_features
     if kind == "nf4":
         m = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        m.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False,
-                                     quant_type="nf4")
+        m.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
     else:
         m = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False)
-        m.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False,
-                                     has_fp16_weights=False)
+        m.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
     return m.to("cpu")
 
 
@@ -93,15 +97,14 @@ def _torch_int4(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 128, scale_zero)
 
 
-def _try(peers: Dict[str, Callable], notes: Dict[str, str], name: str, build: Callable,
-         x: torch.Tensor):
+def _try(peers: Dict[str, Callable], notes: Dict[str, str], name: str, build: Callable, x: torch.Tensor):
     """Add peer ``name`` if it builds and runs on ``x``; otherwise record why not."""
     try:
         fn = build()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fn(x)
-    except Exception as exc:                      # a peer's failure is reported, not fatal
+    except Exception as exc:  # a peer's failure is reported, not fatal
         notes[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
         return
     peers[name] = fn
@@ -111,7 +114,7 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
     g = torch.Generator().manual_seed(0)
     linear = nn.Linear(k, n, bias=False)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+        linear.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
     w = linear.weight.detach()
     x = torch.randn(m, k, generator=g)
     xb = x.to(torch.bfloat16)
@@ -138,8 +141,7 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
         kind = "int8wo" if fmt == "int8wo" else "w8a8"
         _try(peers, notes, f"torchao_{kind}", lambda: _torchao_linear(linear, kind, False), x)
         if (fmt, m, k, n) in COMPILED_PEER_SHAPES:
-            _try(peers, notes, f"torchao_{kind}_compiled",
-                 lambda: _torchao_linear(linear, kind, True), x)
+            _try(peers, notes, f"torchao_{kind}_compiled", lambda: _torchao_linear(linear, kind, True), x)
         _try(peers, notes, "bnb_int8", lambda: _bnb_linear(linear, "int8"), x)
     for peer, fn in peers.items():
         arg = xb if peer == "torch_int4_cpu" else x
@@ -152,16 +154,26 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
         got = contenders["mmkernels"]().double()
         return ((got - want).abs().max() / want.abs().max()).item()
 
-    desc = {"int4g128": "int4 g128 weight-only", "int8wo": "int8 weight-only per-channel",
-            "w8a8": "W8A8 (per-token int8 activations)"}[fmt]
-    return Case(_case_id(fmt, name, m, k, n), f"{desc}, {name} (M={m}, K={k}, N={n})",
-                contenders, error, flops=2.0 * m * k * n, meta={"peers_missing": notes})
+    desc = {
+        "int4g128": "int4 g128 weight-only",
+        "int8wo": "int8 weight-only per-channel",
+        "w8a8": "W8A8 (per-token int8 activations)",
+    }[fmt]
+    return Case(
+        _case_id(fmt, name, m, k, n),
+        f"{desc}, {name} (M={m}, K={k}, N={n})",
+        contenders,
+        error,
+        flops=2.0 * m * k * n,
+        meta={"peers_missing": notes},
+    )
 
 
 def _no_grad_call(fn, arg):
     @torch.no_grad()
     def call():
         return fn(arg)
+
     return call
 
 
@@ -172,9 +184,10 @@ def minilm_windows(batch: int) -> List[str]:
     """``batch`` windows of 160 words over all-MiniLM-L6-v2's README prose: sentences of at least
     128 tokens (the tokenizer truncates them to 128)."""
     from mmkernels.models import minilm as mm
+
     words = " ".join(mm.readme_sentences(None)).split()
     step = max(1, (len(words) - 160) // batch)
-    return [" ".join((words * 2)[i * step:i * step + 160]) for i in range(batch)]
+    return [" ".join((words * 2)[i * step : i * step + 160]) for i in range(batch)]
 
 
 def minilm_case(batch: int = 32, length: int = 128) -> Case:
@@ -188,7 +201,7 @@ def minilm_case(batch: int = 32, length: int = 128) -> Case:
     base = mm.minilm_l6_v2()
     inputs = base.tokenize(minilm_windows(batch))
     assert inputs["input_ids"].shape == (batch, length), inputs["input_ids"].shape
-    calib = [base.tokenize(mm.calibration_sentences(64)[i:i + 16]) for i in range(0, 64, 16)]
+    calib = [base.tokenize(mm.calibration_sentences(64)[i : i + 16]) for i in range(0, 64, 16)]
     ours = copy.deepcopy(base)
     quantize_model(ours, bits=8, act_bits=8, smooth_alpha=0.5, calib_data=calib, progress=False)
 
@@ -201,6 +214,7 @@ def minilm_case(batch: int = 32, length: int = 128) -> Case:
 
     def torchao_model():
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
         m = copy.deepcopy(base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -218,14 +232,20 @@ def minilm_case(batch: int = 32, length: int = 128) -> Case:
             b = mm.mean_pool(base(**inputs), mask)
         return 1.0 - torch.nn.functional.cosine_similarity(a.double(), b.double()).mean().item()
 
-    return Case(MINILM_CASE_ID, f"all-MiniLM-L6-v2, every Linear W8A8 (RTN + SmoothQuant 0.5), "
-                f"batch {batch} x {length} tokens, vs float32 eager", contenders, error,
-                meta={"peers_missing": notes, "error": "1 - mean cosine to fp32"})
+    return Case(
+        MINILM_CASE_ID,
+        f"all-MiniLM-L6-v2, every Linear W8A8 (RTN + SmoothQuant 0.5), "
+        f"batch {batch} x {length} tokens, vs float32 eager",
+        contenders,
+        error,
+        meta={"peers_missing": notes, "error": "1 - mean cosine to fp32"},
+    )
 
 
 def _has_minilm() -> bool:
     try:
         from mmkernels.models import minilm as mm
+
         mm.minilm_dir()
         return True
     except Exception:
@@ -239,8 +259,7 @@ def _case_id(fmt: str, name: str, m: int, k: int, n: int) -> str:
 def case_ids(quick: bool = False) -> List[str]:
     """The ids :func:`all_cases` would build (without building them: cases hold large weights)."""
     shapes = QUICK_SHAPES if quick else SHAPES
-    return [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS] + \
-        ([] if quick else [MINILM_CASE_ID])
+    return [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS] + ([] if quick else [MINILM_CASE_ID])
 
 
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:

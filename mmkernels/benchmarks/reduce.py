@@ -9,6 +9,7 @@
 * ``vit_b_stack_evit``: a 12-block ViT-B stack with EViT (keep 50% at blocks 3, 6, 9) against the
   unpruned stack.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -41,8 +42,12 @@ def tome_step_case(name, n, c, batch, r=16, metric_dim=64) -> Case:
     def error():
         return (ours()[0] - ref()[0]).abs().max().item()
 
-    return Case(f"tome_step-{name}-b{batch}", f"tome_plan+tome_merge N={n} C={c} r={r} B={batch}",
-                {"mmkernels": ours, "reference": ref}, error)
+    return Case(
+        f"tome_step-{name}-b{batch}",
+        f"tome_plan+tome_merge N={n} C={c} r={r} B={batch}",
+        {"mmkernels": ours, "reference": ref},
+        error,
+    )
 
 
 def select_case(name, n, c, batch, keep_ratio=0.5) -> Case:
@@ -62,15 +67,19 @@ def select_case(name, n, c, batch, keep_ratio=0.5) -> Case:
     def error():
         return (ours() - torch_way()).abs().max().item()
 
-    return Case(f"select-{name}-b{batch}", f"select_tokens+gather_tokens N={n} C={c} k={k} B={batch}",
-                {"mmkernels": ours, "topk_sort_gather": torch_way}, error)
+    return Case(
+        f"select-{name}-b{batch}",
+        f"select_tokens+gather_tokens N={n} C={c} k={k} B={batch}",
+        {"mmkernels": ours, "topk_sort_gather": torch_way},
+        error,
+    )
 
 
 def _vit(depth, dim=768, heads=12):
     from mmkernels.models import VisionTransformer
+
     torch.manual_seed(0)
-    return VisionTransformer(img_size=224, patch_size=16, embed_dim=dim, depth=depth,
-                             num_heads=heads).eval()
+    return VisionTransformer(img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads).eval()
 
 
 def block_tome_case(batch, r=16) -> Case:
@@ -89,9 +98,13 @@ def block_tome_case(batch, r=16) -> Case:
     # Merging inside one block only shortens its MLP (~4-5% less time), while single rounds on
     # this shared VM scatter by +-15% (measured: paired ratios 0.85-1.31 over 40 rounds at batch
     # 32): take up to 100 rounds so that the median's own spread (~1.5%) is below the effect.
-    return Case(f"vit_b_block_tome-b{batch}", f"ViT-B block + ToMe r={r} vs plain block, B={batch}",
-                {"mmkernels": ours, "block_without_merging": plain},
-                budget_s=150.0 if batch > 8 else 20.0, max_rounds=100 if batch > 8 else 400)
+    return Case(
+        f"vit_b_block_tome-b{batch}",
+        f"ViT-B block + ToMe r={r} vs plain block, B={batch}",
+        {"mmkernels": ours, "block_without_merging": plain},
+        budget_s=150.0 if batch > 8 else 20.0,
+        max_rounds=100 if batch > 8 else 400,
+    )
 
 
 def stack_evit_case(batch) -> Case:
@@ -110,19 +123,23 @@ def stack_evit_case(batch) -> Case:
             h = blk(h)
         return model.norm(h)
 
-    return Case(f"vit_b_stack_evit-b{batch}", f"12-block ViT-B, EViT keep 50% at 3/6/9, B={batch}",
-                {"mmkernels": ours, "unpruned_stack": plain})
+    return Case(
+        f"vit_b_stack_evit-b{batch}",
+        f"12-block ViT-B, EViT keep 50% at 3/6/9, B={batch}",
+        {"mmkernels": ours, "unpruned_stack": plain},
+    )
 
 
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     cases: List[Case] = []
     shapes = TOKEN_SHAPES[:1] if quick else TOKEN_SHAPES
     for name, n, c in shapes:
-        for batch in ((1,) if quick else (1, 32)):
+        for batch in (1,) if quick else (1, 32):
             cases.append(tome_step_case(name, n, c, batch))
         cases.append(select_case(name, n, c, 1))
     try:
         import mmkernels.models  # noqa: F401
+
         has_models = True
     except ImportError:
         has_models = False

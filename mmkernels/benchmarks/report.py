@@ -1,4 +1,5 @@
 """Run benchmark cases, write table / JSON / PNG, and check the gates of gates.toml."""
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,15 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, ISA {_cpu_isa()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {_cpu_isa()}"
+    )
 
 
 def _cpu_isa() -> str:
     # The op layer's answer, not the CLI's: cli imports this module, never the reverse.
     from ..attention import cpu
+
     return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
 
 
@@ -42,22 +45,27 @@ def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
         samples = timed_rounds(case.contenders, budget_s=case.budget_s or budget_s, **limits)
         times = {k: statistics.median(v) for k, v in samples.items()}
         ours = times["mmkernels"]
-        row = {"case": case.id, "description": case.description,
-               "times_ms": {k: v * 1e3 for k, v in times.items()},
-               # Speed-ups are paired: the median over rounds of peer time / our time.
-               "speedup_vs": {k: paired_ratio(v, samples["mmkernels"])
-                              for k, v in samples.items() if k != "mmkernels"},
-               "samples_ms": {k: [t * 1e3 for t in v] for k, v in samples.items()},
-               "gflops": case.flops / ours / 1e9 if case.flops else None,
-               "max_error": case.error() if case.error else None}
+        row = {
+            "case": case.id,
+            "description": case.description,
+            "times_ms": {k: v * 1e3 for k, v in times.items()},
+            # Speed-ups are paired: the median over rounds of peer time / our time.
+            "speedup_vs": {k: paired_ratio(v, samples["mmkernels"]) for k, v in samples.items() if k != "mmkernels"},
+            "samples_ms": {k: [t * 1e3 for t in v] for k, v in samples.items()},
+            "gflops": case.flops / ours / 1e9 if case.flops else None,
+            "max_error": case.error() if case.error else None,
+        }
         results.append(row)
-        log(f"  {case.id:38s} ours {ours * 1e3:9.3f} ms  " + "  ".join(
-            f"{k} {v:5.2f}x" for k, v in row["speedup_vs"].items()))
+        log(
+            f"  {case.id:38s} ours {ours * 1e3:9.3f} ms  "
+            + "  ".join(f"{k} {v:5.2f}x" for k, v in row["speedup_vs"].items())
+        )
     return results
 
 
 def load_gates(path: Optional[Path] = None) -> List[Dict]:
     import tomllib
+
     with open(path or GATES_FILE, "rb") as f:
         return tomllib.load(f)["gate"]
 
@@ -90,11 +98,12 @@ def check_gates(results: List[Dict], gates: List[Dict]) -> List[Dict]:
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| case | mmkernels ms | GFLOP/s | speed-up vs peers (peer time / ours) | max abs err |",
-             "|---|---:|---:|---|---:|"]
+    lines = [
+        "| case | mmkernels ms | GFLOP/s | speed-up vs peers (peer time / ours) | max abs err |",
+        "|---|---:|---:|---|---:|",
+    ]
     for r in results:
-        peers = ", ".join(f"{k} {v:.2f}x ({r['times_ms'][k]:.2f} ms)"
-                          for k, v in r["speedup_vs"].items())
+        peers = ", ".join(f"{k} {v:.2f}x ({r['times_ms'][k]:.2f} ms)" for k, v in r["speedup_vs"].items())
         gf = f"{r['gflops']:.0f}" if r["gflops"] else "-"
         err = f"{r['max_error']:.1e}" if r["max_error"] is not None else "-"
         lines.append(f"| {r['case']} | {r['times_ms']['mmkernels']:.3f} | {gf} | {peers} | {err} |")
@@ -112,6 +121,7 @@ def gates_table(verdicts: List[Dict]) -> str:
 def plot(family: str, results: List[Dict], path: Path) -> Optional[Path]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -139,8 +149,7 @@ def write_report(family: str, results, out_dir: Path) -> Dict[str, Path]:
     """``<family>.json``, ``<family>.md`` and ``<family>.png`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_description()
-    paths = {"json": out_dir / f"{family}.json", "markdown": out_dir / f"{family}.md",
-             "png": out_dir / f"{family}.png"}
+    paths = {"json": out_dir / f"{family}.json", "markdown": out_dir / f"{family}.md", "png": out_dir / f"{family}.png"}
     paths["json"].write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     paths["markdown"].write_text(f"Machine: {machine}\n\n{markdown_table(results)}\n")
     if plot(family, results, paths["png"]) is None:
@@ -160,6 +169,7 @@ def write_gates(verdicts: List[Dict], out_dir: Path) -> Path:
 # Whole-model cases (benchmarks/models.py): speed-up against a baseline contender and fidelity
 # ---------------------------------------------------------------------------------------------
 
+
 def run_cases_with_meta(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
     """:func:`run_cases` one case at a time, and each row also carries its case's ``meta``
     (``"meta"``); the log line gives speed-ups over the baseline. When the
@@ -174,16 +184,19 @@ def run_cases_with_meta(cases, *, budget_s: float = 2.0, log=print) -> List[Dict
         base = meta.get("baseline")
         if base in row["samples_ms"]:
             row["baseline"] = base
-            row["speedup_vs_baseline"] = {k: paired_ratio(row["samples_ms"][base], v)
-                                          for k, v in row["samples_ms"].items()}
+            row["speedup_vs_baseline"] = {
+                k: paired_ratio(row["samples_ms"][base], v) for k, v in row["samples_ms"].items()
+            }
         if "fidelity" in meta:
             row["fidelity"] = meta["fidelity"]
             row["fidelity_metric"] = meta.get("fidelity_metric", "")
         results.append(row)
         if base in row["samples_ms"]:
-            log(f"  {case.id:38s} {base} {row['times_ms'][base]:9.1f} ms  " + "  ".join(
-                f"{k} {v:5.2f}x" for k, v in row["speedup_vs_baseline"].items() if k != base)
-                + f"  (speed-up vs {base}, {len(row['samples_ms'][base])} rounds)")
+            log(
+                f"  {case.id:38s} {base} {row['times_ms'][base]:9.1f} ms  "
+                + "  ".join(f"{k} {v:5.2f}x" for k, v in row["speedup_vs_baseline"].items() if k != base)
+                + f"  (speed-up vs {base}, {len(row['samples_ms'][base])} rounds)"
+            )
         else:
             log(f"  {case.id:38s} ours {row['times_ms']['mmkernels']:9.1f} ms")
     return results
@@ -194,8 +207,7 @@ def _speed_gates(row: Dict, gates: List[Dict]) -> Dict[str, List[Dict]]:
     keyed by subject, each with its measured value and verdict."""
     out: Dict[str, List[Dict]] = {}
     for gate in gates:
-        if gate["case"] != row["case"] or gate.get("baseline") != row.get("baseline") \
-                or "min_speedup" not in gate:
+        if gate["case"] != row["case"] or gate.get("baseline") != row.get("baseline") or "min_speedup" not in gate:
             continue
         (verdict,) = check_gates([row], [gate])
         out.setdefault(gate["subject"], []).append(verdict)
@@ -211,9 +223,10 @@ def models_table(results: List[Dict], gates: Optional[List[Dict]] = None) -> str
             gates = load_gates()
         except (OSError, KeyError):
             gates = []
-    lines = ["| case | contender | median ms | speed-up vs baseline | fidelity | "
-             "fidelity metric | gate / goal |",
-             "|---|---|---:|---:|---:|---|---|"]
+    lines = [
+        "| case | contender | median ms | speed-up vs baseline | fidelity | fidelity metric | gate / goal |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
     notes = []
     for r in results:
         speed = r.get("speedup_vs_baseline", {})
@@ -231,9 +244,11 @@ def models_table(results: List[Dict], gates: Optional[List[Dict]] = None) -> str
                 marks.append("baseline")
             sp = f"{speed[name]:.2f}x" if name in speed else "-"
             fid = f"{fidelity[name]:.5f}" if name in fidelity else "-"
-            lines.append(f"| {r['case'] if i == 0 else ''} | {name} | {ms:.1f} | {sp} | {fid} | "
-                         f"{r.get('fidelity_metric', '') if i == 0 else ''} | "
-                         f"{'; '.join(marks)} |")
+            lines.append(
+                f"| {r['case'] if i == 0 else ''} | {name} | {ms:.1f} | {sp} | {fid} | "
+                f"{r.get('fidelity_metric', '') if i == 0 else ''} | "
+                f"{'; '.join(marks)} |"
+            )
         meta = r.get("meta", {})
         notes.append(f"- {r['case']}: {r['description']}")
         for name, setting in meta.get("settings", {}).items():
@@ -247,8 +262,7 @@ def models_table(results: List[Dict], gates: Optional[List[Dict]] = None) -> str
 
 def _pareto_front(points: List[tuple]) -> List[tuple]:
     """The points no other point beats on both fidelity (x) and speed-up (y), by x."""
-    front = [p for p in points
-             if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)]
     return sorted(front)
 
 
@@ -257,27 +271,26 @@ def _pareto_axes(ax, row: Dict) -> None:
     points = [(fidelity[k], speed[k], k) for k in row["times_ms"] if k in speed and k in fidelity]
     for x, y, name in points:
         base = name == row.get("baseline")
-        ax.scatter([x], [y], marker="s" if base else "o", color="gray" if base else None,
-                   zorder=3)
+        ax.scatter([x], [y], marker="s" if base else "o", color="gray" if base else None, zorder=3)
         # the baseline's label goes below its point: attention-only sits just above it
-        ax.annotate(f"{name}\n{y:.2f}x, {x:.5f}", (x, y), textcoords="offset points",
-                    xytext=(4, -16 if base else 4), fontsize=6)
+        ax.annotate(
+            f"{name}\n{y:.2f}x, {x:.5f}", (x, y), textcoords="offset points", xytext=(4, -16 if base else 4), fontsize=6
+        )
     front = _pareto_front(points)
     if len(front) > 1:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="black",
-                linewidth=0.7, label="Pareto front")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="black", linewidth=0.7, label="Pareto front")
         ax.legend(fontsize=6, loc="lower left")
     ax.axhline(1.0, color="gray", linewidth=0.6)
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
     xs = [p[0] for p in points] or [1.0]
     lo, hi = min(xs), max(xs)
-    pad = max((hi - lo) * 0.3, 2e-5)       # cosines equal to 1e-9 still get a readable axis
+    pad = max((hi - lo) * 0.3, 2e-5)  # cosines equal to 1e-9 still get a readable axis
     ax.set_xlim(lo - pad, hi + pad)
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%.5f"))
     ax.tick_params(labelsize=6)
-    ax.set_xlabel(f"fidelity to {row.get('baseline', 'baseline')}: "
-                  f"{row.get('fidelity_metric', '')}", fontsize=7)
+    ax.set_xlabel(f"fidelity to {row.get('baseline', 'baseline')}: {row.get('fidelity_metric', '')}", fontsize=7)
     ax.set_ylabel(f"speed-up vs {row.get('baseline', 'baseline')} (paired median)", fontsize=7)
     ax.set_title(row["case"], fontsize=8)
     ax.margins(y=0.2)
@@ -289,6 +302,7 @@ def pareto_plot(results: List[Dict], path: Path) -> Optional[Path]:
     rows = [r for r in results if r.get("fidelity") and r.get("speedup_vs_baseline")]
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -300,7 +314,7 @@ def pareto_plot(results: List[Dict], path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
     for ax, row in zip(axes.flat, rows):
         _pareto_axes(ax, row)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.set_visible(False)
     fig.suptitle("speed-up vs fidelity — " + machine_description()[:110], fontsize=8)
     fig.tight_layout()
@@ -309,8 +323,9 @@ def pareto_plot(results: List[Dict], path: Path) -> Optional[Path]:
     return path
 
 
-def write_models_report(family: str, results: List[Dict], out_dir: Path,
-                        gates: Optional[List[Dict]] = None) -> Dict[str, Path]:
+def write_models_report(
+    family: str, results: List[Dict], out_dir: Path, gates: Optional[List[Dict]] = None
+) -> Dict[str, Path]:
     """``<family>.json`` (rows with fidelity and speed-ups), ``<family>.md``
     (:func:`models_table`), ``<family>.png`` (every case's Pareto panel) and
     ``<family>-pareto-<case>.png`` (one per case) under ``out_dir``."""

@@ -1,5 +1,6 @@
 """Timing helpers: interleaved repetitions, medians and paired ratios (the machine is shared and
 noisy)."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,14 @@ def _calls_per_sample(fn: Callable[[], object]) -> int:
     return max(1, math.ceil(MIN_SAMPLE_S / max(single, 1e-7)))
 
 
-def timed_rounds(fns: Dict[str, Callable[[], object]], *, warmup: int = 2, min_reps: int = 5,
-                 max_reps: int = 40, budget_s: float = 3.0) -> Dict[str, List[float]]:
+def timed_rounds(
+    fns: Dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    min_reps: int = 5,
+    max_reps: int = 40,
+    budget_s: float = 3.0,
+) -> Dict[str, List[float]]:
     """Seconds per call of each function, one sample per function per round.
 
     The functions are timed round-robin so that a burst of load on the machine hits every
@@ -37,7 +44,7 @@ def timed_rounds(fns: Dict[str, Callable[[], object]], *, warmup: int = 2, min_r
     start = time.perf_counter()
     rounds = 0
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
-        for name in (order if rounds % 2 == 0 else order[::-1]):
+        for name in order if rounds % 2 == 0 else order[::-1]:
             fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(inner[name]):
@@ -55,6 +62,7 @@ def paired_ratio(numerator: List[float], denominator: List[float]) -> float:
     is steadier than the ratio of two medians when the effect measured is a few percent.
     """
     if len(numerator) != len(denominator) or not numerator:
-        raise ValueError(f"paired_ratio needs two sample lists of one length, got "
-                         f"{len(numerator)} and {len(denominator)}")
+        raise ValueError(
+            f"paired_ratio needs two sample lists of one length, got {len(numerator)} and {len(denominator)}"
+        )
     return statistics.median(a / b for a, b in zip(numerator, denominator))

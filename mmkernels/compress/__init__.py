@@ -6,6 +6,7 @@ tuning, ``quantize_model`` and its SQNR report, checkpoints (``save_quantized`` 
 Imports flow one way: ``compress`` -> ``nn`` -> ``quant``; nothing below imports this package
 (tests/test_layering.py).
 """
+
 from .gptq import GPTQResult, Hessian, gptq_quantize
 from .onnx_export import export_onnx
 from .pipeline import quantize_model
@@ -13,6 +14,16 @@ from .scale_tuning import tune_scales
 from .serialize import QuantizedCheckpoint, load_quantized, save_quantized
 from .sqnr_report import LayerReport, QuantizationReport
 
-__all__ = ["quantize_model", "gptq_quantize", "GPTQResult", "Hessian", "QuantizationReport",
-           "LayerReport", "save_quantized", "load_quantized", "QuantizedCheckpoint", "export_onnx",
-           "tune_scales"]
+__all__ = [
+    "quantize_model",
+    "gptq_quantize",
+    "GPTQResult",
+    "Hessian",
+    "QuantizationReport",
+    "LayerReport",
+    "save_quantized",
+    "load_quantized",
+    "QuantizedCheckpoint",
+    "export_onnx",
+    "tune_scales",
+]

@@ -9,6 +9,7 @@ model (or one of its blocks) with hooks that record, per ``nn.Linear``, what its
   ``nn.ModuleList`` stack, and the block-by-block propagation GPTQ's layer-sequential procedure
   needs (each block sees the outputs of the already-quantized blocks before it).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -22,11 +23,10 @@ from .gptq import Hessian
 class LayerStats:
     """What the hooks of one Linear record (each part only when asked for)."""
 
-    def __init__(self, in_features: int, hessian: bool, absmax: bool, max_rows: int,
-                 cross: bool = False):
+    def __init__(self, in_features: int, hessian: bool, absmax: bool, max_rows: int, cross: bool = False):
         self.in_features = in_features
         self.want_cross = cross
-        self.cross: Optional[Tensor] = None      # 2/n sum x_ref x^T (see add)
+        self.cross: Optional[Tensor] = None  # 2/n sum x_ref x^T (see add)
         self.cross_ok = cross
         self.want_hessian, self.want_absmax = hessian, absmax
         self.hessian: Optional[Hessian] = None
@@ -34,7 +34,7 @@ class LayerStats:
         self.max_rows = max_rows
         self.rows: List[Tensor] = []
         self.n_rows = 0
-        self._stride = 1                         # keep every stride-th row (see add)
+        self._stride = 1  # keep every stride-th row (see add)
 
     def add(self, x: Tensor, ref: Optional[Tensor] = None) -> None:
         """Record input rows ``x (..., K)``; ``ref``: the float original's input to the same layer
@@ -59,11 +59,11 @@ class LayerStats:
         # Rows kept: those whose running index is a multiple of the stride; when more than max_rows
         # are kept, every other one is dropped and the stride doubles, so the sample spans all the calibration data.
         first = (-self.n_rows) % self._stride
-        self.rows.append(x2[first::self._stride].clone())
+        self.rows.append(x2[first :: self._stride].clone())
         self.n_rows += x2.shape[0]
         while sum(r.shape[0] for r in self.rows) > self.max_rows:
             kept = torch.cat(self.rows)
-            self.rows = [kept[0::2]]                # rows whose index is a multiple of 2*stride
+            self.rows = [kept[0::2]]  # rows whose index is a multiple of 2*stride
             self._stride *= 2
 
     @property
@@ -74,8 +74,7 @@ class LayerStats:
 
 def token_mask(item: Any) -> Optional[Tensor]:
     """The ``attention_mask`` of a dict item (``(B, L)``), else None."""
-    if isinstance(item, dict) and isinstance(item.get("attention_mask"), Tensor) \
-            and item["attention_mask"].dim() == 2:
+    if isinstance(item, dict) and isinstance(item.get("attention_mask"), Tensor) and item["attention_mask"].dim() == 2:
         return item["attention_mask"]
     return None
 
@@ -91,11 +90,17 @@ def call_model(model: Callable, item: Any):
 
 
 @torch.no_grad()
-def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Linear], *,
-            hessian: bool, absmax: bool, max_rows: int,
-            masks: Optional[Sequence[Optional[Tensor]]] = None,
-            reference: Optional[Tuple[Callable, Sequence, Dict[str, nn.Linear]]] = None
-            ) -> "Collected":
+def collect(
+    run: Callable[[Any], Any],
+    items: Sequence,
+    layers: Dict[str, nn.Linear],
+    *,
+    hessian: bool,
+    absmax: bool,
+    max_rows: int,
+    masks: Optional[Sequence[Optional[Tensor]]] = None,
+    reference: Optional[Tuple[Callable, Sequence, Dict[str, nn.Linear]]] = None,
+) -> "Collected":
     """Run ``run(item)`` for every item with forward pre-hooks on ``layers`` recording their
     :class:`LayerStats`; hooks are removed even on error. See :class:`Collected`.
 
@@ -106,13 +111,14 @@ def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Lin
     ``reference = (ref_run, ref_items, ref_layers)``: before each item, ``ref_run(ref_items[i])``
     runs the float original (same layer names) and its layers' inputs are paired row by row with
     the quantized model's, accumulating the cross term of :class:`LayerStats`."""
-    stats = {name: LayerStats(lin.in_features, hessian, absmax, max_rows,
-                              cross=reference is not None)
-             for name, lin in layers.items()}
+    stats = {
+        name: LayerStats(lin.in_features, hessian, absmax, max_rows, cross=reference is not None)
+        for name, lin in layers.items()
+    }
     pending: Dict[str, List[Tensor]] = {}
     shares: Dict[str, bool] = {}
     order: List[str] = []
-    last: List[Any] = [None]            # the previous call's input, held so that `is` is reliable
+    last: List[Any] = [None]  # the previous call's input, held so that `is` is reliable
 
     mask: List[Optional[Tensor]] = [None]
 
@@ -125,18 +131,19 @@ def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Lin
             last[0] = x
             queue = pending.get(name)
             stats[name].add(drop_padding(x, mask[0]), queue.pop(0) if queue else None)
+
         return hook
 
     def make_ref_hook(name):
         def hook(module, args):
             pending.setdefault(name, []).append(drop_padding(args[0], mask[0]))
+
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in layers.items()]
     if reference is not None:
         ref_run, ref_items, ref_layers = reference
-        handles += [ref_layers[name].register_forward_pre_hook(make_ref_hook(name))
-                    for name in layers]
+        handles += [ref_layers[name].register_forward_pre_hook(make_ref_hook(name)) for name in layers]
     try:
         for i, item in enumerate(items):
             mask[0] = masks[i] if masks is not None else None
@@ -149,8 +156,9 @@ def collect(run: Callable[[Any], Any], items: Sequence, layers: Dict[str, nn.Lin
             h.remove()
         last[0] = mask[0] = None
         pending.clear()
-    return Collected({name: stats[name] for name in order}, _stages(order, shares),
-                     [n for n in stats if n not in order])
+    return Collected(
+        {name: stats[name] for name in order}, _stages(order, shares), [n for n in stats if n not in order]
+    )
 
 
 def drop_padding(x: Tensor, m: Optional[Tensor]) -> Tensor:
@@ -165,6 +173,7 @@ class Collected(NamedTuple):
     """``stats`` of the layers that ran, in execution order (first call); ``stages``: those layers
     grouped into runs of consecutive calls on the *same* input tensor (e.g. q, k, v), in order;
     ``unused``: the layers that never ran."""
+
     stats: Dict[str, LayerStats]
     stages: List[List[str]]
     unused: List[str]
@@ -185,8 +194,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module,
-                         items: Iterable) -> List[Tuple[tuple, dict]]:
+def capture_block_inputs(model: nn.Module, block: nn.Module, items: Iterable) -> List[Tuple[tuple, dict]]:
     """The ``(args, kwargs)`` the first block receives for each calibration item (the model is run
     up to that block and stopped there)."""
     captured: List[Tuple[tuple, dict]] = []
@@ -224,4 +232,5 @@ def block_runner(block: nn.Module) -> Callable:
     def run(inp):
         args, kwargs = inp
         return block(*args, **kwargs)
+
     return run

@@ -47,6 +47,7 @@ in float64); the Hessian is the running *mean* of ``2 x x^T`` over calibration t
 scale of ``H`` gives the same result, dampening being relative); the group grid is the RTN grid of
 ``quantize_weight`` (the reference code uses its own quantizer class).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +67,7 @@ class Hessian:
 
     def __init__(self, in_features: int, device=None):
         self.in_features = int(in_features)
-        self.H = torch.zeros(self.in_features, self.in_features, dtype=torch.float64,
-                             device=device)
+        self.H = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: Tensor) -> None:
@@ -84,6 +84,7 @@ class Hessian:
     def hook(self):
         def pre_hook(module, args):
             self.add(args[0])
+
         return pre_hook
 
 
@@ -95,6 +96,7 @@ class GPTQResult:
     order) the values GPTQ rounded, i.e. each column as updated by the errors of the columns before
     it, so that ``q = clamp(round(latent / s) + z)`` (the start point of
     :mod:`mmkernels.compress.signround`)."""
+
     qweight: QuantizedWeight
     perm: Optional[Tensor]
     dead: Tensor
@@ -114,10 +116,19 @@ class GPTQResult:
         return g
 
 
-def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int] = 128,
-                  symmetric: bool = True, *, percdamp: float = 0.01, block_size: int = 128,
-                  desc_act: bool = False, clip_search: bool = False,
-                  refit_scales: bool = False) -> GPTQResult:
+def gptq_quantize(
+    w: Tensor,
+    H: Tensor,
+    bits: int = 4,
+    group_size: Optional[int] = 128,
+    symmetric: bool = True,
+    *,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    desc_act: bool = False,
+    clip_search: bool = False,
+    refit_scales: bool = False,
+) -> GPTQResult:
     """GPTQ-quantize ``w (N, K)`` given the input Hessian ``H (K, K)`` (e.g. ``Hessian.H``).
 
     ``bits`` 8 / 4, ``group_size`` None / 32 / 64 / 128, ``symmetric`` as in
@@ -133,8 +144,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
     n, k = w.shape
     _check_config(bits, group_size, k)
     if not isinstance(H, Tensor) or tuple(H.shape) != (k, k):
-        raise ValueError(f"H must be a (K, K) = ({k}, {k}) tensor, got "
-                         f"{getattr(H, 'shape', H)!r}")
+        raise ValueError(f"H must be a (K, K) = ({k}, {k}) tensor, got {getattr(H, 'shape', H)!r}")
     if not percdamp > 0:
         raise ValueError(f"percdamp must be positive, got {percdamp!r}")
     if block_size < 1:
@@ -169,11 +179,14 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
         Ub = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % gs == 0:                      # a group starts: grid from the updated weights
+            if col % gs == 0:  # a group starts: grid from the updated weights
                 g = col // gs
-                src = W1[:, i:i + gs] if group_size is not None else W
-                scale, zero = (_clipped_grid(src, bits, symmetric, torch.diag(H)[col:col + gs])
-                               if clip_search else _rtn_grid(src, bits, symmetric))
+                src = W1[:, i : i + gs] if group_size is not None else W
+                scale, zero = (
+                    _clipped_grid(src, bits, symmetric, torch.diag(H)[col : col + gs])
+                    if clip_search
+                    else _rtn_grid(src, bits, symmetric)
+                )
                 scales[:, g] = scale
                 zeros[:, g] = zero
             s64 = scale.to(torch.float64)
@@ -183,28 +196,31 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int = 4, group_size: Optional[int]
             err = (W1[:, i] - (q - zero) * s64) / Ub[i, i]
             W1[:, i:] -= err[:, None] * Ub[i, i:][None, :]
             Err[:, i] = err
-        W[:, i2:] -= Err @ U[i1:i2, i2:]           # lazy batch update of the later blocks
+        W[:, i2:] -= Err @ U[i1:i2, i2:]  # lazy batch update of the later blocks
 
     if refit_scales:
         w0 = w.detach().to(torch.float64)
         w0 = w0[:, perm] if perm is not None else w0
         w0[:, dead if perm is None else dead[perm]] = 0.0
         scales = _refit_scales(w0, H, Q - _expand(zeros, gs), scales)
-    return GPTQResult(_pack(Q, scales, None if symmetric else zeros, bits, group_size),
-                      perm, dead, latent)
+    return GPTQResult(_pack(Q, scales, None if symmetric else zeros, bits, group_size), perm, dead, latent)
 
 
 def _rtn_grid(cols: Tensor, bits: int, symmetric: bool):
     """Scale (float32 ``(N,)``) and zero point (float64 ``(N,)``, 0 if symmetric) that
     :func:`quantize_weight` gives these columns as one group: the same grid, by construction."""
     qw = quantize_weight(cols, bits=bits, group_size=None, symmetric=symmetric)
-    zero = (qw.zeros[:, 0].to(torch.float64) if qw.zeros is not None
-            else torch.zeros(cols.shape[0], dtype=torch.float64, device=cols.device))
+    zero = (
+        qw.zeros[:, 0].to(torch.float64)
+        if qw.zeros is not None
+        else torch.zeros(cols.shape[0], dtype=torch.float64, device=cols.device)
+    )
     return qw.scales[:, 0], zero
 
 
-def _clipped_grid(cols: Tensor, bits: int, symmetric: bool, hdiag: Tensor,
-                  shrinks=tuple(1.0 - 0.025 * i for i in range(13))):
+def _clipped_grid(
+    cols: Tensor, bits: int, symmetric: bool, hdiag: Tensor, shrinks=tuple(1.0 - 0.025 * i for i in range(13))
+):
     """The RTN grid of ``cols * p`` for the shrink ``p`` in ``shrinks`` (1 ... 0.7) that minimises
     each row's ``sum_k H_kk (w_k - w_hat_k)^2`` (clipping the range: the ``mse`` grid option of the
     GPTQ authors' code, weighted by the Hessian diagonal here)."""
@@ -237,30 +253,30 @@ def _refit_scales(w: Tensor, H: Tensor, C: Tensor, scales: Tensor) -> Tensor:
     n, k = C.shape
     g = scales.shape[1]
     gs = k // g
-    member = torch.arange(k, device=C.device) // gs                    # group of each column
+    member = torch.arange(k, device=C.device) // gs  # group of each column
     A = torch.empty(n, g, g, dtype=torch.float64, device=C.device)
     for h in range(g):
-        Ph = (C * (member == h)[None, :]) @ H                          # rows of H c_h
+        Ph = (C * (member == h)[None, :]) @ H  # rows of H c_h
         A[:, :, h] = (C * Ph).reshape(n, g, gs).sum(dim=2)
     b = (C * (w @ H)).reshape(n, g, gs).sum(dim=2)
     old = scales.to(torch.float64)
     new = torch.linalg.solve(A + 1e-12 * torch.eye(g, dtype=A.dtype, device=A.device), b)
-    new = new.to(torch.float32).to(torch.float64)                      # what will be stored
+    new = new.to(torch.float32).to(torch.float64)  # what will be stored
 
-    def objective(s):                                                  # up to a constant
+    def objective(s):  # up to a constant
         return (s[:, None, :] @ A @ s[:, :, None]).flatten() - 2 * (b * s).sum(dim=1)
 
     ok = torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1) & (objective(new) < objective(old))
     return torch.where(ok[:, None], new, old).to(torch.float32)
 
 
-def _pack(Q: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-          group_size: Optional[int]) -> QuantizedWeight:
+def _pack(Q: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: Optional[int]) -> QuantizedWeight:
     n, k = Q.shape
     symmetric = zeros is None
     if bits == 4:
         qweight = pack_int4(Q.to(torch.int16))
     else:
         qweight = Q.to(torch.int8 if symmetric else torch.uint8)
-    return QuantizedWeight(qweight, scales, None if symmetric else zeros.to(torch.uint8),
-                           bits=bits, group_size=group_size, shape=(n, k))
+    return QuantizedWeight(
+        qweight, scales, None if symmetric else zeros.to(torch.uint8), bits=bits, group_size=group_size, shape=(n, k)
+    )

@@ -45,6 +45,7 @@ Checked against onnxruntime 1.31's registered schema of MatMulNBits (its doc str
 descriptions, read with ``onnxruntime.capi.onnxruntime_pybind11_state.get_all_operator_schema``)
 and by running the exported graphs with the CPUExecutionProvider (tests/compress/test_onnx_export.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,10 +70,20 @@ _BLOCKS = (256, 128, 64, 32, 16)
 # packing that needs no onnxruntime)
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("mmkernels_onnx::matmul_nbits", mutates_args=())
-def _matmul_nbits(x: Tensor, b: Tensor, scales: Tensor, zero_points: Optional[Tensor],
-                  bias: Optional[Tensor], k: int, n: int, bits: int, block_size: int,
-                  accuracy_level: int) -> Tensor:
+def _matmul_nbits(
+    x: Tensor,
+    b: Tensor,
+    scales: Tensor,
+    zero_points: Optional[Tensor],
+    bias: Optional[Tensor],
+    k: int,
+    n: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> Tensor:
     u = _unpack_blocks(b.reshape(n, -1), bits)[:, :k]
     blocks = scales.shape[1]
     if zero_points is None:
@@ -91,9 +102,9 @@ def _(x, b, scales, zero_points, bias, k, n, bits, block_size, accuracy_level):
 
 
 @torch.library.custom_op("mmkernels_onnx::w8a8", mutates_args=())
-def _w8a8(x: Tensor, w_t: Tensor, w_zero: Optional[Tensor], w_scale: Tensor,
-          bias: Optional[Tensor]) -> Tensor:
+def _w8a8(x: Tensor, w_t: Tensor, w_zero: Optional[Tensor], w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     from ..quant.reference import quantize_activations
+
     x2 = x.reshape(-1, x.shape[-1]).float()
     xq, sx = quantize_activations(x2)
     w = w_t.to(torch.int64) - (0 if w_zero is None else w_zero.to(torch.int64))
@@ -108,9 +119,9 @@ def _(x, w_t, w_zero, w_scale, bias):
 
 
 @torch.library.custom_op("mmkernels_onnx::fp8_matmul", mutates_args=())
-def _fp8_matmul(x: Tensor, w: Tensor, scales: Tensor, bias: Optional[Tensor],
-                act_bits: int) -> Tensor:
+def _fp8_matmul(x: Tensor, w: Tensor, scales: Tensor, bias: Optional[Tensor], act_bits: int) -> Tensor:
     from ..quant.reference import qmatmul_tensors
+
     return qmatmul_tensors(x, w, scales, None, 8, bias, act_bits or None)
 
 
@@ -131,14 +142,14 @@ def _unpack_blocks(packed: Tensor, bits: int) -> Tensor:
 # Stand-ins for QuantLinear during the export
 # ---------------------------------------------------------------------------------------------
 
+
 class _Prologue(nn.Module):
     """``x[..., input_perm] / smooth``, as QuantLinear and qmatmul do."""
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
         self.register_buffer("input_perm", layer.input_perm)
-        self.register_buffer("smooth", None if layer.smooth is None
-                             else layer.smooth.detach().float())
+        self.register_buffer("smooth", None if layer.smooth is None else layer.smooth.detach().float())
 
     def prologue(self, x: Tensor) -> Tensor:
         if self.input_perm is not None:
@@ -158,12 +169,15 @@ class _MatMulNBitsLinear(_Prologue):
         u = q + half if qw.symmetric else q
         block = qw.group_size or next((b for b in _BLOCKS if k % b == 0), 16)
         blocks = -(-k // block)
-        per_block = torch.arange(blocks) * block // (qw.group_size or k)   # group of each block
+        per_block = torch.arange(blocks) * block // (qw.group_size or k)  # group of each block
         scales = qw.scales.detach().cpu()[:, per_block]
         zeros = None if qw.symmetric else qw.zeros.cpu().to(torch.int64)[:, per_block]
-        if blocks * block > k:                       # pad the last block with its zero point
-            pad = torch.full((n, blocks * block - k), half) if zeros is None \
+        if blocks * block > k:  # pad the last block with its zero point
+            pad = (
+                torch.full((n, blocks * block - k), half)
+                if zeros is None
                 else zeros[:, -1:].expand(n, blocks * block - k)
+            )
             u = torch.cat([u, pad], dim=1)
         self.k, self.n, self.bits, self.block = k, n, bits, block
         self.accuracy_level = int(accuracy_level)
@@ -173,8 +187,18 @@ class _MatMulNBitsLinear(_Prologue):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
-        return _matmul_nbits(self.prologue(x), self.b, self.scales, self.zero_points, self.bias,
-                             self.k, self.n, self.bits, self.block, self.accuracy_level)
+        return _matmul_nbits(
+            self.prologue(x),
+            self.b,
+            self.scales,
+            self.zero_points,
+            self.bias,
+            self.k,
+            self.n,
+            self.bits,
+            self.block,
+            self.accuracy_level,
+        )
 
 
 def _pack_rows(values: Tensor, bits: int) -> Tensor:
@@ -191,7 +215,7 @@ class _W8A8Linear(_Prologue):
     def __init__(self, layer: QuantLinear):
         super().__init__(layer)
         qw = layer.quantized
-        self.register_buffer("w_t", qw.qweight.detach().T.contiguous())      # (K, N) int8/uint8
+        self.register_buffer("w_t", qw.qweight.detach().T.contiguous())  # (K, N) int8/uint8
         self.register_buffer("w_zero", None if qw.symmetric else qw.zeros[:, 0].contiguous())
         self.register_buffer("w_scale", qw.scales[:, 0].detach().float().contiguous())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
@@ -227,6 +251,7 @@ def onnx_stand_in(layer: QuantLinear, accuracy_level: int = 0) -> nn.Module:
 # Translations (onnxscript) and the export
 # ---------------------------------------------------------------------------------------------
 
+
 def _translations():
     import onnxscript
     from onnx.defs import OpSchema
@@ -236,56 +261,81 @@ def _translations():
     optional = OpSchema.FormalParameterOption.Optional
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     schema = OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"),
-                fp("zero_points", "T3", param_option=optional),
-                fp("g_idx", "T4", param_option=optional),
-                fp("bias", "T1", param_option=optional)],
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        inputs=[
+            fp("A", "T1"),
+            fp("B", "T2"),
+            fp("scales", "T1"),
+            fp("zero_points", "T3", param_option=optional),
+            fp("g_idx", "T4", param_option=optional),
+            fp("bias", "T1", param_option=optional),
+        ],
         outputs=[fp("Y", "T1")],
-        type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)"] + floats, ""), ("T4", ["tensor(int32)"], "")],
-        attributes=[attr(a, OpSchema.AttrType.INT, "") for a in
-                    ("K", "N", "bits", "block_size", "accuracy_level")])
-    matmul_nbits = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1),
-                                        "MatMulNBits", schema)
-    FLOAT, INT8, FLOAT8 = 1, 3, 17            # onnx.TensorProto data types
+        type_constraints=[
+            ("T1", floats, ""),
+            ("T2", ["tensor(uint8)"], ""),
+            ("T3", ["tensor(uint8)"] + floats, ""),
+            ("T4", ["tensor(int32)"], ""),
+        ],
+        attributes=[attr(a, OpSchema.AttrType.INT, "") for a in ("K", "N", "bits", "block_size", "accuracy_level")],
+    )
+    matmul_nbits = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
+    FLOAT, INT8, FLOAT8 = 1, 3, 17  # onnx.TensorProto data types
 
-    def t_matmul_nbits(x, b, scales, zero_points, bias, k: int, n: int, bits: int,
-                       block_size: int, accuracy_level: int):
-        return matmul_nbits(x, b, scales, zero_points, None, bias, K=k, N=n, bits=bits,
-                            block_size=block_size, accuracy_level=accuracy_level)
+    def t_matmul_nbits(
+        x, b, scales, zero_points, bias, k: int, n: int, bits: int, block_size: int, accuracy_level: int
+    ):
+        return matmul_nbits(
+            x,
+            b,
+            scales,
+            zero_points,
+            None,
+            bias,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+        )
 
     def _per_token_scale(x, qmax: float):
         amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-        return op.Where(op.Greater(amax, op.Constant(value_float=0.0)),
-                        op.Div(amax, op.Constant(value_float=qmax)), op.Constant(value_float=1.0))
+        return op.Where(
+            op.Greater(amax, op.Constant(value_float=0.0)),
+            op.Div(amax, op.Constant(value_float=qmax)),
+            op.Constant(value_float=1.0),
+        )
 
     def t_w8a8(x, w_t, w_zero, w_scale, bias):
         s = _per_token_scale(x, 127.0)
-        xq = op.Cast(op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-127.0),
-                             op.Constant(value_float=127.0)), to=INT8)
-        acc = op.MatMulInteger(xq, w_t) if w_zero is None else \
-            op.MatMulInteger(xq, w_t, None, w_zero)
+        xq = op.Cast(
+            op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=-127.0), op.Constant(value_float=127.0)), to=INT8
+        )
+        acc = op.MatMulInteger(xq, w_t) if w_zero is None else op.MatMulInteger(xq, w_t, None, w_zero)
         y = op.Mul(op.Mul(op.Cast(acc, to=FLOAT), s), w_scale)
         return y if bias is None else op.Add(y, bias)
 
     def t_fp8_matmul(x, w, scales, bias, act_bits: int):
-        wf = op.Cast(w, to=FLOAT)                                 # (N, K): e4m3 widens exactly
-        if act_bits:                                              # per-channel scales (N, 1)
+        wf = op.Cast(w, to=FLOAT)  # (N, K): e4m3 widens exactly
+        if act_bits:  # per-channel scales (N, 1)
             s = _per_token_scale(x, 448.0)
             xq = op.Cast(op.Cast(op.Div(x, s), to=FLOAT8), to=FLOAT)
             acc = op.MatMul(xq, op.Transpose(wf, perm=[1, 0]))
             y = op.Mul(op.Mul(acc, s), op.Squeeze(scales, op.Constant(value_ints=[1])))
-        else:                                                     # W_hat = w * s per group
-            grouped = op.Reshape(wf, op.Concat(op.Shape(scales), op.Constant(value_ints=[-1]),
-                                               axis=0))          # (N, G, K / G)
+        else:  # W_hat = w * s per group
+            grouped = op.Reshape(wf, op.Concat(op.Shape(scales), op.Constant(value_ints=[-1]), axis=0))  # (N, G, K / G)
             scaled = op.Mul(grouped, op.Unsqueeze(scales, op.Constant(value_ints=[2])))
             y = op.MatMul(x, op.Transpose(op.Reshape(scaled, op.Shape(wf)), perm=[1, 0]))
         return y if bias is None else op.Add(y, bias)
 
-    return {torch.ops.mmkernels_onnx.matmul_nbits.default: t_matmul_nbits,
-            torch.ops.mmkernels_onnx.w8a8.default: t_w8a8,
-            torch.ops.mmkernels_onnx.fp8_matmul.default: t_fp8_matmul}
+    return {
+        torch.ops.mmkernels_onnx.matmul_nbits.default: t_matmul_nbits,
+        torch.ops.mmkernels_onnx.w8a8.default: t_w8a8,
+        torch.ops.mmkernels_onnx.fp8_matmul.default: t_fp8_matmul,
+    }
 
 
 @contextlib.contextmanager
@@ -296,7 +346,7 @@ def _swapped(model: nn.Module, accuracy_level: int):
     stand_ins = {name: onnx_stand_in(layer, accuracy_level) for name, layer in layers.items()}
     training = {m: m.training for m in model.modules()}
     try:
-        model.eval()                      # export the inference graph (dropout off, ...)
+        model.eval()  # export the inference graph (dropout off, ...)
         for name, module in stand_ins.items():
             model.set_submodule(name, module)
         yield layers
@@ -307,11 +357,17 @@ def _swapped(model: nn.Module, accuracy_level: int):
             m.training = mode
 
 
-def export_onnx(model: nn.Module, example_inputs: Union[Tensor, Tuple[Tensor, ...]],
-                path: Optional[str] = None, *, opset: int = 21,
-                dynamic_shapes: Optional[Union[Dict[str, Any], Tuple[Any, ...]]] = None,
-                accuracy_level: int = 0, input_names: Optional[Sequence[str]] = None,
-                output_names: Optional[Sequence[str]] = None) -> "onnx.ModelProto":
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Union[Tensor, Tuple[Tensor, ...]],
+    path: Optional[str] = None,
+    *,
+    opset: int = 21,
+    dynamic_shapes: Optional[Union[Dict[str, Any], Tuple[Any, ...]]] = None,
+    accuracy_level: int = 0,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+) -> "onnx.ModelProto":
     """Export ``model`` (with its QuantLinear layers) to ONNX; see the module docstring.
 
     ``example_inputs``: a tensor or a tuple of positional inputs (float32 activations).
@@ -322,8 +378,10 @@ def export_onnx(model: nn.Module, example_inputs: Union[Tensor, Tuple[Tensor, ..
     Returns the ``onnx.ModelProto``.
     """
     if importlib.util.find_spec("onnxscript") is None:
-        raise ImportError("export_onnx needs onnxscript (torch.onnx's exporter uses it): "
-                          "pip install onnx onnxscript (or mmkernels[onnx])")
+        raise ImportError(
+            "export_onnx needs onnxscript (torch.onnx's exporter uses it): "
+            "pip install onnx onnxscript (or mmkernels[onnx])"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
@@ -333,13 +391,20 @@ def export_onnx(model: nn.Module, example_inputs: Union[Tensor, Tuple[Tensor, ..
     args = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     fp8 = [n for n, m in quant_layers(model).items() if m.quantized.fp8]
     if fp8 and opset < 19:
-        raise ValueError(f"layers {fp8[:4]} hold fp8 weights, which need opset >= 19 (float8 "
-                         f"Cast); got opset={opset}")
+        raise ValueError(f"layers {fp8[:4]} hold fp8 weights, which need opset >= 19 (float8 Cast); got opset={opset}")
     with _swapped(model, accuracy_level):
         program = torch.onnx.export(
-            model, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-            custom_translation_table=_translations(), input_names=input_names,
-            output_names=output_names, verbose=False, optimize=not fp8)
+            model,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=_translations(),
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+            optimize=not fp8,
+        )
     if path is not None:
         program.save(path)
     return program.model_proto

@@ -66,6 +66,7 @@ needs ``calib_data`` without it, or one that does not apply to the chosen method
 ``clip_search`` with RTN, ``signround`` with W8A8); a bare ``nn.Linear`` as ``model`` (it cannot
 be replaced in place) is refused too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,8 +77,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .calibration import block_runner, call_model, capture_block_inputs, collect, run_block, \
-    token_mask
+from .calibration import block_runner, call_model, capture_block_inputs, collect, run_block, token_mask
 from ..quant.packing import VALID_BITS, VALID_GROUP_SIZES
 from .layer import LayerQuantizer
 from .sqnr_report import LayerReport, QuantizationReport
@@ -120,19 +120,34 @@ class _Config:
         return f"{w} {g} {'sym' if self.symmetric else 'asym'} {a}"
 
 
-def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = None,
-                   symmetric: bool = True, act_bits: Optional[int] = None, method: str = "rtn",
-                   calib_data: Optional[Iterable] = None, include: Union[None, str,
-                                                                          Sequence[str]] = None,
-                   exclude: Union[None, str, Sequence[str]] = None,
-                   smooth_alpha: Union[None, float, str] = None, fp8: bool = False,
-                   vision: bool = False, progress: bool = True, *,
-                   vision_names: Sequence[str] = VISION_TOWER_NAMES, desc_act: bool = False,
-                   percdamp: float = 0.01, alpha_grid: Sequence[float] = ALPHA_GRID,
-                   max_rows: int = 4096, outlier_channels: int = 0, float_target: bool = False,
-                   clip_search: bool = False, sequential: bool = True,
-                   signround_iters: int = 200, signround_lr: float = 5e-3,
-                   backend: Optional[str] = None) -> QuantizationReport:
+def quantize_model(
+    model: nn.Module,
+    bits: int = 8,
+    group_size: Optional[int] = None,
+    symmetric: bool = True,
+    act_bits: Optional[int] = None,
+    method: str = "rtn",
+    calib_data: Optional[Iterable] = None,
+    include: Union[None, str, Sequence[str]] = None,
+    exclude: Union[None, str, Sequence[str]] = None,
+    smooth_alpha: Union[None, float, str] = None,
+    fp8: bool = False,
+    vision: bool = False,
+    progress: bool = True,
+    *,
+    vision_names: Sequence[str] = VISION_TOWER_NAMES,
+    desc_act: bool = False,
+    percdamp: float = 0.01,
+    alpha_grid: Sequence[float] = ALPHA_GRID,
+    max_rows: int = 4096,
+    outlier_channels: int = 0,
+    float_target: bool = False,
+    clip_search: bool = False,
+    sequential: bool = True,
+    signround_iters: int = 200,
+    signround_lr: float = 5e-3,
+    backend: Optional[str] = None,
+) -> QuantizationReport:
     """Replace ``nn.Linear`` modules of ``model`` by ``QuantLinear`` in place; return a
     :class:`~mmkernels.compress.sqnr_report.QuantizationReport` (``print`` it for the table).
 
@@ -153,20 +168,40 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
     docstring. ``backend``: the QuantLinears' ``qmatmul`` backend (None: automatic).
     """
     if isinstance(model, nn.Linear):
-        raise ValueError("model is a single nn.Linear, which quantize_model cannot replace in "
-                         "place: use mmkernels.nn.QuantLinear.from_linear(linear, ...), or wrap "
-                         "it in a module (nn.Sequential(linear))")
-    cfg = _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smooth_alpha,
-                      fp8, desc_act, percdamp, alpha_grid, max_rows, backend, vision_names,
-                      outlier_channels, float_target, clip_search, sequential, signround_iters,
-                      signround_lr)
+        raise ValueError(
+            "model is a single nn.Linear, which quantize_model cannot replace in "
+            "place: use mmkernels.nn.QuantLinear.from_linear(linear, ...), or wrap "
+            "it in a module (nn.Sequential(linear))"
+        )
+    cfg = _check_args(
+        bits,
+        group_size,
+        symmetric,
+        act_bits,
+        method,
+        calib_data,
+        smooth_alpha,
+        fp8,
+        desc_act,
+        percdamp,
+        alpha_grid,
+        max_rows,
+        backend,
+        vision_names,
+        outlier_channels,
+        float_target,
+        clip_search,
+        sequential,
+        signround_iters,
+        signround_lr,
+    )
     report = QuantizationReport()
     targets = _select(model, include, exclude, vision, cfg.vision_names, cfg, report)
     items = list(calib_data) if calib_data is not None else None
     from tqdm.auto import tqdm
+
     bar = tqdm(total=len(targets), desc="quantize", unit="layer", disable=not progress)
-    quantizer = LayerQuantizer(model, cfg, targets, report, bar,
-                               lambda name: is_vision_name(name, cfg.vision_names))
+    quantizer = LayerQuantizer(model, cfg, targets, report, bar, lambda name: is_vision_name(name, cfg.vision_names))
     try:
         if items is None:
             for name in targets:
@@ -184,10 +219,29 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: Optional[int] = 
 # Arguments and targets
 # ---------------------------------------------------------------------------------------------
 
-def _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smooth_alpha, fp8,
-                desc_act, percdamp, alpha_grid, max_rows, backend, vision_names,
-                outlier_channels, float_target, clip_search, sequential, signround_iters,
-                signround_lr) -> _Config:
+
+def _check_args(
+    bits,
+    group_size,
+    symmetric,
+    act_bits,
+    method,
+    calib_data,
+    smooth_alpha,
+    fp8,
+    desc_act,
+    percdamp,
+    alpha_grid,
+    max_rows,
+    backend,
+    vision_names,
+    outlier_channels,
+    float_target,
+    clip_search,
+    sequential,
+    signround_iters,
+    signround_lr,
+) -> _Config:
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in VALID_GROUP_SIZES:
@@ -195,41 +249,41 @@ def _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smoot
     if act_bits is not None and (isinstance(act_bits, bool) or act_bits != 8):
         raise ValueError(f"act_bits must be None or 8, got {act_bits!r}")
     if act_bits and (bits != 8 or group_size is not None):
-        raise ValueError(f"act_bits=8 (W8A8) needs bits=8 and group_size=None, got bits={bits}, "
-                         f"group_size={group_size}")
+        raise ValueError(
+            f"act_bits=8 (W8A8) needs bits=8 and group_size=None, got bits={bits}, group_size={group_size}"
+        )
     if method not in ("rtn", "gptq", "signround"):
         raise ValueError(f"method must be 'rtn', 'gptq' or 'signround', got {method!r}")
     if method in ("gptq", "signround") and calib_data is None:
         raise ValueError(f"method={method!r} needs calib_data (an iterable of model inputs)")
     if method == "signround":
         if act_bits:
-            raise ValueError(f"method='signround' is weight-only: act_bits must be None, got "
-                             f"{act_bits!r}")
-        if isinstance(signround_iters, bool) or not isinstance(signround_iters, int) \
-                or signround_iters < 1:
+            raise ValueError(f"method='signround' is weight-only: act_bits must be None, got {act_bits!r}")
+        if isinstance(signround_iters, bool) or not isinstance(signround_iters, int) or signround_iters < 1:
             raise ValueError(f"signround_iters must be an int >= 1, got {signround_iters!r}")
-        if isinstance(signround_lr, bool) or not isinstance(signround_lr, (int, float)) \
-                or not 0 < signround_lr < float("inf"):
-            raise ValueError(f"signround_lr must be a positive finite float, got "
-                             f"{signround_lr!r}")
+        if (
+            isinstance(signround_lr, bool)
+            or not isinstance(signround_lr, (int, float))
+            or not 0 < signround_lr < float("inf")
+        ):
+            raise ValueError(f"signround_lr must be a positive finite float, got {signround_lr!r}")
     if fp8 and (method != "rtn" or bits != 8 or not symmetric):
-        raise ValueError(f"fp8=True supports method='rtn', bits=8, symmetric=True only, got "
-                         f"method={method!r}, bits={bits}, symmetric={symmetric}")
+        raise ValueError(
+            f"fp8=True supports method='rtn', bits=8, symmetric=True only, got "
+            f"method={method!r}, bits={bits}, symmetric={symmetric}"
+        )
     if smooth_alpha is not None:
         if not act_bits:
             raise ValueError("smooth_alpha (SmoothQuant) applies to W8A8: pass act_bits=8")
         if calib_data is None:
             raise ValueError("smooth_alpha needs calib_data to calibrate activation ranges")
-        if smooth_alpha != "search" and not (isinstance(smooth_alpha, (int, float))
-                                             and 0.0 <= smooth_alpha <= 1.0):
-            raise ValueError(f"smooth_alpha must be None, a float in [0, 1] or 'search', got "
-                             f"{smooth_alpha!r}")
+        if smooth_alpha != "search" and not (isinstance(smooth_alpha, (int, float)) and 0.0 <= smooth_alpha <= 1.0):
+            raise ValueError(f"smooth_alpha must be None, a float in [0, 1] or 'search', got {smooth_alpha!r}")
     if not percdamp > 0:
         raise ValueError(f"percdamp must be positive, got {percdamp!r}")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows!r}")
-    if isinstance(outlier_channels, bool) or not isinstance(outlier_channels, int) \
-            or outlier_channels < 0:
+    if isinstance(outlier_channels, bool) or not isinstance(outlier_channels, int) or outlier_channels < 0:
         raise ValueError(f"outlier_channels must be an int >= 0, got {outlier_channels!r}")
     if float_target and not sequential:
         raise ValueError("float_target needs sequential=True (block-by-block calibration)")
@@ -239,11 +293,27 @@ def _check_args(bits, group_size, symmetric, act_bits, method, calib_data, smoot
         raise ValueError("clip_search applies to method='gptq' or 'signround'")
     if outlier_channels and (not act_bits or calib_data is None):
         raise ValueError("outlier_channels applies to W8A8 (act_bits=8) and needs calib_data")
-    return _Config(bits, group_size, symmetric, act_bits, method, fp8, smooth_alpha, desc_act,
-                   float(percdamp), tuple(float(a) for a in alpha_grid), int(max_rows), backend,
-                   tuple(vision_names), outlier_channels, bool(float_target),
-                   bool(clip_search), bool(sequential), int(signround_iters),
-                   float(signround_lr))
+    return _Config(
+        bits,
+        group_size,
+        symmetric,
+        act_bits,
+        method,
+        fp8,
+        smooth_alpha,
+        desc_act,
+        float(percdamp),
+        tuple(float(a) for a in alpha_grid),
+        int(max_rows),
+        backend,
+        tuple(vision_names),
+        outlier_channels,
+        bool(float_target),
+        bool(clip_search),
+        bool(sequential),
+        int(signround_iters),
+        float(signround_lr),
+    )
 
 
 def _patterns(p) -> Tuple[str, ...]:
@@ -257,8 +327,9 @@ def is_vision_name(name: str, vision_names: Sequence[str] = VISION_TOWER_NAMES) 
     return any(part in vision_names for part in name.split("."))
 
 
-def _select(model, include, exclude, vision, vision_names, cfg: _Config,
-            report: QuantizationReport) -> Dict[str, nn.Linear]:
+def _select(
+    model, include, exclude, vision, vision_names, cfg: _Config, report: QuantizationReport
+) -> Dict[str, nn.Linear]:
     inc, exc = _patterns(include), _patterns(exclude)
     targets: Dict[str, nn.Linear] = {}
     for name, mod in model.named_modules():
@@ -274,8 +345,7 @@ def _select(model, include, exclude, vision, vision_names, cfg: _Config,
         if in_vision and not vision:
             why = "float (vision tower)"
         if why:
-            report.layers.append(LayerReport(name, shape, cfg.describe(), cfg.method,
-                                             vision=in_vision, status=why))
+            report.layers.append(LayerReport(name, shape, cfg.describe(), cfg.method, vision=in_vision, status=why))
             continue
         targets[name] = mod
     return targets
@@ -292,6 +362,7 @@ def _unsupported(k: int, cfg: _Config) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 # Calibration order
 # ---------------------------------------------------------------------------------------------
+
 
 def _find_blocks(model: nn.Module, targets: Dict[str, nn.Linear]):
     """``[(block name, block), ...]`` of the ModuleList holding the most target layers (every
@@ -321,20 +392,26 @@ def _calibrated(model, targets, items, quantizer: LayerQuantizer, cfg: _Config) 
         for block_name, block in blocks:
             names = [n for n in remaining if n.startswith(block_name + ".")]
             reference = None
-            if cfg.float_target:                   # the float block, fed the float stream
+            if cfg.float_target:  # the float block, fed the float stream
                 fp_block = copy.deepcopy(block)
-                fp_layers = {n: fp_block.get_submodule(n[len(block_name) + 1:]) for n in names}
+                fp_layers = {n: fp_block.get_submodule(n[len(block_name) + 1 :]) for n in names}
                 reference = (block_runner(fp_block), fp_inputs, fp_layers)
             _stagewise(block_runner(block), inputs, names, quantizer, cfg, block_masks, reference)
             remaining = [n for n in remaining if n not in names]
             inputs = run_block(block, inputs)
             if cfg.float_target:
                 fp_inputs = run_block(fp_block, fp_inputs)
-    if remaining:                                  # one pass for the rest (standard GPTQ)
+    if remaining:  # one pass for the rest (standard GPTQ)
         run = lambda item: call_model(model, item)  # noqa: E731
-        got = collect(run, items, {n: targets[n] for n in remaining},
-                      hessian=cfg.method == "gptq", absmax=cfg.needs_absmax,
-                      max_rows=cfg.max_rows, masks=masks)
+        got = collect(
+            run,
+            items,
+            {n: targets[n] for n in remaining},
+            hessian=cfg.method == "gptq",
+            absmax=cfg.needs_absmax,
+            max_rows=cfg.max_rows,
+            masks=masks,
+        )
         for name in remaining:
             quantizer.quantize(name, got.stats.get(name))
 
@@ -343,8 +420,15 @@ def _signround(model, targets, items, quantizer: LayerQuantizer, cfg: _Config, m
     """GPTQ from one pass of the float model, then SignRound block by block (module docstring):
     each block is tuned on the quantized stream's inputs against the float block's outputs on the
     float stream."""
-    got = collect(lambda item: call_model(model, item), items, targets, hessian=True,
-                  absmax=False, max_rows=cfg.max_rows, masks=masks)
+    got = collect(
+        lambda item: call_model(model, item),
+        items,
+        targets,
+        hessian=True,
+        absmax=False,
+        max_rows=cfg.max_rows,
+        masks=masks,
+    )
     blocks = _find_blocks(model, targets)
     inputs = capture_block_inputs(model, blocks[0][1], items) if blocks else None
     remaining = list(targets)
@@ -356,28 +440,30 @@ def _signround(model, targets, items, quantizer: LayerQuantizer, cfg: _Config, m
             fp_block = copy.deepcopy(block)
             with torch.no_grad():
                 wanted = [block_output(fp_block, inp) for inp in fp_inputs]
-            tuners = {n[len(block_name) + 1:]: RoundingTuner.from_gptq(
-                quantizer.gptq(n, got.stats[n]), targets[n].bias) for n in names}
-            tune_block(block, tuners, inputs, wanted, block_masks, iters=cfg.signround_iters,
-                       lr=cfg.signround_lr, seed=index)
+            tuners = {
+                n[len(block_name) + 1 :]: RoundingTuner.from_gptq(quantizer.gptq(n, got.stats[n]), targets[n].bias)
+                for n in names
+            }
+            tune_block(
+                block, tuners, inputs, wanted, block_masks, iters=cfg.signround_iters, lr=cfg.signround_lr, seed=index
+            )
             for n in names:
-                quantizer.place(n, tuners[n[len(block_name) + 1:]].export(cfg.backend),
-                                got.stats[n], "signround")
+                quantizer.place(n, tuners[n[len(block_name) + 1 :]].export(cfg.backend), got.stats[n], "signround")
             remaining = [n for n in remaining if n not in names]
             inputs = run_block(block, inputs)
             fp_inputs = run_block(fp_block, fp_inputs)
-    for name in remaining:               # outside the stack (or never ran): GPTQ (RTN)
+    for name in remaining:  # outside the stack (or never ran): GPTQ (RTN)
         quantizer.quantize(name, got.stats.get(name))
 
 
-def _stagewise(run, inputs, names: List[str], quantizer: LayerQuantizer, cfg: _Config,
-               masks, reference=None):
+def _stagewise(run, inputs, names: List[str], quantizer: LayerQuantizer, cfg: _Config, masks, reference=None):
     """Quantize ``names`` (layers of one block) stage by stage, re-recording each stage's inputs
     with the earlier stages already quantized (paired with the float block's when
     ``reference`` is given)."""
     layers = {n: quantizer.targets[n] for n in names}
-    kw = dict(hessian=cfg.method == "gptq", absmax=cfg.needs_absmax,
-              max_rows=cfg.max_rows, masks=masks, reference=reference)
+    kw = dict(
+        hessian=cfg.method == "gptq", absmax=cfg.needs_absmax, max_rows=cfg.max_rows, masks=masks, reference=reference
+    )
     first = collect(run, inputs, layers, **kw)
     for i, stage in enumerate(first.stages):
         got = first if i == 0 else collect(run, inputs, {n: layers[n] for n in stage}, **kw)

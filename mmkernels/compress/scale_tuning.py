@@ -28,6 +28,7 @@ calibration loss after tuning is not below the loss before, the start values are
 result is exported back to QuantLinear layers with the new float32 scales: the same integers, the
 same formats and kernels.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,14 +55,13 @@ class ScaleTuner(nn.Module):
         qw = layer.quantized
         n, k = qw.shape
         g = qw.scales.shape[1]
-        self.layer = layer                                   # exported with new scales
+        self.layer = layer  # exported with new scales
         self.scale_range = float(scale_range)
         self.register_buffer("centered", qw.int_weight().to(torch.float32).reshape(n, g, k // g))
         self.register_buffer("s0", qw.scales.detach().to(torch.float32).clone())
         self.a = nn.Parameter(torch.ones_like(self.s0))
         bias = layer.bias
-        self.bias = (nn.Parameter(bias.detach().clone()) if train_bias and bias is not None
-                     else None)
+        self.bias = nn.Parameter(bias.detach().clone()) if train_bias and bias is not None else None
 
     def current_bias(self) -> Optional[Tensor]:
         return self.layer.bias if self.bias is None else self.bias
@@ -85,12 +85,16 @@ class ScaleTuner(nn.Module):
     def export(self) -> QuantLinear:
         """The layer with the tuned float32 scales (same integers, zero points, permutation)."""
         layer, qw = self.layer, self.layer.quantized
-        tuned = QuantizedWeight(qw.qweight, self.scales().to(qw.scales.dtype).contiguous(),
-                                qw.zeros, bits=qw.bits, group_size=qw.group_size,
-                                shape=tuple(qw.shape))
+        tuned = QuantizedWeight(
+            qw.qweight,
+            self.scales().to(qw.scales.dtype).contiguous(),
+            qw.zeros,
+            bits=qw.bits,
+            group_size=qw.group_size,
+            shape=tuple(qw.shape),
+        )
         bias = None if layer.bias is None else self.current_bias().to(layer.bias.dtype)
-        out = QuantLinear.from_quantized(tuned, bias, input_perm=layer.input_perm,
-                                         backend=layer.backend)
+        out = QuantLinear.from_quantized(tuned, bias, input_perm=layer.input_perm, backend=layer.backend)
         out.train(layer.training)
         return out
 
@@ -98,8 +102,12 @@ class ScaleTuner(nn.Module):
 def tunable(layer: nn.Module) -> bool:
     """Whether :func:`tune_scales` tunes ``layer``: a weight-only QuantLinear with an integer
     format (not fp8, no SmoothQuant factors, not W8A8)."""
-    return (type(layer) is QuantLinear and layer.act_bits is None and layer.smooth is None
-            and not is_fp8(layer.quantized.qweight))
+    return (
+        type(layer) is QuantLinear
+        and layer.act_bits is None
+        and layer.smooth is None
+        and not is_fp8(layer.quantized.qweight)
+    )
 
 
 def _default_output(output, item) -> Tensor:
@@ -107,10 +115,20 @@ def _default_output(output, item) -> Tensor:
     return drop_padding(out, token_mask(item))
 
 
-def tune_scales(model: nn.Module, reference: nn.Module, calib_data: Iterable, *,
-                output_fn: Optional[Callable] = None, loss: str = "mse", epochs: int = 2,
-                lr: float = 1e-3, scale_range: float = 0.2, bias_lr: float = 0.0, seed: int = 0,
-                include: Optional[Callable[[str], bool]] = None) -> Tuple[float, float]:
+def tune_scales(
+    model: nn.Module,
+    reference: nn.Module,
+    calib_data: Iterable,
+    *,
+    output_fn: Optional[Callable] = None,
+    loss: str = "mse",
+    epochs: int = 2,
+    lr: float = 1e-3,
+    scale_range: float = 0.2,
+    bias_lr: float = 0.0,
+    seed: int = 0,
+    include: Optional[Callable[[str], bool]] = None,
+) -> Tuple[float, float]:
     """Tune the group scales of ``model``'s weight-only QuantLinear layers, in place, so that
     ``output_fn(model(item), item)`` matches ``output_fn(reference(item), item)`` (the float
     model) on ``calib_data`` (items run as in ``quantize_model``: tensor, dict or tuple).
@@ -127,11 +145,9 @@ def tune_scales(model: nn.Module, reference: nn.Module, calib_data: Iterable, *,
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     for name, value in (("lr", lr), ("scale_range", scale_range)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 < value < float("inf"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a positive finite float, got {value!r}")
-    if isinstance(bias_lr, bool) or not isinstance(bias_lr, (int, float)) \
-            or not 0 <= bias_lr < float("inf"):
+    if isinstance(bias_lr, bool) or not isinstance(bias_lr, (int, float)) or not 0 <= bias_lr < float("inf"):
         raise ValueError(f"bias_lr must be a finite float >= 0, got {bias_lr!r}")
     if scale_range >= 1:
         raise ValueError(f"scale_range must be < 1 (scales stay positive), got {scale_range!r}")
@@ -139,24 +155,25 @@ def tune_scales(model: nn.Module, reference: nn.Module, calib_data: Iterable, *,
     if not items:
         raise ValueError("calib_data is empty")
     output_fn = output_fn or _default_output
-    names = [n for n, m in model.named_modules() if tunable(m) and (include is None
-                                                                   or include(n))]
+    names = [n for n, m in model.named_modules() if tunable(m) and (include is None or include(n))]
     if not names:
-        raise ValueError("model has no weight-only integer QuantLinear layer to tune (quantize "
-                         "it first, e.g. with quantize_model(..., act_bits=None))")
+        raise ValueError(
+            "model has no weight-only integer QuantLinear layer to tune (quantize "
+            "it first, e.g. with quantize_model(..., act_bits=None))"
+        )
     if "" in names:
         raise ValueError("model is a single QuantLinear: wrap it in a module")
 
     with torch.no_grad():
         wanted = [output_fn(call_model(reference, item), item).detach() for item in items]
-    tuners: Dict[str, ScaleTuner] = {n: ScaleTuner(model.get_submodule(n), scale_range,
-                                                   bias_lr > 0) for n in names}
+    tuners: Dict[str, ScaleTuner] = {n: ScaleTuner(model.get_submodule(n), scale_range, bias_lr > 0) for n in names}
     for n, t in tuners.items():
         model.set_submodule(n, t)
     params = [t.a for t in tuners.values()]
     biases = [t.bias for t in tuners.values() if t.bias is not None]
     try:
         with train_only(model, params + biases):
+
             def loss_of(i: int) -> Tensor:
                 got = output_fn(call_model(model, items[i]), items[i]).float()
                 want = wanted[i].float()
@@ -180,8 +197,7 @@ def tune_scales(model: nn.Module, reference: nn.Module, calib_data: Iterable, *,
                 for _ in range(epochs):
                     for i in torch.randperm(len(items), generator=gen).tolist():
                         for group in opt.param_groups:
-                            group["lr"] = group["base"] * 0.5 * (1.0 + math.cos(math.pi * step
-                                                                                 / total))
+                            group["lr"] = group["base"] * 0.5 * (1.0 + math.cos(math.pi * step / total))
                         opt.zero_grad(set_to_none=True)
                         loss_of(i).backward()
                         opt.step()
@@ -198,7 +214,7 @@ def tune_scales(model: nn.Module, reference: nn.Module, calib_data: Iterable, *,
                             t.bias.copy_(t.layer.bias)
                 after = before
     except BaseException:
-        for n, t in tuners.items():                  # interrupted: the model as it was
+        for n, t in tuners.items():  # interrupted: the model as it was
             model.set_submodule(n, t.layer)
         raise
     for n, t in tuners.items():

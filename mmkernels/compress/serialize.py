@@ -43,6 +43,7 @@ model is changed: a refused checkpoint leaves the model exactly as it was.
 the other tensors by state-dict name, the format and its metadata) for use without the model
 class.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,17 +62,23 @@ from .checkpoint._io import read_json
 from .checkpoint.common import prefix
 
 FORMATS = ("mmkernels", "gptq", "gptq_v2", "compressed-tensors")
-_CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json",
-                     "quantize_config.json", mmkernels_format.META_FILE)
+_CHECKPOINT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "quantize_config.json",
+    mmkernels_format.META_FILE,
+)
 
 
 @dataclass
 class QuantizedCheckpoint:
     """What ``load_quantized(path)`` returns without a model."""
-    format: str                                   # "mmkernels", "gptq" or "compressed-tensors"
-    layers: Dict[str, nn.Module]                  # module name -> QuantLinear or
-                                                  # OutlierSplitLinear (CPU)
-    tensors: Dict[str, Tensor]                    # every other tensor, by state-dict name
+
+    format: str  # "mmkernels", "gptq" or "compressed-tensors"
+    layers: Dict[str, nn.Module]  # module name -> QuantLinear or
+    # OutlierSplitLinear (CPU)
+    tensors: Dict[str, Tensor]  # every other tensor, by state-dict name
     metadata: dict = field(default_factory=dict)  # the format's JSON metadata / quant config
 
     def state_dict(self) -> Dict[str, Tensor]:
@@ -82,10 +89,17 @@ class QuantizedCheckpoint:
         return out
 
 
-def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
-                   scale_dtype: Optional[torch.dtype] = None, config: Optional[dict] = None,
-                   overwrite: bool = False, float_dtype: Optional[torch.dtype] = None,
-                   tokenizer: Any = None) -> None:
+def save_quantized(
+    model: nn.Module,
+    path: str,
+    format: str = "mmkernels",
+    *,
+    scale_dtype: Optional[torch.dtype] = None,
+    config: Optional[dict] = None,
+    overwrite: bool = False,
+    float_dtype: Optional[torch.dtype] = None,
+    tokenizer: Any = None,
+) -> None:
     """Write ``model`` (QuantLinear layers and float tensors) to the directory ``path``.
 
     ``format``: ``"mmkernels"`` (lossless), ``"gptq"`` (v1: zero points stored minus one),
@@ -119,13 +133,13 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if format == "mmkernels" and (scale_dtype is not None or config is not None
-                                  or float_dtype is not None):
-        raise TypeError("format='mmkernels' stores every tensor as is: scale_dtype, config and "
-                        "float_dtype apply to 'gptq' / 'compressed-tensors' only")
+    if format == "mmkernels" and (scale_dtype is not None or config is not None or float_dtype is not None):
+        raise TypeError(
+            "format='mmkernels' stores every tensor as is: scale_dtype, config and "
+            "float_dtype apply to 'gptq' / 'compressed-tensors' only"
+        )
     if float_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"float_dtype must be float32, float16, bfloat16 or None, got "
-                        f"{float_dtype!r}")
+        raise TypeError(f"float_dtype must be float32, float16, bfloat16 or None, got {float_dtype!r}")
     if format != "mmkernels":
         config = _model_config(model, config, float_dtype)
     path = os.path.normpath(os.fspath(path))
@@ -133,8 +147,7 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         raise ValueError(f"{path}: exists and is not a directory (checkpoints are directories)")
     existing = [f for f in _CHECKPOINT_FILES if os.path.lexists(os.path.join(path, f))]
     if existing and not overwrite:
-        raise ValueError(f"{path}: already holds a checkpoint ({existing}); pass overwrite=True "
-                         f"to replace it")
+        raise ValueError(f"{path}: already holds a checkpoint ({existing}); pass overwrite=True to replace it")
     parent = os.path.dirname(path)
     created = _make_parents(parent)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
@@ -143,16 +156,20 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         if format == "mmkernels":
             mmkernels_format.save(model, tmp)
         elif format in ("gptq", "gptq_v2"):
-            gptq_checkpoint.save(model, tmp, checkpoint_format=format,
-                                 scale_dtype=scale_dtype or torch.float16, config=config,
-                                 float_dtype=float_dtype)
+            gptq_checkpoint.save(
+                model,
+                tmp,
+                checkpoint_format=format,
+                scale_dtype=scale_dtype or torch.float16,
+                config=config,
+                float_dtype=float_dtype,
+            )
         else:
-            compressed_tensors.save(model, tmp, scale_dtype=scale_dtype, config=config,
-                                    float_dtype=float_dtype)
+            compressed_tensors.save(model, tmp, scale_dtype=scale_dtype, config=config, float_dtype=float_dtype)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         if not os.path.isdir(path):
-            os.rename(tmp, path)          # atomic: the directory appears complete or not at all
+            os.rename(tmp, path)  # atomic: the directory appears complete or not at all
             return
         # An existing directory: swap the checkpoint files, keep the others.
         for f in existing:
@@ -162,7 +179,7 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         os.rmdir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(created):       # parent folders this call made, innermost first
+        for d in reversed(created):  # parent folders this call made, innermost first
             try:
                 os.rmdir(d)
             except OSError:
@@ -170,11 +187,22 @@ def save_quantized(model: nn.Module, path: str, format: str = "mmkernels", *,
         raise
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
-                    "tokenizer.model", "spiece.model", "preprocessor_config.json",
-                    "processor_config.json", "chat_template.jinja", "chat_template.json",
-                    "generation_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def _model_config(model: nn.Module, config: Optional[dict], float_dtype) -> Optional[dict]:
@@ -216,8 +244,7 @@ def _make_parents(folder: str) -> list:
     return missing
 
 
-def load_quantized(path: str, model: Optional[nn.Module] = None
-                   ) -> Union[nn.Module, "QuantizedCheckpoint"]:
+def load_quantized(path: str, model: Optional[nn.Module] = None) -> Union[nn.Module, "QuantizedCheckpoint"]:
     """Read a checkpoint directory written by :func:`save_quantized` (or by the GPTQ /
     compressed-tensors tools). Returns ``model`` with its layers replaced and its tensors loaded,
     or a :class:`QuantizedCheckpoint` when ``model`` is None (see the module docstring).
@@ -226,8 +253,11 @@ def load_quantized(path: str, model: Optional[nn.Module] = None
     changed, so a ValueError leaves ``model`` exactly as it was."""
     path = os.fspath(path)
     fmt = detect_format(path)
-    loader = {"mmkernels": mmkernels_format.load, "gptq": gptq_checkpoint.load,
-              "compressed-tensors": compressed_tensors.load}[fmt]
+    loader = {
+        "mmkernels": mmkernels_format.load,
+        "gptq": gptq_checkpoint.load,
+        "compressed-tensors": compressed_tensors.load,
+    }[fmt]
     layers, tensors, metadata = loader(path)
     if model is None:
         return QuantizedCheckpoint(fmt, layers, tensors, metadata)
@@ -239,8 +269,7 @@ def load_quantized(path: str, model: Optional[nn.Module] = None
 
 def detect_format(path: str) -> str:
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a directory (save_quantized writes checkpoint "
-                         f"directories)")
+        raise ValueError(f"{path}: not a directory (save_quantized writes checkpoint directories)")
     if os.path.isfile(os.path.join(path, mmkernels_format.META_FILE)):
         return "mmkernels"
     config = os.path.join(path, "config.json")
@@ -253,34 +282,39 @@ def detect_format(path: str) -> str:
     if method == "gptq" or os.path.isfile(os.path.join(path, gptq_checkpoint.QUANT_CONFIG_FILE)):
         return "gptq"
     found = sorted(os.listdir(path))[:12]
-    raise ValueError(f"{path}: not a quantized checkpoint: expected {mmkernels_format.META_FILE} "
-                     f"(format 'mmkernels'), {gptq_checkpoint.QUANT_CONFIG_FILE} or a config.json "
-                     f"whose quantization_config.quant_method is 'gptq' or 'compressed-tensors' "
-                     f"(quant_method seen: {method!r}; files: {found})")
+    raise ValueError(
+        f"{path}: not a quantized checkpoint: expected {mmkernels_format.META_FILE} "
+        f"(format 'mmkernels'), {gptq_checkpoint.QUANT_CONFIG_FILE} or a config.json "
+        f"whose quantization_config.quant_method is 'gptq' or 'compressed-tensors' "
+        f"(quant_method seen: {method!r}; files: {found})"
+    )
 
 
-def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, Tensor],
-             path: str) -> None:
+def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, Tensor], path: str) -> None:
     """Replace ``model``'s layers by ``layers`` and load ``tensors``, atomically: everything that
     can be wrong (names, module types, shapes, missing or unexpected tensors) is checked before
     the model is touched, so an error leaves the model exactly as it was."""
     placed: Dict[str, nn.Module] = {}
     for name, layer in layers.items():
         if name == "":
-            raise ValueError(f"{path}: the checkpoint holds a single layer at the root; load it "
-                             f"with model=None")
+            raise ValueError(f"{path}: the checkpoint holds a single layer at the root; load it with model=None")
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: the checkpoint quantizes layer {name!r}, which the model "
-                             f"does not have") from None
+            raise ValueError(
+                f"{path}: the checkpoint quantizes layer {name!r}, which the model does not have"
+            ) from None
         if not isinstance(old, (nn.Linear, QuantLinear, OutlierSplitLinear)):
-            raise ValueError(f"{path}: layer {name!r} is quantized in the checkpoint but is a "
-                             f"{type(old).__name__} in the model (expected nn.Linear)")
+            raise ValueError(
+                f"{path}: layer {name!r} is quantized in the checkpoint but is a "
+                f"{type(old).__name__} in the model (expected nn.Linear)"
+            )
         if (old.in_features, old.out_features) != (layer.in_features, layer.out_features):
-            raise ValueError(f"{path}: layer {name!r} is {layer.in_features} -> "
-                             f"{layer.out_features} in the checkpoint but {old.in_features} -> "
-                             f"{old.out_features} in the model")
+            raise ValueError(
+                f"{path}: layer {name!r} is {layer.in_features} -> "
+                f"{layer.out_features} in the checkpoint but {old.in_features} -> "
+                f"{old.out_features} in the model"
+            )
         device = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
         placed[name] = layer.to(device)
     full = dict(tensors)
@@ -293,17 +327,21 @@ def _install(model: nn.Module, layers: Dict[str, nn.Module], tensors: Dict[str, 
     expected = {k: v for k, v in current.items() if not k.startswith(replaced)}
     for name, layer in placed.items():
         expected.update({prefix(name) + k: v for k, v in layer.state_dict(keep_vars=True).items()})
-    missing = [k for k in expected if k not in full]              # in the model's order
+    missing = [k for k in expected if k not in full]  # in the model's order
     unexpected = [k for k in full if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{path}: the checkpoint does not match the model: missing from the "
-                         f"file {missing[:8]}, in the file but not in the model "
-                         f"{unexpected[:8]}")
-    wrong = [f"{k}: {list(full[k].shape)} in the file, {list(expected[k].shape)} in the model"
-             for k in sorted(full) if full[k].shape != expected[k].shape]
+        raise ValueError(
+            f"{path}: the checkpoint does not match the model: missing from the "
+            f"file {missing[:8]}, in the file but not in the model "
+            f"{unexpected[:8]}"
+        )
+    wrong = [
+        f"{k}: {list(full[k].shape)} in the file, {list(expected[k].shape)} in the model"
+        for k in sorted(full)
+        if full[k].shape != expected[k].shape
+    ]
     if wrong:
-        raise ValueError(f"{path}: the checkpoint's tensors do not fit the model: "
-                         f"{'; '.join(wrong[:8])}")
+        raise ValueError(f"{path}: the checkpoint's tensors do not fit the model: {'; '.join(wrong[:8])}")
     # Apply. Nothing above changed the model; should the load still fail (a custom
     # _load_from_state_dict hook, say), the original modules are put back.
     originals = {name: model.get_submodule(name) for name in placed}

@@ -40,6 +40,7 @@ Differences from the paper:
 :func:`tune_block` is the block-level procedure; :func:`mmkernels.quantize_model` with
 ``method="signround"`` drives it over a model's transformer blocks.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -65,9 +66,17 @@ class RoundingTuner(nn.Module):
     with ``w_hat`` from the learnable rounding ``V`` and scale multiplier ``a`` (module
     docstring). Build it with :meth:`from_gptq`; :meth:`export` gives the QuantLinear."""
 
-    def __init__(self, latent: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-                 group_size: Optional[int], bias: Optional[Tensor] = None,
-                 perm: Optional[Tensor] = None, scale_range: float = 0.2):
+    def __init__(
+        self,
+        latent: Tensor,
+        scales: Tensor,
+        zeros: Optional[Tensor],
+        bits: int,
+        group_size: Optional[int],
+        bias: Optional[Tensor] = None,
+        perm: Optional[Tensor] = None,
+        scale_range: float = 0.2,
+    ):
         super().__init__()
         n, k = latent.shape
         self.bits, self.group_size = bits, group_size
@@ -77,26 +86,24 @@ class RoundingTuner(nn.Module):
         self.scale_range = float(scale_range)
         self.register_buffer("latent", latent.detach().to(torch.float32).reshape(n, -1, self.gs))
         self.register_buffer("s0", scales.detach().to(torch.float32).clone())
-        self.register_buffer("z", torch.zeros_like(self.s0) if zeros is None
-                             else zeros.detach().to(torch.float32).clone())
+        self.register_buffer(
+            "z", torch.zeros_like(self.s0) if zeros is None else zeros.detach().to(torch.float32).clone()
+        )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("perm", None if perm is None else perm.clone())
         self.V = nn.Parameter(torch.zeros_like(self.latent))
         self.a = nn.Parameter(torch.ones_like(self.s0))
 
     @classmethod
-    def from_gptq(cls, result: GPTQResult, bias: Optional[Tensor] = None,
-                  scale_range: float = 0.2) -> "RoundingTuner":
+    def from_gptq(cls, result: GPTQResult, bias: Optional[Tensor] = None, scale_range: float = 0.2) -> "RoundingTuner":
         if result.latent is None:
             raise ValueError("result must carry GPTQ's latent weights (GPTQResult.latent)")
         qw = result.qweight
-        return cls(result.latent, qw.scales, qw.zeros, qw.bits, qw.group_size, bias, result.perm,
-                   scale_range)
+        return cls(result.latent, qw.scales, qw.zeros, qw.bits, qw.group_size, bias, result.perm, scale_range)
 
     def _codes(self, rounding: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
         s = self.s0 * self.a
-        q = torch.clamp(rounding(self.latent / s[..., None] + self.V) + self.z[..., None],
-                        self.qmin, self.qmax)
+        q = torch.clamp(rounding(self.latent / s[..., None] + self.V) + self.z[..., None], self.qmin, self.qmax)
         return q, s
 
     def weight(self) -> Tensor:
@@ -119,10 +126,14 @@ class RoundingTuner(nn.Module):
         """The tuned weight as a QuantLinear (same integers and float32 scales as the forward)."""
         q, s = self._codes(torch.round)
         n = q.shape[0]
-        qweight = _pack(q.reshape(n, -1).to(torch.float64), s.to(torch.float32),
-                        None if self.symmetric else self.z, self.bits, self.group_size)
-        return QuantLinear.from_quantized(qweight, self.bias, input_perm=self.perm,
-                                          backend=backend)
+        qweight = _pack(
+            q.reshape(n, -1).to(torch.float64),
+            s.to(torch.float32),
+            None if self.symmetric else self.z,
+            self.bits,
+            self.group_size,
+        )
+        return QuantLinear.from_quantized(qweight, self.bias, input_perm=self.perm, backend=backend)
 
 
 def block_output(block: nn.Module, inp: Tuple[tuple, dict]) -> Tensor:
@@ -132,10 +143,18 @@ def block_output(block: nn.Module, inp: Tuple[tuple, dict]) -> Tensor:
     return y[0] if isinstance(y, (tuple, list)) else y
 
 
-def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
-               inputs: Sequence[Tuple[tuple, dict]], targets: Sequence[Tensor],
-               masks: Optional[Sequence[Optional[Tensor]]] = None, *, iters: int = 200,
-               lr: float = 5e-3, scale_lr: float = 1e-3, seed: int = 0) -> Tuple[float, float]:
+def tune_block(
+    block: nn.Module,
+    tuners: Dict[str, RoundingTuner],
+    inputs: Sequence[Tuple[tuple, dict]],
+    targets: Sequence[Tensor],
+    masks: Optional[Sequence[Optional[Tensor]]] = None,
+    *,
+    iters: int = 200,
+    lr: float = 5e-3,
+    scale_lr: float = 1e-3,
+    seed: int = 0,
+) -> Tuple[float, float]:
     """SignRound on one block: ``tuners`` maps submodule names of ``block`` (its Linear layers)
     to their :class:`RoundingTuner`; they are swapped in, tuned for ``iters`` signed-gradient
     steps (each on one calibration item drawn with a generator seeded by ``seed``) so that
@@ -150,12 +169,14 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
         if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
             raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     if len(inputs) != len(targets) or not inputs:
-        raise ValueError(f"inputs and targets must be non-empty and of the same length, got "
-                         f"{len(inputs)} and {len(targets)}")
+        raise ValueError(
+            f"inputs and targets must be non-empty and of the same length, got {len(inputs)} and {len(targets)}"
+        )
     masks = list(masks) if masks is not None else [None] * len(inputs)
     for name, tuner in tuners.items():
         block.set_submodule(name, tuner)
     with train_only(block, [p for t in tuners.values() for p in (t.V, t.a)]):
+
         def loss_of(i: int) -> Tensor:
             out = drop_padding(block_output(block, inputs[i]), masks[i])
             return F.mse_loss(out.float(), drop_padding(targets[i], masks[i]).float())
@@ -185,7 +206,7 @@ def tune_block(block: nn.Module, tuners: Dict[str, RoundingTuner],
         for p in rounding + scales:
             p.grad = None
         after = mean_loss()
-        if after > before:                 # keep the start point (GPTQ) when tuning did not help
+        if after > before:  # keep the start point (GPTQ) when tuning did not help
             with torch.no_grad():
                 for p in rounding:
                     p.zero_()

@@ -17,6 +17,7 @@ per layer from a grid by the layer's output error on calibration inputs (the gri
 (per-token int8 activations, integer weights), with float32 matrix products so the search is fast:
 integer products are exact in float32 and only the sums round (relative error ~1e-7).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -31,8 +32,14 @@ from ..quant.reference import quantize_activations, quantize_activations_fp8
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def emulate(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor], act_bits: Optional[int],
-            smooth: Optional[Tensor], perm: Optional[Tensor] = None) -> Tensor:
+def emulate(
+    x: Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[Tensor],
+    act_bits: Optional[int],
+    smooth: Optional[Tensor],
+    perm: Optional[Tensor] = None,
+) -> Tensor:
     """What ``QuantLinear.from_quantized(qw, bias, act_bits=act_bits, smooth=smooth,
     input_perm=perm)`` computes for a 2-D ``x``, in float32 (gather, divide, then qmatmul)."""
     x = x.float()
@@ -54,10 +61,15 @@ def emulate(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor], act_bits: Op
 Quantizer = Callable[[Tensor, Optional[Tensor]], Tuple[QuantizedWeight, Optional[Tensor]]]
 
 
-def search_alpha(w: Tensor, bias: Optional[Tensor], x: Tensor, absmax: Tensor,
-                 quantize: Quantizer, act_bits: Optional[int],
-                 grid: Sequence[float] = ALPHA_GRID
-                 ) -> Tuple[Optional[float], Optional[Tensor], float]:
+def search_alpha(
+    w: Tensor,
+    bias: Optional[Tensor],
+    x: Tensor,
+    absmax: Tensor,
+    quantize: Quantizer,
+    act_bits: Optional[int],
+    grid: Sequence[float] = ALPHA_GRID,
+) -> Tuple[Optional[float], Optional[Tensor], float]:
     """Best SmoothQuant ``alpha`` for one layer: ``(alpha, factors, output MSE)``; ``alpha`` and
     ``factors`` are ``None`` when no smoothing wins.
 

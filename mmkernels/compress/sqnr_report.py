@@ -1,4 +1,5 @@
 """The report :func:`mmkernels.quantize_model` returns: one row per Linear, and a summary."""
+
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ class LayerReport:
     output (the real ``qmatmul`` path, activations quantized when W8A8) against the float layer's
     on the recorded calibration inputs (``None`` without calibration data). ``status``:
     ``"quantized"``, or why the layer was left in float."""
+
     name: str
     shape: tuple
     config: str
@@ -31,6 +33,7 @@ class LayerReport:
 @dataclass
 class QuantizationReport:
     """``str(report)``: the per-layer table and the summary; ``report.layers``: the rows."""
+
     layers: List[LayerReport] = field(default_factory=list)
 
     def quantized(self, vision: Optional[bool] = None) -> List[LayerReport]:
@@ -46,24 +49,33 @@ class QuantizationReport:
             parts.append(_summary("vision tower", vision_q))
         vision_skipped = [r for r in self.skipped() if r.vision]
         if vision_skipped:
-            parts.append(f"vision tower: {len(vision_skipped)} Linear layers left in float "
-                         f"(pass vision=True to quantize them)")
+            parts.append(
+                f"vision tower: {len(vision_skipped)} Linear layers left in float (pass vision=True to quantize them)"
+            )
         other = [r for r in self.skipped() if not r.vision]
         if other:
-            parts.append(f"left in float: {len(other)} ({', '.join(r.name for r in other[:4])}"
-                         f"{' ...' if len(other) > 4 else ''})")
+            parts.append(
+                f"left in float: {len(other)} ({', '.join(r.name for r in other[:4])}"
+                f"{' ...' if len(other) > 4 else ''})"
+            )
         return "; ".join(parts)
 
     def __str__(self) -> str:
-        header = ("layer", "shape (N, K)", "format", "method", "alpha", "weight SQNR dB",
-                  "output SQNR dB")
-        rows = [(r.name + (" [vision]" if r.vision else ""), f"{r.shape[0]}x{r.shape[1]}",
-                 r.config if r.quantized else r.status, r.method if r.quantized else "-",
-                 "-" if r.alpha is None else f"{r.alpha:.2f}", _db(r.weight_sqnr),
-                 _db(r.output_sqnr)) for r in self.layers]
+        header = ("layer", "shape (N, K)", "format", "method", "alpha", "weight SQNR dB", "output SQNR dB")
+        rows = [
+            (
+                r.name + (" [vision]" if r.vision else ""),
+                f"{r.shape[0]}x{r.shape[1]}",
+                r.config if r.quantized else r.status,
+                r.method if r.quantized else "-",
+                "-" if r.alpha is None else f"{r.alpha:.2f}",
+                _db(r.weight_sqnr),
+                _db(r.output_sqnr),
+            )
+            for r in self.layers
+        ]
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths))
-                 for line in [header] + rows]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header] + rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines + [self.summary()])
 
@@ -81,8 +93,10 @@ def _summary(label: str, rows: List[LayerReport]) -> str:
     if not rows:
         return f"{label}: 0 Linear layers"
     w = [r.weight_sqnr for r in rows]
-    text = (f"{label}: {len(rows)} Linear layers, weight SQNR mean {_mean(w):.1f} dB "
-            f"(min {min(w):.1f} dB, {rows[w.index(min(w))].name})")
+    text = (
+        f"{label}: {len(rows)} Linear layers, weight SQNR mean {_mean(w):.1f} dB "
+        f"(min {min(w):.1f} dB, {rows[w.index(min(w))].name})"
+    )
     out = [r.output_sqnr for r in rows if r.output_sqnr is not None]
     if out:
         worst = min(out)

@@ -1,4 +1,5 @@
 """``train_only``: train some parameters of a module and leave every other one untouched."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

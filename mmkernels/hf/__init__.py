@@ -4,6 +4,7 @@
 instance (never a class), ``unpatch(model)`` restores it exactly, ``with patched(model): ...``
 does both. See :func:`mmkernels.hf.core.patch`.
 """
+
 from .core import PatchReport, is_patched, patch, patched, unpatch
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "PatchReport"]

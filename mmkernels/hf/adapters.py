@@ -30,6 +30,7 @@ siglip        SiglipEncoderLayer     layer_norm1, self_attn / layer_norm2, mlp  
 the scores mode that ranks tokens for EViT / VisionZip / PruMerge: the attention each key
 receives from CLS, or, for SigLIP (no CLS token), the mean attention it receives from every query.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -86,8 +87,9 @@ class LayerAdapter:
         out = self.attention_block(h)
         return out[0] if isinstance(out, tuple) else out
 
-    def attention_step(self, x: Tensor, *, key_bias: Optional[Tensor] = None,
-                       scores: Optional[str] = None, return_keys: bool = False):
+    def attention_step(
+        self, x: Tensor, *, key_bias: Optional[Tensor] = None, scores: Optional[str] = None, return_keys: bool = False
+    ):
         """Attention with its residual, through the layer's own attention module.
 
         Returns ``x``; ``(x, scores)`` when ``scores`` (``"cls" | "last" | "mean"``) is given;
@@ -107,7 +109,8 @@ class LayerAdapter:
             raise SideChannelError(
                 f"{type(module).__name__} is not patched by mmkernels.patch: token reduction reads "
                 "per-key scores and keys from mmkernels' fused attention (patch with "
-                "attention=True)")
+                "attention=True)"
+            )
         served, fallbacks = state.served, dict(state.fallbacks)
         state.scores_mode, state.keys_wanted, state.key_bias = scores, return_keys, key_bias
         state.last_scores = state.last_keys = None
@@ -122,7 +125,8 @@ class LayerAdapter:
             raise SideChannelError(
                 f"{type(module).__name__} was served by SDPA instead of mmkernels "
                 f"({'; '.join(why) or 'unknown reason'}): token reduction needs the scores, keys "
-                "and key bias of mmkernels' fused attention")
+                "and key bias of mmkernels' fused attention"
+            )
         if return_keys:
             return out, (got_scores if scores else None), keys
         if scores:
@@ -207,13 +211,10 @@ class SiglipLayerAdapter(ClipLayerAdapter):
 _FAMILIES: List[Tuple[str, str, Type[LayerAdapter], Optional[Tuple[str, ...]]]] = [
     ("transformers.models.vit.modeling_vit", "ViTLayer", ViTLayerAdapter, None),
     ("transformers.models.dinov2.modeling_dinov2", "Dinov2Layer", Dinov2LayerAdapter, None),
-    ("transformers.models.clip.modeling_clip", "CLIPEncoderLayer", ClipLayerAdapter,
-     ("clip_vision_model",)),
-    ("transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", SiglipLayerAdapter,
-     ("siglip_vision_model",)),
+    ("transformers.models.clip.modeling_clip", "CLIPEncoderLayer", ClipLayerAdapter, ("clip_vision_model",)),
+    ("transformers.models.siglip.modeling_siglip", "SiglipEncoderLayer", SiglipLayerAdapter, ("siglip_vision_model",)),
 ]
-SUPPORTED_LAYERS = ", ".join(
-    name + (" (vision tower)" if types else "") for _, name, _, types in _FAMILIES)
+SUPPORTED_LAYERS = ", ".join(name + (" (vision tower)" if types else "") for _, name, _, types in _FAMILIES)
 _CLASSES: Optional[Dict[type, Tuple[Type[LayerAdapter], Optional[Tuple[str, ...]]]]] = None
 
 
@@ -225,7 +226,7 @@ def _classes() -> Dict[type, Tuple[Type[LayerAdapter], Optional[Tuple[str, ...]]
             try:
                 cls = getattr(importlib.import_module(module_name), class_name)
             except (ImportError, AttributeError):
-                continue                     # a transformers without this family
+                continue  # a transformers without this family
             found[cls] = (adapter, types)
         _CLASSES = found
     return _CLASSES

@@ -5,6 +5,7 @@ model's own config objects (``config._attn_implementation_internal``), the atten
 recorded in :data:`hf_attention.STATES`, quantized layers replace the instance's submodules, and
 the undo record keeps every original value so that :func:`unpatch` restores the model exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,8 @@ class Row:
     """One module in the report."""
 
     path: str
-    kind: str          # "attention" | "linear"
-    action: str        # "mmkernels" | "quantized" | "left"
+    kind: str  # "attention" | "linear"
+    action: str  # "mmkernels" | "quantized" | "left"
     detail: str = ""
 
 
@@ -40,7 +41,7 @@ class PatchReport:
     rows: List[Row] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     quantization: Any = None
-    fastv: Any = None                  # mmkernels.hf.fastv._Run when reduce is fastv
+    fastv: Any = None  # mmkernels.hf.fastv._Run when reduce is fastv
 
     def patched(self, kind: Optional[str] = None) -> List[Row]:
         """The rows of modules served by mmkernels (of one ``kind`` when given)."""
@@ -70,23 +71,31 @@ class PatchReport:
 
     def __str__(self) -> str:
         width = max([len(r.path) for r in self.rows] + [6])
-        lines = [f"mmkernels.patch({self.model_type}): {self.settings}",
-                 f"{'module':<{width}}  {'kind':<9}  {'action':<9}  detail"]
+        lines = [
+            f"mmkernels.patch({self.model_type}): {self.settings}",
+            f"{'module':<{width}}  {'kind':<9}  {'action':<9}  detail",
+        ]
         for r in self.rows:
             lines.append(f"{r.path:<{width}}  {r.kind:<9}  {r.action:<9}  {r.detail}")
         counts = {k: (len(self.patched(k)), len(self.left(k))) for k in ("attention", "linear")}
-        lines.append("summary: " + "; ".join(f"{k}: {p} patched, {n_left} left"
-                                             for k, (p, n_left) in counts.items() if p or n_left))
+        lines.append(
+            "summary: "
+            + "; ".join(f"{k}: {p} patched, {n_left} left" for k, (p, n_left) in counts.items() if p or n_left)
+        )
         fallbacks: Dict[str, int] = {}
         for _, (_, reasons) in self.runtime().items():
             for reason, n in reasons.items():
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
         if fallbacks:
-            lines.append("calls served by SDPA instead: " + "; ".join(
-                f"{reason} ({n})" for reason, n in sorted(fallbacks.items())))
+            lines.append(
+                "calls served by SDPA instead: "
+                + "; ".join(f"{reason} ({n})" for reason, n in sorted(fallbacks.items()))
+            )
         if self.fastv is not None and self.fastv.unpruned:
-            lines.append("prefills fastv left unpruned: " + "; ".join(
-                f"{reason} ({n})" for reason, n in sorted(self.fastv.unpruned.items())))
+            lines.append(
+                "prefills fastv left unpruned: "
+                + "; ".join(f"{reason} ({n})" for reason, n in sorted(self.fastv.unpruned.items()))
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -96,10 +105,10 @@ class _Undo:
     """Everything :func:`unpatch` needs to put back."""
 
     report: PatchReport
-    configs: List[Tuple[Any, Any]] = field(default_factory=list)     # (config, old internal impl)
+    configs: List[Tuple[Any, Any]] = field(default_factory=list)  # (config, old internal impl)
     modules: List[Tuple[str, nn.Module]] = field(default_factory=list)  # (path, original module)
     bound: List[Tuple[nn.Module, str]] = field(default_factory=list)  # instance-bound methods
-    attention: List[nn.Module] = field(default_factory=list)         # recorded in STATES
+    attention: List[nn.Module] = field(default_factory=list)  # recorded in STATES
 
 
 _RECORDS: "weakref.WeakKeyDictionary[nn.Module, _Undo]" = weakref.WeakKeyDictionary()
@@ -134,9 +143,14 @@ def is_patched(model: nn.Module) -> bool:
     return model in _RECORDS
 
 
-def patch(model: nn.Module, attention: bool = True, reduce: Optional[dict] = None,
-          quantize: Optional[dict] = None, calib_data: Optional[Iterable] = None,
-          backend: Optional[str] = None) -> PatchReport:
+def patch(
+    model: nn.Module,
+    attention: bool = True,
+    reduce: Optional[dict] = None,
+    quantize: Optional[dict] = None,
+    calib_data: Optional[Iterable] = None,
+    backend: Optional[str] = None,
+) -> PatchReport:
     """Accelerate a Hugging Face transformers model **instance** with mmkernels.
 
     * ``attention``: every attention module that calls transformers' attention interface runs
@@ -161,8 +175,10 @@ def patch(model: nn.Module, attention: bool = True, reduce: Optional[dict] = Non
         record = _RECORDS[model]
         if record.report.settings == settings:
             return record.report
-        raise ValueError(f"model is already patched with {record.report.settings}; call "
-                         f"mmkernels.unpatch(model) before patching with {settings}")
+        raise ValueError(
+            f"model is already patched with {record.report.settings}; call "
+            f"mmkernels.unpatch(model) before patching with {settings}"
+        )
     report = PatchReport(_model_type(model), settings)
     record = _Undo(report)
     try:
@@ -170,16 +186,19 @@ def patch(model: nn.Module, attention: bool = True, reduce: Optional[dict] = Non
             _patch_attention(model, settings, record)
         if settings.reduce is not None:
             from .reduction import apply_reduction
+
             apply_reduction(model, settings.reduce, record)
         if settings.quantize is not None:
             _patch_linears(model, dict(settings.quantize), calib_data, backend, record)
         if not report.patched():
             raise ValueError(
                 f"mmkernels.patch found nothing to patch in {type(model).__name__} "
-                f"(model_type {report.model_type!r}): " + (
-                    "; ".join(f"{r.path}: {r.detail}" for r in report.left()) or
-                    "no attention module calls transformers' attention interface and no "
-                    "Linear was selected"))
+                f"(model_type {report.model_type!r}): "
+                + (
+                    "; ".join(f"{r.path}: {r.detail}" for r in report.left())
+                    or "no attention module calls transformers' attention interface and no Linear was selected"
+                )
+            )
     except BaseException:
         _undo(model, record)
         raise
@@ -243,29 +262,30 @@ def _patch_attention(model: nn.Module, settings: PatchSettings, record: _Undo) -
             record.attention.append(module)
             report._attention_modules[name] = module
             configs.setdefault(id(module.config), module.config)
-            report.rows.append(Row(name, "attention", "mmkernels",
-                                   "transformers attention interface"))
+            report.rows.append(Row(name, "attention", "mmkernels", "transformers attention interface"))
     for name, module in model.named_modules():
         if name in routed_prefixes or not _looks_like_attention(name, module):
             continue
-        inside = any(p.startswith(name + ".") or name.startswith(p + ".")
-                     for p in routed_prefixes)
+        inside = any(p.startswith(name + ".") or name.startswith(p + ".") for p in routed_prefixes)
         if not inside:
-            report.rows.append(Row(name, "attention", "left",
-                                   "does not call transformers' attention interface"))
+            report.rows.append(Row(name, "attention", "left", "does not call transformers' attention interface"))
     if not configs:
         return
     # The models' own configs select the implementation (mask creation reads the model's config,
     # attention reads the module's: usually the same object).
     for module in model.modules():
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal") and \
-                hasattr(module, "_can_set_attn_implementation"):
+        if (
+            config is not None
+            and hasattr(config, "_attn_implementation_internal")
+            and hasattr(module, "_can_set_attn_implementation")
+        ):
             configs.setdefault(id(config), config)
     for config in configs.values():
         record.configs.append((config, config._attn_implementation_internal))
         config._attn_implementation_internal = hf_attention.NAME
     from .families import apply_family
+
     apply_family(model, settings, record)
 
 
@@ -285,8 +305,11 @@ def _patch_linears(model: nn.Module, options: dict, calib_data, backend, record:
         qreport = quantize_model(model, calib_data=calib_data, **options)
     finally:
         after = dict(model.named_modules())
-        record.modules.extend((name, module) for name, module in before.items()
-                              if isinstance(module, nn.Linear) and after.get(name) is not module)
+        record.modules.extend(
+            (name, module)
+            for name, module in before.items()
+            if isinstance(module, nn.Linear) and after.get(name) is not module
+        )
     record.report.quantization = qreport
     status = {r.name: r for r in qreport.layers}
     for name, module in before.items():
@@ -294,8 +317,7 @@ def _patch_linears(model: nn.Module, options: dict, calib_data, backend, record:
             continue
         if after.get(name) is not module:
             row = status.get(name)
-            record.report.rows.append(Row(name, "linear", "quantized",
-                                          row.config if row is not None else ""))
+            record.report.rows.append(Row(name, "linear", "quantized", row.config if row is not None else ""))
         else:
             row = status.get(name)
             why = row.status if row is not None else "excluded by include/exclude"

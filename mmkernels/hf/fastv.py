@@ -27,6 +27,7 @@ reads the last one); ``labels`` are refused (FastV is an inference method: the l
 line up with the prompt). Supported: LLaVA models (``LlavaForConditionalGeneration`` /
 ``LlavaModel``) whose language model's decoder layers run their attention through mmkernels.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -46,11 +47,11 @@ class _Run:
 
     def __init__(self, cut: int, keep_ratio: float):
         self.cut, self.keep_ratio = cut, keep_ratio
-        self.pending: Optional[Tensor] = None       # image mask handed down by the VLM's forward
+        self.pending: Optional[Tensor] = None  # image mask handed down by the VLM's forward
         self.prefill_mask: Optional[Tensor] = None  # image mask of the running prefill
-        self.keep: Optional[Tensor] = None          # (B, N') positions kept by the last prefill
-        self.full = 0                               # that prefill's length N
-        self.pruning_call = False                   # the running call is that prefill
+        self.keep: Optional[Tensor] = None  # (B, N') positions kept by the last prefill
+        self.full = 0  # that prefill's length N
+        self.pruning_call = False  # the running call is that prefill
         self.remapped: Dict[Tuple[int, ...], Tuple[Any, Any, Any]] = {}
         self.pruned = 0
         self.unpruned: Dict[str, int] = {}
@@ -66,12 +67,13 @@ class _Run:
         key = (id(attention_mask), id(position_embeddings), id(position_ids))
         if key not in self.remapped:
             if self.pruning_call:
-                self.remapped[key] = (self._prefill_mask(attention_mask),
-                                      self._rows(position_embeddings),
-                                      self._rows(position_ids))
+                self.remapped[key] = (
+                    self._prefill_mask(attention_mask),
+                    self._rows(position_embeddings),
+                    self._rows(position_ids),
+                )
             else:
-                self.remapped[key] = (self._cached_keys(attention_mask), position_embeddings,
-                                      position_ids)
+                self.remapped[key] = (self._cached_keys(attention_mask), position_embeddings, position_ids)
         return self.remapped[key]
 
     def _take(self, t: Tensor, dim: int) -> Tensor:
@@ -81,14 +83,13 @@ class _Run:
         t = t.expand(b, *t.shape[1:]) if t.shape[0] == 1 and b > 1 else t
         shape = [1] * t.dim()
         shape[0], shape[dim] = b, keep.shape[1]
-        index = keep.view(shape).expand(*[keep.shape[1] if d == dim else t.shape[d]
-                                          for d in range(t.dim())])
+        index = keep.view(shape).expand(*[keep.shape[1] if d == dim else t.shape[d] for d in range(t.dim())])
         return t.gather(dim, index)
 
     def _rows(self, value):
         if value is None:
             return None
-        if isinstance(value, (tuple, list)):                 # (cos, sin), each (B, L, D)
+        if isinstance(value, (tuple, list)):  # (cos, sin), each (B, L, D)
             return type(value)(self._rows(v) for v in value)
         if value.dim() >= 2 and value.shape[1] == self.full:
             return self._take(value, 1)
@@ -107,8 +108,8 @@ class _Run:
         prompt positions, then everything after the prompt)."""
         if mask is None or mask.shape[-1] < self.full:
             return mask
-        prompt = self._take(mask[..., :self.full], mask.dim() - 1)
-        return torch.cat([prompt, mask[..., self.full:]], dim=-1)
+        prompt = self._take(mask[..., : self.full], mask.dim() - 1)
+        return torch.cat([prompt, mask[..., self.full :]], dim=-1)
 
 
 def _first_output(out):
@@ -122,6 +123,7 @@ def _replace_first(out, value):
 def _ranking_forward(run: _Run, state: hf_attention.ModuleState):
     """Layer ``cut - 1``: runs with last-query scores during a prefill, then keeps the best image
     tokens of its output."""
+
     def forward(layer, hidden_states, *args, **kwargs):
         image = run.prefill_mask
         if image is None or tuple(hidden_states.shape[:2]) != tuple(image.shape):
@@ -141,22 +143,34 @@ def _ranking_forward(run: _Run, state: hf_attention.ModuleState):
         run.full, run.pruning_call = image.shape[1], True
         run.pruned += 1
         return _replace_first(out, gather_tokens(_first_output(out), run.keep))
+
     return forward
 
 
 def _pruned_forward(run: _Run):
     """Layers ``cut, cut + 1, ...``: their inputs follow the kept tokens."""
-    def forward(layer, hidden_states, *args, attention_mask=None, position_embeddings=None,
-                position_ids=None, **kwargs):
+
+    def forward(
+        layer, hidden_states, *args, attention_mask=None, position_embeddings=None, position_ids=None, **kwargs
+    ):
         if run.keep is not None:
             if args:
-                raise ValueError("fastv: pass a decoder layer's arguments after hidden_states by "
-                                 "name (transformers does)")
+                raise ValueError(
+                    "fastv: pass a decoder layer's arguments after hidden_states by name (transformers does)"
+                )
             attention_mask, position_embeddings, position_ids = run.remap(
-                attention_mask, position_embeddings, position_ids)
-        return type(layer).forward(layer, hidden_states, *args, attention_mask=attention_mask,
-                                   position_embeddings=position_embeddings,
-                                   position_ids=position_ids, **kwargs)
+                attention_mask, position_embeddings, position_ids
+            )
+        return type(layer).forward(
+            layer,
+            hidden_states,
+            *args,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            **kwargs,
+        )
+
     return forward
 
 
@@ -188,8 +202,10 @@ def _language_model_forward(run: _Run):
         if image is not None and bool(image.any()):
             tokens = _tokens_of(args, kwargs)
             if image.dtype != torch.bool or tokens is None or tuple(image.shape) != tokens:
-                raise ValueError(f"image_token_mask must be a bool (B, L) = {tokens} mask of the "
-                                 f"prompt's image tokens, got {image.dtype} {tuple(image.shape)}")
+                raise ValueError(
+                    f"image_token_mask must be a bool (B, L) = {tokens} mask of the "
+                    f"prompt's image tokens, got {image.dtype} {tuple(image.shape)}"
+                )
             if fresh:
                 run.prefill_mask = image
             else:
@@ -199,6 +215,7 @@ def _language_model_forward(run: _Run):
         finally:
             run.prefill_mask, run.pruning_call = None, False
             run.remapped.clear()
+
     return forward
 
 
@@ -211,6 +228,7 @@ def _vlm_forward(run: _Run, image_token: int):
             return type(inner).forward(inner, input_ids, *args, **kwargs)
         finally:
             run.pending = None
+
     return forward
 
 
@@ -219,11 +237,14 @@ def _top_forward(model: nn.Module):
 
     def forward(self, *args, **kwargs):
         if signature.bind_partial(self, *args, **kwargs).arguments.get("labels") is not None:
-            raise ValueError("reduce method 'fastv' prunes image tokens after its layer, so the "
-                             "logits no longer line up with labels: it is an inference method "
-                             "(mmkernels.unpatch(model) to train)")
+            raise ValueError(
+                "reduce method 'fastv' prunes image tokens after its layer, so the "
+                "logits no longer line up with labels: it is an inference method "
+                "(mmkernels.unpatch(model) to train)"
+            )
         return type(self).forward(self, *args, **kwargs)
-    forward.__signature__ = signature          # generate() validates its kwargs against it
+
+    forward.__signature__ = signature  # generate() validates its kwargs against it
     return forward
 
 
@@ -244,12 +265,13 @@ def check_spec(spec: Dict[str, Any], depth: int) -> Dict[str, Any]:
     """``spec`` checked against a language model of ``depth`` decoder layers."""
     cut, keep = spec["layer"], spec["keep"]
     if isinstance(cut, bool) or not isinstance(cut, int) or not 1 <= cut < depth:
-        raise ValueError(f"reduce['layer']={cut!r} must be an int in [1, {depth}) for a language "
-                         f"model of {depth} decoder layers: the first 'layer' layers see every "
-                         "token, the others the kept ones")
+        raise ValueError(
+            f"reduce['layer']={cut!r} must be an int in [1, {depth}) for a language "
+            f"model of {depth} decoder layers: the first 'layer' layers see every "
+            "token, the others the kept ones"
+        )
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise ValueError(f"reduce['keep'] must be the kept fraction of image tokens in (0, 1], "
-                         f"got {keep!r}")
+        raise ValueError(f"reduce['keep'] must be the kept fraction of image tokens in (0, 1], got {keep!r}")
     return dict(spec)
 
 
@@ -267,25 +289,33 @@ def apply_fastv(model: nn.Module, spec: Dict[str, Any], record) -> None:
 
     inner = llava._llava_inner(model)
     if inner is None:
-        has_images = any(getattr(getattr(m, "config", None), name, None) is not None
-                         for m in model.modules() for name in ("image_token_id", "image_token_index"))
+        has_images = any(
+            getattr(getattr(m, "config", None), name, None) is not None
+            for m in model.modules()
+            for name in ("image_token_id", "image_token_index")
+        )
         if not has_images:
-            raise ValueError(f"reduce method 'fastv' prunes image tokens inside a vision-language "
-                             f"model's language model; {type(model).__name__} has no image tokens "
-                             "(no config.image_token_id)")
-        raise ValueError(f"reduce method 'fastv' on {type(model).__name__}: supported inside LLaVA "
-                         "models' language model only, so far")
+            raise ValueError(
+                f"reduce method 'fastv' prunes image tokens inside a vision-language "
+                f"model's language model; {type(model).__name__} has no image tokens "
+                "(no config.image_token_id)"
+            )
+        raise ValueError(
+            f"reduce method 'fastv' on {type(model).__name__}: supported inside LLaVA "
+            "models' language model only, so far"
+        )
     lm = inner.language_model
     layers = _decoder_layers(lm)
     if layers is None:
-        raise ValueError(f"fastv: no decoder layers (a 'layers' ModuleList) in "
-                         f"{type(lm).__name__}")
+        raise ValueError(f"fastv: no decoder layers (a 'layers' ModuleList) in {type(lm).__name__}")
     checked = check_spec(spec, len(layers))
     states: List[Optional[hf_attention.ModuleState]] = [_attention_state(layer) for layer in layers]
     cut = checked["layer"]
-    if any(s is None for s in states[cut - 1:]):
-        raise ValueError(f"fastv: the attention of {type(lm).__name__}'s decoder layers is not "
-                         "routed through mmkernels' attention, which gives the last-query scores")
+    if any(s is None for s in states[cut - 1 :]):
+        raise ValueError(
+            f"fastv: the attention of {type(lm).__name__}'s decoder layers is not "
+            "routed through mmkernels' attention, which gives the last-query scores"
+        )
     config = inner.config
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
@@ -300,12 +330,19 @@ def apply_fastv(model: nn.Module, spec: Dict[str, Any], record) -> None:
         bind_forward(model, _top_forward(model), record)
     record.report.fastv = run
     path = next(name for name, m in model.named_modules() if m is lm)
-    record.report.rows.append(Row(path, "reduce", "mmkernels",
-                                  f"fastv: layers {cut}..{len(layers) - 1} of {len(layers)} keep "
-                                  f"{checked['keep']:.0%} of the image tokens (ranked by the "
-                                  f"last token's attention in layer "
-                                  f"{cut - 1}); their KV cache holds the kept tokens"))
+    record.report.rows.append(
+        Row(
+            path,
+            "reduce",
+            "mmkernels",
+            f"fastv: layers {cut}..{len(layers) - 1} of {len(layers)} keep "
+            f"{checked['keep']:.0%} of the image tokens (ranked by the "
+            f"last token's attention in layer "
+            f"{cut - 1}); their KV cache holds the kept tokens",
+        )
+    )
     record.report.notes.append(
         "fastv: a prefill with image tokens returns hidden states / logits for the kept positions "
         "only (generate() reads the last); labels are refused (inference only); "
-        "report.fastv_runtime() counts pruned and unpruned prefills")
+        "report.fastv_runtime() counts pruned and unpruned prefills"
+    )

@@ -18,6 +18,7 @@ by :func:`mmkernels.patch` are served by our kernels; any other module that reac
 (for instance a second model sharing a patched model's config object) is served by SDPA exactly
 as with ``attn_implementation="sdpa"``.
 """
+
 from __future__ import annotations
 
 import threading
@@ -80,9 +81,17 @@ def register() -> None:
 # Mask function
 # ----------------------------------------------------------------------------------------------
 
-def mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-         mask_function: Optional[Callable] = None, attention_mask: Optional[Tensor] = None,
-         **kwargs):
+
+def mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function: Optional[Callable] = None,
+    attention_mask: Optional[Tensor] = None,
+    **kwargs,
+):
     """Key-padding mask ``(B, Lk)`` (bool, True = attend) or ``None`` for the plain patterns;
     transformers' 4-D ``sdpa_mask`` for every other pattern."""
     from transformers import masking_utils as mu
@@ -90,8 +99,11 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: 
     if mask_function is None:
         mask_function = mu.causal_mask_function
     plain = mask_function is mu.bidirectional_mask_function or (
-        mask_function is mu.causal_mask_function and kv_offset == 0
-        and _is_int(q_offset) and int(q_offset) == kv_length - q_length)
+        mask_function is mu.causal_mask_function
+        and kv_offset == 0
+        and _is_int(q_offset)
+        and int(q_offset) == kv_length - q_length
+    )
     if plain and (attention_mask is None or attention_mask.shape[-1] >= kv_length):
         if attention_mask is None:
             return None
@@ -101,20 +113,30 @@ def mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: 
         return padding
     kwargs.pop("allow_is_causal_skip", None)
     kwargs.pop("allow_is_bidirectional_skip", None)
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                        q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                        attention_mask=attention_mask, allow_is_causal_skip=False,
-                        allow_is_bidirectional_skip=False, **kwargs)
+    return mu.sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **kwargs,
+    )
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) or (isinstance(value, Tensor) and value.numel() == 1
-                                      and not torch.compiler.is_compiling())
+    return isinstance(value, int) or (
+        isinstance(value, Tensor) and value.numel() == 1 and not torch.compiler.is_compiling()
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Attention function
 # ----------------------------------------------------------------------------------------------
+
 
 def _unsupported(module, query, key, value, attention_mask, dropout, kwargs) -> Optional[str]:
     """Why this call cannot run on mmkernels.attention (None when it can)."""
@@ -145,8 +167,7 @@ def _key_bias(attention_mask: Optional[Tensor], query: Tensor) -> Optional[Tenso
         return None
     m = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
     if m.dtype == torch.bool:
-        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(
-            ~m, float("-inf"))
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
     return m.to(torch.float32)
 
 
@@ -169,18 +190,23 @@ def sdpa_fallback(module, query, key, value, attention_mask, scaling=None, dropo
             rows = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
             full = full & (torch.arange(lk, device=query.device)[None, :] <= rows)
         attention_mask = full
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                  dropout=dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
-                      attention_mask: Optional[Tensor], scaling: Optional[float] = None,
-                      dropout: float = 0.0, **kwargs):
+def attention_forward(
+    module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
     """transformers attention-interface entry: ``(out (B, Lq, H, Dv), None)``."""
     state = STATES.get(module)
     if state is None:
-        return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling,
-                             dropout=dropout, **kwargs)
+        return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     reason = _unsupported(module, query, key, value, attention_mask, dropout, kwargs)
     if reason is None:
         key_bias = _key_bias(attention_mask, query)
@@ -188,9 +214,16 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
             key_bias = state.key_bias if key_bias is None else key_bias + state.key_bias
         causal = _causal(module, kwargs, query.shape[2])
         try:
-            result = mmk_attention(query, key, value, causal=causal, scale=scaling,
-                                   key_bias=key_bias, scores=state.scores_mode,
-                                   backend=state.backend)
+            result = mmk_attention(
+                query,
+                key,
+                value,
+                causal=causal,
+                scale=scaling,
+                key_bias=key_bias,
+                scores=state.scores_mode,
+                backend=state.backend,
+            )
         except NoBackendError as exc:
             reason = f"no mmkernels backend: {str(exc).splitlines()[0]}"
         else:
@@ -203,5 +236,4 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
                 state.last_keys = key
             return out.transpose(1, 2), None
     state.fell_back(reason)
-    return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling,
-                         dropout=dropout, **kwargs)
+    return sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

@@ -35,6 +35,7 @@ read position 0 still read CLS). ``output_hidden_states=True`` returns each laye
 length they have at that point. ``output_attentions=True`` cannot be served (fused attention has
 no attention maps): such a call runs the encoder **unreduced** (HF's own layer forwards) and warns.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -49,17 +50,23 @@ from torch import Tensor, nn
 from . import hf_attention
 from .adapters import SUPPORTED_LAYERS, LayerAdapter, adapter_for
 from .specs import REDUCE_KEYS, _check_reduce
-from ..reduce.methods import (evit_block_step, evit_count, prumerge_block_step, tome_block_step,
-                              tome_schedule, visionzip_block_step)
+from ..reduce.methods import (
+    evit_block_step,
+    evit_count,
+    prumerge_block_step,
+    tome_block_step,
+    tome_schedule,
+    visionzip_block_step,
+)
 
-PRUMERGE_NEIGHBOURS = 32   # prumerge's k: pruned tokens each kept token may absorb
+PRUMERGE_NEIGHBOURS = 32  # prumerge's k: pruned tokens each kept token may absorb
 
 
 @dataclass
 class VisionEncoder:
     """One vision encoder found in a model: its layers' ``ModuleList`` and their adapters."""
 
-    path: str                     # path of the ModuleList of layers ("" never: a list has a name)
+    path: str  # path of the ModuleList of layers ("" never: a list has a name)
     layers: nn.ModuleList
     adapters: List[LayerAdapter]
 
@@ -103,6 +110,7 @@ def find_vision_encoders(model: nn.Module) -> List[VisionEncoder]:
 # Specs
 # ----------------------------------------------------------------------------------------------
 
+
 def _as_spec(spec) -> Dict[str, Any]:
     """A reduce dict (defaults filled, checked by :mod:`mmkernels.hf.specs`) from a user dict or
     a :class:`~mmkernels.hf.specs.PatchSettings` ``reduce`` record."""
@@ -117,8 +125,9 @@ def _is_int(value) -> bool:
 
 def _layer_index(name: str, value, depth: int) -> int:
     if not _is_int(value) or not -depth <= value < depth:
-        raise ValueError(f"reduce[{name!r}]={value!r} must be a layer index in [-{depth}, {depth}) "
-                         f"for an encoder of {depth} layers")
+        raise ValueError(
+            f"reduce[{name!r}]={value!r} must be a layer index in [-{depth}, {depth}) for an encoder of {depth} layers"
+        )
     return value % depth
 
 
@@ -130,17 +139,17 @@ def _check_spec(spec: Dict[str, Any], depth: int) -> Dict[str, Any]:
     if method == "fastv":
         raise ValueError(
             "reduce method 'fastv' prunes image tokens inside a vision-language model's language "
-            "model (after its layer K), not in a vision encoder: its token count is the prompt's")
-    if "protect_first" in spec and (not _is_int(spec["protect_first"])
-                                    or spec["protect_first"] < 0):
-        raise ValueError(f"reduce['protect_first'] must be an int >= 0, got "
-                         f"{spec['protect_first']!r}")
+            "model (after its layer K), not in a vision encoder: its token count is the prompt's"
+        )
+    if "protect_first" in spec and (not _is_int(spec["protect_first"]) or spec["protect_first"] < 0):
+        raise ValueError(f"reduce['protect_first'] must be an int >= 0, got {spec['protect_first']!r}")
     if method == "tome":
         r = spec["r"]
         if isinstance(r, (list, tuple)):
             if len(r) != depth:
-                raise ValueError(f"reduce['r'] has {len(r)} entries; the encoder has {depth} "
-                                 "layers (give one per layer, or an int)")
+                raise ValueError(
+                    f"reduce['r'] has {len(r)} entries; the encoder has {depth} layers (give one per layer, or an int)"
+                )
             values = list(r)
         else:
             values = [r]
@@ -163,8 +172,10 @@ def _check_spec(spec: Dict[str, Any], depth: int) -> Dict[str, Any]:
         spec["layer"] = _layer_index("layer", spec["layer"], depth)
     elif method == "prumerge":
         if spec["plus"]:
-            raise ValueError("reduce method 'prumerge' with plus=True (PruMerge+, spatially "
-                             "sampled extra tokens) is not implemented yet; use plus=False")
+            raise ValueError(
+                "reduce method 'prumerge' with plus=True (PruMerge+, spatially "
+                "sampled extra tokens) is not implemented yet; use plus=False"
+            )
         spec["layer"] = _layer_index("layer", spec["layer"], depth)
     return spec
 
@@ -189,12 +200,15 @@ def output_tokens(spec, num_tokens: int, depth: int, prefix_tokens: int = 1) -> 
     if method == "visionzip":
         dominant, contextual = spec["dominant"], spec["contextual"]
         if n - prefix_tokens - dominant < contextual:
-            raise ValueError(f"{n} tokens cannot give {prefix_tokens} prefix + {dominant} "
-                             f"dominant + {contextual} contextual tokens")
+            raise ValueError(
+                f"{n} tokens cannot give {prefix_tokens} prefix + {dominant} dominant + {contextual} contextual tokens"
+            )
         return prefix_tokens + dominant + contextual
-    raise ValueError("reduce method 'prumerge' keeps a data-dependent number of tokens (each "
-                     "image's IQR outliers of the attention scores, at least one, plus the "
-                     "prefix token): no count can be stated in advance")
+    raise ValueError(
+        "reduce method 'prumerge' keeps a data-dependent number of tokens (each "
+        "image's IQR outliers of the attention scores, at least one, plus the "
+        "prefix token): no count can be stated in advance"
+    )
 
 
 def _describe(spec: Dict[str, Any]) -> str:
@@ -211,6 +225,7 @@ def _describe(spec: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Running an encoder's layers through the adapters
 # ----------------------------------------------------------------------------------------------
+
 
 class _EncoderRun:
     """The reduction of one encoder: called by each layer's bound forward with its index.
@@ -231,8 +246,7 @@ class _EncoderRun:
             return last[1], last[2]
         r = self.spec["r"]
         depth = self.encoder.depth
-        schedule = tome_schedule(r[i:] if isinstance(r, list) else r, depth - i, x.shape[1],
-                                 self.spec["protect_first"])
+        schedule = tome_schedule(r[i:] if isinstance(r, list) else r, depth - i, x.shape[1], self.spec["protect_first"])
         return None, dict(enumerate(schedule, start=i))
 
     def step(self, i: int, x: Tensor) -> Tensor:
@@ -240,27 +254,28 @@ class _EncoderRun:
         if self.method == "tome":
             size, schedule = self._tome_state(i, x)
             x, size = tome_block_step(adapter, x, size, schedule[i], spec["protect_first"])
-            self.local.tome = (weakref.ref(x), size, schedule) if i + 1 < self.encoder.depth \
-                else None
+            self.local.tome = (weakref.ref(x), size, schedule) if i + 1 < self.encoder.depth else None
             return x
         if self.method == "evit":
             if i in spec["layers"]:
-                return evit_block_step(adapter, x, spec["keep"], spec["protect_first"],
-                                       scores=adapter.rank_scores)
+                return evit_block_step(adapter, x, spec["keep"], spec["protect_first"], scores=adapter.rank_scores)
             return adapter(x)
         if i != spec["layer"]:
             return adapter(x)
         if self.method == "visionzip":
-            return visionzip_block_step(adapter, x, spec["dominant"], spec["contextual"],
-                                        adapter.prefix_tokens, scores=adapter.rank_scores)
-        packed, cu = prumerge_block_step(adapter, x, PRUMERGE_NEIGHBOURS, adapter.prefix_tokens,
-                                         scores=adapter.rank_scores)
+            return visionzip_block_step(
+                adapter, x, spec["dominant"], spec["contextual"], adapter.prefix_tokens, scores=adapter.rank_scores
+            )
+        packed, cu = prumerge_block_step(
+            adapter, x, PRUMERGE_NEIGHBOURS, adapter.prefix_tokens, scores=adapter.rank_scores
+        )
         counts = (cu[1:] - cu[:-1]).tolist()
         if len(set(counts)) != 1:
             raise ValueError(
                 f"prumerge kept {counts} tokens for the {len(counts)} images of this batch: an "
                 "encoder output is one (B, N, C) tensor, so images that keep different counts "
-                "cannot share a batch; run them one at a time")
+                "cannot share a batch; run them one at a time"
+            )
         return packed.view(len(counts), counts[0], packed.shape[-1])
 
     def layer_forward(self, i: int):
@@ -272,17 +287,18 @@ class _EncoderRun:
                     warnings.warn(
                         "mmkernels token reduction: output_attentions=True asks for attention "
                         "maps, which fused attention does not make; this encoder runs unreduced",
-                        stacklevel=2)
+                        stacklevel=2,
+                    )
                 if attention_mask is not None or args or _takes_mask(type(layer)):
-                    return type(layer).forward(layer, hidden_states, attention_mask, *args,
-                                               **kwargs)
+                    return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
                 return type(layer).forward(layer, hidden_states, **kwargs)
             if attention_mask is not None or args:
                 raise ValueError(
                     f"{type(layer).__name__} (token reduction by mmkernels.patch) got an attention "
                     "mask or extra positional arguments: a reduced encoder changes the token "
                     "count, so a per-token mask cannot follow it; call the model without "
-                    "attention_mask or unpatch it")
+                    "attention_mask or unpatch it"
+                )
             return run.step(i, hidden_states)
 
         return forward
@@ -309,11 +325,12 @@ def _attentions_recorded() -> bool:
 # Entry point (called by mmkernels.hf.core.patch)
 # ----------------------------------------------------------------------------------------------
 
+
 def _backbone(model: nn.Module) -> Optional[str]:
     """The class name of a transformers backbone (feature maps on the patch grid) in ``model``."""
     try:
         from transformers.backbone_utils import BackboneMixin
-    except ImportError:                      # releases before the move out of utils/
+    except ImportError:  # releases before the move out of utils/
         try:
             from transformers.utils.backbone_utils import BackboneMixin
         except ImportError:
@@ -330,8 +347,10 @@ def _vision_language_model(model: nn.Module) -> Optional[str]:
         config = getattr(module, "config", None)
         if config is None:
             continue
-        if getattr(config, "image_token_id", None) is not None or \
-                getattr(config, "image_token_index", None) is not None:
+        if (
+            getattr(config, "image_token_id", None) is not None
+            or getattr(config, "image_token_index", None) is not None
+        ):
             return type(module).__name__
     return None
 
@@ -352,11 +371,13 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
     spec = _as_spec(spec)
     if spec["method"] == "fastv":
         from .fastv import apply_fastv
+
         apply_fastv(model, spec, record)
         return
     vlm = _vision_language_model(model)
     if vlm is not None:
         from .families import llava
+
         if llava.is_llava(model):
             llava.reduce_llava(model, spec, record, _reduce_encoders)
             return
@@ -365,7 +386,8 @@ def apply_reduction(model: nn.Module, spec, record) -> None:
             f"({vlm}) is not supported yet (LLaVA is): its language model expects a fixed number "
             "of image tokens per image, so the prompt's image-token bookkeeping has to follow the "
             "reduction. Reduce a standalone vision encoder (CLIPVisionModel, SiglipVisionModel, "
-            "...) instead")
+            "...) instead"
+        )
     _reduce_encoders(model, spec, record)
 
 
@@ -378,20 +400,23 @@ def _reduce_encoders(model: nn.Module, spec: Dict[str, Any], record) -> list:
     if backbone is not None:
         raise ValueError(
             f"reduce on {type(model).__name__}: {backbone} returns feature maps on the patch grid, "
-            "which needs every patch token; token reduction does not apply to backbones")
+            "which needs every patch token; token reduction does not apply to backbones"
+        )
     encoders = find_vision_encoders(model)
     if not encoders:
         raise ValueError(
             f"reduce on {type(model).__name__}: no supported vision encoder found (looked for a "
-            f"list of {SUPPORTED_LAYERS} layers)")
+            f"list of {SUPPORTED_LAYERS} layers)"
+        )
     plans = []
     for encoder in encoders:
-        unpatched = [type(a.attention).__name__ for a in encoder.adapters
-                     if a.attention not in hf_attention.STATES]
+        unpatched = [type(a.attention).__name__ for a in encoder.adapters if a.attention not in hf_attention.STATES]
         if unpatched:
-            raise ValueError(f"reduce: the attention modules of {encoder.path} ({unpatched[0]}) "
-                             "are not routed through mmkernels' attention, which gives the scores "
-                             "and keys token reduction reads")
+            raise ValueError(
+                f"reduce: the attention modules of {encoder.path} ({unpatched[0]}) "
+                "are not routed through mmkernels' attention, which gives the scores "
+                "and keys token reduction reads"
+            )
         checked = _check_spec(spec, encoder.depth)
         n = encoder.num_tokens()
         if checked["method"] == "prumerge":
@@ -400,9 +425,11 @@ def _reduce_encoders(model: nn.Module, spec: Dict[str, Any], record) -> list:
             count = f"{output_tokens(spec, n, encoder.depth, encoder.prefix_tokens)} tokens"
         else:
             count = "? tokens"
-        detail = (f"{_describe(spec)}: {n if n is not None else '?'} -> {count} "
-                  f"({encoder.family}, {encoder.depth} layers, "
-                  f"scores {encoder.adapters[0].rank_scores!r})")
+        detail = (
+            f"{_describe(spec)}: {n if n is not None else '?'} -> {count} "
+            f"({encoder.family}, {encoder.depth} layers, "
+            f"scores {encoder.adapters[0].rank_scores!r})"
+        )
         plans.append((encoder, checked, detail))
     for encoder, checked, detail in plans:
         run = _EncoderRun(encoder, checked)
@@ -412,10 +439,11 @@ def _reduce_encoders(model: nn.Module, spec: Dict[str, Any], record) -> list:
     record.report.notes.append(
         "reduce: the encoder output has the reduced token count (CLS first); "
         "output_hidden_states gives each layer's tokens at their reduced length; "
-        "output_attentions=True runs the encoder unreduced (fused attention makes no maps)")
-    if any(e.prefix_tokens == 0 for e, _, _ in plans) and "protect_first" in spec and \
-            spec["protect_first"] > 0:
+        "output_attentions=True runs the encoder unreduced (fused attention makes no maps)"
+    )
+    if any(e.prefix_tokens == 0 for e, _, _ in plans) and "protect_first" in spec and spec["protect_first"] > 0:
         record.report.notes.append(
             f"reduce: SigLIP has no CLS token: protect_first={spec['protect_first']} keeps its "
-            "first patch token(s) out of the reduction (protect_first=0 treats all alike)")
+            "first patch token(s) out of the reduction (protect_first=0 treats all alike)"
+        )
     return [(encoder, checked) for encoder, checked, _ in plans]

@@ -1,5 +1,6 @@
 """The settings of one :func:`mmkernels.patch` call, checked once (JSON-friendly dicts in, a
 frozen, comparable record out)."""
+
 from __future__ import annotations
 
 import inspect
@@ -30,8 +31,8 @@ def _freeze(value):
 @dataclass(frozen=True)
 class PatchSettings:
     attention: bool
-    reduce: Optional[Tuple] = None       # frozen items of the reduce dict
-    quantize: Optional[Tuple] = None     # frozen items of the quantize dict
+    reduce: Optional[Tuple] = None  # frozen items of the reduce dict
+    quantize: Optional[Tuple] = None  # frozen items of the quantize dict
     backend: Optional[str] = None
 
     @property
@@ -50,20 +51,20 @@ class PatchSettings:
 
 
 def _check_reduce(reduce) -> Dict[str, Any]:
-    if hasattr(reduce, "__dataclass_fields__"):          # typed spec objects are accepted too
-        reduce = {"method": getattr(reduce, "method"), **{
-            k: getattr(reduce, k) for k in reduce.__dataclass_fields__ if k != "method"}}
+    if hasattr(reduce, "__dataclass_fields__"):  # typed spec objects are accepted too
+        reduce = {
+            "method": getattr(reduce, "method"),
+            **{k: getattr(reduce, k) for k in reduce.__dataclass_fields__ if k != "method"},
+        }
     if not isinstance(reduce, dict):
-        raise TypeError(f"reduce must be a dict such as {{'method': 'tome', 'r': 8}}, got "
-                        f"{type(reduce).__name__}")
+        raise TypeError(f"reduce must be a dict such as {{'method': 'tome', 'r': 8}}, got {type(reduce).__name__}")
     method = reduce.get("method")
     if method not in REDUCE_KEYS:
         raise ValueError(f"reduce['method'] must be one of {sorted(REDUCE_KEYS)}, got {method!r}")
     allowed = REDUCE_KEYS[method]
     unknown = sorted(set(reduce) - set(allowed) - {"method"})
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in reduce for method {method!r}; allowed: "
-                         f"{sorted(allowed)}")
+        raise ValueError(f"unknown key(s) {unknown} in reduce for method {method!r}; allowed: {sorted(allowed)}")
     spec = {"method": method}
     for key, default in allowed.items():
         if key not in reduce and default is None:
@@ -76,13 +77,14 @@ def _check_quantize(quantize) -> Dict[str, Any]:
     from ..compress import quantize_model
 
     if not isinstance(quantize, dict):
-        raise TypeError(f"quantize must be a dict of quantize_model keyword arguments such as "
-                        f"{{'bits': 8, 'act_bits': 8}}, got {type(quantize).__name__}")
+        raise TypeError(
+            f"quantize must be a dict of quantize_model keyword arguments such as "
+            f"{{'bits': 8, 'act_bits': 8}}, got {type(quantize).__name__}"
+        )
     params = set(inspect.signature(quantize_model).parameters) - {"model", "calib_data"}
     unknown = sorted(set(quantize) - params)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in quantize; quantize_model accepts "
-                         f"{sorted(params)}")
+        raise ValueError(f"unknown key(s) {unknown} in quantize; quantize_model accepts {sorted(params)}")
     return dict(quantize)
 
 
@@ -94,6 +96,7 @@ def parse_settings(attention, reduce, quantize, backend) -> PatchSettings:
     reduce_spec = None if reduce is None else _check_reduce(reduce)
     quant_spec = None if quantize is None else _check_quantize(quantize)
     if reduce_spec is not None and not attention:
-        raise ValueError("reduce needs attention=True: the reduction methods read per-key "
-                         "scores from mmkernels' fused attention")
+        raise ValueError(
+            "reduce needs attention=True: the reduction methods read per-key scores from mmkernels' fused attention"
+        )
     return PatchSettings(attention, _freeze(reduce_spec), _freeze(quant_spec), backend)

@@ -1,4 +1,5 @@
 """``mmkernels.nn.Attention``: drop-in multi-head self/cross-attention on ``mmkernels.attention``."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,21 +27,33 @@ class Attention(nn.Module):
     (``q_proj/k_proj/v_proj`` and ``o_proj`` or ``out_proj``).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
-                 head_dim: Optional[int] = None, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
-                 causal: bool = False, scale: Optional[float] = None,
-                 scores: Optional[str] = None, backend: Optional[str] = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        bias: bool = True,
+        out_bias: Optional[bool] = None,
+        causal: bool = False,
+        scale: Optional[float] = None,
+        scores: Optional[str] = None,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         head_dim = head_dim or embed_dim // num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if head_dim * num_heads != embed_dim and head_dim == embed_dim // num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads}); "
-                             "pass head_dim explicitly")
+            raise ValueError(
+                f"embed_dim ({embed_dim}) is not divisible by num_heads ({num_heads}); pass head_dim explicitly"
+            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.causal, self.scale = head_dim, causal, scale
@@ -48,21 +61,36 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **factory)
         self.k_proj = nn.Linear(kdim or embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(vdim or embed_dim, num_kv_heads * head_dim, bias=bias, **factory)
-        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim,
-                                bias=bias if out_bias is None else out_bias, **factory)
+        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias if out_bias is None else out_bias, **factory)
 
     # -- loading ------------------------------------------------------------------------------
 
     @classmethod
-    def from_linears(cls, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, num_heads: int,
-                     num_kv_heads: Optional[int] = None, **kwargs) -> "Attention":
+    def from_linears(
+        cls,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        o: nn.Linear,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        **kwargs,
+    ) -> "Attention":
         """Build from four existing projections (weights are copied, not shared)."""
-        module = cls(o.out_features, num_heads, num_kv_heads=num_kv_heads,
-                     head_dim=q.out_features // num_heads, kdim=k.in_features, vdim=v.in_features,
-                     bias=q.bias is not None, out_bias=o.bias is not None,
-                     device=q.weight.device, dtype=q.weight.dtype, **kwargs)
-        for mine, theirs in ((module.q_proj, q), (module.k_proj, k), (module.v_proj, v),
-                             (module.o_proj, o)):
+        module = cls(
+            o.out_features,
+            num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=q.out_features // num_heads,
+            kdim=k.in_features,
+            vdim=v.in_features,
+            bias=q.bias is not None,
+            out_bias=o.bias is not None,
+            device=q.weight.device,
+            dtype=q.weight.dtype,
+            **kwargs,
+        )
+        for mine, theirs in ((module.q_proj, q), (module.k_proj, k), (module.v_proj, v), (module.o_proj, o)):
             mine.load_state_dict(theirs.state_dict())
         return module
 
@@ -75,9 +103,17 @@ class Attention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported")
         has_bias = mha.in_proj_bias is not None
-        module = cls(e, mha.num_heads, kdim=kdim, vdim=vdim, bias=has_bias,
-                     out_bias=mha.out_proj.bias is not None, device=mha.out_proj.weight.device,
-                     dtype=mha.out_proj.weight.dtype, **kwargs)
+        module = cls(
+            e,
+            mha.num_heads,
+            kdim=kdim,
+            vdim=vdim,
+            bias=has_bias,
+            out_bias=mha.out_proj.bias is not None,
+            device=mha.out_proj.weight.device,
+            dtype=mha.out_proj.weight.dtype,
+            **kwargs,
+        )
         with torch.no_grad():
             if mha.in_proj_weight is not None:
                 wq, wk, wv = mha.in_proj_weight.chunk(3)
@@ -86,7 +122,7 @@ class Attention(nn.Module):
             for proj, w, i in ((module.q_proj, wq, 0), (module.k_proj, wk, 1), (module.v_proj, wv, 2)):
                 proj.weight.copy_(w)
                 if has_bias:
-                    proj.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+                    proj.bias.copy_(mha.in_proj_bias[i * e : (i + 1) * e])
             module.o_proj.load_state_dict(mha.out_proj.state_dict())
         return module
 
@@ -100,11 +136,20 @@ class Attention(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, *,
-                key_bias: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-                max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
-                scores: Optional[str] = None, return_keys: bool = False):
+    def forward(
+        self,
+        x: Tensor,
+        context: Optional[Tensor] = None,
+        *,
+        key_bias: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        cu_seqlens_q: Optional[Tensor] = None,
+        cu_seqlens_k: Optional[Tensor] = None,
+        max_seqlen_q: Optional[int] = None,
+        max_seqlen_k: Optional[int] = None,
+        scores: Optional[str] = None,
+        return_keys: bool = False,
+    ):
         """``key_padding_mask``: bool ``(B, Lk)`` (or ``(Tk,)`` packed), True marks a padded key
         (nn.MultiheadAttention's convention); it is turned into a ``-inf`` key bias.
 
@@ -123,18 +168,29 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
-                raise TypeError(f"key_padding_mask must be bool (True = padding), got "
-                                f"{key_padding_mask.dtype}")
+                raise TypeError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
             pad = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=x.device)
             pad = pad.masked_fill(key_padding_mask, float("-inf"))
-            key_bias = pad if key_bias is None else key_bias + (pad[:, None] if key_bias.dim() == 3
-                                                                else pad)
+            key_bias = pad if key_bias is None else key_bias + (pad[:, None] if key_bias.dim() == 3 else pad)
         kwargs = {}
         if varlen:
-            kwargs = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-        res = attention(q, k, v, causal=self.causal, scale=self.scale, key_bias=key_bias,
-                        scores=scores, backend=self.backend, **kwargs)
+            kwargs = dict(
+                cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k,
+            )
+        res = attention(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            scale=self.scale,
+            key_bias=key_bias,
+            scores=scores,
+            backend=self.backend,
+            **kwargs,
+        )
         out = res.out if scores else res
         out = out.flatten(-2) if varlen else out.transpose(1, 2).flatten(-2)
         out = self.o_proj(out)
@@ -143,6 +199,8 @@ class Attention(nn.Module):
         return (out, res.scores) if scores else out
 
     def extra_repr(self):
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
-                + (f", scores={self.scores!r}" if self.scores else ""))
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
+            + (f", scores={self.scores!r}" if self.scores else "")
+        )

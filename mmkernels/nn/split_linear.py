@@ -25,6 +25,7 @@ cached and rebuilt when a buffer of either part changes (autograd version counte
 backend's prepacked weights; after ``mmkernels.clear_caches()`` too, once the CPU backend has
 prepacked the derived weight).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -48,13 +49,17 @@ class OutlierSplitLinear(nn.Module):
         k = main.in_features + outliers.in_features
         idx = torch.as_tensor(outlier_index, dtype=torch.int64)
         if idx.dim() != 1 or idx.numel() != outliers.in_features or idx.numel() == 0:
-            raise ValueError(f"outlier_index must be a non-empty (k,) = ({outliers.in_features},) "
-                             f"tensor, got shape {tuple(idx.shape)}")
+            raise ValueError(
+                f"outlier_index must be a non-empty (k,) = ({outliers.in_features},) "
+                f"tensor, got shape {tuple(idx.shape)}"
+            )
         if not bool((idx[1:] > idx[:-1]).all()) or int(idx.min()) < 0 or int(idx.max()) >= k:
             raise ValueError(f"outlier_index must be sorted distinct channels in range({k})")
         if main.out_features != outliers.out_features:
-            raise ValueError(f"main and outliers must have the same out_features, got "
-                             f"{main.out_features} and {outliers.out_features}")
+            raise ValueError(
+                f"main and outliers must have the same out_features, got "
+                f"{main.out_features} and {outliers.out_features}"
+            )
         if outliers.bias is not None:
             raise ValueError("the outliers part must have no bias (the bias lives in main)")
         keep = torch.ones(k, dtype=torch.bool, device=idx.device)
@@ -67,17 +72,19 @@ class OutlierSplitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fused = self._fused(x)
         if fused is None:
-            return (self.main(x.index_select(-1, self.main_index))
-                    + self.outliers(x.index_select(-1, self.outlier_index)))
+            return self.main(x.index_select(-1, self.main_index)) + self.outliers(
+                x.index_select(-1, self.outlier_index)
+            )
         full_qw, full_smooth, out_index, out_smooth, out_weight_t = fused
         from ..quant.api import qmatmul
+
         y = qmatmul(x, full_qw, self.main.bias, 8, self.main.backend, smooth=full_smooth)
         _note_prepacked(full_qw.qweight)
         x2 = x.reshape(-1, self.in_features)
         xo = x2.index_select(1, out_index)
         if out_smooth is not None:
             xo = xo / out_smooth
-        xq, sx = _qref.quantize_activations(xo)            # the W8A8 spec, on k columns
+        xq, sx = _qref.quantize_activations(xo)  # the W8A8 spec, on k columns
         y.view(-1, self.out_features).addmm_(xq.to(torch.float32).mul_(sx[:, None]), out_weight_t)
         return y
 
@@ -85,29 +92,48 @@ class OutlierSplitLinear(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state.pop("_fused_entry", None)                     # derived, rebuilt on demand
+        state.pop("_fused_entry", None)  # derived, rebuilt on demand
         return state
 
     def _stamp(self) -> tuple:
         parts = []
-        for t in (self.main_index, self.outlier_index, self.main.quantized.qweight,
-                  self.main.quantized.scales, self.main.quantized.zeros, self.main.smooth,
-                  self.main.input_perm, self.outliers.quantized.qweight,
-                  self.outliers.quantized.scales, self.outliers.quantized.zeros,
-                  self.outliers.smooth, self.outliers.input_perm):
+        for t in (
+            self.main_index,
+            self.outlier_index,
+            self.main.quantized.qweight,
+            self.main.quantized.scales,
+            self.main.quantized.zeros,
+            self.main.smooth,
+            self.main.input_perm,
+            self.outliers.quantized.qweight,
+            self.outliers.quantized.scales,
+            self.outliers.quantized.zeros,
+            self.outliers.smooth,
+            self.outliers.input_perm,
+        ):
             parts.append(None if t is None else (id(t), t.data_ptr(), _version(t)))
         return tuple(parts)
 
     def _fast_ok(self, x: Tensor) -> bool:
         main, outl = self.main, self.outliers
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1
-                or torch.compiler.is_compiling() or type(x) is not Tensor
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if (
+            x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or x.dim() < 1
+            or torch.compiler.is_compiling()
+            or type(x) is not Tensor
+            or (torch.is_grad_enabled() and x.requires_grad)
+        ):
             return False
         for part in (main, outl):
             qw = part.quantized
-            if (part.act_bits != 8 or qw.bits != 8 or qw.group_size is not None or qw.fp8
-                    or qw.qweight.device.type != "cpu"):
+            if (
+                part.act_bits != 8
+                or qw.bits != 8
+                or qw.group_size is not None
+                or qw.fp8
+                or qw.qweight.device.type != "cpu"
+            ):
                 return False
         return main.bias is None or main.bias.dtype == torch.float32
 
@@ -126,6 +152,7 @@ class OutlierSplitLinear(nn.Module):
 
     def _build_fused(self) -> Tuple:
         from ..quant.packing import QuantizedWeight
+
         main, outl = self.main, self.outliers
         mq = main.quantized
         n, k = self.out_features, self.in_features
@@ -134,15 +161,19 @@ class OutlierSplitLinear(nn.Module):
         if mq.zeros is None:
             full = torch.zeros(n, k, dtype=mq.qweight.dtype)
         else:
-            full = mq.zeros[:, :1].expand(n, k).clone()           # q = z: centered weight 0
+            full = mq.zeros[:, :1].expand(n, k).clone()  # q = z: centered weight 0
         full[:, cols] = mq.qweight
         smooth = torch.full((k,), float("inf"), dtype=torch.float32)
-        smooth[cols] = (main.smooth.to(torch.float32) if main.smooth is not None
-                        else torch.ones(cols.numel()))
-        full_qw = QuantizedWeight(full, mq.scales.clone(), None if mq.zeros is None
-                                  else mq.zeros.clone(), bits=8, group_size=None, shape=(n, k))
-        out_index = (self.outlier_index if outl.input_perm is None
-                     else self.outlier_index[outl.input_perm])
+        smooth[cols] = main.smooth.to(torch.float32) if main.smooth is not None else torch.ones(cols.numel())
+        full_qw = QuantizedWeight(
+            full,
+            mq.scales.clone(),
+            None if mq.zeros is None else mq.zeros.clone(),
+            bits=8,
+            group_size=None,
+            shape=(n, k),
+        )
+        out_index = self.outlier_index if outl.input_perm is None else self.outlier_index[outl.input_perm]
         out_smooth = None if outl.smooth is None else outl.smooth.to(torch.float32).clone()
         oq = outl.quantized
         w = _qref.centered_weight(oq.qweight, oq.zeros, 8).to(torch.float32) * oq.scales[:, :1]
@@ -154,15 +185,16 @@ class OutlierSplitLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The effective ``(N, K)`` weight in the original column order."""
-        w = torch.empty(self.out_features, self.in_features, dtype=dtype,
-                        device=self.main_index.device)
+        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.main_index.device)
         w[:, self.main_index] = self.main.dequantized_weight(dtype)
         w[:, self.outlier_index] = self.outliers.dequantized_weight(dtype)
         return w
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"outlier_channels={self.outlier_index.numel()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"outlier_channels={self.outlier_index.numel()}"
+        )
 
 
 def _version(t: Tensor):
@@ -175,6 +207,7 @@ def _version(t: Tensor):
 def _note_prepacked(qweight: Tensor) -> None:
     if not getattr(qweight, "_mmk_prepacked", False):
         from ..quant import cpu
+
         if qweight in cpu._CACHE:
             qweight._mmk_prepacked = True
 
@@ -184,5 +217,6 @@ def _prepack_alive(fused: Tuple) -> bool:
     derived weight after its first use (so that a write which bypassed the version counters is
     seen here too)."""
     from ..quant import cpu
+
     qweight = fused[0].qweight
     return not getattr(qweight, "_mmk_prepacked", False) or qweight in cpu._CACHE

@@ -6,6 +6,7 @@ Layering: this package imports nothing above it (not :mod:`mmkernels.nn`, :mod:`
 workflows (GPTQ, SignRound, SmoothQuant search, ``quantize_model``, checkpoints, ONNX export) live
 in :mod:`mmkernels.compress`, above this package and :mod:`mmkernels.nn`.
 """
+
 from . import backends as _backends  # noqa: F401  (registers the backends)
 from .api import qmatmul
 from .metrics import sqnr
@@ -13,5 +14,13 @@ from .packing import QuantizedWeight, pack_int4, unpack_int4
 from .quantize import quantize_weight, smoothquant_factors
 from .reference import qmatmul_reference
 
-__all__ = ["qmatmul", "QuantizedWeight", "quantize_weight", "smoothquant_factors",
-           "qmatmul_reference", "sqnr", "pack_int4", "unpack_int4"]
+__all__ = [
+    "qmatmul",
+    "QuantizedWeight",
+    "quantize_weight",
+    "smoothquant_factors",
+    "qmatmul_reference",
+    "sqnr",
+    "pack_int4",
+    "unpack_int4",
+]

@@ -10,6 +10,7 @@ The definition is in reference.py. The custom op takes the weight's raw buffers 
 cross the op boundary) and has a fake implementation, so ``torch.compile(fullgraph=True)`` traces
 through it.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -27,18 +28,20 @@ class QMatmulCall(NamedTuple):
     device_type: str
     dtype_name: str
     bits: int
-    group_size: int        # 0: per output channel
+    group_size: int  # 0: per output channel
     symmetric: bool
-    act_bits: int          # 0: weight-only
+    act_bits: int  # 0: weight-only
     smooth: bool
-    fp8: bool = False      # float8 e4m3 weights (and activations when act_bits=8)
+    fp8: bool = False  # float8 e4m3 weights (and activations when act_bits=8)
 
     def __str__(self):
         g = "per-channel" if not self.group_size else f"group {self.group_size}"
         a = f"A{self.act_bits}" if self.act_bits else "weight-only"
         w = "fp8 e4m3" if self.fp8 else f"int{self.bits}"
-        return (f"qmatmul({self.dtype_name} on {self.device_type}, {w} {g} "
-                f"{'sym' if self.symmetric else 'asym'}, {a}{', smooth' if self.smooth else ''})")
+        return (
+            f"qmatmul({self.dtype_name} on {self.device_type}, {w} {g} "
+            f"{'sym' if self.symmetric else 'asym'}, {a}{', smooth' if self.smooth else ''})"
+        )
 
 
 def _name(dtype) -> str:
@@ -54,24 +57,47 @@ def _group_size(qweight: Tensor, scales: Tensor, bits: int) -> int:
     return 0 if scales.shape[1] == 1 else k // scales.shape[1]
 
 
-def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bits: int,
-            smooth: bool, backend: str):
-    call = QMatmulCall(x.device.type, _name(x.dtype), bits, _group_size(qweight, scales, bits),
-                       zeros is None, act_bits, smooth, is_fp8(qweight))
+def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bits: int, smooth: bool, backend: str):
+    call = QMatmulCall(
+        x.device.type,
+        _name(x.dtype),
+        bits,
+        _group_size(qweight, scales, bits),
+        zeros is None,
+        act_bits,
+        smooth,
+        is_fp8(qweight),
+    )
     return _dispatch.select("qmatmul", call, x.device.type, backend or None)
 
 
-def _qmatmul_impl(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
-                  bias: Optional[Tensor], smooth: Optional[Tensor], bits: int, act_bits: int,
-                  backend: str) -> Tensor:
+def _qmatmul_impl(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    bias: Optional[Tensor],
+    smooth: Optional[Tensor],
+    bits: int,
+    act_bits: int,
+    backend: str,
+) -> Tensor:
     b = _select(x, qweight, scales, zeros, bits, act_bits, smooth is not None, backend)
     return b.run(x, qweight, scales, zeros, bits, bias, act_bits or None, smooth).contiguous()
 
 
 @torch.library.custom_op("mmkernels::qmatmul", mutates_args=())
-def _qmatmul_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
-                bias: Optional[Tensor], smooth: Optional[Tensor], bits: int, act_bits: int,
-                backend: str) -> Tensor:
+def _qmatmul_op(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    bias: Optional[Tensor],
+    smooth: Optional[Tensor],
+    bits: int,
+    act_bits: int,
+    backend: str,
+) -> Tensor:
     return _qmatmul_impl(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend)
 
 
@@ -84,13 +110,18 @@ def _plain_eager(*tensors) -> bool:
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors
-               if t is not None)
+    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors if t is not None)
 
 
-def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
-            act_bits: Optional[int] = None, backend: Optional[str] = None, *,
-            smooth: Optional[Tensor] = None) -> Tensor:
+def qmatmul(
+    x: Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[Tensor] = None,
+    act_bits: Optional[int] = None,
+    backend: Optional[str] = None,
+    *,
+    smooth: Optional[Tensor] = None,
+) -> Tensor:
     """``y = x @ W_hat.T + bias`` for a quantized weight ``qw (N, K)``; ``x (..., K) -> (..., N)``.
 
     ``x``: float32 / bfloat16 / float16 (float64 too: served by the reference, used as the test
@@ -107,14 +138,12 @@ def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
     A zero in ``smooth`` is divided by like any value (no check: it would cost a host sync).
     """
     if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"qw must be a mmkernels QuantizedWeight (from quantize_weight), "
-                        f"got {type(qw).__name__}")
+        raise TypeError(f"qw must be a mmkernels QuantizedWeight (from quantize_weight), got {type(qw).__name__}")
     n, k = qw.shape
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _X_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16 (float64 for the reference), "
-                        f"got {_describe(x)}")
+        raise TypeError(f"x must be float32, bfloat16 or float16 (float64 for the reference), got {_describe(x)}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must be (..., K) with K = qw.in_features = {k}, got {_describe(x)}")
     if x.device != qw.device:
@@ -123,26 +152,24 @@ def qmatmul(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if not bias.is_floating_point() or tuple(bias.shape) != (n,) or bias.device != x.device:
-            raise ValueError(f"bias must be a floating (N,) = ({n},) tensor on {x.device}, "
-                             f"got {_describe(bias)}")
+            raise ValueError(f"bias must be a floating (N,) = ({n},) tensor on {x.device}, got {_describe(bias)}")
     if smooth is not None:
         if not isinstance(smooth, Tensor):
             raise TypeError(f"smooth must be a torch.Tensor or None, got {type(smooth).__name__}")
-        if not smooth.is_floating_point() or tuple(smooth.shape) != (k,) \
-                or smooth.device != x.device:
-            raise ValueError(f"smooth must be a floating (K,) = ({k},) tensor on {x.device}, "
-                             f"got {_describe(smooth)}")
+        if not smooth.is_floating_point() or tuple(smooth.shape) != (k,) or smooth.device != x.device:
+            raise ValueError(f"smooth must be a floating (K,) = ({k},) tensor on {x.device}, got {_describe(smooth)}")
     if act_bits is not None:
         if isinstance(act_bits, bool) or act_bits != 8:
             raise ValueError(f"act_bits must be None (weight-only) or 8, got {act_bits!r}")
         if qw.bits != 8 or qw.group_size is not None:
-            raise ValueError(f"act_bits=8 needs an 8-bit per-channel weight "
-                             f"(quantize_weight(w, bits=8, group_size=None)), got qw with "
-                             f"bits={qw.bits}, group_size={qw.group_size}")
+            raise ValueError(
+                f"act_bits=8 needs an 8-bit per-channel weight "
+                f"(quantize_weight(w, bits=8, group_size=None)), got qw with "
+                f"bits={qw.bits}, group_size={qw.group_size}"
+            )
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    args = (x, qw.qweight, qw.scales, qw.zeros, bias, smooth, qw.bits, act_bits or 0,
-            backend or "")
+    args = (x, qw.qweight, qw.scales, qw.zeros, bias, smooth, qw.bits, act_bits or 0, backend or "")
     if _plain_eager(x, bias, smooth):
         return _qmatmul_impl(*args)
     return _qmatmul_op(*args)

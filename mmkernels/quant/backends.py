@@ -10,6 +10,7 @@ mmkernels._cuda is built), triton (every format), reference. The Triton backend 
 tensors under ``TRITON_INTERPRET=1`` when asked for explicitly (``backend="triton"``): that is how
 it is tested without a GPU.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,39 +22,52 @@ from .._extension import cpu_class
 
 OP = "qmatmul"
 
-_dispatch.define_op(OP, dtype_label="x dtype", features={
-    "int4": lambda c: c.bits == 4 and not c.fp8,
-    "int8": lambda c: c.bits == 8 and not c.fp8,
-    "fp8": lambda c: bool(c.fp8),
-    "w8a8": lambda c: bool(c.act_bits),
-    "asym": lambda c: not c.symmetric,
-    "groups": lambda c: bool(c.group_size),
-    "smooth": lambda c: bool(c.smooth),
-})
+_dispatch.define_op(
+    OP,
+    dtype_label="x dtype",
+    features={
+        "int4": lambda c: c.bits == 4 and not c.fp8,
+        "int8": lambda c: c.bits == 8 and not c.fp8,
+        "fp8": lambda c: bool(c.fp8),
+        "w8a8": lambda c: bool(c.act_bits),
+        "asym": lambda c: not c.symmetric,
+        "groups": lambda c: bool(c.group_size),
+        "smooth": lambda c: bool(c.smooth),
+    },
+)
 
 
 # --- cuda (C++ / CUDA extension mmkernels._cuda) -------------------------------------------------
+
 
 def _cuda_availability():
     return importlib.import_module("mmkernels.quant.cuda").availability()
 
 
 CUDA = _dispatch.Backend(
-    "cuda", "mmkernels.quant.cuda:qmatmul", devices=("cuda",), dtypes=("float16", "bfloat16"),
+    "cuda",
+    "mmkernels.quant.cuda:qmatmul",
+    devices=("cuda",),
+    dtypes=("float16", "bfloat16"),
     features=("int4", "asym", "groups", "smooth"),
-    feature_notes={"int8": "int8 weights are not supported (int4 only)",
-                   "fp8": "fp8 weights are not supported (int4 only; the triton backend serves fp8)",
-                   "w8a8": "act_bits=8 (W8A8) is not supported (weight-only)"},
+    feature_notes={
+        "int8": "int8 weights are not supported (int4 only)",
+        "fp8": "fp8 weights are not supported (int4 only; the triton backend serves fp8)",
+        "w8a8": "act_bits=8 (W8A8) is not supported (weight-only)",
+    },
     availability=_cuda_availability,
     notes="int4 weight-only decode GEMV (M <= 8; larger M goes to the Triton GEMM): 128-bit "
-          "weight loads, LOP3 / magic-number dequantization, fp32 accumulation, warp-shuffle "
-          "reduction")
+    "weight loads, LOP3 / magic-number dequantization, fp32 accumulation, warp-shuffle "
+    "reduction",
+)
 
 
 # --- triton -----------------------------------------------------------------------------------
 
+
 def _triton_availability():
     from .._triton_support import is_available
+
     return is_available()
 
 
@@ -72,36 +86,46 @@ def _triton_check(call) -> List[str]:
 
 
 TRITON = _dispatch.Backend(
-    "triton", "mmkernels.quant.triton:qmatmul", devices=("cuda", "cpu"), auto_devices=("cuda",),
+    "triton",
+    "mmkernels.quant.triton:qmatmul",
+    devices=("cuda", "cpu"),
+    auto_devices=("cuda",),
     dtypes=("float16", "bfloat16", "float32"),
-    dtype_notes={"float64": "x dtype float64 not supported (float16, bfloat16, float32; float64 is "
-                            "the reference's)"},
-    check=_triton_check, availability=_triton_availability,
+    dtype_notes={"float64": "x dtype float64 not supported (float16, bfloat16, float32; float64 is the reference's)"},
+    check=_triton_check,
+    availability=_triton_availability,
     devices_note="cpu under TRITON_INTERPRET=1, when asked for",
     notes="weight-only int8 / int4 / fp8 (any group, sym / asym): dequantizing GEMM (M >= 16) and "
-          "split-K GEMV (M < 16); W8A8 int8 / fp8: fused per-token activation quantization + int8 "
-          "(IMMA / IGMMA) or fp8 dot (QGMMA on sm_90, fp16-decoded on sm_80) with the scale / bias "
-          "epilogue")
+    "split-K GEMV (M < 16); W8A8 int8 / fp8: fused per-token activation quantization + int8 "
+    "(IMMA / IGMMA) or fp8 dot (QGMMA on sm_90, fp16-decoded on sm_80) with the scale / bias "
+    "epilogue",
+)
 
 
 # --- cpu (C++ extension) ----------------------------------------------------------------------
 
 CPU = _dispatch.Backend(
-    "cpu", "mmkernels.quant.cpu:qmatmul", devices=("cpu",), dtypes=("float32", "bfloat16"),
-    dtype_notes={"float64": "float64 is served by the reference (the test oracle; the kernels "
-                            "compute in float32)",
-                 "float16": "float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
-                            "float32); the reference serves it"},
+    "cpu",
+    "mmkernels.quant.cpu:qmatmul",
+    devices=("cpu",),
+    dtypes=("float32", "bfloat16"),
+    dtype_notes={
+        "float64": "float64 is served by the reference (the test oracle; the kernels compute in float32)",
+        "float16": "float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
+        "float32); the reference serves it",
+    },
     features=("int4", "int8", "w8a8", "asym", "groups", "smooth"),
     feature_notes={"fp8": "fp8 (e4m3) weights have no CPU kernel (the reference serves them)"},
     availability=lambda: _EXT.availability("qmatmul_wo"),
     notes="weight-only int4 / int8: row-dot GEMV for M < 16 on the stored layout, GEMM on a cached "
-          "prepacked layout for M >= 16 (fp32 FMA, or bf16 dot products for bfloat16 x); W8A8: "
-          "per-token int8 activations, int32 VNNI dot products on a cached VNNI-blocked weight "
-          "(equal to the reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at run time")
+    "prepacked layout for M >= 16 (fp32 FMA, or bf16 dot products for bfloat16 x); W8A8: "
+    "per-token int8 activations, int32 VNNI dot products on a cached VNNI-blocked weight "
+    "(equal to the reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at run time",
+)
 
 
 # --- torch (torch._int_mm: oneDNN, AMX-INT8 where the CPU has it) --------------------------------
+
 
 def _torch_check(call) -> List[str]:
     if not call.act_bits:
@@ -117,29 +141,40 @@ def _torch_auto_rule(call):
     cpu_reasons = CPU.reasons(call)
     if cpu_reasons:
         return True, "our cpu kernel cannot take it; torch._int_mm beats the reference"
-    return False, (f"our VNNI W8A8 kernel is faster on this {cpu_class()} CPU (Intel AMX: 1.09-2.8x "
-                   "eager torch._int_mm W8A8; AMD Zen 4: 1.6-5.3x)")
+    return False, (
+        f"our VNNI W8A8 kernel is faster on this {cpu_class()} CPU (Intel AMX: 1.09-2.8x "
+        "eager torch._int_mm W8A8; AMD Zen 4: 1.6-5.3x)"
+    )
 
 
 TORCH = _dispatch.Backend(
-    "torch", "mmkernels.quant.int_mm:qmatmul", devices=("cpu",),
+    "torch",
+    "mmkernels.quant.int_mm:qmatmul",
+    devices=("cpu",),
     dtypes=("float32", "bfloat16", "float16"),
     dtype_notes={"float64": "float64 is the reference's (the test oracle)"},
     features=("int8", "w8a8", "asym", "smooth"),
-    feature_notes={"int4": "int4 weights are not served",
-                   "fp8": "fp8 weights are not served (the reference serves them)",
-                   "groups": "grouped scales are not served"},
-    check=_torch_check, auto_rule=_torch_auto_rule,
+    feature_notes={
+        "int4": "int4 weights are not served",
+        "fp8": "fp8 weights are not served (the reference serves them)",
+        "groups": "grouped scales are not served",
+    },
+    check=_torch_check,
+    auto_rule=_torch_auto_rule,
     notes="W8A8 int8: the reference's per-token activation quantization, torch._int_mm (exact "
-          "int32 products; asym weights shifted to int8 and corrected exactly), the reference's "
-          "epilogue: equal to the reference bit for bit")
+    "int32 products; asym weights shifted to int8 and corrected exactly), the reference's "
+    "epilogue: equal to the reference bit for bit",
+)
 
 
 # --- reference --------------------------------------------------------------------------------
 
 REFERENCE = _dispatch.Backend(
-    "reference", "mmkernels.quant.reference:qmatmul_tensors", devices=None,
-    notes="plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer products")
+    "reference",
+    "mmkernels.quant.reference:qmatmul_tensors",
+    devices=None,
+    notes="plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer products",
+)
 
 for _backend in (CUDA, TRITON, CPU, TORCH, REFERENCE):
     _dispatch.register(OP, _backend)

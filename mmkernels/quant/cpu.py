@@ -29,6 +29,7 @@ array it came from via ``torch.from_numpy``), DLPack, raw pointers, shared memor
 another process, and any in-place change of a tensor created under ``torch.inference_mode()``
 (no version counter). Call :func:`clear_caches` (``mmkernels.clear_caches()``) after such a write.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ def is_available() -> bool:
 
 
 def __getattr__(name: str):
-    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+    if name == "LOAD_ERROR":  # why the extension is unavailable ("" when it loads)
         return _EXT.availability(REQUIRED_OP)[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -86,20 +87,21 @@ def _version(t: Optional[Tensor]):
 
 def _stamp(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> tuple:
     """What must be unchanged for a cache entry to stay valid."""
-    return (_version(qweight), _version(scales), _version(zeros), qweight.data_ptr(),
-            tuple(qweight.shape))
+    return (_version(qweight), _version(scales), _version(zeros), qweight.data_ptr(), tuple(qweight.shape))
 
 
-def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
-            bits: int) -> Tuple[Tensor, ...]:
+def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tuple[Tensor, ...]:
     stamp = _stamp(qweight, scales, zeros)
     with _LOCK:
         entries = _CACHE.get(qweight)
         hit = entries.get(kind) if entries is not None else None
     if hit is not None:
         scales_ref, zeros_ref, old_stamp, tensors = hit
-        if (old_stamp == stamp and scales_ref() is scales
-                and (zeros_ref() is zeros if zeros is not None else zeros_ref is None)):
+        if (
+            old_stamp == stamp
+            and scales_ref() is scales
+            and (zeros_ref() is zeros if zeros is not None else zeros_ref is None)
+        ):
             return tensors
     q, s = qweight.contiguous(), scales.contiguous()
     z = zeros.contiguous() if zeros is not None else None
@@ -107,8 +109,7 @@ def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
         tensors = tuple(ops.qmatmul_prepack_wo(q, s, z, bits))
     else:
         tensors = tuple(ops.qmatmul_prepack_a8(q, s, z))
-    entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp,
-             tensors)
+    entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp, tensors)
     with _LOCK:
         entries = _CACHE.get(qweight)
         if entries is None:
@@ -166,9 +167,16 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.to(torch.float32).contiguous()
 
 
-def qmatmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-            bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
-            smooth: Optional[Tensor] = None) -> Tensor:
+def qmatmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    bits: int,
+    bias: Optional[Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[Tensor] = None,
+) -> Tensor:
     """Same contract as ``reference.qmatmul_tensors`` (argument checks are done by api.py)."""
     ops = _EXT.require(REQUIRED_OP)
     k = x.shape[-1]

@@ -6,6 +6,7 @@
 M <= 8 per launch (the decode regime it is written for). Larger M is handed to the Triton GEMM
 when Triton can run it, else processed in slices of 8 rows.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -39,18 +40,26 @@ def unsupported(call) -> List[str]:
     """Reasons this backend cannot serve ``call`` (a mmkernels.quant.api.QMatmulCall), derived from
     its declaration in mmkernels/quant/backends.py."""
     from .backends import CUDA
+
     return CUDA.unsupported(call)
 
 
-def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-            zeros: Optional[torch.Tensor], bits: int, bias: Optional[torch.Tensor] = None,
-            act_bits: Optional[int] = None, smooth: Optional[torch.Tensor] = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bits: int,
+    bias: Optional[torch.Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Same signature and result as reference.qmatmul_tensors (weight-only int4 only)."""
     if bits != 4 or act_bits is not None or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("the cuda qmatmul backend runs weight-only int4 with float16 / bfloat16 x")
     op = _op()
     if op is None:
-        _EXT.require(REQUIRED_OP)   # raises with the reason
+        _EXT.require(REQUIRED_OP)  # raises with the reason
     n = qweight.shape[0]
     k = x.shape[-1]
     lead = x.shape[:-1]
@@ -71,7 +80,10 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x2 = x2.contiguous()
     group_size = 0 if scales.shape[1] == 1 else k // scales.shape[1]
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    outs = [op(x2[i:i + MAX_BATCH], qweight, scales, zeros, bias32, group_size)
-            for i in range(0, max(m, 1), MAX_BATCH)] if m else [x2.new_empty(0, n)]
+    outs = (
+        [op(x2[i : i + MAX_BATCH], qweight, scales, zeros, bias32, group_size) for i in range(0, max(m, 1), MAX_BATCH)]
+        if m
+        else [x2.new_empty(0, n)]
+    )
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(*lead, n)

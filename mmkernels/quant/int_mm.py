@@ -13,6 +13,7 @@ our kernels beat it on both CPU classes (Intel AMX: 1.1-2.0x, measurements/intel
 so converting our format for it is not worth a backend. ``K > 66000`` (int32 overflow possible) and
 fp8 weights go to the reference.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -33,9 +34,16 @@ def _centered_int8(qweight: Tensor, zeros: Optional[Tensor]):
     return w8, (128 - zeros.reshape(-1).to(torch.int32))
 
 
-def qmatmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-            bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
-            smooth: Optional[Tensor] = None) -> Tensor:
+def qmatmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    bits: int,
+    bias: Optional[Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[Tensor] = None,
+) -> Tensor:
     """Same contract as ``reference.qmatmul_tensors``, for W8A8 int8 calls (dispatch checks)."""
     k = x.shape[-1]
     if act_bits is None or qweight.dtype not in (torch.int8, torch.uint8) or k > W8A8_MAX_K:

@@ -1,4 +1,5 @@
 """Quantization quality metrics."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,7 @@ def sqnr(ref: Tensor, approx: Tensor) -> float:
     if not isinstance(ref, Tensor) or not isinstance(approx, Tensor):
         raise TypeError("sqnr: ref and approx must be tensors")
     if ref.shape != approx.shape:
-        raise ValueError(f"sqnr: ref {tuple(ref.shape)} and approx {tuple(approx.shape)} must have "
-                         f"the same shape")
+        raise ValueError(f"sqnr: ref {tuple(ref.shape)} and approx {tuple(approx.shape)} must have the same shape")
     r = ref.detach().to(torch.float64)
     signal = float((r * r).sum())
     noise = float(((r - approx.detach().to(torch.float64)) ** 2).sum())

@@ -41,6 +41,7 @@ Symmetric int4 values lie in [-8, 7] and are stored as 4-bit two's complement (`
 unsigned in [0, 15] with an integer zero point per group. ``K`` must be even for int4; groups never
 split a byte (group sizes are even).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -51,7 +52,7 @@ from torch import Tensor, nn
 VALID_BITS = (8, 4)
 VALID_GROUP_SIZES = (None, 32, 64, 128)
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)          # 448
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 
 
 def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
@@ -65,6 +66,7 @@ def qrange(bits: int, symmetric: bool) -> Tuple[int, int]:
 # int4 packing
 # ---------------------------------------------------------------------------------------------
 
+
 def pack_int4(q: Tensor) -> Tensor:
     """Pack integer values ``q (..., K)`` (in [-8, 7] or [0, 15]; K even) into uint8 ``(..., K/2)``:
     element ``2j`` in the low nibble of byte ``j``, element ``2j + 1`` in the high nibble."""
@@ -72,7 +74,7 @@ def pack_int4(q: Tensor) -> Tensor:
         raise TypeError(f"pack_int4: q must be an integer tensor, got {q.dtype}")
     if q.shape[-1] % 2:
         raise ValueError(f"pack_int4: the last dimension must be even, got shape {tuple(q.shape)}")
-    v = q.to(torch.int16) & 0xF                      # two's complement nibble for negatives
+    v = q.to(torch.int16) & 0xF  # two's complement nibble for negatives
     low, high = v[..., 0::2], v[..., 1::2]
     return (low | (high << 4)).to(torch.uint8)
 
@@ -94,6 +96,7 @@ def unpack_int4(packed: Tensor, signed: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # Functional (tensor-level) form, used by the custom op and the reference backend
 # ---------------------------------------------------------------------------------------------
+
 
 def is_fp8(qweight: Tensor) -> bool:
     return qweight.dtype == FP8_DTYPE
@@ -118,8 +121,9 @@ def centered_weight(qweight: Tensor, zeros: Optional[Tensor], bits: int) -> Tens
     return (q.reshape(n, g, k // g) - zeros.to(torch.int32)[:, :, None]).reshape(n, k)
 
 
-def dequantize_tensors(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-                       dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_tensors(
+    qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``W_hat (N, K)`` from the raw buffers (see the module docstring)."""
     math = torch.float64 if dtype == torch.float64 else torch.float32
     qc = qweight.to(math) if is_fp8(qweight) else centered_weight(qweight, zeros, bits)
@@ -133,6 +137,7 @@ def dequantize_tensors(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
 # The module
 # ---------------------------------------------------------------------------------------------
 
+
 class QuantizedWeight(nn.Module):
     """A quantized ``(N, K)`` weight held as buffers (see the module docstring for the layout).
 
@@ -142,8 +147,16 @@ class QuantizedWeight(nn.Module):
     :meth:`from_state_dict`.
     """
 
-    def __init__(self, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], *, bits: int,
-                 group_size: Optional[int], shape: Tuple[int, int]):
+    def __init__(
+        self,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Optional[Tensor],
+        *,
+        bits: int,
+        group_size: Optional[int],
+        shape: Tuple[int, int],
+    ):
         super().__init__()
         n, k = (int(d) for d in shape)
         _check_config(bits, group_size, k)
@@ -152,8 +165,10 @@ class QuantizedWeight(nn.Module):
         fp8 = isinstance(qweight, Tensor) and is_fp8(qweight)
         if fp8:
             if bits != 8 or not symmetric:
-                raise ValueError(f"an fp8 (float8_e4m3fn) qweight needs bits=8 and no zero points, "
-                                 f"got bits={bits}, zeros={'given' if zeros is not None else None}")
+                raise ValueError(
+                    f"an fp8 (float8_e4m3fn) qweight needs bits=8 and no zero points, "
+                    f"got bits={bits}, zeros={'given' if zeros is not None else None}"
+                )
             qdtype = FP8_DTYPE
         else:
             qdtype = (torch.int8 if symmetric else torch.uint8) if bits == 8 else torch.uint8
@@ -167,15 +182,26 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("zeros", None if zeros is None else zeros.contiguous())
-        self.register_buffer("meta", torch.tensor(
-            [bits, group_size or 0, n, k, int(symmetric), int(fp8)], dtype=torch.int64,
-            device=qweight.device))
+        self.register_buffer(
+            "meta",
+            torch.tensor(
+                [bits, group_size or 0, n, k, int(symmetric), int(fp8)], dtype=torch.int64, device=qweight.device
+            ),
+        )
 
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, shape: Tuple[int, int], *, bits: int, group_size: Optional[int] = None,
-              symmetric: bool = True, fp8: bool = False, device=None) -> "QuantizedWeight":
+    def empty(
+        cls,
+        shape: Tuple[int, int],
+        *,
+        bits: int,
+        group_size: Optional[int] = None,
+        symmetric: bool = True,
+        fp8: bool = False,
+        device=None,
+    ) -> "QuantizedWeight":
         """Zero-filled weight of the given configuration (a target for ``load_state_dict``)."""
         n, k = shape
         _check_config(bits, group_size, k)
@@ -185,9 +211,14 @@ class QuantizedWeight(nn.Module):
             qdtype = FP8_DTYPE
         qk = k if bits == 8 else k // 2
         zeros = None if symmetric else torch.zeros((n, g), dtype=torch.uint8, device=device)
-        return cls(torch.zeros((n, qk), dtype=qdtype, device=device),
-                   torch.ones((n, g), dtype=torch.float32, device=device), zeros,
-                   bits=bits, group_size=group_size, shape=(n, k))
+        return cls(
+            torch.zeros((n, qk), dtype=qdtype, device=device),
+            torch.ones((n, g), dtype=torch.float32, device=device),
+            zeros,
+            bits=bits,
+            group_size=group_size,
+            shape=(n, k),
+        )
 
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, Tensor], prefix: str = "") -> "QuantizedWeight":
@@ -196,16 +227,23 @@ class QuantizedWeight(nn.Module):
         try:
             meta = state_dict[prefix + "meta"]
         except KeyError:
-            raise KeyError(f"state_dict has no {prefix + 'meta'!r}: not a QuantizedWeight state dict "
-                           f"(keys: {sorted(state_dict)[:8]})") from None
+            raise KeyError(
+                f"state_dict has no {prefix + 'meta'!r}: not a QuantizedWeight state dict "
+                f"(keys: {sorted(state_dict)[:8]})"
+            ) from None
         values = [int(v) for v in meta.tolist()]
         if len(values) != 6:
-            raise ValueError(f"{prefix}meta must hold 6 values [bits, group_size, N, K, symmetric, "
-                             f"fp8], got {values}")
+            raise ValueError(f"{prefix}meta must hold 6 values [bits, group_size, N, K, symmetric, fp8], got {values}")
         bits, gs, n, k, sym, _ = values
         zeros = None if sym else state_dict[prefix + "zeros"]
-        return cls(state_dict[prefix + "qweight"], state_dict[prefix + "scales"], zeros,
-                   bits=bits, group_size=gs or None, shape=(n, k))
+        return cls(
+            state_dict[prefix + "qweight"],
+            state_dict[prefix + "scales"],
+            zeros,
+            bits=bits,
+            group_size=gs or None,
+            shape=(n, k),
+        )
 
     # --- use ----------------------------------------------------------------------------------
 
@@ -231,15 +269,13 @@ class QuantizedWeight(nn.Module):
 
     def nbytes(self) -> int:
         """Storage of qweight, scales and zeros in bytes."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         if self.fp8:
             return f"shape={self.shape}, fp8 e4m3, {gs}"
-        return (f"shape={self.shape}, bits={self.bits}, {gs}, "
-                f"{'symmetric' if self.symmetric else 'asymmetric'}")
+        return f"shape={self.shape}, bits={self.bits}, {gs}, {'symmetric' if self.symmetric else 'asymmetric'}"
 
     # --- nn.Module plumbing -----------------------------------------------------------------
 
@@ -250,37 +286,41 @@ class QuantizedWeight(nn.Module):
             self.scales = self.scales.to(torch.float32)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         meta = state_dict.get(prefix + "meta")
         if meta is not None and meta.tolist() != self.meta.tolist():
-            error_msgs.append(f"{prefix}meta: the checkpoint holds a quantized weight with "
-                              f"[bits, group_size, N, K, symmetric, fp8] = {meta.tolist()}, this "
-                              f"module "
-                              f"expects {self.meta.tolist()}")
+            error_msgs.append(
+                f"{prefix}meta: the checkpoint holds a quantized weight with "
+                f"[bits, group_size, N, K, symmetric, fp8] = {meta.tolist()}, this "
+                f"module "
+                f"expects {self.meta.tolist()}"
+            )
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _check_config(bits, group_size, k):
     if isinstance(bits, bool) or bits not in VALID_BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in VALID_GROUP_SIZES:
-        raise ValueError(f"group_size must be None (per output channel), 32, 64 or 128, "
-                         f"got {group_size!r}")
+        raise ValueError(f"group_size must be None (per output channel), 32, 64 or 128, got {group_size!r}")
     if k <= 0:
         raise ValueError(f"K (in_features) must be positive, got {k}")
     if group_size is not None and k % group_size:
         raise ValueError(f"group_size={group_size} must divide K (in_features) = {k}")
     if bits == 4 and k % 2:
-        raise ValueError(f"bits=4 packs two values per byte along K: K (in_features) must be even, "
-                         f"got {k}")
+        raise ValueError(f"bits=4 packs two values per byte along K: K (in_features) must be even, got {k}")
 
 
 def _expect(name, t, dtype, shape):
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')}{list(shape)}, got "
-                         f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+        raise ValueError(
+            f"{name} must be {str(dtype).replace('torch.', '')}{list(shape)}, got "
+            f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+        )

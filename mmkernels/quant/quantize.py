@@ -22,6 +22,7 @@ SmoothQuant: to serve ``x @ W.T`` as ``(x / s) @ (W * s).T`` with per-input-feat
 ``s (K,)`` (see :func:`smoothquant_factors`), quantize ``W * s[None, :]`` and pass ``smooth=s`` to
 ``qmatmul``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,8 +35,9 @@ from .packing import FP8_DTYPE, FP8_MAX, QuantizedWeight, _check_config, pack_in
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
-                    symmetric: bool = True, *, fp8: bool = False) -> QuantizedWeight:
+def quantize_weight(
+    w: Tensor, bits: int = 8, group_size: Optional[int] = None, symmetric: bool = True, *, fp8: bool = False
+) -> QuantizedWeight:
     """Quantize ``w (N, K)`` (an ``nn.Linear`` weight) with RTN; see the module docstring.
 
     ``bits``: 8 or 4. ``group_size``: ``None`` (one scale per output channel) or 32 / 64 / 128
@@ -53,8 +55,10 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
     if not isinstance(fp8, bool):
         raise TypeError(f"fp8 must be a bool, got {fp8!r}")
     if fp8 and (bits != 8 or not symmetric):
-        raise ValueError(f"fp8=True stores float8 e4m3 values: it needs bits=8 and symmetric=True, "
-                         f"got bits={bits}, symmetric={symmetric}")
+        raise ValueError(
+            f"fp8=True stores float8 e4m3 values: it needs bits=8 and symmetric=True, "
+            f"got bits={bits}, symmetric={symmetric}"
+        )
     n, k = w.shape
     _check_config(bits, group_size, k)
     if n == 0:
@@ -68,8 +72,7 @@ def quantize_weight(w: Tensor, bits: int = 8, group_size: Optional[int] = None,
     if fp8:
         scale = _safe_scale(wg.abs().amax(dim=2) / FP8_MAX)
         q = (wg / scale.double()[:, :, None]).to(torch.float32).clamp(-FP8_MAX, FP8_MAX)
-        return QuantizedWeight(q.reshape(n, k).to(FP8_DTYPE), scale, None, bits=8,
-                               group_size=group_size, shape=(n, k))
+        return QuantizedWeight(q.reshape(n, k).to(FP8_DTYPE), scale, None, bits=8, group_size=group_size, shape=(n, k))
     qmin, qmax = qrange(bits, symmetric)
     if symmetric:
         scale = _safe_scale(wg.abs().amax(dim=2) / qmax)
@@ -97,17 +100,16 @@ def _safe_scale(scale64: Tensor) -> Tensor:
     return torch.where(s >= _TINY, s, torch.ones_like(s))
 
 
-def smoothquant_factors(act_absmax: Tensor, w: Tensor, alpha: float = 0.5,
-                        eps: float = 1e-5) -> Tensor:
+def smoothquant_factors(act_absmax: Tensor, w: Tensor, alpha: float = 0.5, eps: float = 1e-5) -> Tensor:
     """SmoothQuant per-input-feature factors ``s_j = max|X_j|^alpha / max_n |W_nj|^(1 - alpha)``.
 
     ``act_absmax (K,)``: calibrated max |activation| per input feature; ``w (N, K)``. Returns float32
     ``(K,)``, clamped to ``>= eps``. Quantize ``w * s`` and call ``qmatmul(..., smooth=s)``.
     """
-    if not isinstance(act_absmax, Tensor) or act_absmax.dim() != 1 \
-            or act_absmax.shape[0] != w.shape[-1]:
-        raise ValueError(f"act_absmax must be a (K,) = ({w.shape[-1]},) tensor, got "
-                         f"{getattr(act_absmax, 'shape', act_absmax)!r}")
+    if not isinstance(act_absmax, Tensor) or act_absmax.dim() != 1 or act_absmax.shape[0] != w.shape[-1]:
+        raise ValueError(
+            f"act_absmax must be a (K,) = ({w.shape[-1]},) tensor, got {getattr(act_absmax, 'shape', act_absmax)!r}"
+        )
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     a = act_absmax.double().clamp(min=eps)

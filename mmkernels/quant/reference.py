@@ -31,6 +31,7 @@ equals ``x @ W.T``).
   ``acc`` is computed here in int64, which equals int32 accumulation whenever it cannot overflow
   (``K * 127 * 255 < 2**31``, i.e. ``K <= 66 311``); kernels accumulate in int32.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,8 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .packing import (FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors,
-                     is_fp8)
+from .packing import FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors, is_fp8
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,9 +74,16 @@ def quantize_activations_fp8(x2: Tensor) -> tuple:
     return _zero_nonfinite_rows(xq, scale).to(FP8_DTYPE), scale
 
 
-def qmatmul_tensors(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
-                    bias: Optional[Tensor] = None, act_bits: Optional[int] = None,
-                    smooth: Optional[Tensor] = None) -> Tensor:
+def qmatmul_tensors(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Optional[Tensor],
+    bits: int,
+    bias: Optional[Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[Tensor] = None,
+) -> Tensor:
     """Tensor-level form of :func:`qmatmul_reference` (what the custom op and backends receive)."""
     c = compute_dtype(x.dtype)
     n = qweight.shape[0]
@@ -100,8 +107,13 @@ def qmatmul_tensors(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[
     return y.to(x.dtype).reshape(*lead, n)
 
 
-def qmatmul_reference(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None,
-                      act_bits: Optional[int] = None, smooth: Optional[Tensor] = None) -> Tensor:
+def qmatmul_reference(
+    x: Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[Tensor] = None,
+) -> Tensor:
     """``x (..., K) @ W_hat.T + bias -> (..., N)``; see the module docstring. No argument checks
     (``mmkernels.qmatmul`` does them)."""
     return qmatmul_tensors(x, qw.qweight, qw.scales, qw.zeros, qw.bits, bias, act_bits, smooth)

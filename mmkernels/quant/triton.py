@@ -62,6 +62,7 @@ tests/conftest.py does). There ``UPCAST`` turns every dot operand into fp32 (bf1
 unreliable when interpreted) and outputs are written in fp32 and rounded by torch (the interpreter
 truncates fp32 -> bf16).
 """
+
 from __future__ import annotations
 
 import sys
@@ -69,23 +70,27 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
-                               tl, triton)
+from .._triton_support import (
+    CompileTarget,
+    interpreter_active,
+    is_available,  # noqa: F401
+    tl,
+    triton,
+)
 from .packing import FP8_DTYPE, is_fp8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Weight storage formats (the W_FMT constexpr).
 FMT_INT8, FMT_INT4, FMT_FP8 = 0, 1, 2
 FMT_NAMES = {FMT_INT8: "int8", FMT_INT4: "int4", FMT_FP8: "fp8"}
-GEMV_MAX_M = 15          # M < 16: split-K GEMV; M >= 16: GEMM
-SUB_K = 32               # smallest group size: the K step of the weight-only kernels
+GEMV_MAX_M = 15  # M < 16: split-K GEMV; M >= 16: GEMM
+SUB_K = 32  # smallest group size: the K step of the weight-only kernels
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels (defined only when triton imports)
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
-
     # --- small helpers ------------------------------------------------------------------------
 
     @triton.jit
@@ -122,31 +127,30 @@ if triton is not None:
         ``_e4m3_to_f32`` run backwards (divide by 256, reinterpret, shift).
         """
         a = tl.abs(v)
-        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127       # -127 for zero
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # -127 for zero
         e = tl.maximum(e, -6)
         inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)  # 2**(3 - e)
-        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)      # 2**(e - 3)
-        r = _round_half_even(a * inv_step) * step                     # exact e4m3 value, >= 0
+        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3)
+        r = _round_half_even(a * inv_step) * step  # exact e4m3 value, >= 0
         h = (r * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-        sign = (v.to(tl.int32, bitcast=True) >> 24) & 0x80           # -0.0 keeps its sign
+        sign = (v.to(tl.int32, bitcast=True) >> 24) & 0x80  # -0.0 keeps its sign
         return ((h >> 7) & 0x7F) | sign
 
     @triton.jit
-    def _load_weight(Wq, offs_n, n_ok, k0, k_hi, stride_wn,
-                     BLOCK_K: tl.constexpr, W_FMT: tl.constexpr):
+    def _load_weight(Wq, offs_n, n_ok, k0, k_hi, stride_wn, BLOCK_K: tl.constexpr, W_FMT: tl.constexpr):
         """Stored values of W[offs_n, k0 : k0 + BLOCK_K] as int32 (BLOCK_N, BLOCK_K): the bytes
         (int8 / fp8) or the unsigned nibbles (int4). Columns >= k_hi read 0."""
         rows = Wq + offs_n.to(tl.int64)[:, None] * stride_wn
         if W_FMT == 1:  # int4: byte j holds element 2j (low nibble) and 2j + 1 (high nibble)
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            b = tl.load(rows + offs_b[None, :], mask=n_ok[:, None] & (offs_b[None, :] < k_hi // 2),
-                        other=0).to(tl.int32)
+            b = tl.load(rows + offs_b[None, :], mask=n_ok[:, None] & (offs_b[None, :] < k_hi // 2), other=0).to(
+                tl.int32
+            )
             # the two nibble planes, interleaved back into element order (a register shuffle)
             return tl.interleave(b & 0xF, b >> 4)
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            return tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k[None, :] < k_hi),
-                           other=0).to(tl.int32)
+            return tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k[None, :] < k_hi), other=0).to(tl.int32)
 
     @triton.jit
     def _dequant(raw, zero, zero_xor, W_FMT: tl.constexpr):
@@ -185,12 +189,33 @@ if triton is not None:
     # --- weight-only GEMM (prefill) -------------------------------------------------------------
 
     @triton.jit
-    def _wo_gemm_kernel(X, Wq, S, Zp, Bias, Out,
-                        M, N, K, stride_xm, stride_xk, stride_wn, stride_om,
-                        n_groups, group_size, zero_xor, has_zeros, has_bias,
-                        W_FMT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _wo_gemm_kernel(
+        X,
+        Wq,
+        S,
+        Zp,
+        Bias,
+        Out,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_om,
+        n_groups,
+        group_size,
+        zero_xor,
+        has_zeros,
+        has_bias,
+        W_FMT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Out[M, N] = X[M, K] @ W_hat[N, K]^T + bias. S / Zp: (N, n_groups) fp32 / uint8 (Zp read
         only when has_zeros); BLOCK_K divides group_size (one group per K step; per channel:
         group_size = K)."""
@@ -210,8 +235,9 @@ if triton is not None:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & ((k0 + offs_k)[None, :] < K), other=0.0)
             g = k0 // group_size
             zero = tl.load(z_row + g, mask=z_ok, other=0).to(tl.int32) + zero_xor
-            w = _dequant(_load_weight(Wq, offs_n, n_ok, k0, K, stride_wn, BLOCK_K, W_FMT),
-                         zero, zero_xor, W_FMT)                       # (BLOCK_N, BLOCK_K) fp32
+            w = _dequant(
+                _load_weight(Wq, offs_n, n_ok, k0, K, stride_wn, BLOCK_K, W_FMT), zero, zero_xor, W_FMT
+            )  # (BLOCK_N, BLOCK_K) fp32
             w = w * tl.load(s_row + g, mask=n_ok, other=0.0)[:, None]
             if UPCAST:
                 x = x.to(tl.float32)
@@ -227,12 +253,32 @@ if triton is not None:
     # --- weight-only split-K GEMV (decode) ----------------------------------------------------
 
     @triton.jit
-    def _wo_gemv_kernel(X, Wq, S, Zp, Part,
-                        M, N, K, k_per_split, stride_xm, stride_xk, stride_wn,
-                        n_groups, group_size, zero_xor, has_zeros,
-                        W_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, USE_DOT: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _wo_gemv_kernel(
+        X,
+        Wq,
+        S,
+        Zp,
+        Part,
+        M,
+        N,
+        K,
+        k_per_split,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        n_groups,
+        group_size,
+        zero_xor,
+        has_zeros,
+        W_FMT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        UNROLL: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Part[split, m, n] = sum over this split's K range of X[m, k] W_hat[n, k] (fp32).
 
         BLOCK_K = 32 divides every group size, so each step has one scale per row.
@@ -259,20 +305,20 @@ if triton is not None:
             for u in tl.static_range(UNROLL):
                 k0 = k_start + u * BLOCK_K
                 k = k0 + offs_k
-                x = tl.load(x_rows + k[None, :] * stride_xk,
-                            mask=m_ok[:, None] & (k[None, :] < k_hi), other=0.0)
+                x = tl.load(x_rows + k[None, :] * stride_xk, mask=m_ok[:, None] & (k[None, :] < k_hi), other=0.0)
                 g = k0 // group_size
-                step_ok = k0 < k_hi     # the last unrolled steps may fall past the range
+                step_ok = k0 < k_hi  # the last unrolled steps may fall past the range
                 zero = tl.load(z_row + g, mask=z_ok & step_ok, other=0).to(tl.int32) + zero_xor
                 scale = tl.load(s_row + g, mask=n_ok & step_ok, other=0.0)
-                w = _dequant(_load_weight(Wq, offs_n, n_ok, k0, k_hi, stride_wn, BLOCK_K, W_FMT),
-                             zero, zero_xor, W_FMT) * scale[:, None]
+                w = (
+                    _dequant(_load_weight(Wq, offs_n, n_ok, k0, k_hi, stride_wn, BLOCK_K, W_FMT), zero, zero_xor, W_FMT)
+                    * scale[:, None]
+                )
                 if USE_DOT:
                     if UPCAST:
                         acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision=PRECISION)
                     else:
-                        acc = tl.dot(x, tl.trans(w.to(X.dtype.element_ty)), acc,
-                                     input_precision=PRECISION)
+                        acc = tl.dot(x, tl.trans(w.to(X.dtype.element_ty)), acc, input_precision=PRECISION)
                 else:
                     acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
         if USE_DOT:
@@ -283,8 +329,9 @@ if triton is not None:
         tl.store(Part + rows[:, None] * N + offs_n[None, :], part, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _splitk_reduce_kernel(Part, Out, Sx, Sw, Bias, M, N, n_splits, stride_om,
-                              has_scales, has_bias, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(
+        Part, Out, Sx, Sw, Bias, M, N, n_splits, stride_om, has_scales, has_bias, BLOCK: tl.constexpr
+    ):
         """Out[m, n] = (sum_s Part[s, m, n]) [* Sx[m] * Sw[n]] [+ Bias[n]], splits summed in order
         (deterministic; exact for int32 partials)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -298,8 +345,7 @@ if triton is not None:
         y = acc.to(tl.float32)
         # Without scales / bias the loads are masked off: y * 1.0 * 1.0 + 0.0 changes nothing.
         use_scales = ok & (has_scales != 0)
-        y = y * tl.load(Sx + m, mask=use_scales, other=1.0) * tl.load(Sw + n, mask=use_scales,
-                                                                        other=1.0)
+        y = y * tl.load(Sx + m, mask=use_scales, other=1.0) * tl.load(Sw + n, mask=use_scales, other=1.0)
         y = y + tl.load(Bias + n, mask=ok & (has_bias != 0), other=0.0)
         tl.store(Out + m.to(tl.int64) * stride_om + n, y.to(Out.dtype.element_ty), mask=ok)
 
@@ -307,16 +353,27 @@ if triton is not None:
 
     @triton.jit
     def _load_act(x_rows, Smooth, row_ok, k, K, stride_xk, HAS_SMOOTH: tl.constexpr):
-        x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & (k[None, :] < K),
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_rows + k[None, :] * stride_xk, mask=row_ok[:, None] & (k[None, :] < K), other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             x = tl.div_rn(x, tl.load(Smooth + k, mask=k < K, other=1.0)[None, :])
         return x
 
     @triton.jit
-    def _act_quant_kernel(X, Smooth, Xq, Sx, RowSum, M, K, stride_xm, stride_xk,
-                          FP8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _act_quant_kernel(
+        X,
+        Smooth,
+        Xq,
+        Sx,
+        RowSum,
+        M,
+        K,
+        stride_xm,
+        stride_xk,
+        FP8: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """Per-token symmetric quantization of BLOCK_M rows of X (M, K) (divided by Smooth first):
         Xq (M, K) int8 (or e4m3 bytes when FP8), Sx (M,) fp32, RowSum (M,) int32 (sum of Xq)."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -345,8 +402,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             ok = row_ok[:, None] & (k[None, :] < K)
-            v = tl.div_rn(_load_act(x_rows, Smooth, row_ok, k, K, stride_xk, HAS_SMOOTH),
-                          scale[:, None])
+            v = tl.div_rn(_load_act(x_rows, Smooth, row_ok, k, K, stride_xk, HAS_SMOOTH), scale[:, None])
             v = tl.where(finite[:, None], v, 0.0)
             if FP8:
                 q = _f32_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
@@ -361,11 +417,31 @@ if triton is not None:
     # --- W8A8 GEMM (prefill) -----------------------------------------------------------------
 
     @triton.jit
-    def _w8a8_gemm_kernel(Xq, Wq, Sx, Sw, Zp, RowSum, Bias, Out,
-                          M, N, K, stride_xm, stride_wn, stride_om, has_bias,
-                          FP8: tl.constexpr, ASYM: tl.constexpr, FP8_DOT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+    def _w8a8_gemm_kernel(
+        Xq,
+        Wq,
+        Sx,
+        Sw,
+        Zp,
+        RowSum,
+        Bias,
+        Out,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        has_bias,
+        FP8: tl.constexpr,
+        ASYM: tl.constexpr,
+        FP8_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """Out = (Xq @ (Wq - z)^T) * Sx[:, None] * Sw[None, :] + bias (per-channel weights).
 
         int8: Xq int8 (M, K); Wq int8 (sym) or uint8 (ASYM, zero points Zp (N,)), int32 dot.
@@ -421,11 +497,28 @@ if triton is not None:
     # --- W8A8 split-K GEMV (decode) ----------------------------------------------------------
 
     @triton.jit
-    def _w8a8_gemv_kernel(Xq, Wq, Zp, RowSum, Part,
-                          M, N, K, k_per_split, stride_xm, stride_wn, w_xor, has_zeros,
-                          FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, USE_DOT: tl.constexpr,
-                          UPCAST: tl.constexpr):
+    def _w8a8_gemv_kernel(
+        Xq,
+        Wq,
+        Zp,
+        RowSum,
+        Part,
+        M,
+        N,
+        K,
+        k_per_split,
+        stride_xm,
+        stride_wn,
+        w_xor,
+        has_zeros,
+        FP8: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        UNROLL: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """Part[split, m, n] = sum over the split's K range of Xq[m, k] (Wq[n, k] - z[n]), int32
         (exact) for int8, fp32 for fp8 (exact products). Wq bytes; int8 weights are read as
         signed bytes o = (byte ^ w_xor) (w_xor = 128 for uint8 asym), q - z = o + (w_xor - z)."""
@@ -449,8 +542,7 @@ if triton is not None:
             for u in tl.static_range(UNROLL):
                 k = k_start + u * BLOCK_K + offs_k
                 xb = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k[None, :] < k_hi), other=0)
-                wb = _load_weight(Wq, offs_n, n_ok, k_start + u * BLOCK_K, k_hi, stride_wn,
-                                  BLOCK_K, 0)
+                wb = _load_weight(Wq, offs_n, n_ok, k_start + u * BLOCK_K, k_hi, stride_wn, BLOCK_K, 0)
                 if FP8:
                     xf = _e4m3_to_f32(xb.to(tl.int32))
                     wf = _e4m3_to_f32(wb)
@@ -492,11 +584,15 @@ def _kernels(interpret: bool):
     compiled-vs-interpreted when it is first imported; see mmkernels/attention/triton.py)."""
     if _module_is_interpreted() != interpret:
         if interpret:
-            raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set "
-                               "TRITON_INTERPRET=1 before triton is first imported "
-                               "(tests/conftest.py does).")
-        raise RuntimeError("Triton kernels were imported with TRITON_INTERPRET=1 and cannot be "
-                           "compiled in this process; run the compile in a process without it.")
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need the interpreter: set "
+                "TRITON_INTERPRET=1 before triton is first imported "
+                "(tests/conftest.py does)."
+            )
+        raise RuntimeError(
+            "Triton kernels were imported with TRITON_INTERPRET=1 and cannot be "
+            "compiled in this process; run the compile in a process without it."
+        )
     return sys.modules[__name__]
 
 
@@ -518,8 +614,10 @@ def supports(dtype: torch.dtype, device_type: str) -> Tuple[bool, str]:
     if device_type not in ("cpu", "cuda"):
         return False, f"runs CUDA tensors only (CPU under TRITON_INTERPRET=1), got {device_type}"
     if dtype not in SUPPORTED_DTYPES:
-        return False, (f"x dtype {str(dtype).replace('torch.', '')} not supported (float16, "
-                       f"bfloat16, float32; float64 is the reference's)")
+        return False, (
+            f"x dtype {str(dtype).replace('torch.', '')} not supported (float16, "
+            f"bfloat16, float32; float64 is the reference's)"
+        )
     if device_type == "cpu" and not _module_is_interpreted():
         return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
     if device_type == "cuda" and not interpreter_active():
@@ -549,8 +647,9 @@ def m_bucket(m: int) -> str:
     return "small" if m <= 64 else "large"
 
 
-def select_config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, capability,
-                  group_size: int = 0, fmt: int = FMT_INT8) -> Dict[str, int]:
+def select_config(
+    kind: str, m: int, n: int, k: int, dtype: torch.dtype, capability, group_size: int = 0, fmt: int = FMT_INT8
+) -> Dict[str, int]:
     """Launch config of one kernel for a shape class; ``capability`` None means the interpreter.
 
     kind: 'wo_gemm', 'wo_gemv', 'w8a8_gemm', 'w8a8_gemv', 'act_quant', 'reduce'. One explicit
@@ -569,8 +668,7 @@ def select_config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, capabil
         if kind == "w8a8_gemm":
             return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
         if kind in ("wo_gemv", "w8a8_gemv"):
-            return dict(BLOCK_M=gemv_m, BLOCK_N=32, BLOCK_K=SUB_K, UNROLL=2, num_warps=4,
-                        num_stages=1)
+            return dict(BLOCK_M=gemv_m, BLOCK_N=32, BLOCK_K=SUB_K, UNROLL=2, num_warps=4, num_stages=1)
         if kind == "act_quant":
             return dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=1)
         if kind == "reduce":
@@ -581,17 +679,13 @@ def select_config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, capabil
     if kind == "wo_gemm":
         # BLOCK_K = 32 (the smallest group) for every format, so one variant per (format, bucket,
         # dtype) serves all group sizes and per-channel weights
-        if dtype == torch.float32:                 # tf32x3 keeps hi / lo operand halves
+        if dtype == torch.float32:  # tf32x3 keeps hi / lo operand halves
             if bucket == "small":
-                return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4,
-                            num_stages=3)
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4,
-                        num_stages=3)
+                return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4, num_stages=3)
         if bucket == "small":
-            return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4,
-                        num_stages=4 if hopper else 3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=SUB_K, GROUP_M=8, num_warps=8,
-                    num_stages=4 if hopper else 3)
+            return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=SUB_K, GROUP_M=8, num_warps=4, num_stages=4 if hopper else 3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=SUB_K, GROUP_M=8, num_warps=8, num_stages=4 if hopper else 3)
     if kind in ("wo_gemv", "w8a8_gemv"):
         if gemv_m == 1:
             return dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=SUB_K, UNROLL=4, num_warps=4, num_stages=1)
@@ -599,17 +693,20 @@ def select_config(kind: str, m: int, n: int, k: int, dtype: torch.dtype, capabil
             return dict(BLOCK_M=4, BLOCK_N=32, BLOCK_K=SUB_K, UNROLL=4, num_warps=4, num_stages=1)
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=SUB_K, UNROLL=2, num_warps=4, num_stages=1)
     if kind == "w8a8_gemm":
-        if fmt == FMT_FP8 and cc < 89:             # fp16-decoded operands: fp16-sized tiles
+        if fmt == FMT_FP8 and cc < 89:  # fp16-decoded operands: fp16-sized tiles
             if bucket == "small":
-                return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4,
-                            num_stages=3)
-            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8,
-                        num_stages=3)
+                return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
         if bucket == "small":  # Hopper: 64 rows, the smallest warpgroup MMA (IGMMA / QGMMA)
-            return dict(BLOCK_M=64 if hopper else 32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8,
-                        num_warps=4, num_stages=4 if hopper else 3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8,
-                    num_stages=4 if hopper else 3)
+            return dict(
+                BLOCK_M=64 if hopper else 32,
+                BLOCK_N=64,
+                BLOCK_K=128,
+                GROUP_M=8,
+                num_warps=4,
+                num_stages=4 if hopper else 3,
+            )
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4 if hopper else 3)
     if kind == "act_quant":  # one row per program: 1024 columns per step, 8 per thread
         return dict(BLOCK_M=1, BLOCK_K=1024, num_warps=4, num_stages=1)
     if kind == "reduce":
@@ -672,10 +769,18 @@ def weight_format(qweight: torch.Tensor, bits: int) -> int:
     return FMT_INT4 if bits == 4 else FMT_INT8
 
 
-def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-            zeros: Optional[torch.Tensor], bits: int, bias: Optional[torch.Tensor] = None,
-            act_bits: Optional[int] = None, smooth: Optional[torch.Tensor] = None, *,
-            config: Optional[Dict[str, int]] = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    bits: int,
+    bias: Optional[torch.Tensor] = None,
+    act_bits: Optional[int] = None,
+    smooth: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[Dict[str, int]] = None,
+) -> torch.Tensor:
     """``x (..., K) @ W_hat.T + bias -> (..., N)`` in x.dtype (see reference.qmatmul_tensors).
 
     ``config`` (tests / benchmarks) overrides keys of the GEMM / GEMV :func:`select_config` answer.
@@ -698,7 +803,7 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return out.to(x.dtype).reshape(*lead, n)
 
     fmt = weight_format(qweight, bits)
-    group_size = k // scales.shape[1]          # per channel: K
+    group_size = k // scales.shape[1]  # per channel: K
     symmetric = zeros is None
     f32_dummy = _dummy(device, torch.float32)
     zp = _dummy(device, torch.uint8) if symmetric else zeros
@@ -714,24 +819,58 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         prec = dot_precision(x.dtype, interpret)
         common = dict(W_FMT=fmt, UPCAST=interpret, PRECISION=prec)
         if m > GEMV_MAX_M:
-            cfg = dict(select_config("wo_gemm", m, n, k, x.dtype, capability, group_size, fmt),
-                       **(config or {}))
+            cfg = dict(select_config("wo_gemm", m, n, k, x.dtype, capability, group_size, fmt), **(config or {}))
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
             kern._wo_gemm_kernel[grid](
-                x2, wbytes, scales, zp, bias_t, out, m, n, k, x2.stride(0), x2.stride(1),
-                wbytes.stride(0), out.stride(0), scales.shape[1], group_size, zero_xor,
-                int(not symmetric), int(bias is not None), **common,
-                **_blocks(cfg), **_launch(cfg, interpret))
+                x2,
+                wbytes,
+                scales,
+                zp,
+                bias_t,
+                out,
+                m,
+                n,
+                k,
+                x2.stride(0),
+                x2.stride(1),
+                wbytes.stride(0),
+                out.stride(0),
+                scales.shape[1],
+                group_size,
+                zero_xor,
+                int(not symmetric),
+                int(bias is not None),
+                **common,
+                **_blocks(cfg),
+                **_launch(cfg, interpret),
+            )
         else:
             cfg = dict(select_config("wo_gemv", m, n, k, x.dtype, capability), **(config or {}))
             splits, k_per_split = split_k(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"] * cfg["UNROLL"], sms)
             part = torch.empty(splits, m, n, dtype=torch.float32, device=device)
             kern._wo_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
-                x2, wbytes, scales, zp, part, m, n, k, k_per_split, x2.stride(0), x2.stride(1),
-                wbytes.stride(0), scales.shape[1], group_size, zero_xor, int(not symmetric),
-                USE_DOT=cfg["BLOCK_M"] >= 16, **common, **_blocks(cfg), **_launch(cfg, interpret))
-            _reduce(kern, part, out, f32_dummy, f32_dummy, bias_t, False, bias is not None,
-                    capability, interpret)
+                x2,
+                wbytes,
+                scales,
+                zp,
+                part,
+                m,
+                n,
+                k,
+                k_per_split,
+                x2.stride(0),
+                x2.stride(1),
+                wbytes.stride(0),
+                scales.shape[1],
+                group_size,
+                zero_xor,
+                int(not symmetric),
+                USE_DOT=cfg["BLOCK_M"] >= 16,
+                **common,
+                **_blocks(cfg),
+                **_launch(cfg, interpret),
+            )
+            _reduce(kern, part, out, f32_dummy, f32_dummy, bias_t, False, bias is not None, capability, interpret)
         return out.to(x.dtype).reshape(*lead, n)
 
     # --- W8A8 (per-channel 8-bit weights; api.py checked) -------------------------------------
@@ -742,32 +881,77 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     smooth_t = f32_dummy if smooth is None else smooth.to(torch.float32).contiguous()
     cfg = select_config("act_quant", m, n, k, x.dtype, capability)
     kern._act_quant_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x2, smooth_t, xq, sx, rowsum, m, k, x2.stride(0), x2.stride(1), FP8=fp8,
-        HAS_SMOOTH=smooth is not None, **_blocks(cfg), **_launch(cfg, interpret))
+        x2,
+        smooth_t,
+        xq,
+        sx,
+        rowsum,
+        m,
+        k,
+        x2.stride(0),
+        x2.stride(1),
+        FP8=fp8,
+        HAS_SMOOTH=smooth is not None,
+        **_blocks(cfg),
+        **_launch(cfg, interpret),
+    )
     sw = scales  # (N, 1) contiguous: element n at offset n
     if m > GEMV_MAX_M:
         fp8_dot = fp8 and not interpret and _cc_int(capability) >= 89
-        cfg = dict(select_config("w8a8_gemm", m, n, k, x.dtype, capability, 0, fmt),
-                   **(config or {}))
+        cfg = dict(select_config("w8a8_gemm", m, n, k, x.dtype, capability, 0, fmt), **(config or {}))
         if fp8_dot:
             xin, win = xq.view(FP8_DTYPE), qweight
         else:
             xin, win = xq, (wbytes if (fp8 or not symmetric) else qweight)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         kern._w8a8_gemm_kernel[grid](
-            xin, win, sx, sw, zp, rowsum, bias_t, out, m, n, k, xq.stride(0), win.stride(0),
-            out.stride(0), int(bias is not None), FP8=fp8, ASYM=not symmetric, FP8_DOT=fp8_dot,
-            UPCAST=interpret, **_blocks(cfg), **_launch(cfg, interpret))
+            xin,
+            win,
+            sx,
+            sw,
+            zp,
+            rowsum,
+            bias_t,
+            out,
+            m,
+            n,
+            k,
+            xq.stride(0),
+            win.stride(0),
+            out.stride(0),
+            int(bias is not None),
+            FP8=fp8,
+            ASYM=not symmetric,
+            FP8_DOT=fp8_dot,
+            UPCAST=interpret,
+            **_blocks(cfg),
+            **_launch(cfg, interpret),
+        )
     else:
         cfg = dict(select_config("w8a8_gemv", m, n, k, x.dtype, capability), **(config or {}))
         splits, k_per_split = split_k(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"] * cfg["UNROLL"], sms)
-        part = torch.empty(splits, m, n, dtype=torch.float32 if fp8 else torch.int32,
-                           device=device)
+        part = torch.empty(splits, m, n, dtype=torch.float32 if fp8 else torch.int32, device=device)
         w_xor = 0 if symmetric else 128
         kern._w8a8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
-            xq, wbytes, zp, rowsum, part, m, n, k, k_per_split, xq.stride(0), wbytes.stride(0),
-            w_xor, int(not symmetric), FP8=fp8, USE_DOT=cfg["BLOCK_M"] >= 16, UPCAST=interpret,
-            **_blocks(cfg), **_launch(cfg, interpret))
+            xq,
+            wbytes,
+            zp,
+            rowsum,
+            part,
+            m,
+            n,
+            k,
+            k_per_split,
+            xq.stride(0),
+            wbytes.stride(0),
+            w_xor,
+            int(not symmetric),
+            FP8=fp8,
+            USE_DOT=cfg["BLOCK_M"] >= 16,
+            UPCAST=interpret,
+            **_blocks(cfg),
+            **_launch(cfg, interpret),
+        )
         _reduce(kern, part, out, sx, sw, bias_t, True, bias is not None, capability, interpret)
     return out.to(x.dtype).reshape(*lead, n)
 
@@ -776,12 +960,25 @@ def _reduce(kern, part, out, sx, sw, bias_t, has_scales, has_bias, capability, i
     splits, m, n = part.shape
     cfg = select_config("reduce", m, n, 0, out.dtype, capability)
     kern._splitk_reduce_kernel[(triton.cdiv(m * n, cfg["BLOCK"]),)](
-        part, out, sx, sw, bias_t, m, n, splits, out.stride(0), int(has_scales), int(has_bias),
-        **_blocks(cfg), **_launch(cfg, interpret))
+        part,
+        out,
+        sx,
+        sw,
+        bias_t,
+        m,
+        n,
+        splits,
+        out.stride(0),
+        int(has_scales),
+        int(has_bias),
+        **_blocks(cfg),
+        **_launch(cfg, interpret),
+    )
 
 
-def quantize_activations(x2: torch.Tensor, fp8: bool = False,
-                         smooth: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+def quantize_activations(
+    x2: torch.Tensor, fp8: bool = False, smooth: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, ...]:
     """The activation-quantization kernel alone (tests / benchmarks): ``(x_q, s_x, rowsum)`` for a
     2-D ``x2``; x_q int8, or float8_e4m3fn when ``fp8``."""
     device = x2.device
@@ -792,13 +989,24 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False,
     sx = torch.empty(m, dtype=torch.float32, device=device)
     rowsum = torch.empty(m, dtype=torch.int32, device=device)
     if m:
-        smooth_t = (_dummy(device, torch.float32) if smooth is None
-                    else smooth.to(torch.float32).contiguous())
+        smooth_t = _dummy(device, torch.float32) if smooth is None else smooth.to(torch.float32).contiguous()
         capability = None if interpret else torch.cuda.get_device_capability(device)
         cfg = select_config("act_quant", m, 0, k, x2.dtype, capability)
         kern._act_quant_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            x2, smooth_t, xq, sx, rowsum, m, k, x2.stride(0), x2.stride(1), FP8=fp8,
-            HAS_SMOOTH=smooth is not None, **_blocks(cfg), **_launch(cfg, interpret))
+            x2,
+            smooth_t,
+            xq,
+            sx,
+            rowsum,
+            m,
+            k,
+            x2.stride(0),
+            x2.stride(1),
+            FP8=fp8,
+            HAS_SMOOTH=smooth is not None,
+            **_blocks(cfg),
+            **_launch(cfg, interpret),
+        )
     return (xq.view(FP8_DTYPE) if fp8 else xq), sx, rowsum
 
 
@@ -807,22 +1015,101 @@ def quantize_activations(x2: torch.Tensor, fp8: bool = False,
 # ----------------------------------------------------------------------------------------------
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-WO_GEMM_ARGS = ["X", "Wq", "S", "Zp", "Bias", "Out", "M", "N", "K", "stride_xm", "stride_xk",
-                "stride_wn", "stride_om", "n_groups", "group_size", "zero_xor", "has_zeros",
-                "has_bias"]
-WO_GEMV_ARGS = ["X", "Wq", "S", "Zp", "Part", "M", "N", "K", "k_per_split", "stride_xm",
-                "stride_xk", "stride_wn", "n_groups", "group_size", "zero_xor", "has_zeros"]
-REDUCE_ARGS = ["Part", "Out", "Sx", "Sw", "Bias", "M", "N", "n_splits", "stride_om", "has_scales",
-               "has_bias"]
+WO_GEMM_ARGS = [
+    "X",
+    "Wq",
+    "S",
+    "Zp",
+    "Bias",
+    "Out",
+    "M",
+    "N",
+    "K",
+    "stride_xm",
+    "stride_xk",
+    "stride_wn",
+    "stride_om",
+    "n_groups",
+    "group_size",
+    "zero_xor",
+    "has_zeros",
+    "has_bias",
+]
+WO_GEMV_ARGS = [
+    "X",
+    "Wq",
+    "S",
+    "Zp",
+    "Part",
+    "M",
+    "N",
+    "K",
+    "k_per_split",
+    "stride_xm",
+    "stride_xk",
+    "stride_wn",
+    "n_groups",
+    "group_size",
+    "zero_xor",
+    "has_zeros",
+]
+REDUCE_ARGS = ["Part", "Out", "Sx", "Sw", "Bias", "M", "N", "n_splits", "stride_om", "has_scales", "has_bias"]
 ACT_ARGS = ["X", "Smooth", "Xq", "Sx", "RowSum", "M", "K", "stride_xm", "stride_xk"]
-W8A8_GEMM_ARGS = ["Xq", "Wq", "Sx", "Sw", "Zp", "RowSum", "Bias", "Out", "M", "N", "K",
-                  "stride_xm", "stride_wn", "stride_om", "has_bias"]
-W8A8_GEMV_ARGS = ["Xq", "Wq", "Zp", "RowSum", "Part", "M", "N", "K", "k_per_split", "stride_xm",
-                  "stride_wn", "w_xor", "has_zeros"]
+W8A8_GEMM_ARGS = [
+    "Xq",
+    "Wq",
+    "Sx",
+    "Sw",
+    "Zp",
+    "RowSum",
+    "Bias",
+    "Out",
+    "M",
+    "N",
+    "K",
+    "stride_xm",
+    "stride_wn",
+    "stride_om",
+    "has_bias",
+]
+W8A8_GEMV_ARGS = [
+    "Xq",
+    "Wq",
+    "Zp",
+    "RowSum",
+    "Part",
+    "M",
+    "N",
+    "K",
+    "k_per_split",
+    "stride_xm",
+    "stride_wn",
+    "w_xor",
+    "has_zeros",
+]
 # 16-byte aligned in the common case (torch allocations, K / N / group sizes multiples of 16):
 # what Triton's JIT specialises, i.e. the vectorised, register-heaviest form.
-_ALIGNED = {"X", "Wq", "S", "Zp", "Bias", "Out", "Part", "Sx", "Sw", "RowSum", "Xq", "Smooth",
-            "N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "group_size"}
+_ALIGNED = {
+    "X",
+    "Wq",
+    "S",
+    "Zp",
+    "Bias",
+    "Out",
+    "Part",
+    "Sx",
+    "Sw",
+    "RowSum",
+    "Xq",
+    "Smooth",
+    "N",
+    "K",
+    "k_per_split",
+    "stride_xm",
+    "stride_wn",
+    "stride_om",
+    "group_size",
+}
 # Tensor-core instructions a dot kernel must show in SASS (compile_gate.tensor_core_ops names).
 TC_FLOAT = ("HMMA", "HGMMA")
 TC_INT8 = ("IMMA", "IGMMA")
@@ -833,15 +1120,24 @@ def _target(kernel, args, types, constexprs, cfg, cc, dtype_name, variant, tc=()
     consts = dict(constexprs, **_blocks(cfg))
     names = list(args) + list(consts)
     sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
-             if a in _ALIGNED and sig[a] != "constexpr"}
-    blocks = "x".join(str(consts[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK")
-                      if b in consts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in _ALIGNED and sig[a] != "constexpr"}
+    blocks = "x".join(str(consts[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if b in consts)
     label = f"{dtype_name} {variant} {blocks} w{cfg['num_warps']}s{cfg['num_stages']}"
-    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=dtype_name,
-                         signature=sig, constexprs=consts, attrs=attrs,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], capability=cc,
-                         needs_tensor_cores=bool(tc), label=label, tensor_core_ops=tuple(tc))
+    return CompileTarget(
+        module=__name__,
+        kernel=kernel,
+        variant=variant,
+        dtype=dtype_name,
+        signature=sig,
+        constexprs=consts,
+        attrs=attrs,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        capability=cc,
+        needs_tensor_cores=bool(tc),
+        label=label,
+        tensor_core_ops=tuple(tc),
+    )
 
 
 def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
@@ -864,37 +1160,64 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
                 fname = FMT_NAMES[fmt]
                 for m in (32, 256):
                     cfg = select_config("wo_gemm", m, 4096, 4096, dt, cc, 128, fmt)
-                    out.append(_target(
-                        "_wo_gemm_kernel", WO_GEMM_ARGS,
-                        {"X": p, "Wq": "*u8", "S": "*fp32", "Zp": "*u8", "Bias": "*fp32",
-                         "Out": p},
-                        dict(stride_xk=1, W_FMT=fmt, UPCAST=False, PRECISION=prec),
-                        cfg, cc, _TL[dt], f"{fname} {m_bucket(m)}", tc=TC_FLOAT))
+                    out.append(
+                        _target(
+                            "_wo_gemm_kernel",
+                            WO_GEMM_ARGS,
+                            {"X": p, "Wq": "*u8", "S": "*fp32", "Zp": "*u8", "Bias": "*fp32", "Out": p},
+                            dict(stride_xk=1, W_FMT=fmt, UPCAST=False, PRECISION=prec),
+                            cfg,
+                            cc,
+                            _TL[dt],
+                            f"{fname} {m_bucket(m)}",
+                            tc=TC_FLOAT,
+                        )
+                    )
                 for m in (1, 3, 8):
                     cfg = select_config("wo_gemv", m, 4096, 4096, dt, cc)
                     use_dot = cfg["BLOCK_M"] >= 16
-                    out.append(_target(
-                        "_wo_gemv_kernel", WO_GEMV_ARGS,
-                        {"X": p, "Wq": "*u8", "S": "*fp32", "Zp": "*u8", "Part": "*fp32"},
-                        dict(stride_xk=1, W_FMT=fmt, USE_DOT=use_dot, UPCAST=False,
-                             PRECISION=prec),
-                        cfg, cc, _TL[dt], f"{fname} gemv {m_bucket(m)}",
-                        tc=TC_FLOAT if use_dot else ()))
+                    out.append(
+                        _target(
+                            "_wo_gemv_kernel",
+                            WO_GEMV_ARGS,
+                            {"X": p, "Wq": "*u8", "S": "*fp32", "Zp": "*u8", "Part": "*fp32"},
+                            dict(stride_xk=1, W_FMT=fmt, USE_DOT=use_dot, UPCAST=False, PRECISION=prec),
+                            cfg,
+                            cc,
+                            _TL[dt],
+                            f"{fname} gemv {m_bucket(m)}",
+                            tc=TC_FLOAT if use_dot else (),
+                        )
+                    )
             for acc in ("i32", "fp32"):
                 cfg = select_config("reduce", 1, 4096, 0, dt, cc)
-                out.append(_target(
-                    "_splitk_reduce_kernel", REDUCE_ARGS,
-                    {"Part": "*" + acc, "Out": p, "Sx": "*fp32", "Sw": "*fp32", "Bias": "*fp32"},
-                    {}, cfg, cc, _TL[dt], f"reduce {acc}"))
+                out.append(
+                    _target(
+                        "_splitk_reduce_kernel",
+                        REDUCE_ARGS,
+                        {"Part": "*" + acc, "Out": p, "Sx": "*fp32", "Sw": "*fp32", "Bias": "*fp32"},
+                        {},
+                        cfg,
+                        cc,
+                        _TL[dt],
+                        f"reduce {acc}",
+                    )
+                )
             for fp8 in (False, True):
                 for smooth in (False, True):
                     cfg = select_config("act_quant", 1, 0, 4096, dt, cc)
-                    out.append(_target(
-                        "_act_quant_kernel", ACT_ARGS,
-                        {"X": p, "Smooth": "*fp32", "Xq": "*u8" if fp8 else "*i8", "Sx": "*fp32",
-                         "RowSum": "*i32"},
-                        dict(stride_xk=1, FP8=fp8, HAS_SMOOTH=smooth), cfg, cc, _TL[dt],
-                        f"act-quant {'fp8' if fp8 else 'int8'}{' smooth' if smooth else ''}"))
+                    out.append(
+                        _target(
+                            "_act_quant_kernel",
+                            ACT_ARGS,
+                            {"X": p, "Smooth": "*fp32", "Xq": "*u8" if fp8 else "*i8", "Sx": "*fp32", "RowSum": "*i32"},
+                            dict(stride_xk=1, FP8=fp8, HAS_SMOOTH=smooth),
+                            cfg,
+                            cc,
+                            _TL[dt],
+                            f"act-quant {'fp8' if fp8 else 'int8'}{' smooth' if smooth else ''}",
+                        )
+                    )
             for fmt, asym in ((FMT_INT8, False), (FMT_INT8, True), (FMT_FP8, False)):
                 fp8 = fmt == FMT_FP8
                 fp8_dot = fp8 and cc >= 89
@@ -904,26 +1227,53 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
                     xt = wt = "*u8"
                 else:
                     xt, wt = "*i8", ("*u8" if asym else "*i8")
-                tc = (TC_FP8_SM90 if cc >= 90 else TC_FLOAT) if fp8_dot else \
-                    (TC_FLOAT if fp8 else TC_INT8)
+                tc = (TC_FP8_SM90 if cc >= 90 else TC_FLOAT) if fp8_dot else (TC_FLOAT if fp8 else TC_INT8)
                 for m in (32, 256):
                     cfg = select_config("w8a8_gemm", m, 4096, 4096, dt, cc, 0, fmt)
-                    out.append(_target(
-                        "_w8a8_gemm_kernel", W8A8_GEMM_ARGS,
-                        {"Xq": xt, "Wq": wt, "Sx": "*fp32", "Sw": "*fp32", "Zp": "*u8",
-                         "RowSum": "*i32", "Bias": "*fp32", "Out": p},
-                        dict(FP8=fp8, ASYM=asym, FP8_DOT=fp8_dot, UPCAST=False), cfg, cc, _TL[dt],
-                        f"w8a8 {FMT_NAMES[fmt]}{' asym' if asym else ''} {m_bucket(m)}", tc=tc))
+                    out.append(
+                        _target(
+                            "_w8a8_gemm_kernel",
+                            W8A8_GEMM_ARGS,
+                            {
+                                "Xq": xt,
+                                "Wq": wt,
+                                "Sx": "*fp32",
+                                "Sw": "*fp32",
+                                "Zp": "*u8",
+                                "RowSum": "*i32",
+                                "Bias": "*fp32",
+                                "Out": p,
+                            },
+                            dict(FP8=fp8, ASYM=asym, FP8_DOT=fp8_dot, UPCAST=False),
+                            cfg,
+                            cc,
+                            _TL[dt],
+                            f"w8a8 {FMT_NAMES[fmt]}{' asym' if asym else ''} {m_bucket(m)}",
+                            tc=tc,
+                        )
+                    )
         # the W8A8 GEMV never sees the float dtype (quantized x in, fp32 / int32 partials out)
         for fp8 in (False, True):
             for m in (1, 3, 8):
                 cfg = select_config("w8a8_gemv", m, 4096, 4096, torch.float32, cc)
                 use_dot = cfg["BLOCK_M"] >= 16
-                out.append(_target(
-                    "_w8a8_gemv_kernel", W8A8_GEMV_ARGS,
-                    {"Xq": "*u8" if fp8 else "*i8", "Wq": "*u8", "Zp": "*u8", "RowSum": "*i32",
-                     "Part": "*fp32" if fp8 else "*i32"},
-                    dict(FP8=fp8, USE_DOT=use_dot, UPCAST=False), cfg, cc,
-                    "fp8" if fp8 else "i8", f"w8a8 gemv {m_bucket(m)}",
-                    tc=((TC_FLOAT if fp8 else TC_INT8) if use_dot else ())))
+                out.append(
+                    _target(
+                        "_w8a8_gemv_kernel",
+                        W8A8_GEMV_ARGS,
+                        {
+                            "Xq": "*u8" if fp8 else "*i8",
+                            "Wq": "*u8",
+                            "Zp": "*u8",
+                            "RowSum": "*i32",
+                            "Part": "*fp32" if fp8 else "*i32",
+                        },
+                        dict(FP8=fp8, USE_DOT=use_dot, UPCAST=False),
+                        cfg,
+                        cc,
+                        "fp8" if fp8 else "i8",
+                        f"w8a8 gemv {m_bucket(m)}",
+                        tc=((TC_FLOAT if fp8 else TC_INT8) if use_dot else ()),
+                    )
+                )
     return out

@@ -11,6 +11,7 @@ Definitions are in reference.py. Each primitive is a ``torch.library`` custom op
 implementation (a plan is a named tuple of index tensors whose shapes depend only on ``N`` and
 ``r``), so ``torch.compile(fullgraph=True)`` traces through them.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple, Union
@@ -26,9 +27,9 @@ class TomePlan(NamedTuple):
     """Index tensors describing one ToMe merge step (int64); see mmkernels/reduce/reference.py."""
 
     src_to_out: Tensor  # (B, N)      output slot of each input token
-    keep_idx: Tensor    # (B, N - r)  input position of each output slot, ascending
-    src_idx: Tensor     # (B, r)      merged (A) positions, ascending
-    dst_idx: Tensor     # (B, r)      their destinations (B positions)
+    keep_idx: Tensor  # (B, N - r)  input position of each output slot, ascending
+    src_idx: Tensor  # (B, r)      merged (A) positions, ascending
+    dst_idx: Tensor  # (B, r)      their destinations (B positions)
 
     @property
     def num_tokens(self) -> int:
@@ -104,15 +105,13 @@ def _select(op: str, t: Tensor, backend: Optional[str]):
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 
-def _tome_plan_impl(metric: Tensor, r: int, protect_first: int, backend: str
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(t.contiguous() for t in _select("tome_plan", metric, backend).run(
-        metric, r, protect_first))
+
+def _tome_plan_impl(metric: Tensor, r: int, protect_first: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(t.contiguous() for t in _select("tome_plan", metric, backend).run(metric, r, protect_first))
 
 
 @torch.library.custom_op("mmkernels::tome_plan", mutates_args=())
-def _tome_plan_op(metric: Tensor, r: int, protect_first: int, backend: str
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tome_plan_op(metric: Tensor, r: int, protect_first: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return _tome_plan_impl(metric, r, protect_first, backend)
 
 
@@ -120,18 +119,20 @@ def _tome_plan_op(metric: Tensor, r: int, protect_first: int, backend: str
 def _(metric, r, protect_first, backend):
     b, n, _ = metric.shape
     idx = dict(dtype=torch.int64)
-    return (metric.new_empty((b, n), **idx), metric.new_empty((b, n - r), **idx),
-            metric.new_empty((b, r), **idx), metric.new_empty((b, r), **idx))
+    return (
+        metric.new_empty((b, n), **idx),
+        metric.new_empty((b, n - r), **idx),
+        metric.new_empty((b, r), **idx),
+        metric.new_empty((b, r), **idx),
+    )
 
 
-def _tome_merge_impl(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str
-                     ) -> Tuple[Tensor, Tensor]:
+def _tome_merge_impl(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return _select("tome_merge", x, backend).run(x, src_to_out, n_out, size)
 
 
 @torch.library.custom_op("mmkernels::tome_merge", mutates_args=())
-def _tome_merge_op(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str
-                   ) -> Tuple[Tensor, Tensor]:
+def _tome_merge_op(x: Tensor, src_to_out: Tensor, n_out: int, size: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     return _tome_merge_impl(x, src_to_out, n_out, size, backend)
 
 
@@ -214,8 +215,7 @@ def _check_cu_seqlens_values(cu_seqlens: Tensor, total: int) -> None:
     ``total`` (the number of packed indices)."""
     values = cu_seqlens.tolist()
     if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]} (cu_seqlens "
-                         f"{values[:8]})")
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]} (cu_seqlens {values[:8]})")
     if any(b < a for a, b in zip(values[:-1], values[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {values[:16]}")
     if values[-1] != total:
@@ -263,7 +263,7 @@ _gather_packed_op.register_autograd(_gather_packed_backward, setup_context=_gath
 
 
 def _unmerge_backward(ctx, grad):
-    src_to_out, = ctx.saved_tensors
+    (src_to_out,) = ctx.saved_tensors
     b, n = src_to_out.shape
     out = grad.new_zeros((b, ctx.n_out, grad.shape[-1]))
     out.scatter_add_(1, src_to_out[..., None].expand(b, n, grad.shape[-1]), grad)
@@ -317,8 +317,8 @@ _tome_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1,
-              backend: Optional[str] = None) -> TomePlan:
+
+def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1, backend: Optional[str] = None) -> TomePlan:
     """ToMe bipartite soft matching: which ``r`` tokens merge into which (see reference.py).
 
     ``metric (B, N, C)``: per-token features compared by cosine similarity (ToMe uses the keys
@@ -332,8 +332,7 @@ def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1,
     _check_tokens("metric", metric)
     _check_int("protect_first", protect_first, 0, metric.shape[1])
     limit = mergeable_a_tokens(metric.shape[1], protect_first)
-    _check_int("r", r, 0, limit, f" (N={metric.shape[1]}, protect_first={protect_first}: "
-               f"{limit} tokens can merge)")
+    _check_int("r", r, 0, limit, f" (N={metric.shape[1]}, protect_first={protect_first}: {limit} tokens can merge)")
     if _plain_eager(metric):
         return TomePlan(*_tome_plan_impl(metric, r, protect_first, backend or ""))
     return TomePlan(*_tome_plan_op(metric, r, protect_first, backend or ""))
@@ -344,8 +343,9 @@ def _check_plan(plan, name="plan"):
         raise TypeError(f"{name} must be a TomePlan from mmkernels.tome_plan, got {type(plan).__name__}")
 
 
-def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
-               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+def tome_merge(
+    x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *, backend: Optional[str] = None
+) -> Tuple[Tensor, Tensor]:
     """Merge ``x (B, N, C)`` by ``plan``: size-weighted mean per group -> ``(x_out, size_out)``.
 
     ``size (B, N)`` counts the original tokens each token stands for (default ones); the returned
@@ -355,8 +355,7 @@ def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
     _check_plan(plan)
     _check_tokens("x", x)
     if tuple(x.shape[:2]) != tuple(plan.src_to_out.shape):
-        raise ValueError(f"x has {tuple(x.shape[:2])} (B, N) but the plan was made for "
-                         f"{tuple(plan.src_to_out.shape)}")
+        raise ValueError(f"x has {tuple(x.shape[:2])} (B, N) but the plan was made for {tuple(plan.src_to_out.shape)}")
     if x.device != plan.src_to_out.device:
         raise ValueError(f"x is on {x.device} but the plan is on {plan.src_to_out.device}")
     if size is None:
@@ -364,21 +363,24 @@ def tome_merge(x: Tensor, plan: TomePlan, size: Optional[Tensor] = None, *,
     else:
         _check_tokens("size", size, rank=2)
         if size.shape != x.shape[:2] or size.device != x.device:
-            raise ValueError(f"size must be (B, N) = {tuple(x.shape[:2])} on {x.device}, "
-                             f"got {_describe(size)}")
+            raise ValueError(f"size must be (B, N) = {tuple(x.shape[:2])} on {x.device}, got {_describe(size)}")
     return _merge(x, plan.src_to_out, plan.num_out, size, backend)
 
 
-def merge_tokens(x: Tensor, src_to_out: Tensor, n_out: int, size: Optional[Tensor] = None, *,
-                 backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+def merge_tokens(
+    x: Tensor, src_to_out: Tensor, n_out: int, size: Optional[Tensor] = None, *, backend: Optional[str] = None
+) -> Tuple[Tensor, Tensor]:
     """Size-weighted average of the tokens assigned to each of ``n_out`` slots.
 
     ``src_to_out (B, N)`` int64 gives every token's slot (each slot must receive at least one
     token). The general form of :func:`tome_merge`, used by VisionZip's contextual merging.
     """
     _check_tokens("x", x)
-    if not isinstance(src_to_out, Tensor) or src_to_out.dtype != torch.int64 \
-            or tuple(src_to_out.shape) != tuple(x.shape[:2]):
+    if (
+        not isinstance(src_to_out, Tensor)
+        or src_to_out.dtype != torch.int64
+        or tuple(src_to_out.shape) != tuple(x.shape[:2])
+    ):
         raise ValueError(f"src_to_out must be int64 (B, N) = {tuple(x.shape[:2])}")
     _check_int("n_out", n_out, 1, x.shape[1])
     _check_index_range(src_to_out, n_out)
@@ -398,14 +400,14 @@ def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None
     _check_tokens("x_out", x_out, floating=False)
     expected = (plan.src_to_out.shape[0], plan.num_out)
     if tuple(x_out.shape[:2]) != expected:
-        raise ValueError(f"x_out has {tuple(x_out.shape[:2])} (B, N_out) but the plan merges to "
-                         f"{expected}")
+        raise ValueError(f"x_out has {tuple(x_out.shape[:2])} (B, N_out) but the plan merges to {expected}")
     op = _tome_unmerge_impl if _plain_eager(x_out) else _tome_unmerge_op
     return op(x_out, plan.src_to_out, backend or "")
 
 
-def select_tokens(scores: Tensor, k: Union[int, Tensor], *, protect_first: int = 1,
-                  backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+def select_tokens(
+    scores: Tensor, k: Union[int, Tensor], *, protect_first: int = 1, backend: Optional[str] = None
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Indices of the ``k`` highest-scoring tokens per row, ascending, first ``protect_first`` kept.
 
     ``k`` an int: returns ``(B, k)`` int64. ``k`` a ``(B,)`` integer tensor (per-image counts,
@@ -430,23 +432,23 @@ def _select_tokens_varlen(scores, counts, protect_first, backend):
         raise ValueError(f"k is on {counts.device} but scores is on {scores.device}")
     lo, hi = int(counts.min()), int(counts.max())
     if lo < protect_first or hi > n:
-        raise ValueError(f"every k must be in [protect_first={protect_first}, N={n}], "
-                         f"got values in [{lo}, {hi}]")
+        raise ValueError(f"every k must be in [protect_first={protect_first}, N={n}], got values in [{lo}, {hi}]")
     # Rank every token once (k = N), then keep each row's best counts[b]: the same order as
     # select_tokens with that row's k.
     ranked = reference._stable_topk_desc(scores[:, protect_first:], n - protect_first) + protect_first
     head = torch.arange(protect_first, device=scores.device).expand(b, protect_first)
     order = torch.cat([head, ranked], dim=1)
     keep = torch.arange(n, device=scores.device)[None] < counts[:, None]
-    chosen = torch.where(keep, order, n).sort(dim=1).values    # ascending, padding (n) last
+    chosen = torch.where(keep, order, n).sort(dim=1).values  # ascending, padding (n) last
     idx = chosen[chosen < n]
     cu = torch.zeros(b + 1, dtype=torch.int32, device=scores.device)
     cu[1:] = counts.cumsum(0)
     return idx, cu
 
 
-def gather_tokens(x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *,
-                  backend: Optional[str] = None) -> Tensor:
+def gather_tokens(
+    x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None
+) -> Tensor:
     """Gather tokens: ``x (B, N, C)``, ``idx (B, k)`` -> ``(B, k, C)``; packed ``idx (T,)`` with
     ``cu_seqlens (B+1,)`` -> ``(T, C)`` ready for the varlen attention.
 
@@ -462,15 +464,15 @@ def gather_tokens(x: Tensor, idx: Tensor, cu_seqlens: Optional[Tensor] = None, *
         raise ValueError(f"idx is on {idx.device} but x is on {x.device}")
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, Tensor):
-            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got "
-                            f"{type(cu_seqlens).__name__}")
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got {type(cu_seqlens).__name__}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got "
-                            f"{_describe(cu_seqlens)}")
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor (B+1,), got {_describe(cu_seqlens)}")
         if idx.dim() != 1 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] != x.shape[0] + 1:
-            raise ValueError(f"packed gather needs idx (T,) and cu_seqlens (B+1,) = "
-                             f"({x.shape[0] + 1},), got idx {_describe(idx)}, "
-                             f"cu_seqlens {_describe(cu_seqlens)}")
+            raise ValueError(
+                f"packed gather needs idx (T,) and cu_seqlens (B+1,) = "
+                f"({x.shape[0] + 1},), got idx {_describe(idx)}, "
+                f"cu_seqlens {_describe(cu_seqlens)}"
+            )
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
         if _values_checkable(cu_seqlens):

@@ -15,6 +15,7 @@ float64 ``metric`` / ``x`` are left to the reference (the spec runs in float64 i
 over batch rows (and over A tokens / output slots when the batch is small); the code path
 (AVX-512, AVX2 or scalar) is chosen from CPUID on every call, ``MMKERNELS_CPU_ISA`` lowers it.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -32,7 +33,7 @@ def is_available() -> bool:
 
 
 def __getattr__(name: str):
-    if name == "LOAD_ERROR":   # why the extension is unavailable ("" when it loads)
+    if name == "LOAD_ERROR":  # why the extension is unavailable ("" when it loads)
         return _EXT.availability(REQUIRED_OP)[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -51,8 +52,9 @@ def tome_plan(metric: torch.Tensor, r: int, protect_first: int = 1):
     return _EXT.require(REQUIRED_OP).reduce_tome_plan(metric, r, protect_first)
 
 
-def tome_merge(x: torch.Tensor, src_to_out: torch.Tensor, n_out: int, size: torch.Tensor
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
+def tome_merge(
+    x: torch.Tensor, src_to_out: torch.Tensor, n_out: int, size: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     return _EXT.require(REQUIRED_OP).reduce_tome_merge(_rows(x), src_to_out.long(), n_out, size)
 
 

@@ -28,6 +28,7 @@ Selection for pruning (EViT, VisionZip, FastV): the ``k`` highest-scoring tokens
 in ascending (original) order, always including the first ``protect_first``; ties break toward the
 lower index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,16 +54,16 @@ def tome_plan(metric: Tensor, r: int, protect_first: int = 1):
         src_idx = positions.new_zeros(b, 0)
         dst_idx = positions.new_zeros(b, 0)
     else:
-        sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)          # (B, |A|, |B|)
-        sim = sim.masked_fill(sim.isnan(), float("-inf"))                   # NaN: never a best match
-        best_sim, best_b = sim.max(dim=-1)                                  # first max on ties
-        chosen = _stable_topk_desc(best_sim, r)                             # (B, r) into A
-        chosen = chosen.sort(dim=-1).values                                 # ascending positions
+        sim = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # (B, |A|, |B|)
+        sim = sim.masked_fill(sim.isnan(), float("-inf"))  # NaN: never a best match
+        best_sim, best_b = sim.max(dim=-1)  # first max on ties
+        chosen = _stable_topk_desc(best_sim, r)  # (B, r) into A
+        chosen = chosen.sort(dim=-1).values  # ascending positions
         src_idx = a_pos[chosen]
         dst_idx = b_pos[best_b.gather(1, chosen)]
     merged = torch.zeros(b, n, dtype=torch.bool, device=metric.device)
     merged.scatter_(1, src_idx, True)
-    slot = torch.cumsum(~merged, dim=1) - 1                                 # slot of survivors
+    slot = torch.cumsum(~merged, dim=1) - 1  # slot of survivors
     src_to_out = slot.clone()
     src_to_out.scatter_(1, src_idx, slot.gather(1, dst_idx))
     keep_idx = positions.expand(b, n)[~merged].reshape(b, n - src_idx.shape[1])

@@ -38,6 +38,7 @@ merge outputs are written in fp32 and rounded by torch (the interpreter truncate
 ``compile_targets()`` lists every kernel variant the launchers can pick, for the AOT compile gate
 (``python -m mmkernels.compile_gate``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,8 +46,13 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .._triton_support import (CompileTarget, interpreter_active, is_available,  # noqa: F401
-                               tl, triton)
+from .._triton_support import (
+    CompileTarget,
+    interpreter_active,
+    is_available,  # noqa: F401
+    tl,
+    triton,
+)
 
 PLAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,10 +73,14 @@ def _check_mode(device: torch.device) -> bool:
     interpret = device.type == "cpu" or interpreter_active()
     if _module_is_interpreted() != interpret:
         if interpret:
-            raise RuntimeError("Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
-                               "before triton is first imported (tests/conftest.py does).")
-        raise RuntimeError("Triton kernels were imported with TRITON_INTERPRET=1 and cannot be compiled in "
-                           "this process; run the compile in a process without it.")
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need the interpreter: set TRITON_INTERPRET=1 "
+                "before triton is first imported (tests/conftest.py does)."
+            )
+        raise RuntimeError(
+            "Triton kernels were imported with TRITON_INTERPRET=1 and cannot be compiled in "
+            "this process; run the compile in a process without it."
+        )
     return interpret
 
 
@@ -98,9 +108,19 @@ def supports(op: str, dtype: torch.dtype, device_type: str) -> Tuple[bool, str]:
 if triton is not None:
 
     @triton.jit
-    def _inv_norm_kernel(X, InvNorm, n_tokens, n_chan,
-                         stride_xb, stride_xn, stride_xc, stride_ib, stride_in,
-                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _inv_norm_kernel(
+        X,
+        InvNorm,
+        n_tokens,
+        n_chan,
+        stride_xb,
+        stride_xn,
+        stride_xc,
+        stride_ib,
+        stride_in,
+        BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """InvNorm[b, t] = 1 / max(||X[b, t, :]||_2, 1e-12), accumulated in fp32; NaN for a token
         whose row holds a NaN or inf (its similarities are NaN, i.e. -inf: reference.py)."""
         pid_t = tl.program_id(0)
@@ -112,21 +132,36 @@ if triton is not None:
         sq = tl.zeros([BLOCK_T], dtype=tl.float32)
         for c0 in range(0, n_chan, BLOCK_C):
             c = c0 + offs_c
-            v = tl.load(row + c[None, :] * stride_xc, mask=t_ok[:, None] & (c[None, :] < n_chan),
-                        other=0.0).to(tl.float32)
+            v = tl.load(row + c[None, :] * stride_xc, mask=t_ok[:, None] & (c[None, :] < n_chan), other=0.0).to(
+                tl.float32
+            )
             # + v * 0 (exactly 0 for finite v): a NaN or inf makes sq NaN, not just inf
             sq += tl.sum(v * v + v * 0.0, 1)
         norm = tl.maximum(tl.sqrt_rn(sq), 1e-12)
         inv = tl.div_rn(tl.full([BLOCK_T], 1.0, tl.float32), norm)
-        tl.store(InvNorm + b * stride_ib + offs_t * stride_in, tl.where(sq == sq, inv, float("nan")),
-                 mask=t_ok)
+        tl.store(InvNorm + b * stride_ib + offs_t * stride_in, tl.where(sq == sq, inv, float("nan")), mask=t_ok)
 
     @triton.jit
-    def _tome_match_kernel(X, InvNorm, BestSim, BestIdx,
-                           stride_xb, stride_xn, stride_xc, stride_ib, stride_in,
-                           n_a, n_b, a_first, b_first, n_chan,
-                           BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                           UPCAST: tl.constexpr):
+    def _tome_match_kernel(
+        X,
+        InvNorm,
+        BestSim,
+        BestIdx,
+        stride_xb,
+        stride_xn,
+        stride_xc,
+        stride_ib,
+        stride_in,
+        n_a,
+        n_b,
+        a_first,
+        b_first,
+        n_chan,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
         """Per A token: max over B tokens of the cosine similarity, and its first argmax (B index).
 
         A token t sits at position a_first + 2t, B token u at b_first + 2u. BestSim / BestIdx are
@@ -140,7 +175,7 @@ if triton is not None:
         a_ok = offs_a < n_a
         a_pos = (a_first + 2 * offs_a).to(tl.int64)
         X_row = X + b * stride_xb
-        a_ptrs = X_row + a_pos[:, None] * stride_xn + offs_c[None, :] * stride_xc       # (BLOCK_A, BLOCK_C)
+        a_ptrs = X_row + a_pos[:, None] * stride_xn + offs_c[None, :] * stride_xc  # (BLOCK_A, BLOCK_C)
 
         best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
         best_u = tl.zeros([BLOCK_A], dtype=tl.int32)
@@ -163,7 +198,7 @@ if triton is not None:
             sim = tl.where(u_ok[None, :] & (sim == sim), sim, float("-inf"))  # NaN: never the best
             tile_best = tl.max(sim, 1)
             tile_u = tl.argmax(sim, 1, tie_break_left=True).to(tl.int32) + u0
-            better = tile_best > best          # strictly: an earlier tile keeps its tie
+            better = tile_best > best  # strictly: an earlier tile keeps its tie
             best_u = tl.where(better, tile_u, best_u)
             best = tl.where(better, tile_best, best)
         inv_a = tl.load(InvNorm + b * stride_ib + a_pos * stride_in, mask=a_ok, other=0.0)
@@ -179,8 +214,18 @@ if triton is not None:
         return (x > y) | ((x != x) & (y == y))
 
     @triton.jit
-    def _select_rank_kernel(S, Keep, n, protect, n_rest_keep, stride_sb, stride_sn,
-                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, WIDE: tl.constexpr):
+    def _select_rank_kernel(
+        S,
+        Keep,
+        n,
+        protect,
+        n_rest_keep,
+        stride_sb,
+        stride_sn,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        WIDE: tl.constexpr,
+    ):
         """Keep[b, i] = i < protect or #{j >= protect ranking before i} < n_rest_keep (int32 0/1)."""
         pid_i = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -223,10 +268,23 @@ if triton is not None:
             carry += tl.sum(flag, 0)
 
     @triton.jit
-    def _tome_merge_kernel(X, W, CsrSrc, CsrOff, Out, SizeOut,
-                           stride_xb, stride_xn, stride_xc,
-                           n, n_out, n_chan,
-                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    def _tome_merge_kernel(
+        X,
+        W,
+        CsrSrc,
+        CsrOff,
+        Out,
+        SizeOut,
+        stride_xb,
+        stride_xn,
+        stride_xc,
+        n,
+        n_out,
+        n_chan,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        WIDE: tl.constexpr,
+    ):
         """Out[b, s] = sum_{i -> s} W_i X_i / sum_{i -> s} W_i over the CSR sources of slot s.
 
         W (B, n) holds the sizes in the compute dtype; CsrSrc (B, n) the sources grouped by slot (ascending
@@ -254,19 +312,37 @@ if triton is not None:
             live = j < count
             src = tl.load(CsrSrc + b * n + start + j, mask=live, other=0)
             w = tl.load(W + b * n + src, mask=live, other=0.0)
-            x = tl.load(X_row + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                        mask=live[:, None] & c_ok[None, :], other=0.0)
+            x = tl.load(
+                X_row + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                mask=live[:, None] & c_ok[None, :],
+                other=0.0,
+            )
             acc += w[:, None] * x.to(acc.dtype)
             wsum += w
-        out = acc / tl.where(s_ok, wsum, 1.0)[:, None]   # padding slots: no 0/0
-        tl.store(Out + (b * n_out + offs_s)[:, None] * n_chan + offs_c[None, :],
-                 out.to(Out.dtype.element_ty), mask=s_ok[:, None] & c_ok[None, :])
+        out = acc / tl.where(s_ok, wsum, 1.0)[:, None]  # padding slots: no 0/0
+        tl.store(
+            Out + (b * n_out + offs_s)[:, None] * n_chan + offs_c[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=s_ok[:, None] & c_ok[None, :],
+        )
         tl.store(SizeOut + b * n_out + offs_s, wsum, mask=s_ok & (pid_c == 0))
 
     @triton.jit
-    def _gather_rows_kernel(X, Idx, Out, n_src, n_idx, n_chan,
-                            stride_xb, stride_xn, stride_xc, stride_ib, stride_it,
-                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gather_rows_kernel(
+        X,
+        Idx,
+        Out,
+        n_src,
+        n_idx,
+        n_chan,
+        stride_xb,
+        stride_xn,
+        stride_xc,
+        stride_ib,
+        stride_it,
+        BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """Out[b, t, :] = X[b, Idx[b, t], :] (Out contiguous); out-of-range indices give zeros."""
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -277,10 +353,12 @@ if triton is not None:
         c_ok = offs_c < n_chan
         src = tl.load(Idx + b * stride_ib + offs_t * stride_it, mask=t_ok, other=0)
         in_range = (src >= 0) & (src < n_src)
-        x = tl.load(X + b * stride_xb + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                    mask=(t_ok & in_range)[:, None] & c_ok[None, :], other=0)
-        tl.store(Out + (b * n_idx + offs_t)[:, None] * n_chan + offs_c[None, :], x,
-                 mask=t_ok[:, None] & c_ok[None, :])
+        x = tl.load(
+            X + b * stride_xb + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+            mask=(t_ok & in_range)[:, None] & c_ok[None, :],
+            other=0,
+        )
+        tl.store(Out + (b * n_idx + offs_t)[:, None] * n_chan + offs_c[None, :], x, mask=t_ok[:, None] & c_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,12 +371,14 @@ def _pow2(x: int, lo: int, hi: int) -> int:
 def select_config(kernel: str, dtype: torch.dtype, interpret: bool) -> Dict[str, int]:
     """Launch config of one kernel. Interpreter: small tiles (cheap, and multi-tile paths get exercised)."""
     if interpret:
-        return {"match": dict(BLOCK_A=16, BLOCK_B=16, BLOCK_C=16),
-                "inv_norm": dict(BLOCK_T=16, BLOCK_C=16),
-                "rank": dict(BLOCK_I=32, BLOCK_J=32),
-                "compact": dict(BLOCK=32),
-                "merge": dict(BLOCK_S=16, BLOCK_C=16),
-                "gather": dict(BLOCK_T=16, BLOCK_C=32)}[kernel] | dict(num_warps=4, num_stages=1)
+        return {
+            "match": dict(BLOCK_A=16, BLOCK_B=16, BLOCK_C=16),
+            "inv_norm": dict(BLOCK_T=16, BLOCK_C=16),
+            "rank": dict(BLOCK_I=32, BLOCK_J=32),
+            "compact": dict(BLOCK=32),
+            "merge": dict(BLOCK_S=16, BLOCK_C=16),
+            "gather": dict(BLOCK_T=16, BLOCK_C=32),
+        }[kernel] | dict(num_warps=4, num_stages=1)
     if kernel == "match":
         # fp32 dots are exact-fp32 FMA dots ("ieee", no TF32: ties and near-ties must rank as in fp32)
         if dtype == torch.float32:
@@ -344,8 +424,16 @@ def _topk_ascending(scores: torch.Tensor, k: int, protect_first: int, interpret:
     keep = torch.empty(b, n, dtype=torch.int32, device=scores.device)
     cfg = select_config("rank", scores.dtype, interpret)
     _select_rank_kernel[(triton.cdiv(n, cfg["BLOCK_I"]), b)](
-        scores, keep, n, protect_first, k - protect_first, *scores.stride(),
-        WIDE=scores.dtype == torch.float64, **_blocks(cfg), **_launch(cfg, interpret))
+        scores,
+        keep,
+        n,
+        protect_first,
+        k - protect_first,
+        *scores.stride(),
+        WIDE=scores.dtype == torch.float64,
+        **_blocks(cfg),
+        **_launch(cfg, interpret),
+    )
     cfg = select_config("compact", scores.dtype, interpret)
     _select_compact_kernel[(b,)](keep, out, n, k, **_blocks(cfg), **_launch(cfg, interpret))
     return out
@@ -372,14 +460,27 @@ def tome_plan(metric: torch.Tensor, r: int, protect_first: int = 1):
         inv_norm = torch.empty(b, n, dtype=torch.float32, device=device)
         cfg = select_config("inv_norm", metric.dtype, interpret)
         _inv_norm_kernel[(triton.cdiv(n, cfg["BLOCK_T"]), b)](
-            metric, inv_norm, n, c, *metric.stride(), *inv_norm.stride(),
-            **_blocks(cfg), **_launch(cfg, interpret))
+            metric, inv_norm, n, c, *metric.stride(), *inv_norm.stride(), **_blocks(cfg), **_launch(cfg, interpret)
+        )
         best_sim = torch.empty(b, n_a, dtype=torch.float32, device=device)
         best_u = torch.empty(b, n_a, dtype=torch.int32, device=device)
         cfg = select_config("match", metric.dtype, interpret)
         _tome_match_kernel[(triton.cdiv(n_a, cfg["BLOCK_A"]), b)](
-            metric, inv_norm, best_sim, best_u, *metric.stride(), *inv_norm.stride(),
-            n_a, n_b, a_first, b_first, c, UPCAST=interpret, **_blocks(cfg), **_launch(cfg, interpret))
+            metric,
+            inv_norm,
+            best_sim,
+            best_u,
+            *metric.stride(),
+            *inv_norm.stride(),
+            n_a,
+            n_b,
+            a_first,
+            b_first,
+            c,
+            UPCAST=interpret,
+            **_blocks(cfg),
+            **_launch(cfg, interpret),
+        )
         # the r best A tokens (ties: lower A position), ascending: select_tokens' rule on best_sim
         chosen = _topk_ascending(best_sim, r, 0, interpret)
         src_idx = a_first + 2 * chosen
@@ -395,7 +496,7 @@ def tome_plan(metric: torch.Tensor, r: int, protect_first: int = 1):
     target = torch.where(merged, torch.full_like(slot, n - r_eff), slot)
     keep_idx = torch.empty(b, n - r_eff + 1, dtype=torch.int64, device=device)
     keep_idx.scatter_(1, target, positions.expand(b, n).contiguous())
-    return src_to_out, keep_idx[:, :n - r_eff], src_idx, dst_idx
+    return src_to_out, keep_idx[:, : n - r_eff], src_idx, dst_idx
 
 
 def tome_merge(x: torch.Tensor, src_to_out: torch.Tensor, n_out: int, size: torch.Tensor):
@@ -418,8 +519,21 @@ def tome_merge(x: torch.Tensor, src_to_out: torch.Tensor, n_out: int, size: torc
     if b and n_out:
         cfg = select_config("merge", x.dtype, interpret)
         grid = (triton.cdiv(n_out, cfg["BLOCK_S"]), max(1, triton.cdiv(c, cfg["BLOCK_C"])), b)
-        _tome_merge_kernel[grid](x, w, csr_src, csr_off, out, size_out, *x.stride(), n, n_out, c,
-                                 WIDE=compute == torch.float64, **_blocks(cfg), **_launch(cfg, interpret))
+        _tome_merge_kernel[grid](
+            x,
+            w,
+            csr_src,
+            csr_off,
+            out,
+            size_out,
+            *x.stride(),
+            n,
+            n_out,
+            c,
+            WIDE=compute == torch.float64,
+            **_blocks(cfg),
+            **_launch(cfg, interpret),
+        )
     return out.to(x.dtype), size_out.to(size.dtype)
 
 
@@ -434,8 +548,9 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, interpret: bool) -> torch.Tensor
     idx = idx.long()
     cfg = select_config("gather", x.dtype, interpret)
     grid = (triton.cdiv(k, cfg["BLOCK_T"]), triton.cdiv(c, cfg["BLOCK_C"]), b)
-    _gather_rows_kernel[grid](xv, idx, ov, n_src, k, c, *xv.stride(), *idx.stride(),
-                              **_blocks(cfg), **_launch(cfg, interpret))
+    _gather_rows_kernel[grid](
+        xv, idx, ov, n_src, k, c, *xv.stride(), *idx.stride(), **_blocks(cfg), **_launch(cfg, interpret)
+    )
     return out
 
 
@@ -452,8 +567,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # AOT compile targets (for mmkernels.compile_gate)
 # ----------------------------------------------------------------------------------------------
-_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-       torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
+_TL = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
 
 
 def compiled_kernel(name: str):
@@ -463,8 +586,9 @@ def compiled_kernel(name: str):
     return getattr(sys.modules[__name__], name)
 
 
-def _make_target(kernel, args, types, constexprs, cfg, cc, dtype, variant, aligned=(),
-                 needs_tensor_cores=False) -> CompileTarget:
+def _make_target(
+    kernel, args, types, constexprs, cfg, cc, dtype, variant, aligned=(), needs_tensor_cores=False
+) -> CompileTarget:
     """args: runtime argument names in kernel order; types: {name: triton type} (default i32)."""
     consts = dict(constexprs, **_blocks(cfg))
     names = list(args) + list(consts)
@@ -472,9 +596,20 @@ def _make_target(kernel, args, types, constexprs, cfg, cc, dtype, variant, align
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in aligned}
     blocks = "x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK"))
     label = f"{_TL[dtype]} {variant} {blocks} w{cfg['num_warps']}s{cfg['num_stages']}".replace("  ", " ")
-    return CompileTarget(module=__name__, kernel=kernel, variant=variant, dtype=_TL[dtype], signature=sig,
-                         constexprs=consts, attrs=attrs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                         capability=cc, needs_tensor_cores=needs_tensor_cores, label=label)
+    return CompileTarget(
+        module=__name__,
+        kernel=kernel,
+        variant=variant,
+        dtype=_TL[dtype],
+        signature=sig,
+        constexprs=consts,
+        attrs=attrs,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        capability=cc,
+        needs_tensor_cores=needs_tensor_cores,
+        label=label,
+    )
 
 
 def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
@@ -490,43 +625,150 @@ def compile_targets(capabilities=(80, 90)) -> List[CompileTarget]:
         for dt in PLAN_DTYPES:
             p = "*" + _TL[dt]
             cfg = select_config("inv_norm", dt, False)
-            out.append(_make_target(
-                "_inv_norm_kernel", ["X", "InvNorm", "n_tokens", "n_chan", "stride_xb", "stride_xn",
-                                     "stride_xc", "stride_ib", "stride_in"],
-                {"X": p, "InvNorm": "*fp32"}, {}, cfg, cc, dt, "inv_norm", aligned={"X", "InvNorm"}))
+            out.append(
+                _make_target(
+                    "_inv_norm_kernel",
+                    [
+                        "X",
+                        "InvNorm",
+                        "n_tokens",
+                        "n_chan",
+                        "stride_xb",
+                        "stride_xn",
+                        "stride_xc",
+                        "stride_ib",
+                        "stride_in",
+                    ],
+                    {"X": p, "InvNorm": "*fp32"},
+                    {},
+                    cfg,
+                    cc,
+                    dt,
+                    "inv_norm",
+                    aligned={"X", "InvNorm"},
+                )
+            )
             cfg = select_config("match", dt, False)
-            out.append(_make_target(
-                "_tome_match_kernel", ["X", "InvNorm", "BestSim", "BestIdx", "stride_xb", "stride_xn",
-                                       "stride_xc", "stride_ib", "stride_in", "n_a", "n_b", "a_first",
-                                       "b_first", "n_chan"],
-                {"X": p, "InvNorm": "*fp32", "BestSim": "*fp32", "BestIdx": "*i32"}, {"UPCAST": False},
-                cfg, cc, dt, "match", aligned={"X", "InvNorm", "BestSim", "BestIdx"},
-                needs_tensor_cores=dt != torch.float32))
+            out.append(
+                _make_target(
+                    "_tome_match_kernel",
+                    [
+                        "X",
+                        "InvNorm",
+                        "BestSim",
+                        "BestIdx",
+                        "stride_xb",
+                        "stride_xn",
+                        "stride_xc",
+                        "stride_ib",
+                        "stride_in",
+                        "n_a",
+                        "n_b",
+                        "a_first",
+                        "b_first",
+                        "n_chan",
+                    ],
+                    {"X": p, "InvNorm": "*fp32", "BestSim": "*fp32", "BestIdx": "*i32"},
+                    {"UPCAST": False},
+                    cfg,
+                    cc,
+                    dt,
+                    "match",
+                    aligned={"X", "InvNorm", "BestSim", "BestIdx"},
+                    needs_tensor_cores=dt != torch.float32,
+                )
+            )
         for dt in FLOAT_DTYPES:
             cfg = select_config("rank", dt, False)
-            out.append(_make_target(
-                "_select_rank_kernel", ["S", "Keep", "n", "protect", "n_rest_keep", "stride_sb",
-                                        "stride_sn"],
-                {"S": "*" + _TL[dt], "Keep": "*i32"}, {"WIDE": dt == torch.float64}, cfg, cc, dt, "rank",
-                aligned={"S", "Keep"}))
+            out.append(
+                _make_target(
+                    "_select_rank_kernel",
+                    ["S", "Keep", "n", "protect", "n_rest_keep", "stride_sb", "stride_sn"],
+                    {"S": "*" + _TL[dt], "Keep": "*i32"},
+                    {"WIDE": dt == torch.float64},
+                    cfg,
+                    cc,
+                    dt,
+                    "rank",
+                    aligned={"S", "Keep"},
+                )
+            )
             cfg = select_config("merge", dt, False)
             wide = dt == torch.float64
             acc = "*fp64" if wide else "*fp32"
-            out.append(_make_target(
-                "_tome_merge_kernel", ["X", "W", "CsrSrc", "CsrOff", "Out", "SizeOut", "stride_xb",
-                                       "stride_xn", "stride_xc", "n", "n_out", "n_chan"],
-                {"X": "*" + _TL[dt], "W": acc, "CsrSrc": "*i64", "CsrOff": "*i64", "Out": "*" + _TL[dt],
-                 "SizeOut": acc}, {"WIDE": wide}, cfg, cc, dt, "merge",
-                aligned={"X", "W", "CsrSrc", "CsrOff", "Out", "SizeOut"}))
+            out.append(
+                _make_target(
+                    "_tome_merge_kernel",
+                    [
+                        "X",
+                        "W",
+                        "CsrSrc",
+                        "CsrOff",
+                        "Out",
+                        "SizeOut",
+                        "stride_xb",
+                        "stride_xn",
+                        "stride_xc",
+                        "n",
+                        "n_out",
+                        "n_chan",
+                    ],
+                    {
+                        "X": "*" + _TL[dt],
+                        "W": acc,
+                        "CsrSrc": "*i64",
+                        "CsrOff": "*i64",
+                        "Out": "*" + _TL[dt],
+                        "SizeOut": acc,
+                    },
+                    {"WIDE": wide},
+                    cfg,
+                    cc,
+                    dt,
+                    "merge",
+                    aligned={"X", "W", "CsrSrc", "CsrOff", "Out", "SizeOut"},
+                )
+            )
         cfg = select_config("compact", torch.int32, False)
-        out.append(_make_target("_select_compact_kernel", ["Keep", "Out", "n", "k"],
-                                {"Keep": "*i32", "Out": "*i64"}, {}, cfg, cc, torch.int32, "compact",
-                                aligned={"Keep", "Out"}))
+        out.append(
+            _make_target(
+                "_select_compact_kernel",
+                ["Keep", "Out", "n", "k"],
+                {"Keep": "*i32", "Out": "*i64"},
+                {},
+                cfg,
+                cc,
+                torch.int32,
+                "compact",
+                aligned={"Keep", "Out"},
+            )
+        )
         for size, it in _BITS.items():
             p = "*" + _TL[it]
             cfg = select_config("gather", it, False)
-            out.append(_make_target(
-                "_gather_rows_kernel", ["X", "Idx", "Out", "n_src", "n_idx", "n_chan", "stride_xb",
-                                        "stride_xn", "stride_xc", "stride_ib", "stride_it"],
-                {"X": p, "Idx": "*i64", "Out": p}, {}, cfg, cc, it, "gather", aligned={"X", "Idx", "Out"}))
+            out.append(
+                _make_target(
+                    "_gather_rows_kernel",
+                    [
+                        "X",
+                        "Idx",
+                        "Out",
+                        "n_src",
+                        "n_idx",
+                        "n_chan",
+                        "stride_xb",
+                        "stride_xn",
+                        "stride_xc",
+                        "stride_ib",
+                        "stride_it",
+                    ],
+                    {"X": p, "Idx": "*i64", "Out": p},
+                    {},
+                    cfg,
+                    cc,
+                    it,
+                    "gather",
+                    aligned={"X", "Idx", "Out"},
+                )
+            )
     return out

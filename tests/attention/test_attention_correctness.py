@@ -1,4 +1,5 @@
 """Every attention backend against the float64 oracle (tests/oracle.py), with the 2x rule."""
+
 import math
 
 import pytest
@@ -11,18 +12,21 @@ def rand(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
 
 
-def dense_inputs(b, hq, hkv, lq, lk, d, dv=None, dtype=torch.float32, device="cpu",
-                 contiguous=False):
+def dense_inputs(b, hq, hkv, lq, lk, d, dv=None, dtype=torch.float32, device="cpu", contiguous=False):
     """q/k/v in the (B, H, L, D) convention; by default as transposed views of (B, L, H, D)
     tensors, which is how projections produce them (non-contiguous)."""
     dv = dv or d
     if contiguous:
-        return (rand(b, hq, lq, d, dtype=dtype, device=device),
-                rand(b, hkv, lk, d, dtype=dtype, device=device),
-                rand(b, hkv, lk, dv, dtype=dtype, device=device))
-    return (rand(b, lq, hq, d, dtype=dtype, device=device).transpose(1, 2),
-            rand(b, lk, hkv, d, dtype=dtype, device=device).transpose(1, 2),
-            rand(b, lk, hkv, dv, dtype=dtype, device=device).transpose(1, 2))
+        return (
+            rand(b, hq, lq, d, dtype=dtype, device=device),
+            rand(b, hkv, lk, d, dtype=dtype, device=device),
+            rand(b, hkv, lk, dv, dtype=dtype, device=device),
+        )
+    return (
+        rand(b, lq, hq, d, dtype=dtype, device=device).transpose(1, 2),
+        rand(b, lk, hkv, d, dtype=dtype, device=device).transpose(1, 2),
+        rand(b, lk, hkv, dv, dtype=dtype, device=device).transpose(1, 2),
+    )
 
 
 def dtypes_for(backend):
@@ -106,7 +110,7 @@ def test_key_bias_with_masked_keys(backend, scores, per_head):
     shape = (b, hq, lk) if per_head else (b, lk)
     bias = torch.randn(shape, device=device)
     bias[..., ::5] = float("-inf")  # masked keys (padding)
-    bias[1] = float("-inf")          # a fully masked sequence: output 0, lse -inf, scores 0
+    bias[1] = float("-inf")  # a fully masked sequence: output 0, lse -inf, scores 0
     res = assert_matches_oracle(q, k, v, name, key_bias=bias, scores=scores)
     assert torch.all(res.out[1] == 0) and torch.all(torch.isneginf(res.lse[1]))
     assert torch.all(res.scores[1] == 0)
@@ -138,9 +142,19 @@ def test_varlen_uneven(backend, scores, causal):
     v = rand(sum(lens_k), hkv, d, device=device)
     bias = torch.randn(sum(lens_k), device=device)
     bias[::7] = float("-inf")
-    res = assert_matches_oracle(q, k, v, name, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
-                                key_bias=bias, causal=causal, scores=scores)
+    res = assert_matches_oracle(
+        q,
+        k,
+        v,
+        name,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+        key_bias=bias,
+        causal=causal,
+        scores=scores,
+    )
     assert res.out.shape == (sum(lens_q), hq, d) and res.lse.shape == (sum(lens_q), hq)
     assert res.scores.shape == (sum(lens_k),)
     # The last sequence has no keys: its rows are fully masked.
@@ -176,6 +190,7 @@ def test_bf16_scores_and_lse(backend):
 def test_cpu_rejects_float16():
     from mmkernels import NoBackendError
     import mmkernels
+
     q = torch.randn(1, 1, 4, 32, dtype=torch.float16)
     with pytest.raises(NoBackendError, match="float16 is not supported on CPU"):
         mmkernels.attention(q, q, q, backend="cpu")

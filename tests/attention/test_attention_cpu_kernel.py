@@ -4,6 +4,7 @@ inline float64 reference, on every ISA path this CPU can run (forced with MMKERN
 Tolerance (FlashAttention's 2x rule): fp32 max|err| <= 2 * (err of the same math in fp32 PyTorch)
 + 1e-5; bf16 max|err| <= 2 * (err of the same math in bf16 PyTorch) + 1e-2 * max|ref|.
 """
+
 import math
 
 import pytest
@@ -15,7 +16,7 @@ cpu = pytest.importorskip("mmkernels.attention.cpu")
 if not cpu.is_available():
     pytest.skip(f"mmkernels._C not built: {cpu.LOAD_ERROR}", allow_module_level=True)
 
-ISAS = cpu_isa_paths("attention")          # every ISA path this CPU can run, lowest first
+ISAS = cpu_isa_paths("attention")  # every ISA path this CPU can run, lowest first
 MODES = {"none": 0, "cls": 1, "last": 2, "mean": 3}
 
 
@@ -52,8 +53,7 @@ def reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, dtype):
         denom = p.sum(-1, keepdim=True)
         pn = torch.where(denom > 0, p / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(p))
         out[bq, :, q0:q1] = (pn.to(dtype) @ v).double()
-        lse[bq, :, q0:q1] = (torch.log(denom) + m0).squeeze(-1).double().masked_fill(
-            denom.squeeze(-1) == 0, -math.inf)
+        lse[bq, :, q0:q1] = (torch.log(denom) + m0).squeeze(-1).double().masked_fill(denom.squeeze(-1) == 0, -math.inf)
         if mode == 1:
             scores[bq, k0:k1] = pn[:, 0].double().mean(0)
         elif mode == 2:
@@ -63,8 +63,9 @@ def reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, dtype):
     return out, lse, scores
 
 
-def make(B=2, Hq=4, Hkv=None, Lq=33, Lk=None, D=64, Dv=None, dtype=torch.float32, bias=None,
-         varlen=None, blhd=True, seed=0):
+def make(
+    B=2, Hq=4, Hkv=None, Lq=33, Lk=None, D=64, Dv=None, dtype=torch.float32, bias=None, varlen=None, blhd=True, seed=0
+):
     """Returns (q4, k4, v4, bias3, cu_q, cu_k). varlen = list of (Lq_b, Lk_b)."""
     g = torch.Generator().manual_seed(seed)
     Hkv = Hkv or Hq
@@ -101,7 +102,7 @@ def make(B=2, Hq=4, Hkv=None, Lq=33, Lk=None, D=64, Dv=None, dtype=torch.float32
     elif bias == "pad":  # key padding at the end (trailing -inf keys are skipped by the kernel)
         kb = torch.randn(Bb, Sk, generator=g)
         for b in range(Bb):
-            kb[b, Sk - (b + 1) * Sk // 5:] = -math.inf
+            kb[b, Sk - (b + 1) * Sk // 5 :] = -math.inf
         bias3 = kb[:, None, :].expand(Bb, Hq, Sk)
     elif bias == "head":  # per (batch, head, key), one (b, h) entirely -inf
         bias3 = torch.randn(Bb, Hq, Sk, generator=g)
@@ -123,8 +124,7 @@ def run_kernel(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, out_blhd=Fals
         mk = int((cu_k[1:] - cu_k[:-1]).max()) if len(cu_k) > 1 else 0
     else:
         mq, mk = q4.shape[2], k4.shape[2]
-    cpu.attention_forward(q4, k4, v4, bias3, cu_q, cu_k, mq, mk, causal, scale, mode, out4, lse3,
-                          scores2)
+    cpu.attention_forward(q4, k4, v4, bias3, cu_q, cu_k, mq, mk, causal, scale, mode, out4, lse3, scores2)
     return out4, lse3, scores2
 
 
@@ -205,9 +205,19 @@ def test_dv_differs_gqa_causal_cross(isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("mode,bias", [("cls", "key"), ("last", "head"), ("mean", None),
-                                       ("mean", "head"), ("cls", None), ("none", "key"),
-                                       ("mean", "pad"), ("last", "pad")])
+@pytest.mark.parametrize(
+    "mode,bias",
+    [
+        ("cls", "key"),
+        ("last", "head"),
+        ("mean", None),
+        ("mean", "head"),
+        ("cls", None),
+        ("none", "key"),
+        ("mean", "pad"),
+        ("last", "pad"),
+    ],
+)
 def test_scores_and_bias(isa, dtype, mode, bias):
     check(make(B=2, Hq=3, Lq=70, Lk=131, D=32, dtype=dtype, bias=bias), mode=MODES[mode])
     check(make(B=1, Hq=4, Hkv=2, Lq=77, D=40, dtype=dtype, bias=bias), causal=True, mode=MODES[mode])

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the argument (never a wrong answer or a crash)."""
+
 import pytest
 import torch
 
@@ -18,17 +19,20 @@ def cu(*values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("bad, kind, pattern", [
-    (lambda q, k, v: (q[0], k, v), ValueError, r"q must be 4-D"),
-    (lambda q, k, v: (q, k[..., :16], v), ValueError, r"same head dim"),
-    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, r"same batch size"),
-    (lambda q, k, v: (q[:, :3], k, v), ValueError, r"multiple of the number of key/value heads"),
-    (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"v must match k"),
-    (lambda q, k, v: (q, k.double(), v), TypeError, r"share one dtype"),
-    (lambda q, k, v: (q, k, v.to(torch.int32)), TypeError, r"v must be a floating tensor"),
-    (lambda q, k, v: (q.numpy(), k, v), TypeError, r"q must be a torch.Tensor"),
-    (lambda q, k, v: (q, k, v.to("meta")), ValueError, r"one device"),
-])
+@pytest.mark.parametrize(
+    "bad, kind, pattern",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"q must be 4-D"),
+        (lambda q, k, v: (q, k[..., :16], v), ValueError, r"same head dim"),
+        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, r"same batch size"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, r"multiple of the number of key/value heads"),
+        (lambda q, k, v: (q, k, v[:, :, :4]), ValueError, r"v must match k"),
+        (lambda q, k, v: (q, k.double(), v), TypeError, r"share one dtype"),
+        (lambda q, k, v: (q, k, v.to(torch.int32)), TypeError, r"v must be a floating tensor"),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, r"q must be a torch.Tensor"),
+        (lambda q, k, v: (q, k, v.to("meta")), ValueError, r"one device"),
+    ],
+)
 def test_bad_tensors(bad, kind, pattern):
     with pytest.raises(kind, match=pattern):
         mmkernels.attention(*bad(*qkv()))
@@ -63,16 +67,19 @@ def test_bad_key_bias_dtype_device():
         mmkernels.attention(q, k, v, key_bias=torch.ones(2, 6, device="meta"))
 
 
-@pytest.mark.parametrize("cu_q, cu_k, kind, pattern", [
-    (cu(0, 4, 10).long(), cu(0, 6, 12), TypeError, r"cu_seqlens_q must be int32"),
-    (cu(0, 6, 4, 10), cu(0, 4, 8, 12), ValueError, r"cu_seqlens_q must be non-decreasing"),
-    (cu(0, 4, 9), cu(0, 6, 12), ValueError, r"cu_seqlens_q\[-1\] must equal .* \(10\)"),
-    (cu(0, 4, 10), cu(0, 6, 11), ValueError, r"cu_seqlens_k\[-1\] must equal .* \(12\)"),
-    (cu(0, 4, 10), cu(0, 2, 6, 12), ValueError, r"same length"),
-    (cu(1, 4, 10), cu(0, 6, 12), ValueError, r"cu_seqlens_q must start at 0"),
-    (cu(0, 4, 10)[None], cu(0, 6, 12), ValueError, r"cu_seqlens_q must be 1-D"),
-    (cu(0, 4, 10), None, ValueError, r"must be given together"),
-])
+@pytest.mark.parametrize(
+    "cu_q, cu_k, kind, pattern",
+    [
+        (cu(0, 4, 10).long(), cu(0, 6, 12), TypeError, r"cu_seqlens_q must be int32"),
+        (cu(0, 6, 4, 10), cu(0, 4, 8, 12), ValueError, r"cu_seqlens_q must be non-decreasing"),
+        (cu(0, 4, 9), cu(0, 6, 12), ValueError, r"cu_seqlens_q\[-1\] must equal .* \(10\)"),
+        (cu(0, 4, 10), cu(0, 6, 11), ValueError, r"cu_seqlens_k\[-1\] must equal .* \(12\)"),
+        (cu(0, 4, 10), cu(0, 2, 6, 12), ValueError, r"same length"),
+        (cu(1, 4, 10), cu(0, 6, 12), ValueError, r"cu_seqlens_q must start at 0"),
+        (cu(0, 4, 10)[None], cu(0, 6, 12), ValueError, r"cu_seqlens_q must be 1-D"),
+        (cu(0, 4, 10), None, ValueError, r"must be given together"),
+    ],
+)
 def test_bad_cu_seqlens(cu_q, cu_k, kind, pattern):
     q, k, v = packed()
     with pytest.raises(kind, match=pattern):
@@ -84,14 +91,11 @@ def test_bad_varlen_layout_and_max_seqlen():
     with pytest.raises(ValueError, match=r"q must be 3-D in the \(T, H, D\) packed layout"):
         mmkernels.attention(q[None], k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12))
     with pytest.raises(ValueError, match=r"max_seqlen_k=5 is smaller than the longest"):
-        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12),
-                            max_seqlen_k=5)
+        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12), max_seqlen_k=5)
     with pytest.raises(TypeError, match=r"max_seqlen_q must be a non-negative Python int"):
-        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12),
-                            max_seqlen_q=torch.tensor(10))
+        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12), max_seqlen_q=torch.tensor(10))
     with pytest.raises(ValueError, match=r"key_bias must have shape \(12,\) or \(12, 4\)"):
-        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12),
-                            key_bias=torch.randn(10))
+        mmkernels.attention(q, k, v, cu_seqlens_q=cu(0, 10), cu_seqlens_k=cu(0, 12), key_bias=torch.randn(10))
 
 
 def test_backend_that_cannot_serve_lists_every_backend():

@@ -1,4 +1,5 @@
 """Hypothesis fuzzing of shapes and options, every backend against the float64 oracle."""
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,10 +22,19 @@ def attention_case(draw):
         b = draw(st.integers(1, 3))
         lens_q = [draw(st.integers(1, 48))] * b
         lens_k = [draw(st.integers(1, 48))] * b
-    return dict(varlen=varlen, hq=hq, hkv=hkv, d=d, dv=dv, lens_q=lens_q, lens_k=lens_k,
-                causal=draw(st.booleans()), bias=draw(st.sampled_from([None, "key", "head"])),
-                scores=draw(st.sampled_from(["cls", "last", "mean"])),
-                seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        varlen=varlen,
+        hq=hq,
+        hkv=hkv,
+        d=d,
+        dv=dv,
+        lens_q=lens_q,
+        lens_k=lens_k,
+        causal=draw(st.booleans()),
+        bias=draw(st.sampled_from([None, "key", "head"])),
+        scores=draw(st.sampled_from(["cls", "last", "mean"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def build(case, device):
@@ -39,10 +49,12 @@ def build(case, device):
     if case["varlen"]:
         tq, tk = sum(lq), sum(lk)
         q, k, v = rand(tq, hq, d), rand(tk, hkv, d), rand(tk, hkv, dv)
-        kwargs["cu_seqlens_q"] = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(),
-                                              dtype=torch.int32, device=device)
-        kwargs["cu_seqlens_k"] = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(),
-                                              dtype=torch.int32, device=device)
+        kwargs["cu_seqlens_q"] = torch.tensor(
+            [0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=device
+        )
+        kwargs["cu_seqlens_k"] = torch.tensor(
+            [0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=device
+        )
         bias_shape = {"key": (tk,), "head": (tk, hq)}.get(case["bias"])
     else:
         b = len(lq)

@@ -1,4 +1,5 @@
 """The op under torch.compile / torch.export, and its autograd (backward via the reference)."""
+
 import pytest
 import torch
 
@@ -26,8 +27,10 @@ def test_compile_fullgraph_inductor_varlen():
     torch._dynamo.reset()
 
     def f(q, k, v, cu):
-        return mmkernels.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7,
-                                   max_seqlen_k=7, causal=True) + 1
+        return (
+            mmkernels.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7, max_seqlen_k=7, causal=True)
+            + 1
+        )
 
     q, k, v = (torch.randn(12, 2, 16) for _ in range(3))
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
@@ -47,8 +50,8 @@ def test_backward_matches_float64_autograd(causal):
     v = torch.randn(2, 2, 9, 16, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, 9, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(
-        lambda q, k, v, b: mmkernels.attention(q, k, v, key_bias=b, causal=causal),
-        (q, k, v, bias), fast_mode=True)
+        lambda q, k, v, b: mmkernels.attention(q, k, v, key_bias=b, causal=causal), (q, k, v, bias), fast_mode=True
+    )
 
 
 def test_lse_gradient():

@@ -17,6 +17,7 @@ other elements must equal the float64 reference run on the same inputs with the 
 by a finite value (rows that do not read it cannot tell the difference). conftest sets
 MMKERNELS_DEBUG_POISON=1: outputs start as NaN, so an element a backend forgets to write fails.
 """
+
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ import mmkernels
 NAN, INF = float("nan"), float("inf")
 # NaN inputs on purpose: numpy (Triton's interpreter) warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
+EVERY_CPU_ISA = True  # conftest's backend fixture: the cpu backend once per ISA path
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -54,7 +55,7 @@ def expected_nan(q, k, v, bias, causal, scores):
         logits = logits + bb[:, :, None, :]
     empty = ~seen.any(-1)
     nan_row = (seen & (logits.isnan() | (logits == INF))).any(-1)
-    v_bad = ~torch.isfinite(vd)                                                 # (b, hq, lk, dv)
+    v_bad = ~torch.isfinite(vd)  # (b, hq, lk, dv)
     col = (seen.double() @ v_bad.double()) > 0
     out_nan = nan_row[..., None] | col
     rows = {None: None, "cls": slice(0, 1), "last": slice(lq - 1, lq), "mean": slice(0, lq)}[scores]
@@ -79,30 +80,40 @@ def run_case(backend, q, k, v, bias=None, causal=False, scores=None, oracle_raw=
     name, _ = backend
     if name == "cpu" and q.dtype == torch.float64:
         pytest.skip("cpu runs float32 / bfloat16")
-    got = mmkernels.attention(q, k, v, key_bias=bias, causal=causal, scores=scores,
-                              return_lse=True, backend=name)
+    got = mmkernels.attention(q, k, v, key_bias=bias, causal=causal, scores=scores, return_lse=True, backend=name)
     out_nan, lse_nan, empty, sc_nan = expected_nan(q, k, v, bias, causal, scores)
     if oracle_raw:  # the float64 reference on the poisoned inputs themselves
-        want = mmkernels.reference_attention(q.double(), k.double(), v.double(),
-                                             key_bias=None if bias is None else bias.double(),
-                                             causal=causal, scores=scores)
+        want = mmkernels.reference_attention(
+            q.double(),
+            k.double(),
+            v.double(),
+            key_bias=None if bias is None else bias.double(),
+            causal=causal,
+            scores=scores,
+        )
     else:
-        want = mmkernels.reference_attention(clean(q).double(), clean(k).double(), clean(v).double(),
-                                             key_bias=None if bias is None else clean_bias(bias).double(),
-                                             causal=causal, scores=scores)
+        want = mmkernels.reference_attention(
+            clean(q).double(),
+            clean(k).double(),
+            clean(v).double(),
+            key_bias=None if bias is None else clean_bias(bias).double(),
+            causal=causal,
+            scores=scores,
+        )
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
 
     def compare(what, g, w, nan_mask):
         g = g.double()
         assert torch.equal(g.isnan(), nan_mask), (
-            f"{what}: NaN at {g.isnan().nonzero().tolist()[:8]}, expected at "
-            f"{nan_mask.nonzero().tolist()[:8]}")
+            f"{what}: NaN at {g.isnan().nonzero().tolist()[:8]}, expected at {nan_mask.nonzero().tolist()[:8]}"
+        )
         ok = ~nan_mask
         assert torch.isfinite(w[ok]).all() or what == "lse"
         err = (g[ok] - w[ok]).abs()
         err = torch.where(torch.isinf(w[ok]) & (g[ok] == w[ok]), torch.zeros_like(err), err)
-        assert err.max().item() <= tol * max(1.0, w[ok].abs().max().item()) if err.numel() else True, \
+        assert err.max().item() <= tol * max(1.0, w[ok].abs().max().item()) if err.numel() else True, (
             f"{what}: max error {err.max().item():.3g}"
+        )
 
     compare("out", got.out, want[0], out_nan)
     compare("lse", got.lse, want[1], lse_nan)
@@ -162,7 +173,7 @@ def test_inf_in_key(backend, dtype, causal):
     q[:, :, :, 5] = torch.where(torch.arange(9)[:, None] % 2 == 0, 1.0, -1.0).expand(2, 2, 9, 1)[..., 0]
     q[:, :, :, 2] = q[:, :, :, 5]
     _, out_nan = run_case(backend, q, k, v, causal=causal, scores="mean", oracle_raw=True)
-    rows = torch.arange(9) % 2 == 0                      # q[i, 5] = q[i, 2] = +1 on even rows
+    rows = torch.arange(9) % 2 == 0  # q[i, 5] = q[i, 2] = +1 on even rows
     if causal:
         assert torch.equal(out_nan[0, :, :, 0], (rows & (torch.arange(9) >= 3)).expand(2, 9))
         assert torch.equal(out_nan[1, :, :, 0], (~rows & (torch.arange(9) >= 6)).expand(2, 9))
@@ -185,13 +196,13 @@ def test_nan_in_query_row(backend, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_nonfinite_value(backend, dtype, value, causal):
     q, k, v = inputs(dtype, hq=4, hkv=2)
-    v[0, 1, 3, 5] = value           # kv head 1 -> query heads 2, 3
+    v[0, 1, 3, 5] = value  # kv head 1 -> query heads 2, 3
     bias = torch.zeros(2, 4, 9)
-    bias[1, :, 3] = -INF            # batch 1: key 3 masked, its poisoned v never read
+    bias[1, :, 3] = -INF  # batch 1: key 3 masked, its poisoned v never read
     v[1, 0, 3, 7] = value
     _, out_nan = run_case(backend, q, k, v, bias=bias, causal=causal, scores="mean")
     want = torch.zeros_like(out_nan)
-    want[0, 2:, (3 if causal else 0):, 5] = True
+    want[0, 2:, (3 if causal else 0) :, 5] = True
     assert torch.equal(out_nan, want)
 
 
@@ -201,7 +212,7 @@ def test_nonfinite_value(backend, dtype, value, causal):
 def test_bias_posinf_or_nan(backend, dtype, value, causal):
     q, k, v = inputs(dtype)
     bias = torch.randn(2, 2, 9)
-    bias[0, 1, 4] = value           # head 1 of batch 0 only
+    bias[0, 1, 4] = value  # head 1 of batch 0 only
     _, out_nan = run_case(backend, q, k, v, bias=bias, causal=causal, scores="last")
     assert out_nan[0, 1, 4:].all() and not out_nan[0, 0].any() and not out_nan[1].any()
     assert out_nan[0, 1, :4].any() == (not causal)
@@ -211,7 +222,7 @@ def test_bias_posinf_or_nan(backend, dtype, value, causal):
 def test_fully_masked_rows_stay_zero(backend, dtype):
     q, k, v = inputs(dtype)
     bias = torch.zeros(2, 9)
-    bias[0] = -INF                  # batch 0: every key masked
+    bias[0] = -INF  # batch 0: every key masked
     q[0, 0, 1] = NAN
     k[0, 0, 2] = NAN
     v[0, 0, 5] = INF
@@ -234,7 +245,7 @@ def test_long_sequences(backend, dtype):
     name, _ = backend
     q, k, v = inputs(dtype, b=1, hq=2, hkv=1, lq=130, lk=400, d=16, seed=1)
     k[0, 0, 350, 3] = NAN
-    run_case(backend, q, k, v, causal=True, scores="cls")       # rows >= 80 see key 350
+    run_case(backend, q, k, v, causal=True, scores="cls")  # rows >= 80 see key 350
     run_case(backend, q, k, v, causal=True, scores="last")
     # the first 64-key block holds only key 5 (NaN) unmasked: the max alone would drop it
     q, k, v = inputs(dtype, b=1, hq=2, hkv=1, lq=20, lk=400, d=16, seed=2)
@@ -265,20 +276,22 @@ def test_varlen(backend, dtype):
     q = torch.randn(15, 2, 16, generator=g).to(dtype)
     k = torch.randn(15, 1, 16, generator=g).to(dtype)
     v = torch.randn(15, 1, 16, generator=g).to(dtype)
-    k[7, 0, 2] = NAN                # sequence 1, its key 2
-    v[13, 0, 4] = NAN               # sequence 2, its key 1
-    got = mmkernels.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
-                              return_lse=True, scores="mean", backend=name)
+    k[7, 0, 2] = NAN  # sequence 1, its key 2
+    v[13, 0, 4] = NAN  # sequence 2, its key 1
+    got = mmkernels.attention(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, return_lse=True, scores="mean", backend=name
+    )
     out_nan = got.out.isnan()
     want = torch.zeros_like(out_nan)
-    want[7:12] = True               # rows 2.. of sequence 1 see its key 2
-    want[13:15, :, 4] = True        # rows 1.. of sequence 2 see its key 1, column 4
+    want[7:12] = True  # rows 2.. of sequence 1 see its key 2
+    want[13:15, :, 4] = True  # rows 1.. of sequence 2 see its key 1, column 4
     assert torch.equal(out_nan, want)
     lse_nan = torch.zeros_like(got.lse, dtype=torch.bool)
-    lse_nan[7:12] = True            # v does not reach the lse
+    lse_nan[7:12] = True  # v does not reach the lse
     assert torch.equal(got.lse.isnan(), lse_nan)
     assert torch.equal(got.scores.isnan(), torch.tensor([False] * 5 + [True] * 7 + [False] * 3))
-    ref = mmkernels.reference_attention(q.double(), clean(k).double(), clean(v).double(),
-                                        cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    ref = mmkernels.reference_attention(
+        q.double(), clean(k).double(), clean(v).double(), cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True
+    )
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert (got.out.double()[~want] - ref[0][~want]).abs().max() <= tol * max(1.0, ref[0].abs().max())

@@ -2,6 +2,7 @@
 oracle on the calls it declares, the library's NaN semantics on them (docs/nan_semantics.md,
 including its rare path), and the auto-selection rule per CPU class (monkeypatched: never a
 timing)."""
+
 import math
 
 import pytest
@@ -19,16 +20,19 @@ pytestmark = pytest.mark.skipif(not TORCH.availability()[0], reason=str(TORCH.av
 
 def qkv(b, hq, hkv, lq, lk, d, dtype=torch.float32):
     """(B, H, L, D) views of (B, L, H, D) tensors (non-contiguous, as projections give them)."""
+
     def r(h, n):
         return torch.randn(b, n, h, d).to(dtype).transpose(1, 2)
+
     return r(hq, lq), r(hkv, lk), r(hkv, lk)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2, 1, 1, 64), (3, 4, 2, 7, 7, 40), (1, 6, 2, 197, 197, 72),
-                                   (2, 3, 1, 33, 257, 80), (1, 2, 2, 257, 31, 36)],
-                         ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, 2, 1, 1, 64), (3, 4, 2, 7, 7, 40), (1, 6, 2, 197, 197, 72), (2, 3, 1, 33, 257, 80), (1, 2, 2, 257, 31, 36)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 def test_matches_the_oracle(shape, dtype):
     b, hq, hkv, lq, lk, d = shape
     q, k, v = qkv(b, hq, hkv, lq, lk, d, dtype)
@@ -40,18 +44,24 @@ def test_key_bias_with_masked_keys_and_a_fully_masked_sequence(dtype):
     q, k, v = qkv(3, 4, 2, 19, 23, 64, dtype)
     bias = torch.randn(3, 23) * 3
     bias[0, 5:9] = -INF
-    bias[2] = -INF                          # sequence 2 sees no key: out 0, lse -inf
+    bias[2] = -INF  # sequence 2 sees no key: out 0, lse -inf
     res = assert_matches_oracle(q, k, v, "torch", key_bias=bias)
     assert torch.equal(res.out[2], torch.zeros_like(res.out[2]))
     assert torch.equal(res.lse[2], torch.full_like(res.lse[2], -INF))
-    per_head = torch.randn(3, 4, 23)        # (B, H, Lk) biases too
+    per_head = torch.randn(3, 4, 23)  # (B, H, Lk) biases too
     assert_matches_oracle(q, k, v, "torch", key_bias=per_head)
 
 
 def _same_as_reference(q, k, v, bias=None):
     got = mmkernels.attention(q, k, v, key_bias=bias, return_lse=True, backend="torch")
-    want = mmkernels.attention(q.double(), k.double(), v.double(), return_lse=True,
-                               key_bias=None if bias is None else bias.double(), backend="reference")
+    want = mmkernels.attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        return_lse=True,
+        key_bias=None if bias is None else bias.double(),
+        backend="reference",
+    )
     for name, g, w in (("out", got.out, want.out), ("lse", got.lse, want.lse)):
         g, w = g.double(), w.double()
         assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN pattern differs"
@@ -68,14 +78,14 @@ def _poison(case):
         q[0, 1, 2, 3] = NAN
     elif case == "nan_k":
         k[1, 0, 4, 0] = NAN
-    elif case in ("posinf_k", "neginf_k"):            # rare path (+-inf logits)
+    elif case in ("posinf_k", "neginf_k"):  # rare path (+-inf logits)
         k[0, 0, 3, 5] = INF if case == "posinf_k" else -INF
-    elif case == "neginf_q_row":                      # every logit of a row -inf: lse -inf
+    elif case == "neginf_q_row":  # every logit of a row -inf: lse -inf
         q[1, 1, 0] = -INF
         k[1, 1] = 1.0
     elif case in ("nan_v", "posinf_v", "neginf_v"):
         v[0, 1, 7, 2] = {"nan_v": NAN, "posinf_v": INF, "neginf_v": -INF}[case]
-    elif case == "masked_key_never_read":             # a -inf key holding NaN k / inf v
+    elif case == "masked_key_never_read":  # a -inf key holding NaN k / inf v
         bias = torch.randn(2, 9)
         bias[0, 3] = -INF
         k[0, 0, 3, 1] = NAN
@@ -90,9 +100,23 @@ def _poison(case):
     return q, k, v, bias
 
 
-@pytest.mark.parametrize("case", ["nan_q_row", "nan_k", "posinf_k", "neginf_k", "neginf_q_row", "nan_v",
-                                  "posinf_v", "neginf_v", "masked_key_never_read",
-                                  "fully_masked_with_nan_v", "posinf_bias", "nan_bias"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nan_q_row",
+        "nan_k",
+        "posinf_k",
+        "neginf_k",
+        "neginf_q_row",
+        "nan_v",
+        "posinf_v",
+        "neginf_v",
+        "masked_key_never_read",
+        "fully_masked_with_nan_v",
+        "posinf_bias",
+        "nan_bias",
+    ],
+)
 def test_nan_semantics_are_the_library_s(case):
     q, k, v, bias = _poison(case)
     _same_as_reference(q, k, v, bias)
@@ -103,17 +127,27 @@ def test_refuses_what_it_does_not_serve_with_every_reason():
     with pytest.raises(_dispatch.NoBackendError) as info:
         mmkernels.attention(q, k, v[..., :8], causal=True, scores="cls", backend="torch")
     first = str(info.value).split("\n")[0]
-    for text in ("causal: SDPA's is_causal is top-left aligned", "scores: SDPA forms no",
-                 "D=16 != Dv=8"):
+    for text in ("causal: SDPA's is_causal is top-left aligned", "scores: SDPA forms no", "D=16 != Dv=8"):
         assert text in first
 
 
 # --- the auto-selection rule (the CPU class is monkeypatched; never a timing) --------------------
 
+
 def _call(dtype="float32", **kw):
-    fields = dict(device_type="cpu", dtype_name=dtype, head_dim=64, head_dim_v=64, num_heads_q=12,
-                  num_heads_kv=12, varlen=False, causal=False, has_bias=False, scores=None,
-                  return_lse=False)
+    fields = dict(
+        device_type="cpu",
+        dtype_name=dtype,
+        head_dim=64,
+        head_dim_v=64,
+        num_heads_q=12,
+        num_heads_kv=12,
+        varlen=False,
+        causal=False,
+        has_bias=False,
+        scores=None,
+        return_lse=False,
+    )
     fields.update(kw)
     return AttentionCall(**fields)
 
@@ -123,6 +157,7 @@ def cpu_class(monkeypatch):
     def set_class(name):
         monkeypatch.setattr(_extension, "_CPU_CLASS", name)
         _dispatch.clear_selection_cache()
+
     yield set_class
     _dispatch.clear_selection_cache()
 

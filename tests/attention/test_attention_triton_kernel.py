@@ -10,6 +10,7 @@ Tolerances: float32 -> |err| <= 2 * |err of the same math in float32 PyTorch| + 
 float16 / bfloat16 inputs are upcast to float32 for the dots in the interpreter and the output is rounded
 once to the input dtype (the interpreter truncates fp32 -> bf16), so |err| <= ulp(dtype) * |ref| + 1e-3.
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -46,8 +47,7 @@ def reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, dtype=torch.fl
     if cu_q is None:
         seqs = [(b, 0, Sq, 0, Sk) for b in range(Bq)]
     else:
-        seqs = [(0, int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1]))
-                for b in range(len(cu_q) - 1)]
+        seqs = [(0, int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])) for b in range(len(cu_q) - 1)]
     for tb, q0, q1, k0, k1 in seqs:
         lq, lk = q1 - q0, k1 - k0
         q = q4[tb, :, q0:q1]
@@ -82,8 +82,8 @@ def make_qkv(B, Hq, Hkv, Lq, Lk, D, Dv, dtype, seed=0, layout="bshd"):
         k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype).permute(0, 2, 1, 3)
         v = torch.randn(B, Lk, Hkv, Dv, generator=g).to(dtype).permute(0, 2, 1, 3)
     elif layout == "sliced":  # padded last dim: row strides != D, head dim a slice of a wider tensor
-        q = torch.randn(B, Hq, Lq, D + 8, generator=g).to(dtype)[..., 3:D + 3]
-        k = torch.randn(B, Hkv, Lk + 2, D, generator=g).to(dtype)[:, :, 1:Lk + 1]
+        q = torch.randn(B, Hq, Lq, D + 8, generator=g).to(dtype)[..., 3 : D + 3]
+        k = torch.randn(B, Hkv, Lk + 2, D, generator=g).to(dtype)[:, :, 1 : Lk + 1]
         v = torch.randn(Dv, B, Hkv, Lk, generator=g).to(dtype).permute(1, 2, 3, 0)  # last stride != 1
     else:
         q = torch.randn(B, Hq, Lq, D, generator=g).to(dtype)
@@ -102,26 +102,37 @@ def poisoned_outputs(Bp, Hq, Sq, Dv, Sk, dtype, want_lse, want_scores, noncontig
     return out, lse, scores
 
 
-def run(q4, k4, v4, bias3=None, cu_q=None, cu_k=None, causal=False, mode=0, lse=True, config=None,
-        scale=None, noncontig_out=True):
+def run(
+    q4,
+    k4,
+    v4,
+    bias3=None,
+    cu_q=None,
+    cu_k=None,
+    causal=False,
+    mode=0,
+    lse=True,
+    config=None,
+    scale=None,
+    noncontig_out=True,
+):
     Bq, Hq, Sq, D = q4.shape
     Sk, Dv = k4.shape[2], v4.shape[3]
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     if cu_q is None:
         mq, mk = Sq, Sk
     else:
         mq = int((cu_q[1:] - cu_q[:-1]).max()) if len(cu_q) > 1 else 0
         mk = int((cu_k[1:] - cu_k[:-1]).max()) if len(cu_k) > 1 else 0
     out, lse3, scores = poisoned_outputs(Bq, Hq, Sq, Dv, Sk, q4.dtype, lse, mode != 0, noncontig_out)
-    T.attention_forward(q4, k4, v4, bias3, cu_q, cu_k, mq, mk, causal, scale, mode, out, lse3, scores,
-                        config=config)
+    T.attention_forward(q4, k4, v4, bias3, cu_q, cu_k, mq, mk, causal, scale, mode, out, lse3, scores, config=config)
     return out, lse3, scores, scale
 
 
-def check(q4, k4, v4, bias3=None, cu_q=None, cu_k=None, causal=False, mode=3, config=None,
-          noncontig_out=True):
-    out, lse, scores, scale = run(q4, k4, v4, bias3, cu_q, cu_k, causal, mode, True, config,
-                                  noncontig_out=noncontig_out)
+def check(q4, k4, v4, bias3=None, cu_q=None, cu_k=None, causal=False, mode=3, config=None, noncontig_out=True):
+    out, lse, scores, scale = run(
+        q4, k4, v4, bias3, cu_q, cu_k, causal, mode, True, config, noncontig_out=noncontig_out
+    )
     ref = reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode)
     got = (out, lse, scores)
     names = ("out", "lse", "scores")
@@ -138,7 +149,7 @@ def check(q4, k4, v4, bias3=None, cu_q=None, cu_k=None, causal=False, mode=3, co
         if q4.dtype == torch.float32:
             bound = 2 * (ref32[i].double() - r)[finite].abs() + 1e-5
         else:
-            ulp = 2.0 ** -7 if q4.dtype == torch.bfloat16 else 2.0 ** -10
+            ulp = 2.0**-7 if q4.dtype == torch.bfloat16 else 2.0**-10
             bound = (ulp * r[finite].abs() + 1e-3) if name == "out" else torch.full_like(err, 1e-4)
         worst = (err - bound).max().item() if err.numel() else -1
         assert worst <= 0, f"{name}: max err {err.max().item():.3g} exceeds bound by {worst:.3g}"
@@ -202,13 +213,14 @@ def _varlen(lens_q, lens_k, Hq, Hkv, D, Dv, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("mode", [1, 2, 3])
 def test_varlen_with_empty_and_single(causal, mode):
     lens_q = [0, 1, 7, 40, 5, 3]
-    lens_k = [4, 1, 7, 35, 0, 9]   # (0, 4): keys but no query -> scores 0; (5, 0): rows fully masked
+    lens_k = [4, 1, 7, 35, 0, 9]  # (0, 4): keys but no query -> scores 0; (5, 0): rows fully masked
     q, k, v, cu_q, cu_k = _varlen(lens_q, lens_k, 4, 2, 40, 24, seed=mode)
     g = torch.Generator().manual_seed(1)
     bias = torch.randn(1, 4, sum(lens_k), generator=g)
     bias[0, 1, 10:14] = -math.inf
-    out, lse, scores = check(q, k, v, bias, cu_q, cu_k, causal=causal, mode=mode,
-                             config=dict(BLOCK_M=16, BLOCK_N=16, SCORES_BLOCK_M=16))
+    out, lse, scores = check(
+        q, k, v, bias, cu_q, cu_k, causal=causal, mode=mode, config=dict(BLOCK_M=16, BLOCK_N=16, SCORES_BLOCK_M=16)
+    )
     assert torch.all(scores[0, :4] == 0)  # sequence 0 has no query
 
 

@@ -1,5 +1,6 @@
 """GPTQ (mmkernels.compress.gptq): better than RTN on held-out inputs of a layer with correlated
 inputs, valid QuantizedWeight, act-order round trip through QuantLinear, determinism."""
+
 import pytest
 import torch
 
@@ -27,17 +28,24 @@ def layer():
     bias = torch.randn(N, generator=g) * 0.1
     hess = Hessian(K)
     x_cal = correlated_inputs(4096, seed=3)
-    for chunk in x_cal.split(1000):                # several batches, as hooks would see them
+    for chunk in x_cal.split(1000):  # several batches, as hooks would see them
         hess.add(chunk)
-    return w, bias, hess.H, correlated_inputs(2048, seed=4)     # held-out inputs
+    return w, bias, hess.H, correlated_inputs(2048, seed=4)  # held-out inputs
 
 
 def out_err(x, w, w_hat):
     return float(((x @ (w_hat - w).T) ** 2).mean())
 
 
-CONFIGS = [(4, 128, True), (4, 128, False), (8, None, True), (8, None, False), (4, 32, True),
-           (4, None, False), (8, 64, True)]
+CONFIGS = [
+    (4, 128, True),
+    (4, 128, False),
+    (8, None, True),
+    (8, None, False),
+    (4, 32, True),
+    (4, None, False),
+    (8, 64, True),
+]
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", CONFIGS)
@@ -50,8 +58,7 @@ def test_gptq_beats_rtn_on_held_out_inputs(layer, bits, group_size, symmetric):
     assert gptq < 0.5 * rtn, f"GPTQ {gptq:.3g} vs RTN {rtn:.3g}"
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, True), (8, None, True),
-                                                       (4, 64, False)])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, True), (8, None, True), (4, 64, False)])
 def test_act_order_round_trips_through_quant_linear(layer, bits, group_size, symmetric):
     w, bias, H, x_test = layer
     res = gptq_quantize(w, H, bits, group_size, symmetric, desc_act=True)
@@ -64,7 +71,7 @@ def test_act_order_round_trips_through_quant_linear(layer, bits, group_size, sym
     assert torch.equal(res.g_idx[perm], torch.arange(K) // gs)
 
     layer_q = QuantLinear.from_quantized(res.qweight, bias, input_perm=perm)
-    w_hat = res.qweight.dequantize()[:, torch.argsort(perm)]     # original column order
+    w_hat = res.qweight.dequantize()[:, torch.argsort(perm)]  # original column order
     torch.testing.assert_close(layer_q.dequantized_weight(), w_hat)
     y = layer_q(x_test[:64])
     torch.testing.assert_close(y, x_test[:64] @ w_hat.T + bias, rtol=1e-4, atol=1e-4)
@@ -77,8 +84,7 @@ def test_act_order_round_trips_through_quant_linear(layer, bits, group_size, sym
 def test_result_is_a_valid_quantized_weight(layer, bits, group_size, symmetric):
     w, _, H, _ = layer
     qw = gptq_quantize(w, H, bits, group_size, symmetric, desc_act=True).qweight
-    assert (qw.bits, qw.group_size, qw.symmetric, qw.shape) == (bits, group_size, symmetric,
-                                                                 (N, K))
+    assert (qw.bits, qw.group_size, qw.symmetric, qw.shape) == (bits, group_size, symmetric, (N, K))
     qmin, qmax = qrange(bits, symmetric)
     q = unpack_weight(qw.qweight, bits, symmetric)
     assert int(q.min()) >= qmin and int(q.max()) <= qmax
@@ -97,8 +103,7 @@ def test_deterministic(layer):
     assert torch.equal(a.perm, b.perm)
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, True), (8, None, False),
-                                                       (4, 32, False)])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 128, True), (8, None, False), (4, 32, False)])
 def test_diagonal_hessian_gives_the_rtn_grid_exactly(bits, group_size, symmetric):
     """With a diagonal H no error is fed to other columns: GPTQ must reproduce RTN bit for bit,
     which checks that its grid is quantize_weight's."""

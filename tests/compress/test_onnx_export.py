@@ -8,6 +8,7 @@ second layer sees inputs that already differ by ~1e-7, which can move ``x / s`` 
 tie and change one ``x_q`` by 1: an output moves by at most ``s_x * max|W|``; we allow 1e-3 (its
 size here) and require the median error to stay at float32 level.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,7 @@ def quantize(lin, perm=False, smooth=False, **kw):
         kw["smooth"] = smoothquant_factors(act, lin.weight)
     if perm:
         p = torch.randperm(lin.in_features)
-        qw = quantize_weight(lin.weight.detach()[:, p], kw["bits"], kw.get("group_size"),
-                             kw.get("symmetric", True))
+        qw = quantize_weight(lin.weight.detach()[:, p], kw["bits"], kw.get("group_size"), kw.get("symmetric", True))
         return QuantLinear.from_quantized(qw, lin.bias, input_perm=p, backend="reference")
     return QuantLinear.from_linear(lin, backend="reference", **kw)
 
@@ -91,8 +91,11 @@ def check_quantized_graph(proto, model, kw):
         assert attrs["block_size"] == kw.get("group_size", 128)
     # no float copy of a full weight: float initializers / constants stay far below N * K
     smallest = min(m.in_features * m.out_features for m in (model.fc1, model.fc2))
-    big = [(i.name, i.data_type, list(i.dims)) for i in proto.graph.initializer
-           if i.data_type in (1, 10, 11, 16) and _numel(i.dims) >= smallest // 4]
+    big = [
+        (i.name, i.data_type, list(i.dims))
+        for i in proto.graph.initializer
+        if i.data_type in (1, 10, 11, 16) and _numel(i.dims) >= smallest // 4
+    ]
     assert not big, big
     for node in proto.graph.node:
         for a in node.attribute:
@@ -113,13 +116,13 @@ def test_export_runs_in_onnxruntime_and_matches(case, tmp_path):
     model = make_model(**kw)
     x = torch.randn(2, 7, 128)
     path = tmp_path / "model.onnx"
-    proto = mmkernels.export_onnx(model, (x,), str(path),
-                                  dynamic_shapes=({0: torch.export.Dim("b"),
-                                                   1: torch.export.Dim("s")},))
+    proto = mmkernels.export_onnx(
+        model, (x,), str(path), dynamic_shapes=({0: torch.export.Dim("b"), 1: torch.export.Dim("s")},)
+    )
     assert path.stat().st_size > 0
     check_quantized_graph(proto, model, kw)
-    assert isinstance(model.fc1, QuantLinear) and model.training is False   # restored
-    for shape in ((2, 7, 128), (3, 11, 128)):                # dynamic batch / sequence
+    assert isinstance(model.fc1, QuantLinear) and model.training is False  # restored
+    for shape in ((2, 7, 128), (3, 11, 128)):  # dynamic batch / sequence
         x = torch.randn(*shape)
         with torch.no_grad():
             want = model(x)
@@ -133,19 +136,18 @@ def test_export_runs_in_onnxruntime_and_matches(case, tmp_path):
 
 def test_outlier_split_layer_exports_as_two_integer_matmuls():
     from mmkernels.nn import OutlierSplitLinear
+
     torch.manual_seed(0)
     model = Small().eval()
     idx = torch.tensor([5, 64, 100])
     keep = torch.ones(128, dtype=torch.bool)
     keep[idx] = False
     w = model.fc1.weight.detach()
-    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), model.fc1.bias.detach(),
-                                      act_bits=8)
-    model.fc1 = OutlierSplitLinear(main, QuantLinear.from_quantized(quantize_weight(w[:, idx], 8),
-                                                                    act_bits=8), idx)
+    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), model.fc1.bias.detach(), act_bits=8)
+    model.fc1 = OutlierSplitLinear(main, QuantLinear.from_quantized(quantize_weight(w[:, idx], 8), act_bits=8), idx)
     model.fc2 = QuantLinear.from_linear(model.fc2, bits=8, act_bits=8)
     x = torch.randn(2, 7, 128)
-    x[..., idx] *= 30                                          # the outlier channels
+    x[..., idx] *= 30  # the outlier channels
     proto = mmkernels.export_onnx(model, (x,))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMulInteger") == 3 and "MatMul" not in ops
@@ -155,8 +157,9 @@ def test_outlier_split_layer_exports_as_two_integer_matmuls():
     assert err.max() < 1e-3 and err.median() < 1e-5, (err.max(), err.median())
 
 
-@pytest.mark.parametrize("kw", [dict(bits=8, act_bits=8), dict(bits=8, act_bits=8, smooth=True),
-                                dict(bits=8, act_bits=8, symmetric=False)])
+@pytest.mark.parametrize(
+    "kw", [dict(bits=8, act_bits=8), dict(bits=8, act_bits=8, smooth=True), dict(bits=8, act_bits=8, symmetric=False)]
+)
 def test_w8a8_first_layer_matches_to_float32_rounding(kw):
     """Same inputs, same quantization steps: equal up to float32 rounding of the epilogue."""
     torch.manual_seed(0)
@@ -183,8 +186,9 @@ def test_per_channel_block_choice_and_padding(k):
             torch.testing.assert_close(run_onnx(proto, x), model(x), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("case", ["int4-asym-g32", "int4-sym-channel", "int8-asym", "w8a8-asym",
-                                  "fp8-g32", "int4-asym-g64-actorder"])
+@pytest.mark.parametrize(
+    "case", ["int4-asym-g32", "int4-sym-channel", "int8-asym", "w8a8-asym", "fp8-g32", "int4-asym-g64-actorder"]
+)
 def test_stand_in_decodes_the_onnx_layout(case):
     """The stand-ins' eager forward decodes the ONNX-layout buffers (B, packed zero points, ...):
     an onnxruntime-free check of the packing."""

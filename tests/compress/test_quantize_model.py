@@ -1,5 +1,6 @@
 """quantize_model on a small toy model: replacement, name patterns, vision towers, the report,
 GPTQ / SmoothQuant / outlier split plumbing, padding masks."""
+
 import copy
 
 import pytest
@@ -41,7 +42,7 @@ class Toy(nn.Module):
 
     def forward(self, x, attention_mask=None):
         for b in self.blocks:
-            x = b(x, DIM ** -0.5)
+            x = b(x, DIM**-0.5)
         return self.head(x) + self.vision_model(x)[..., :16]
 
 
@@ -54,7 +55,7 @@ def data(n, seed):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(8, DIM, generator=torch.Generator().manual_seed(9))
     x = torch.randn(n, 12, 8, generator=g) @ mix + 0.1 * torch.randn(n, 12, DIM, generator=g)
-    x[..., 3] *= 20                                   # an outlier channel
+    x[..., 3] *= 20  # an outlier channel
     return x
 
 
@@ -84,8 +85,14 @@ def test_vision_true_quantizes_it_and_reports_it_separately():
 def test_include_exclude_patterns():
     model = make()
     quantize_model(model, include="blocks.*", exclude=["*.fc2", "*.q"], progress=False)
-    assert sorted(linears(model)) == ["blocks.0.fc2", "blocks.0.q", "blocks.1.fc2", "blocks.1.q",
-                                      "head", "vision_model.0"]
+    assert sorted(linears(model)) == [
+        "blocks.0.fc2",
+        "blocks.0.q",
+        "blocks.1.fc2",
+        "blocks.1.q",
+        "head",
+        "vision_model.0",
+    ]
 
 
 def test_argument_errors():
@@ -97,7 +104,7 @@ def test_argument_errors():
         quantize_model(make(), act_bits=8, smooth_alpha=0.5)
     with pytest.raises(ValueError, match="method"):
         quantize_model(make(), method="awq")
-    lone = nn.Linear(DIM, DIM)                 # cannot be replaced in place: refused, not left
+    lone = nn.Linear(DIM, DIM)  # cannot be replaced in place: refused, not left
     with pytest.raises(ValueError, match="single nn.Linear.*QuantLinear.from_linear"):
         quantize_model(lone)
     assert type(lone) is nn.Linear
@@ -114,13 +121,11 @@ def test_gptq_block_by_block_beats_rtn_on_held_out_data():
     test = data(16, 99)
     rtn, gptq = copy.deepcopy(ref), copy.deepcopy(ref)
     quantize_model(rtn, bits=4, group_size=32, progress=False)
-    report = quantize_model(gptq, bits=4, group_size=32, method="gptq", calib_data=calib,
-                            desc_act=True, progress=False)
+    report = quantize_model(gptq, bits=4, group_size=32, method="gptq", calib_data=calib, desc_act=True, progress=False)
     assert all(r.output_sqnr is not None for r in report.quantized())
     assert "output SQNR" in report.summary()
     assert _err(gptq, ref, test) < 0.7 * _err(rtn, ref, test)
-    assert all(isinstance(m.input_perm, torch.Tensor) for m in gptq.modules()
-               if isinstance(m, QuantLinear))
+    assert all(isinstance(m.input_perm, torch.Tensor) for m in gptq.modules() if isinstance(m, QuantLinear))
 
 
 def test_w8a8_smoothquant_search_and_outlier_split():
@@ -129,10 +134,8 @@ def test_w8a8_smoothquant_search_and_outlier_split():
     test = data(16, 99)
     plain, smooth, split = copy.deepcopy(ref), copy.deepcopy(ref), copy.deepcopy(ref)
     quantize_model(plain, act_bits=8, progress=False)
-    report = quantize_model(smooth, act_bits=8, smooth_alpha="search", calib_data=calib,
-                            method="gptq", progress=False)
-    quantize_model(split, act_bits=8, smooth_alpha=0.5, outlier_channels=2, calib_data=calib,
-                   progress=False)
+    report = quantize_model(smooth, act_bits=8, smooth_alpha="search", calib_data=calib, method="gptq", progress=False)
+    quantize_model(split, act_bits=8, smooth_alpha=0.5, outlier_channels=2, calib_data=calib, progress=False)
     layers = [m for m in smooth.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 11 and all(m.act_bits == 8 for m in layers)
     assert any(r.alpha is not None for r in report.quantized())
@@ -142,16 +145,14 @@ def test_w8a8_smoothquant_search_and_outlier_split():
     assert fc1.main.act_bits == 8 and fc1.outliers.act_bits == 8
     assert _err(split, ref, test) < _err(plain, ref, test)
     # dequantized_weight puts both parts back in place
-    torch.testing.assert_close(fc1.dequantized_weight(), ref.blocks[0].fc1.weight, atol=2e-2,
-                               rtol=0)
+    torch.testing.assert_close(fc1.dequantized_weight(), ref.blocks[0].fc1.weight, atol=2e-2, rtol=0)
 
 
 def test_float_target_and_one_pass_modes_run():
     calib = [data(4, seed) for seed in range(2)]
     for kw in ({"float_target": True}, {"sequential": False, "clip_search": True}):
         model = make()
-        report = quantize_model(model, bits=4, group_size=64, method="gptq", calib_data=calib,
-                                progress=False, **kw)
+        report = quantize_model(model, bits=4, group_size=64, method="gptq", calib_data=calib, progress=False, **kw)
         assert len(report.quantized()) == 11, kw
         with torch.no_grad():
             assert torch.isfinite(model(data(2, 5))).all()
@@ -172,10 +173,9 @@ def test_layer_that_never_runs_falls_back_to_rtn():
 def test_attention_mask_drops_padding_rows_from_statistics():
     lin = nn.Linear(4, 4)
     x = torch.ones(2, 3, 4)
-    x[1, 2] = 100.0                                   # a padding position with a huge value
+    x[1, 2] = 100.0  # a padding position with a huge value
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    got = collect(lambda item: lin(item), [x], {"lin": lin}, hessian=True, absmax=True,
-                  max_rows=100, masks=[mask])
+    got = collect(lambda item: lin(item), [x], {"lin": lin}, hessian=True, absmax=True, max_rows=100, masks=[mask])
     st = got.stats["lin"]
     assert st.n_rows == 5 and float(st.absmax.max()) == 1.0
     torch.testing.assert_close(st.hessian.H, torch.full((4, 4), 2.0, dtype=torch.float64))

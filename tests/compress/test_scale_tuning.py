@@ -3,6 +3,7 @@ integer, lowers the held-out error of the model's final output (mse and cosine l
 output_fn), the exported layers compute what the tuner computed, start scales kept when tuning
 cannot help, biases changed only with bias_lr, only weight-only integer layers are touched, clear
 argument errors."""
+
 import copy
 
 import pytest
@@ -25,7 +26,7 @@ def _layers(model):
 
 
 def _pooled(out, item):
-    return out.mean(dim=1)                                     # a sentence-embedding stand-in
+    return out.mean(dim=1)  # a sentence-embedding stand-in
 
 
 def test_tuning_lowers_held_out_error_and_keeps_integers(tiny):
@@ -56,8 +57,7 @@ def test_cosine_loss_on_custom_output(tiny):
     model, calib, x_test = tiny
     start = _rtn(model)
     tuned = copy.deepcopy(start)
-    before, after = tune_scales(tuned, model, calib, output_fn=_pooled, loss="cosine",
-                                epochs=3, lr=2e-3)
+    before, after = tune_scales(tuned, model, calib, output_fn=_pooled, loss="cosine", epochs=3, lr=2e-3)
 
     def miss(m):
         with torch.no_grad():
@@ -74,8 +74,7 @@ def test_bias_tuning_changes_only_biases_when_asked(tiny):
     before, after = tune_scales(tuned, model, calib[:4], epochs=2, lr=1e-3, bias_lr=1e-3)
     assert after < before
     old, new = _layers(start), _layers(tuned)
-    assert all(not torch.equal(old[n].bias, m.bias) and m.bias.dtype == old[n].bias.dtype
-               for n, m in new.items())
+    assert all(not torch.equal(old[n].bias, m.bias) and m.bias.dtype == old[n].bias.dtype for n, m in new.items())
     plain = copy.deepcopy(start)
     tune_scales(plain, model, calib[:4], epochs=1)
     assert all(torch.equal(old[n].bias, m.bias) for n, m in _layers(plain).items())
@@ -97,8 +96,9 @@ def test_export_computes_what_the_tuner_computed(tiny):
 def test_act_order_permutation_is_kept(tiny):
     model, calib, x_test = tiny
     start = copy.deepcopy(model)
-    quantize_model(start, bits=4, group_size=128, symmetric=False, method="gptq",
-                   desc_act=True, calib_data=calib, progress=False)
+    quantize_model(
+        start, bits=4, group_size=128, symmetric=False, method="gptq", desc_act=True, calib_data=calib, progress=False
+    )
     tuned = copy.deepcopy(start)
     before, after = tune_scales(tuned, model, calib, epochs=1)
     assert after <= before
@@ -143,7 +143,7 @@ def test_interrupted_tuning_leaves_the_model_as_it_was(tiny):
 
     def failing(out, item):
         calls.append(1)
-        if len(calls) > 2 * len(calib) + 2:     # targets, loss before, then 2 steps: stop
+        if len(calls) > 2 * len(calib) + 2:  # targets, loss before, then 2 steps: stop
             raise RuntimeError("stop")
         return out
 
@@ -157,6 +157,7 @@ def test_interrupted_tuning_leaves_the_model_as_it_was(tiny):
 
 def test_exported_flat():
     import mmkernels
+
     assert mmkernels.tune_scales is tune_scales and mmkernels.compress.tune_scales is tune_scales
 
 

@@ -1,5 +1,6 @@
 """save_quantized / load_quantized: round trips for every format, refused corruptions, and an
 independent check of the GPTQ and compressed-tensors packing (plain integer arithmetic here)."""
+
 import json
 import os
 import pickle
@@ -35,15 +36,14 @@ class Small(nn.Module):
 
 def quantize(lin, *, perm=False, smooth=False, **kw):
     torch.manual_seed(lin.in_features)
-    with torch.no_grad():                 # a non-trivial LayerNorm and bias
+    with torch.no_grad():  # a non-trivial LayerNorm and bias
         lin.weight.mul_(1 + torch.rand_like(lin.weight))
     if smooth:
         act = torch.rand(lin.in_features) * 4 + 0.1
         return QuantLinear.from_linear(lin, smooth=smoothquant_factors(act, lin.weight), **kw)
     if perm:
         p = torch.randperm(lin.in_features)
-        qw = quantize_weight(lin.weight.detach()[:, p], kw["bits"], kw.get("group_size"),
-                             kw.get("symmetric", True))
+        qw = quantize_weight(lin.weight.detach()[:, p], kw["bits"], kw.get("group_size"), kw.get("symmetric", True))
         return QuantLinear.from_quantized(qw, lin.bias, input_perm=p)
     return QuantLinear.from_linear(lin, **kw)
 
@@ -71,21 +71,23 @@ INT_CASES = {
     "int4-sym-g32-actorder": dict(bits=4, group_size=32, perm=True),
     "int4-asym-g32-actorder": dict(bits=4, group_size=32, symmetric=False, perm=True),
 }
-ALL_CASES = dict(INT_CASES, **{
-    "w8a8": dict(bits=8, act_bits=8),
-    "w8a8-asym": dict(bits=8, act_bits=8, symmetric=False),
-    "w8a8-smooth": dict(bits=8, act_bits=8, smooth=True),
-    "fp8": dict(bits=8, fp8=True),
-    "fp8-w8a8": dict(bits=8, fp8=True, act_bits=8),
-})
+ALL_CASES = dict(
+    INT_CASES,
+    **{
+        "w8a8": dict(bits=8, act_bits=8),
+        "w8a8-asym": dict(bits=8, act_bits=8, symmetric=False),
+        "w8a8-smooth": dict(bits=8, act_bits=8, smooth=True),
+        "fp8": dict(bits=8, fp8=True),
+        "fp8-w8a8": dict(bits=8, fp8=True, act_bits=8),
+    },
+)
 
 
 def assert_same_layer(a: QuantLinear, b: QuantLinear, *, scales_exact=True):
     """Same integers, zero points and group of every original column; same scales (or their
     float16 rounding); same bias, smoothing, activation mode."""
     qa, qb = a.quantized, b.quantized
-    assert (qa.bits, qa.group_size, qa.symmetric, qa.fp8) == \
-        (qb.bits, qb.group_size, qb.symmetric, qb.fp8)
+    assert (qa.bits, qa.group_size, qa.symmetric, qa.fp8) == (qb.bits, qb.group_size, qb.symmetric, qb.fp8)
     assert a.act_bits == b.act_bits
     if qa.fp8:
         assert torch.equal(a.dequantized_weight(), b.dequantized_weight())
@@ -114,6 +116,7 @@ def roundtrip(model, tmp_path, fmt, **kw):
 # Round trips
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case", list(ALL_CASES))
 def test_mmkernels_format_is_lossless(tmp_path, case, bias):
@@ -135,7 +138,7 @@ def test_compressed_tensors_roundtrip(tmp_path, case):
         with pytest.raises(ValueError, match="smooth"):
             mmkernels.save_quantized(model, tmp_path / "ct", format="compressed-tensors")
         return
-    loaded = roundtrip(model, tmp_path, "compressed-tensors")     # float32 model: float32 scales
+    loaded = roundtrip(model, tmp_path, "compressed-tensors")  # float32 model: float32 scales
     for name in ("fc1", "fc2"):
         assert_same_layer(getattr(model, name), getattr(loaded, name))
     assert torch.equal(loaded.norm.weight, model.norm.weight)
@@ -179,8 +182,9 @@ def test_gptq_float16_representable_scales_roundtrip_exactly(tmp_path):
 def test_load_without_model_returns_layers_and_tensors(tmp_path):
     model = make_model(bits=4, group_size=32, perm=True)
     for fmt in ("mmkernels", "gptq", "compressed-tensors"):
-        mmkernels.save_quantized(model, tmp_path / fmt, format=fmt, **(
-            {"scale_dtype": torch.float32} if fmt == "gptq" else {}))
+        mmkernels.save_quantized(
+            model, tmp_path / fmt, format=fmt, **({"scale_dtype": torch.float32} if fmt == "gptq" else {})
+        )
         ckpt = mmkernels.load_quantized(tmp_path / fmt)
         assert isinstance(ckpt, QuantizedCheckpoint) and ckpt.format == fmt
         assert sorted(ckpt.layers) == ["fc1", "fc2"]
@@ -206,7 +210,7 @@ def test_mixed_configurations(tmp_path):
 
 def test_unquantized_linear_is_kept_and_ignored(tmp_path):
     model = make_model(bits=4, group_size=32)
-    model.fc2 = Small().fc2                       # float
+    model.fc2 = Small().fc2  # float
     loaded = roundtrip(model, tmp_path, "compressed-tensors")
     cfg = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())
     assert cfg["quantization_config"]["ignore"] == ["fc2"]
@@ -216,10 +220,9 @@ def test_unquantized_linear_is_kept_and_ignored(tmp_path):
 
 def test_gptq_v1_refuses_zero_point_zero_v2_keeps_it(tmp_path):
     model = make_model(bits=4, group_size=32, symmetric=False)
-    with torch.no_grad():                            # an all-positive group: zero point 0
+    with torch.no_grad():  # an all-positive group: zero point 0
         w = torch.rand(128, 64) + 0.1
-        model.fc1 = QuantLinear.from_quantized(
-            quantize_weight(w, 4, 32, symmetric=False), model.fc1.bias)
+        model.fc1 = QuantLinear.from_quantized(quantize_weight(w, 4, 32, symmetric=False), model.fc1.bias)
     assert int(model.fc1.quantized.zeros.min()) == 0
     with pytest.raises(ValueError, match="gptq_v2"):
         mmkernels.save_quantized(model, tmp_path / "v1", format="gptq")
@@ -237,8 +240,7 @@ def make_split_model(outlier_index=(3, 17, 40)):
     keep = torch.ones(m.fc1.in_features, dtype=torch.bool)
     keep[idx] = False
     w = m.fc1.weight.detach()
-    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), m.fc1.bias.detach(),
-                                      act_bits=8)
+    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), m.fc1.bias.detach(), act_bits=8)
     outliers = QuantLinear.from_quantized(quantize_weight(w[:, idx], 8), act_bits=8)
     m.fc1 = OutlierSplitLinear(main, outliers, idx)
     m.fc2 = QuantLinear.from_linear(m.fc2, bits=8, act_bits=8)
@@ -251,9 +253,8 @@ def test_outlier_split_layers_roundtrip_in_mmkernels_format(tmp_path):
     mmkernels.save_quantized(model, path)
     meta = json.loads((path / "mmkernels.json").read_text())
     assert meta["format_version"] == 2
-    assert meta["split_layers"] == {"fc1": {"in_features": 64, "out_features": 128,
-                                            "outlier_channels": 3}}
-    loaded = mmkernels.load_quantized(path, Small())           # a float model in
+    assert meta["split_layers"] == {"fc1": {"in_features": 64, "out_features": 128, "outlier_channels": 3}}
+    loaded = mmkernels.load_quantized(path, Small())  # a float model in
     assert isinstance(loaded.fc1, OutlierSplitLinear)
     assert loaded.fc1.outlier_index.tolist() == [3, 17, 40]
     sd, sd2 = model.state_dict(), loaded.state_dict()
@@ -261,21 +262,23 @@ def test_outlier_split_layers_roundtrip_in_mmkernels_format(tmp_path):
     for key in sd:
         assert sd[key].dtype == sd2[key].dtype and torch.equal(sd[key], sd2[key]), key
     assert torch.equal(loaded(X), model(X))
-    ckpt = mmkernels.load_quantized(path)                      # no model
-    assert set(ckpt.layers) == {"fc1", "fc2"} and isinstance(ckpt.layers["fc1"],
-                                                              OutlierSplitLinear)
+    ckpt = mmkernels.load_quantized(path)  # no model
+    assert set(ckpt.layers) == {"fc1", "fc2"} and isinstance(ckpt.layers["fc1"], OutlierSplitLinear)
     assert "fc1.main_index" not in ckpt.tensors and ckpt.state_dict().keys() == sd.keys()
     # A model without split layers still writes format_version 1 (readable by older versions).
     mmkernels.save_quantized(make_model(bits=8), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "mmkernels.json").read_text())["format_version"] == 1
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m["split_layers"]["fc1"].update(outlier_channels=2), "with 2 outlier channels"),
-    (lambda m: m["split_layers"]["fc1"].update(extra=1), "must record exactly"),
-    (lambda m: m.update(format_version=1), "'split_layers' needs format_version >= 2"),
-    (lambda m: m["layers"].pop("fc1.outliers"), "'fc1.outliers' is not recorded"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["split_layers"]["fc1"].update(outlier_channels=2), "with 2 outlier channels"),
+        (lambda m: m["split_layers"]["fc1"].update(extra=1), "must record exactly"),
+        (lambda m: m.update(format_version=1), "'split_layers' needs format_version >= 2"),
+        (lambda m: m["layers"].pop("fc1.outliers"), "'fc1.outliers' is not recorded"),
+    ],
+)
 def test_split_layer_metadata_inconsistent_is_refused(tmp_path, edit, message):
     path = tmp_path / "split"
     mmkernels.save_quantized(make_split_model(), path)
@@ -291,23 +294,31 @@ def test_split_layer_indices_must_partition_the_channels(tmp_path):
     tensors = load_file(f)
     tensors["fc1.main_index"] = tensors["fc1.main_index"].flip(0).contiguous()
     save_file(tensors, f)
-    _edit_meta(path, lambda m: m["tensors"]["fc1.main_index"].update(
-        sha256=mmkernels_format._io.tensor_sha256(tensors["fc1.main_index"])))
+    _edit_meta(
+        path,
+        lambda m: m["tensors"]["fc1.main_index"].update(
+            sha256=mmkernels_format._io.tensor_sha256(tensors["fc1.main_index"])
+        ),
+    )
     with pytest.raises(ValueError, match="main_index is not the complement"):
         mmkernels.load_quantized(path, Small())
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_ecosystem_formats_refuse_outlier_split_layers(tmp_path, fmt):
-    with pytest.raises(ValueError, match=f"format='{fmt}' cannot express OutlierSplitLinear "
-                                         r"layers \(\['fc1'\]"):
+    with pytest.raises(
+        ValueError,
+        match=f"format='{fmt}' cannot express OutlierSplitLinear "
+        r"layers \(\['fc1'\]",
+    ):
         mmkernels.save_quantized(make_split_model(), tmp_path / "x", format=fmt)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_ecosystem_formats_refuse_what_they_cannot_hold(tmp_path, fmt):
     cases = [dict(bits=8, act_bits=8, smooth=True)] + (
-        [dict(bits=8, act_bits=8), dict(bits=8, fp8=True)] if fmt == "gptq" else [])
+        [dict(bits=8, act_bits=8), dict(bits=8, fp8=True)] if fmt == "gptq" else []
+    )
     for kw in cases:
         with pytest.raises(ValueError, match="cannot hold layer 'fc1'"):
             mmkernels.save_quantized(make_model(**kw), tmp_path / "x", format=fmt)
@@ -320,6 +331,7 @@ def test_loading_executes_nothing(tmp_path, monkeypatch):
 
     def forbidden(*a, **k):
         raise AssertionError("unpickling during load_quantized")
+
     monkeypatch.setattr(torch, "load", forbidden)
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
@@ -342,8 +354,9 @@ def test_save_refuses_to_overwrite(tmp_path):
 # Independent checks of the ecosystem packings (integer arithmetic written out here)
 # ---------------------------------------------------------------------------------------------
 
+
 def _word(t, i, j):
-    return int(t[i, j]) & 0xFFFFFFFF          # the int32's 32-bit pattern
+    return int(t[i, j]) & 0xFFFFFFFF  # the int32's 32-bit pattern
 
 
 def _original_q(layer):
@@ -355,10 +368,16 @@ def _original_q(layer):
     return q.tolist()
 
 
-@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=8),
-                                dict(bits=4, group_size=32, symmetric=False, perm=True),
-                                dict(bits=8, group_size=64, symmetric=False)],
-                         ids=["int4-sym", "int8-sym", "int4-asym-actorder", "int8-asym"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(bits=4, group_size=32),
+        dict(bits=8),
+        dict(bits=4, group_size=32, symmetric=False, perm=True),
+        dict(bits=8, group_size=64, symmetric=False),
+    ],
+    ids=["int4-sym", "int8-sym", "int4-asym-actorder", "int8-asym"],
+)
 def test_gptq_packing_independently(tmp_path, kw):
     model = make_model(**kw)
     mmkernels.save_quantized(model, tmp_path, format="gptq")
@@ -383,7 +402,7 @@ def test_gptq_packing_independently(tmp_path, kw):
             stored = (_word(qzeros, g, nn_ // per) >> (bits * (nn_ % per))) & mask
             z = half if zeros is None else zeros[nn_][g]
             assert stored == z - 1, "v1 GPTQ stores zero - 1"
-    if layer.input_perm is not None:     # g_idx[perm[j]] = j // group_size
+    if layer.input_perm is not None:  # g_idx[perm[j]] = j // group_size
         perm = layer.input_perm.tolist()
         assert all(g_idx[perm[j]] == j // gs for j in range(k))
     else:
@@ -397,9 +416,11 @@ def test_gptq_packing_independently(tmp_path, kw):
     assert qc["quant_method"] == "gptq"
 
 
-@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=4, symmetric=False),
-                                dict(bits=8, group_size=64, symmetric=False)],
-                         ids=["int4-sym", "int4-asym-channel", "int8-asym"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(bits=4, group_size=32), dict(bits=4, symmetric=False), dict(bits=8, group_size=64, symmetric=False)],
+    ids=["int4-sym", "int4-asym-channel", "int8-asym"],
+)
 def test_compressed_tensors_packing_independently(tmp_path, kw):
     model = make_model(**kw)
     mmkernels.save_quantized(model, tmp_path, format="compressed-tensors")
@@ -435,6 +456,7 @@ def test_compressed_tensors_packing_independently(tmp_path, kw):
 # ---------------------------------------------------------------------------------------------
 # Refused checkpoints
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -505,24 +527,40 @@ def test_missing_and_unexpected_tensors_are_refused(saved):
 def test_metadata_inconsistent_with_tensors_is_refused(saved):
     def wrong_shape(m):
         m["tensors"]["fc1.quantized.scales"]["shape"] = [128, 1]
+
     _edit_meta(saved, wrong_shape)
-    with pytest.raises(ValueError, match=r"'fc1.quantized.scales' is float32\[128, 2\], but "
-                                         r"mmkernels.json records float32\[128, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'fc1.quantized.scales' is float32\[128, 2\], but "
+        r"mmkernels.json records float32\[128, 1\]",
+    ):
         mmkernels.load_quantized(saved)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (dict(bits=8), r"'fc1.quantized.qweight' is uint8\[128, 32\], expected uint8\[128, 64\]"),
-    (dict(group_size=64), r"'fc1.quantized.scales' is float32\[128, 2\], expected "
-                          r"float32\[128, 1\]"),
-    (dict(symmetric=True), r"fc1.quantized.meta holds \[4, 32, 128, 64, 0, 0\], but the "
-                           r"recorded configuration gives \[4, 32, 128, 64, 1, 0\]"),
-    (dict(input_perm=False), r"'fc1.input_perm' is present but the layer records "
-                             r"input_perm=false"),
-    (dict(bias=False), r"'fc1.bias' is present but the layer records bias=false"),
-    (dict(smooth=True), r"'fc1.smooth' is missing"),
-    (dict(act_bits=8), "act_bits must be None or 8, and act_bits=8 needs an 8-bit"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (dict(bits=8), r"'fc1.quantized.qweight' is uint8\[128, 32\], expected uint8\[128, 64\]"),
+        (
+            dict(group_size=64),
+            r"'fc1.quantized.scales' is float32\[128, 2\], expected "
+            r"float32\[128, 1\]",
+        ),
+        (
+            dict(symmetric=True),
+            r"fc1.quantized.meta holds \[4, 32, 128, 64, 0, 0\], but the "
+            r"recorded configuration gives \[4, 32, 128, 64, 1, 0\]",
+        ),
+        (
+            dict(input_perm=False),
+            r"'fc1.input_perm' is present but the layer records "
+            r"input_perm=false",
+        ),
+        (dict(bias=False), r"'fc1.bias' is present but the layer records bias=false"),
+        (dict(smooth=True), r"'fc1.smooth' is missing"),
+        (dict(act_bits=8), "act_bits must be None or 8, and act_bits=8 needs an 8-bit"),
+    ],
+)
 def test_layer_config_inconsistent_with_tensors_is_refused(saved, edit, message):
     _edit_meta(saved, lambda m: m["layers"]["fc1"].update(edit))
     with pytest.raises(ValueError, match=message):
@@ -537,22 +575,27 @@ def test_meta_buffer_disagreeing_is_refused(saved):
 
     def rehash(m):
         from mmkernels.compress.checkpoint._io import tensor_sha256
+
         m["tensors"]["fc1.quantized.meta"]["sha256"] = tensor_sha256(tensors["fc1.quantized.meta"])
+
     _edit_meta(saved, rehash)
     with pytest.raises(ValueError, match=r"quantized.meta holds \[4, 64, 128, 64, 0, 0\]"):
         mmkernels.load_quantized(saved)
 
 
 def test_model_mismatch_is_refused(saved):
-    with pytest.raises(ValueError, match=r"layer 'fc1' is 64 -> 128 in the checkpoint but "
-                                         r"48 -> 128 in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc1' is 64 -> 128 in the checkpoint but "
+        r"48 -> 128 in the model",
+    ):
         mmkernels.load_quantized(saved, Small(k=48))
 
     class Renamed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.norm, self.proj = nn.Linear(64, 128), nn.LayerNorm(128), \
-                nn.Linear(128, 32)
+            self.fc1, self.norm, self.proj = nn.Linear(64, 128), nn.LayerNorm(128), nn.Linear(128, 32)
+
     with pytest.raises(ValueError, match="quantizes layer 'fc2', which the model does not have"):
         mmkernels.load_quantized(saved, Renamed())
 
@@ -560,6 +603,7 @@ def test_model_mismatch_is_refused(saved):
         def __init__(self):
             super().__init__()
             self.head = nn.Linear(32, 2)
+
     with pytest.raises(ValueError, match=r"missing from the file \['head.weight', 'head.bias'\]"):
         mmkernels.load_quantized(saved, Extra())
 
@@ -580,8 +624,11 @@ def test_gptq_corruptions_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layer 'fc1'\): sym=true but qzeros decode"):
         mmkernels.load_quantized(tmp_path)
     save_file(dict(tensors, **{"fc1.scales": tensors["fc1.scales"][:1]}), f)
-    with pytest.raises(ValueError, match=r"'fc1.scales' is float16\[1, 128\], expected "
-                                         r"float16/bfloat16/float32\[2, 128\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'fc1.scales' is float16\[1, 128\], expected "
+        r"float16/bfloat16/float32\[2, 128\]",
+    ):
         mmkernels.load_quantized(tmp_path)
     save_file({k: v for k, v in tensors.items() if k != "fc2.qzeros"}, f)
     with pytest.raises(ValueError, match="'fc2.qzeros' is missing"):
@@ -597,7 +644,12 @@ def test_compressed_tensors_corruptions_are_refused(tmp_path):
     cfg_path = tmp_path / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
-        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "tensor",
+        "dynamic": False,
+    }
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="only dynamic per-token symmetric 8-bit activations"):
         mmkernels.load_quantized(tmp_path)

@@ -1,6 +1,7 @@
 """Hardening of save_quantized / load_quantized: atomic load (a refused checkpoint leaves the
 model as it was), atomic save (a refused or failed save leaves nothing behind), pathologically
 nested JSON, and symlinks leading out of the checkpoint folder."""
+
 import json
 import os
 
@@ -41,8 +42,7 @@ def split_net():
     keep = torch.ones(64, dtype=torch.bool)
     keep[idx] = False
     w = m.fc1.weight.detach()
-    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), m.fc1.bias.detach(),
-                                      act_bits=8)
+    main = QuantLinear.from_quantized(quantize_weight(w[:, keep], 8), m.fc1.bias.detach(), act_bits=8)
     outliers = QuantLinear.from_quantized(quantize_weight(w[:, idx], 8), act_bits=8)
     m.fc1 = OutlierSplitLinear(main, outliers, idx)
     m.fc2 = QuantLinear.from_linear(m.fc2, bits=8, act_bits=8)
@@ -82,14 +82,18 @@ def tree(folder):
 # 1. load_quantized is atomic
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["mmkernels", "gptq", "compressed-tensors"])
 def test_second_layer_mismatch_leaves_model_unchanged(tmp_path, fmt):
     path = tmp_path / "ckpt"
     mmkernels.save_quantized(quantized_net(), path, format=fmt)
-    model = Net(n=16)                              # fc1 fits the checkpoint, fc2 does not
+    model = Net(n=16)  # fc1 fits the checkpoint, fc2 does not
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"layer 'fc2' is 128 -> 32 in the checkpoint but "
-                                         r"128 -> 16 in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc2' is 128 -> 32 in the checkpoint but "
+        r"128 -> 16 in the model",
+    ):
         mmkernels.load_quantized(path, model)
     assert_unchanged(model, snap)
     assert type(model.fc1) is nn.Linear
@@ -99,10 +103,13 @@ def test_float_tensor_shape_mismatch_leaves_model_unchanged(tmp_path):
     path = tmp_path / "ckpt"
     mmkernels.save_quantized(quantized_net(), path)
     model = Net()
-    model.norm.weight = nn.Parameter(torch.ones(64))    # same key, another shape
+    model.norm.weight = nn.Parameter(torch.ones(64))  # same key, another shape
     snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"do not fit the model: norm.weight: \[128\] in the "
-                                         r"file, \[64\] in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit the model: norm.weight: \[128\] in the "
+        r"file, \[64\] in the model",
+    ):
         mmkernels.load_quantized(path, model)
     assert_unchanged(model, snap)
 
@@ -129,6 +136,7 @@ def test_failure_while_applying_restores_the_modules(tmp_path):
 
     def refuse(*args):
         raise RuntimeError("hook refuses")
+
     model.norm.register_load_state_dict_pre_hook(refuse)
     with pytest.raises(ValueError, match="hook refuses"):
         mmkernels.load_quantized(path, model)
@@ -139,19 +147,21 @@ def test_failure_while_applying_restores_the_modules(tmp_path):
 # 2. save_quantized is atomic
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_refused_save_leaves_no_directory(tmp_path, fmt):
     with pytest.raises(ValueError, match=f"format='{fmt}' cannot express OutlierSplitLinear"):
         mmkernels.save_quantized(split_net(), tmp_path / "out", format=fmt)
     with pytest.raises(ValueError, match="cannot express OutlierSplitLinear"):
         mmkernels.save_quantized(split_net(), tmp_path / "a" / "b" / "out", format=fmt)
-    assert os.listdir(tmp_path) == []              # no target, no parents, no temporary folder
+    assert os.listdir(tmp_path) == []  # no target, no parents, no temporary folder
 
 
 def test_failed_write_leaves_no_partial_directory(tmp_path, monkeypatch):
     def broken(model, directory):
         (open(os.path.join(directory, "model.safetensors"), "wb")).write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(mmkernels_format, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         mmkernels.save_quantized(quantized_net(), tmp_path / "out")
@@ -167,7 +177,7 @@ def test_refused_save_into_existing_directory_changes_nothing(tmp_path):
         mmkernels.save_quantized(split_net(), path, format="gptq", overwrite=True)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         mmkernels.save_quantized(quantized_net(), path, format="gptq")
-    assert tree(tmp_path) == before                # the old checkpoint is intact
+    assert tree(tmp_path) == before  # the old checkpoint is intact
     mmkernels.load_quantized(path, Net())
 
 
@@ -177,9 +187,8 @@ def test_overwrite_swaps_the_checkpoint_and_keeps_other_files(tmp_path):
     mmkernels.save_quantized(model, path)
     (path / "tokenizer.json").write_text("{}")
     mmkernels.save_quantized(model, path, format="gptq", overwrite=True)
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors",
-                                        "quantize_config.json", "tokenizer.json"]
-    assert os.listdir(tmp_path) == ["ckpt"]       # the temporary folder is gone
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "quantize_config.json", "tokenizer.json"]
+    assert os.listdir(tmp_path) == ["ckpt"]  # the temporary folder is gone
     assert mmkernels.load_quantized(path).format == "gptq"
     # an existing directory without a checkpoint is written into (its files kept)
     other = tmp_path / "other"
@@ -191,7 +200,7 @@ def test_overwrite_swaps_the_checkpoint_and_keeps_other_files(tmp_path):
 
 def test_new_directory_gets_normal_permissions(tmp_path):
     path = tmp_path / "ckpt"
-    mmkernels.save_quantized(quantized_net(), str(path) + os.sep)     # trailing separator
+    mmkernels.save_quantized(quantized_net(), str(path) + os.sep)  # trailing separator
     umask = os.umask(0)
     os.umask(umask)
     assert (os.stat(path).st_mode & 0o777) == (0o777 & ~umask)
@@ -231,14 +240,18 @@ def test_deeply_nested_safetensors_header_is_refused(tmp_path):
     header = ('{"__metadata__": ' + DEEP + "}").encode()
     f = tmp_path / "model.safetensors"
     f.write_bytes(len(header).to_bytes(8, "little") + header)
-    with pytest.raises(ValueError, match=r"model.safetensors: corrupt safetensors header "
-                                         r"\(nested too deeply"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors: corrupt safetensors header "
+        r"\(nested too deeply",
+    ):
         _io.load_tensors(str(f))
 
 
 # ---------------------------------------------------------------------------------------------
 # 5. symlinks leading out of the checkpoint folder
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["model.safetensors", "mmkernels.json"])
 def test_symlink_out_of_the_checkpoint_is_refused(tmp_path, name):
@@ -248,8 +261,11 @@ def test_symlink_out_of_the_checkpoint_is_refused(tmp_path, name):
     outside.mkdir()
     os.replace(path / name, outside / name)
     os.symlink(outside / name, path / name)
-    with pytest.raises(ValueError, match=rf"{name}: resolves to .*elsewhere.*, outside the "
-                                         r"checkpoint folder"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: resolves to .*elsewhere.*, outside the "
+        r"checkpoint folder",
+    ):
         mmkernels.load_quantized(path, Net())
 
 
@@ -258,7 +274,7 @@ def test_symlinked_config_and_shard_out_of_the_checkpoint_are_refused(tmp_path):
     mmkernels.save_quantized(quantized_net(), path, format="compressed-tensors")
     secret = tmp_path / "secret.json"
     os.replace(path / "config.json", secret)
-    os.symlink("../secret.json", path / "config.json")            # a relative link
+    os.symlink("../secret.json", path / "config.json")  # a relative link
     with pytest.raises(ValueError, match="config.json: resolves to .* outside the checkpoint"):
         mmkernels.load_quantized(path)
     os.remove(path / "config.json")
@@ -266,11 +282,13 @@ def test_symlinked_config_and_shard_out_of_the_checkpoint_are_refused(tmp_path):
     # a sharded checkpoint whose shard leads out
     os.replace(path / "model.safetensors", tmp_path / "shard-1.safetensors")
     os.symlink(tmp_path / "shard-1.safetensors", path / "model-00001-of-00001.safetensors")
-    index = {"weight_map": {k: "model-00001-of-00001.safetensors" for k in
-                            _io.load_tensors(str(tmp_path / "shard-1.safetensors"))}}
+    index = {
+        "weight_map": {
+            k: "model-00001-of-00001.safetensors" for k in _io.load_tensors(str(tmp_path / "shard-1.safetensors"))
+        }
+    }
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="model-00001-of-00001.safetensors: resolves to .* "
-                                         "outside the checkpoint"):
+    with pytest.raises(ValueError, match="model-00001-of-00001.safetensors: resolves to .* outside the checkpoint"):
         mmkernels.load_quantized(path)
 
 
@@ -293,6 +311,5 @@ def test_symlinks_inside_the_checkpoint_and_hub_cache_layout_load(tmp_path):
             continue
         target = "weights.bin" if f == "weights.bin" else f
         os.replace(real / target, blobs / f"h-{f}")
-        os.symlink(f"../../blobs/h-{f}",
-                   snap / ("model.safetensors" if f == "weights.bin" else f))
+        os.symlink(f"../../blobs/h-{f}", snap / ("model.safetensors" if f == "weights.bin" else f))
     mmkernels.load_quantized(snap, Net())

@@ -1,6 +1,7 @@
 """SignRound (mmkernels.compress.signround, quantize_model(method="signround")): starts exactly at
 GPTQ, exports the integers its forward used, beats RTN and GPTQ on held-out output error of a
 small three-block BERT encoder with correlated inputs, deterministic, clear argument errors."""
+
 import copy
 
 import pytest
@@ -16,8 +17,7 @@ from tiny_bert import D
 
 def _quantized(model, calib, **kw):
     q = copy.deepcopy(model)
-    report = quantize_model(q, bits=4, group_size=128, symmetric=False, calib_data=calib,
-                            progress=False, **kw)
+    report = quantize_model(q, bits=4, group_size=128, symmetric=False, calib_data=calib, progress=False, **kw)
     return q, report
 
 
@@ -31,16 +31,19 @@ def test_signround_beats_rtn_and_gptq_on_held_out_data(tiny):
     rtn = copy.deepcopy(model)
     quantize_model(rtn, bits=4, group_size=128, symmetric=False, progress=False)
     gptq, _ = _quantized(model, calib, method="gptq", desc_act=True, sequential=False)
-    sr, report = _quantized(model, calib, method="signround", desc_act=True,
-                            signround_iters=100)
+    sr, report = _quantized(model, calib, method="signround", desc_act=True, signround_iters=100)
     e_rtn, e_gptq, e_sr = (_err(m, model, x_test) for m in (rtn, gptq, sr))
     # Measured: RTN 5.2e-3, GPTQ 1.13e-3, SignRound 1.07e-3 (deterministic, seeded).
-    assert e_sr < 0.98 * e_gptq and e_gptq < 0.5 * e_rtn, \
-        f"RTN {e_rtn:.3g} GPTQ {e_gptq:.3g} SR {e_sr:.3g}"
+    assert e_sr < 0.98 * e_gptq and e_gptq < 0.5 * e_rtn, f"RTN {e_rtn:.3g} GPTQ {e_gptq:.3g} SR {e_sr:.3g}"
     layers = [m for m in sr.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 18 and not any(type(m) is nn.Linear for m in sr.modules())
-    assert all(m.quantized.bits == 4 and m.quantized.group_size == 128
-               and m.quantized.zeros is not None and m.input_perm is not None for m in layers)
+    assert all(
+        m.quantized.bits == 4
+        and m.quantized.group_size == 128
+        and m.quantized.zeros is not None
+        and m.input_perm is not None
+        for m in layers
+    )
     assert [r.method for r in report.layers] == ["signround"] * 18
 
 
@@ -69,14 +72,12 @@ def test_tuner_starts_at_gptq_and_exports_its_forward(tiny):
     bias = torch.zeros(16, 1, 1, 16)
     with torch.no_grad():
         wanted = [model.layers[0](x, bias) for x in calib]
-    before, after = tune_block(block, {"intermediate.dense": tuner},
-                               [((x, bias), {}) for x in calib], wanted, iters=30)
+    before, after = tune_block(block, {"intermediate.dense": tuner}, [((x, bias), {}) for x in calib], wanted, iters=30)
     assert after <= before
     x = calib[0]
     with torch.no_grad():
         torch.testing.assert_close(tuner.export()(x), tuner(x), rtol=1e-5, atol=1e-5)
-    assert all(p.requires_grad for p in block.parameters() if p is not tuner.V
-               and p is not tuner.a)
+    assert all(p.requires_grad for p in block.parameters() if p is not tuner.V and p is not tuner.a)
 
 
 def test_signround_argument_errors(tiny):
@@ -84,19 +85,21 @@ def test_signround_argument_errors(tiny):
     with pytest.raises(ValueError, match="calib_data"):
         quantize_model(copy.deepcopy(model), bits=4, group_size=128, method="signround")
     with pytest.raises(ValueError, match="act_bits"):
-        quantize_model(copy.deepcopy(model), bits=8, act_bits=8, method="signround",
-                       calib_data=calib)
+        quantize_model(copy.deepcopy(model), bits=8, act_bits=8, method="signround", calib_data=calib)
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="signround_iters"):
-            quantize_model(copy.deepcopy(model), bits=4, group_size=128, method="signround",
-                           calib_data=calib, signround_iters=bad)
+            quantize_model(
+                copy.deepcopy(model), bits=4, group_size=128, method="signround", calib_data=calib, signround_iters=bad
+            )
     for bad in (0.0, -1e-3, float("inf"), "0.01"):
         with pytest.raises(ValueError, match="signround_lr"):
-            quantize_model(copy.deepcopy(model), bits=4, group_size=128, method="signround",
-                           calib_data=calib, signround_lr=bad)
+            quantize_model(
+                copy.deepcopy(model), bits=4, group_size=128, method="signround", calib_data=calib, signround_lr=bad
+            )
     with pytest.raises(ValueError, match="float_target"):
-        quantize_model(copy.deepcopy(model), bits=4, group_size=128, method="signround",
-                       calib_data=calib, float_target=True)
+        quantize_model(
+            copy.deepcopy(model), bits=4, group_size=128, method="signround", calib_data=calib, float_target=True
+        )
     with pytest.raises(ValueError, match="iters"):
         tune_block(model.layers[0], {}, [((calib[0],), {})], [calib[0]], iters=-1)
     with pytest.raises(ValueError, match="lr"):

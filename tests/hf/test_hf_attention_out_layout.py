@@ -1,6 +1,7 @@
 """The attention output is written in (B, Lq, H, Dv) memory, the layout transformers' attention
 interface returns: the bridge's ``out.transpose(1, 2)`` is contiguous, so the model's reshape to
 (B, Lq, H * Dv) needs no copy; HF's transposed q/k/v views go to the kernel as they are."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -31,8 +32,7 @@ def test_fake_implementation_has_the_same_strides():
     out = mmkernels.attention(q, k, v, scores="cls").out
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        fake = torch.ops.mmkernels.attention(fq, fk, fv, None, None, None, 7, 9, False, 0.25, 1,
-                                             False, "")[0]
+        fake = torch.ops.mmkernels.attention(fq, fk, fv, None, None, None, 7, 9, False, 0.25, 1, False, "")[0]
     assert fake.shape == out.shape and fake.stride() == out.stride()
 
 

@@ -1,5 +1,6 @@
 """mmkernels.patch refuses bad settings and models it cannot help, with clear errors, and leaves
 the model untouched when it refuses."""
+
 import pytest
 import torch
 from torch import nn
@@ -14,12 +15,15 @@ def bert():
     return tiny_models.bert().build().eval()
 
 
-@pytest.mark.parametrize("reduce, message", [
-    ({"method": "magic"}, "reduce['method'] must be one of"),
-    ({"method": "tome"}, "needs 'r'"),
-    ({"method": "tome", "r": 8, "ratio": 0.5}, "unknown key(s) ['ratio']"),
-    ("tome", "reduce must be a dict"),
-])
+@pytest.mark.parametrize(
+    "reduce, message",
+    [
+        ({"method": "magic"}, "reduce['method'] must be one of"),
+        ({"method": "tome"}, "needs 'r'"),
+        ({"method": "tome", "r": 8, "ratio": 0.5}, "unknown key(s) ['ratio']"),
+        ("tome", "reduce must be a dict"),
+    ],
+)
 def test_bad_reduce_spec(bert, reduce, message):
     with pytest.raises((ValueError, TypeError), match=None) as info:
         mmkernels.patch(bert, reduce=reduce)
@@ -27,10 +31,13 @@ def test_bad_reduce_spec(bert, reduce, message):
     assert not mmkernels.hf.is_patched(bert)
 
 
-@pytest.mark.parametrize("quantize, message", [
-    ({"bits": 8, "groupsize": 128}, "unknown key(s) ['groupsize']"),
-    ([8], "quantize must be a dict"),
-])
+@pytest.mark.parametrize(
+    "quantize, message",
+    [
+        ({"bits": 8, "groupsize": 128}, "unknown key(s) ['groupsize']"),
+        ([8], "quantize must be a dict"),
+    ],
+)
 def test_bad_quantize_spec(bert, quantize, message):
     with pytest.raises((ValueError, TypeError)) as info:
         mmkernels.patch(bert, quantize=quantize)

@@ -5,6 +5,7 @@ rule), padding honoured (a padded batch equals each row run alone), unpatch rest
 state dict bit for bit, two instances side by side (one patched) both right, greedy generate()
 tokens identical for the decoders, and every attention module served by our kernels.
 """
+
 import copy
 
 import pytest
@@ -47,8 +48,7 @@ def test_patched_matches_float64_within_2x_of_sdpa(case):
     torch.manual_seed(1)
     inputs = c.make_inputs()
     oracle = copy.deepcopy(model).double()
-    exact = _run(oracle, {k: v.double() if v.is_floating_point() else v
-                          for k, v in inputs.items()}, c)
+    exact = _run(oracle, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}, c)
     sdpa = _run(model, inputs, c)
     report = mmkernels.patch(model)
     try:
@@ -75,11 +75,13 @@ def test_padding_is_honoured(case):
         batch = _run(model, inputs, c)
         for row in range(inputs["input_ids"].shape[0]):
             keep = inputs["attention_mask"][row].bool()
-            alone = {k: (v[row:row + 1, keep] if k in ("input_ids", "attention_mask")
-                         else v[row:row + 1]) for k, v in inputs.items()}
+            alone = {
+                k: (v[row : row + 1, keep] if k in ("input_ids", "attention_mask") else v[row : row + 1])
+                for k, v in inputs.items()
+            }
             single = _run(model, alone, c)
             for name, value in single.items():
-                b = batch[name][row:row + 1]
+                b = batch[name][row : row + 1]
                 if b.dim() >= 3 and b.shape[1] == keep.shape[0]:
                     b = b[:, keep]
                 assert _err(b, value) <= 1e-4, (name, row)
@@ -96,7 +98,7 @@ def test_unpatch_is_exact_and_instances_are_independent(case):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     impl = model.config._attn_implementation
     mmkernels.patch(model)
-    assert mmkernels.patch(model) is mmkernels.patch(model)          # idempotent
+    assert mmkernels.patch(model) is mmkernels.patch(model)  # idempotent
     unpatched_other = _run(other, inputs, c)
     _run(model, inputs, c)
     for name in before:

@@ -1,6 +1,7 @@
 """FastV inside a LLaVA model's language model through ``mmkernels.patch(reduce={"method":
 "fastv", ...})``: against a by-hand oracle (eager last-query probabilities, HF's own layers on the
 kept tokens), in ``generate()`` with batch > 1 and left padding, and its errors."""
+
 import inspect
 import math
 
@@ -13,8 +14,11 @@ from mmkernels.hf import is_patched
 import tiny_models
 
 # The cache argument's name: ``cache`` from transformers 5.18 (``past_key_values`` before).
-CACHE_KWARG = "cache" if "cache" in inspect.signature(
-    transformers.LlavaForConditionalGeneration.forward).parameters else "past_key_values"
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(transformers.LlavaForConditionalGeneration.forward).parameters
+    else "past_key_values"
+)
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
 IMAGE_TOKEN = 96
 N_IMAGE = 16
@@ -35,9 +39,11 @@ def llava3():
 
 def _alone(inputs, i):
     keep = inputs["attention_mask"][i].bool()
-    return {"input_ids": inputs["input_ids"][i:i + 1, keep],
-            "attention_mask": inputs["attention_mask"][i:i + 1, keep],
-            "pixel_values": inputs["pixel_values"][i:i + 1]}
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+    }
 
 
 def _embeds(model, inputs):
@@ -67,7 +73,7 @@ def _last_query_probs(layer, x, cos, sin):
     k = attn.k_proj(x).view(b, n, -1, d).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = repeat_kv(k, q.shape[1] // k.shape[1])
-    logits = (q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling       # last query sees all keys
+    logits = (q[:, :, -1:] @ k.transpose(-1, -2)) * attn.scaling  # last query sees all keys
     return logits.softmax(-1)[:, :, 0].mean(1)
 
 
@@ -110,24 +116,28 @@ def test_prefill_and_one_decode_step_match_the_oracle(llava3, cut, keep_ratio):
     embeds = _embeds(model, inputs)
     want = fastv_oracle(model, embeds, image_mask, prompt_len, cut, keep_ratio)
     kept = prompt_len - N_IMAGE + math.ceil(keep_ratio * N_IMAGE)
-    with mmkernels.patched(model, reduce={"method": "fastv", "layer": cut, "keep": keep_ratio}) \
-            as report:
+    with mmkernels.patched(model, reduce={"method": "fastv", "layer": cut, "keep": keep_ratio}) as report:
         out = model(**inputs, use_cache=True)
         assert out.logits.shape[1] == kept
         cache = out.past_key_values
-        assert cache.layers[cut - 1].keys.shape[2] == prompt_len       # full before the cut
-        assert cache.layers[cut].keys.shape[2] == kept                # pruned after it
+        assert cache.layers[cut - 1].keys.shape[2] == prompt_len  # full before the cut
+        assert cache.layers[cut].keys.shape[2] == kept  # pruned after it
         nxt = out.logits[:, -1:].argmax(-1)
-        step = model(input_ids=nxt, attention_mask=torch.ones(1, prompt_len + 1, dtype=torch.long),
-                     use_cache=True, **{CACHE_KWARG: cache})
+        step = model(
+            input_ids=nxt,
+            attention_mask=torch.ones(1, prompt_len + 1, dtype=torch.long),
+            use_cache=True,
+            **{CACHE_KWARG: cache},
+        )
         assert cache.layers[cut].keys.shape[2] == kept + 1
         assert report.fastv_runtime() == (1, {})
         runtime = report.runtime()
         assert all(served >= 1 and not fell for served, fell in runtime.values()), runtime
     torch.testing.assert_close(out.logits[:, -1], want, atol=2e-5, rtol=1e-4)
     embeds2 = torch.cat([embeds, model.get_input_embeddings()(nxt)], dim=1)
-    want2 = fastv_oracle(model, embeds2, torch.cat([image_mask, torch.zeros_like(nxt, dtype=torch.bool)], 1),
-                         prompt_len, cut, keep_ratio)
+    want2 = fastv_oracle(
+        model, embeds2, torch.cat([image_mask, torch.zeros_like(nxt, dtype=torch.bool)], 1), prompt_len, cut, keep_ratio
+    )
     torch.testing.assert_close(step.logits[:, -1], want2, atol=2e-5, rtol=1e-4)
 
 
@@ -185,12 +195,15 @@ def test_unpatch_restores_bit_identical_outputs(llava3):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-@pytest.mark.parametrize("spec, error", [
-    ({"method": "fastv", "layer": 0, "keep": 0.5}, r"in \[1, 3\)"),
-    ({"method": "fastv", "layer": 3, "keep": 0.5}, r"in \[1, 3\)"),
-    ({"method": "fastv", "layer": 1, "keep": 0.0}, r"in \(0, 1\]"),
-    ({"method": "fastv", "layer": 1, "keep": 0.5, "ratio": 2}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ({"method": "fastv", "layer": 0, "keep": 0.5}, r"in \[1, 3\)"),
+        ({"method": "fastv", "layer": 3, "keep": 0.5}, r"in \[1, 3\)"),
+        ({"method": "fastv", "layer": 1, "keep": 0.0}, r"in \(0, 1\]"),
+        ({"method": "fastv", "layer": 1, "keep": 0.5, "ratio": 2}, "unknown key"),
+    ],
+)
 def test_bad_spec(llava3, spec, error):
     model, _ = llava3
     with pytest.raises(ValueError, match=error):

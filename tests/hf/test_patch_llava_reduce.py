@@ -1,5 +1,6 @@
 """Token reduction in a LLaVA model's vision tower through mmkernels.patch: the prompt's
 image-token count follows the reduction, so forward() and generate() work (batch > 1)."""
+
 import pytest
 import torch
 
@@ -21,9 +22,11 @@ def llava():
 
 def _alone(inputs, i):
     keep = inputs["attention_mask"][i].bool()
-    return {"input_ids": inputs["input_ids"][i:i + 1, keep],
-            "attention_mask": inputs["attention_mask"][i:i + 1, keep],
-            "pixel_values": inputs["pixel_values"][i:i + 1]}
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+    }
 
 
 @torch.no_grad()
@@ -41,17 +44,18 @@ def test_visionzip_compacts_the_prompt_and_generates(llava):
     report = mmkernels.patch(model, reduce=VISIONZIP)
     try:
         row = [r for r in report.rows if r.kind == "prompt"][0]
-        assert "16 -> 8" in row.detail, str(report)        # "default" drops CLS: 1+6+2-1 = 8
+        assert "16 -> 8" in row.detail, str(report)  # "default" drops CLS: 1+6+2-1 = 8
         seen = []
         hook = model.model.language_model.register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape), with_kwargs=True)
+            lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape), with_kwargs=True
+        )
         got = model.generate(**inputs, **GEN)
         hook.remove()
         prompt = inputs["input_ids"].shape[1]
         assert seen[0][1] == max(int(m.sum()) for m in inputs["attention_mask"]) - (16 - 8)
         assert got.shape == (2, prompt + 5)
-        assert torch.equal(got[:, :prompt], inputs["input_ids"])   # the caller's prompt back
-        for i in range(2):                                         # a row alone == in the batch
+        assert torch.equal(got[:, :prompt], inputs["input_ids"])  # the caller's prompt back
+        for i in range(2):  # a row alone == in the batch
             alone = model.generate(**_alone(inputs, i), **GEN)
             assert torch.equal(alone[0, -5:], got[i, -5:])
         logits = model(**inputs).logits
@@ -71,14 +75,16 @@ def test_compacted_prompt_passes_as_is(llava):
         full = model(**inputs).logits
         compactor_input = dict(inputs)
         ids = inputs["input_ids"]
-        keep = [torch.cat([torch.nonzero(r != 96).squeeze(1),
-                           torch.nonzero(r == 96).squeeze(1)[:8]]).sort().values for r in ids]
+        keep = [
+            torch.cat([torch.nonzero(r != 96).squeeze(1), torch.nonzero(r == 96).squeeze(1)[:8]]).sort().values
+            for r in ids
+        ]
         width = max(len(k) for k in keep)
         compact = torch.zeros(2, width, dtype=ids.dtype)
         mask = torch.zeros(2, width, dtype=torch.long)
         for i, k in enumerate(keep):
-            compact[i, width - len(k):] = ids[i, k]
-            mask[i, width - len(k):] = inputs["attention_mask"][i, k]
+            compact[i, width - len(k) :] = ids[i, k]
+            mask[i, width - len(k) :] = inputs["attention_mask"][i, k]
         compactor_input.update(input_ids=compact, attention_mask=mask)
         again = model(**compactor_input).logits
     assert again.shape == full.shape

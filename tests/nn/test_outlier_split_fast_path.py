@@ -1,5 +1,6 @@
 """OutlierSplitLinear's fast path (no gather of the main channels: a derived full-width weight with
 zero outlier columns and ``smooth = inf`` there) against the two-QuantLinear form it replaces."""
+
 import pytest
 import torch
 
@@ -20,15 +21,15 @@ def _split(symmetric=True, perm=False, smooth=True, seed=0, k=96, n=40, idx=(3, 
     if perm:
         wm = wm[:, input_perm]
         sm = sm[input_perm] if smooth else None
-    main = QuantLinear.from_quantized(quantize_weight(wm, 8, symmetric=symmetric), torch.randn(n),
-                                      act_bits=8, smooth=sm, input_perm=input_perm)
+    main = QuantLinear.from_quantized(
+        quantize_weight(wm, 8, symmetric=symmetric), torch.randn(n), act_bits=8, smooth=sm, input_perm=input_perm
+    )
     outl = QuantLinear.from_quantized(quantize_weight(w[:, idx], 8, symmetric=symmetric), act_bits=8)
     return OutlierSplitLinear(main, outl, idx)
 
 
 def _two_gemms(m, x):
-    return (m.main(x.index_select(-1, m.main_index))
-            + m.outliers(x.index_select(-1, m.outlier_index)))
+    return m.main(x.index_select(-1, m.main_index)) + m.outliers(x.index_select(-1, m.outlier_index))
 
 
 def _inputs(m, shape=(5, 7)):
@@ -61,12 +62,12 @@ def test_fast_path_sees_weight_changes():
     x = _inputs(m)
     with torch.no_grad():
         m(x)
-        m.main.quantized.scales.mul_(0.5)           # in place: version counter
+        m.main.quantized.scales.mul_(0.5)  # in place: version counter
         m.outliers.quantized.scales.mul_(2.0)
         want = _two_gemms(m, x)
         assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-        m.main.quantized.qweight.numpy()[:] = 1     # bypasses the version counter ...
-        mmkernels.clear_caches()                   # ... so the user clears the caches
+        m.main.quantized.qweight.numpy()[:] = 1  # bypasses the version counter ...
+        mmkernels.clear_caches()  # ... so the user clears the caches
         want = _two_gemms(m, x)
         assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         sd = {k: v.clone() for k, v in _split(perm=True, seed=1).state_dict().items()}
@@ -78,9 +79,9 @@ def test_fast_path_sees_weight_changes():
 def test_fast_path_nan_rows_follow_the_two_gemms():
     m = _split()
     x = _inputs(m, (6,))
-    x[0, 3] = float("nan")       # an outlier channel
+    x[0, 3] = float("nan")  # an outlier channel
     x[1, 3] = float("inf")
-    x[2, 5] = float("inf")       # a main channel
+    x[2, 5] = float("inf")  # a main channel
     x[3, 5] = float("nan")
     with torch.no_grad():
         want, got = _two_gemms(m, x), m(x)
@@ -93,7 +94,7 @@ def test_slow_path_under_autograd_and_for_bfloat16():
     x = _inputs(m).requires_grad_(True)
     with torch.no_grad():
         want = _two_gemms(m, x)
-    got = m(x)                                    # grad mode with a leaf that wants grad
+    got = m(x)  # grad mode with a leaf that wants grad
     assert "_fused_entry" not in m.__dict__
     assert torch.equal(got, want)
     xb = x.detach().to(torch.bfloat16)
@@ -104,6 +105,7 @@ def test_slow_path_under_autograd_and_for_bfloat16():
 
 def test_derived_tensors_stay_out_of_state_dict_and_pickles():
     import pickle
+
     m = _split()
     with torch.no_grad():
         m(_inputs(m))

@@ -1,4 +1,5 @@
 """mmkernels.nn.QuantLinear: from_linear, state dict round trip, input_perm, smoothing."""
+
 import io
 
 import pytest
@@ -9,9 +10,16 @@ from mmkernels.nn import QuantLinear
 from mmkernels.quant import quantize_weight
 
 
-@pytest.mark.parametrize("kw", [dict(bits=8), dict(bits=4, group_size=32),
-                                dict(bits=4, group_size=64, symmetric=False),
-                                dict(bits=8, act_bits=8), dict(bits=8, fp8=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(bits=8),
+        dict(bits=4, group_size=32),
+        dict(bits=4, group_size=64, symmetric=False),
+        dict(bits=8, act_bits=8),
+        dict(bits=8, fp8=True),
+    ],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_from_linear_matches_dequantized(kw, bias):
     torch.manual_seed(0)

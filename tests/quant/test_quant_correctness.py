@@ -12,6 +12,7 @@ a peer's narrower scope): that case skips with the declared reason, any other re
 Kernel-specific paths (ISA paths, tiles, split-K, caches) are tested in each backend's kernel file
 (test_quant_cpu_kernel.py, test_quant_triton_kernel.py).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,13 @@ W8A8 = [
     pytest.param(dict(bits=8, fp8=True), id="fp8"),
 ]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
-M_VALUES = (1, 3, 16, 33)        # GEMV / row-dot paths below 16 rows, GEMM paths from 16
+M_VALUES = (1, 3, 16, 33)  # GEMV / row-dot paths below 16 rows, GEMM paths from 16
 
 
 def _weight(n, k, kw, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * torch.logspace(-2, 0.5, n)[:, None]  # rows of many scales
-    w[2] = 0                                                                  # an all-zero row
+    w[2] = 0  # an all-zero row
     return quantize_weight(w, **kw).to(device)
 
 
@@ -57,7 +58,7 @@ def _out_of_declared_scope(backend, x, qw, act_bits) -> bool:
         return is_fp8(qw.qweight)
     if backend.name == "cuda":
         return not (qw.bits == 4 and act_bits is None and x.dtype in (torch.float16, torch.bfloat16))
-    return backend.name not in ("reference", "triton")   # peers with a narrower scope (torch)
+    return backend.name not in ("reference", "triton")  # peers with a narrower scope (torch)
 
 
 def _run(backend, x, qw, bias=None, smooth=None, act_bits=None):
@@ -84,10 +85,11 @@ def check_weight_only(backend, x, qw, bias=None, smooth=None):
 
 def check_w8a8(backend, x, qw, bias=None, smooth=None):
     y = _run(backend, x, qw, bias, smooth, act_bits=8)
-    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth)        # reference in x's dtype
+    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth)  # reference in x's dtype
     eps = torch.finfo(x.dtype).eps
-    assert max_err(y, same) <= 2 * eps * same.double().abs().max().item() + 1e-30, \
+    assert max_err(y, same) <= 2 * eps * same.double().abs().max().item() + 1e-30, (
         f"W8A8 differs from the reference in {x.dtype} by {max_err(y, same):.3g}"
+    )
     y64 = qmatmul_reference(x.double(), qw, _up(bias), act_bits=8, smooth=_up(smooth))
     err, base = max_err(y, y64), max_err(same, y64)
     assert err <= 2 * base + FLOOR[x.dtype], f"max error {err:.3g} > 2 x {base:.3g} + floor"
@@ -96,7 +98,7 @@ def check_w8a8(backend, x, qw, bias=None, smooth=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", WEIGHT_ONLY)
 def test_weight_only(backend, kw, dtype):
-    n, k = 67, 256                                                  # odd N
+    n, k = 67, 256  # odd N
     dev = backend.device
     qw = _weight(n, k, kw, dev)
     bias, smooth = torch.randn(n, device=dev), torch.rand(k, device=dev) + 0.5
@@ -105,9 +107,11 @@ def test_weight_only(backend, kw, dtype):
         check_weight_only(backend, x, qw, bias if i % 2 == 0 else None, smooth if i % 3 == 1 else None)
 
 
-@pytest.mark.parametrize("kw, k", [(dict(bits=8, group_size=None), 97), (dict(bits=4, group_size=None), 98),
-                                   (dict(bits=4, group_size=32), 160)],
-                         ids=["int8-pc-k97", "int4-pc-k98", "int4-g32-k160"])
+@pytest.mark.parametrize(
+    "kw, k",
+    [(dict(bits=8, group_size=None), 97), (dict(bits=4, group_size=None), 98), (dict(bits=4, group_size=32), 160)],
+    ids=["int8-pc-k97", "int4-pc-k98", "int4-g32-k160"],
+)
 def test_weight_only_k_not_a_multiple_of_64(backend, kw, k):
     qw = _weight(31, k, kw, backend.device)
     for m in (1, 20):
@@ -138,7 +142,7 @@ def test_w8a8(backend, kw, dtype):
         x = (torch.randn(m, k) * 3).to(dtype)
         x[0, : k // 2] = 0
         if m > 1:
-            x[1] = 0                                                # an all-zero token
+            x[1] = 0  # an all-zero token
         check_w8a8(backend, x.to(dev), qw, bias if i % 2 else None, smooth if i == 2 else None)
 
 

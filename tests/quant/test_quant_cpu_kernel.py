@@ -7,6 +7,7 @@ reference run in x's dtype bit for bit (same integers, same epilogue roundings).
 MMKERNELS_DEBUG_POISON=1: the glue fills outputs with NaN before the kernel runs, so an element
 the kernel forgets to write fails the NaN check.
 """
+
 import gc
 
 import pytest
@@ -23,9 +24,9 @@ from oracle import FLOOR, max_err
 if not qcpu.is_available():
     pytest.skip(f"mmkernels._C has no qmatmul kernels: {qcpu.LOAD_ERROR}", allow_module_level=True)
 
-ISAS = cpu_isa_paths("quant")          # every ISA path this CPU can run, lowest first
+ISAS = cpu_isa_paths("quant")  # every ISA path this CPU can run, lowest first
 DTYPES = [torch.float32, torch.bfloat16]
-M_VALUES = (1, 3, 16, 33, 128)      # 1 / 3: row-dot kernel; >= 16: prepacked GEMM kernel
+M_VALUES = (1, 3, 16, 33, 128)  # 1 / 3: row-dot kernel; >= 16: prepacked GEMM kernel
 
 
 @pytest.fixture(params=ISAS)
@@ -44,20 +45,27 @@ def check(x, qw, bias=None, smooth=None, act_bits=None):
     if act_bits is not None:
         assert torch.equal(got, same), f"W8A8 differs from the reference: {max_err(got, same)}"
         return got
-    exact = qmatmul_reference(x.double(), qw, None if bias is None else bias.double(), None,
-                              None if smooth is None else smooth.double())
+    exact = qmatmul_reference(
+        x.double(), qw, None if bias is None else bias.double(), None, None if smooth is None else smooth.double()
+    )
     err, base = max_err(got, exact), max_err(same, exact)
     floor = FLOOR[x.dtype] * max(1.0, exact.abs().max().item())
-    assert err <= 2 * base + floor, (f"max error {err:.3g} > 2 x {base:.3g} (PyTorch "
-                                     f"{x.dtype}) + {floor:.3g}")
+    assert err <= 2 * base + floor, f"max error {err:.3g} > 2 x {base:.3g} (PyTorch {x.dtype}) + {floor:.3g}"
     return got
 
 
 # int4: every group size incl. per channel; int8: per channel and grouped. K values are
 # multiples of the group size that are not multiples of 64 where possible; odd N everywhere.
 WO_CONFIGS = [  # (bits, group_size, K)
-    (4, 32, 96), (4, 32, 160), (4, 64, 192), (4, 128, 384), (4, None, 98),
-    (8, None, 97), (8, None, 160), (8, 32, 96), (8, 128, 256),
+    (4, 32, 96),
+    (4, 32, 160),
+    (4, 64, 192),
+    (4, 128, 384),
+    (4, None, 98),
+    (8, None, 97),
+    (8, None, 160),
+    (8, 32, 96),
+    (8, 128, 256),
 ]
 
 
@@ -93,8 +101,8 @@ def test_weight_only_layouts_bias_smooth(isa, dtype):
     smooth = torch.rand(k) + 0.5
     for m in (1, 3, 17, 40):
         base = torch.randn(k, 2 * m).to(dtype)
-        check(base.t()[::2], qw, bias64)                              # transposed, sliced view
-        check(torch.randn(2, m, k).to(dtype), qw, smooth=smooth)       # 3-D x
+        check(base.t()[::2], qw, bias64)  # transposed, sliced view
+        check(torch.randn(2, m, k).to(dtype), qw, smooth=smooth)  # 3-D x
         check(torch.randn(m, k).to(dtype), qw, bias64.float(), smooth=smooth)
 
 
@@ -103,7 +111,7 @@ def test_int4_every_nibble(isa, symmetric):
     """All 256 byte values in every row (all 16 nibbles in both positions), several zero points."""
     n, k = 20, 512
     g = torch.Generator().manual_seed(1)
-    rows = torch.stack([torch.randperm(256, generator=g) for _ in range(n)])       # (n, 256)
+    rows = torch.stack([torch.randperm(256, generator=g) for _ in range(n)])  # (n, 256)
     qweight = rows.to(torch.uint8)
     scales = torch.rand(n, k // 32, generator=g) + 0.1
     zeros = None if symmetric else torch.randint(0, 16, (n, k // 32), generator=g).to(torch.uint8)
@@ -118,14 +126,14 @@ def test_int4_every_nibble(isa, symmetric):
 def test_w8a8_exact(isa, symmetric, dtype):
     for n, k in ((67, 256), (257, 97), (64, 1000)):
         w = torch.randn(n, k)
-        w[3] = 0                                                    # an all-zero channel
+        w[3] = 0  # an all-zero channel
         qw = quantize_weight(w, 8, None, symmetric)
         bias = torch.randn(n)
         for i, m in enumerate(M_VALUES):
             x = (torch.randn(m, k) * 3).to(dtype)
             x[0, : k // 2] = 0
             if m > 1:
-                x[1] = 0                                            # an all-zero token
+                x[1] = 0  # an all-zero token
             check(x, qw, bias if i % 2 else None, act_bits=8)
 
 
@@ -154,8 +162,7 @@ def test_w8a8_extreme_values(isa):
         else:
             qweight = torch.full((n, k), 255, dtype=torch.uint8)
             qweight[1::2] = 0
-        qw = QuantizedWeight(qweight, torch.rand(n, 1) + 0.5, zeros, bits=8, group_size=None,
-                             shape=(n, k))
+        qw = QuantizedWeight(qweight, torch.rand(n, 1) + 0.5, zeros, bits=8, group_size=None, shape=(n, k))
         check(x, qw, act_bits=8)
         check(x.bfloat16(), qw, act_bits=8)
 
@@ -171,13 +178,13 @@ def test_prepacked_cache_follows_weight_changes():
     n, k = 70, 256
     for bits, act_bits, group_size in ((4, None, 64), (8, None, None), (8, 8, None)):
         qw = quantize_weight(torch.randn(n, k), bits, group_size)
-        x = torch.randn(20, k)                                    # M >= 16: prepacked kernels
+        x = torch.randn(20, k)  # M >= 16: prepacked kernels
         y0 = check(x, qw, act_bits=act_bits)
-        assert torch.equal(qmatmul(x, qw, act_bits=act_bits, backend="cpu"), y0)   # cache hit
+        assert torch.equal(qmatmul(x, qw, act_bits=act_bits, backend="cpu"), y0)  # cache hit
         qw.qweight.copy_(quantize_weight(torch.randn(n, k), bits, group_size).qweight)
-        y1 = check(x, qw, act_bits=act_bits)                      # rebuilt from the new values
+        y1 = check(x, qw, act_bits=act_bits)  # rebuilt from the new values
         assert not torch.equal(y0, y1)
-        qw.scales.mul_(2)                                         # scales changed alone
+        qw.scales.mul_(2)  # scales changed alone
         y2 = check(x, qw, act_bits=act_bits)
         torch.testing.assert_close(y2, 2 * y1, rtol=1e-6, atol=1e-5)
     del qw
@@ -188,15 +195,15 @@ def test_prepacked_cache_follows_weight_changes():
     assert qcpu.cache_size() == before + 1
     del qw
     gc.collect()
-    assert qcpu.cache_size() == before                            # the entry died with its weight
+    assert qcpu.cache_size() == before  # the entry died with its weight
 
 
 def test_dispatch_and_reasons():
     qw = quantize_weight(torch.randn(8, 64), 4, 32)
     from mmkernels import _dispatch
     from mmkernels.quant.api import _select
-    for dtype, name in ((torch.float32, "cpu"), (torch.bfloat16, "cpu"),
-                        (torch.float64, "reference")):
+
+    for dtype, name in ((torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.float64, "reference")):
         x = torch.randn(2, 64, dtype=dtype)
         assert _select(x, qw.qweight, qw.scales, qw.zeros, 4, 0, False, "").name == name
     with pytest.raises(_dispatch.NoBackendError, match="float16 has no fast path"):

@@ -1,18 +1,22 @@
 """Argument checks of quantize_weight, qmatmul and QuantizedWeight: errors name the argument, what
 was seen and what was expected."""
+
 import pytest
 import torch
 
 from mmkernels.quant import QuantizedWeight, qmatmul, quantize_weight
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(bits=3), ValueError, "bits"),
-    (dict(bits=True), ValueError, "bits"),
-    (dict(group_size=16), ValueError, "group_size"),
-    (dict(group_size=96), ValueError, "group_size"),
-    (dict(symmetric=1), TypeError, "symmetric"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(bits=3), ValueError, "bits"),
+        (dict(bits=True), ValueError, "bits"),
+        (dict(group_size=16), ValueError, "group_size"),
+        (dict(group_size=96), ValueError, "group_size"),
+        (dict(symmetric=1), TypeError, "symmetric"),
+    ],
+)
 def test_quantize_bad_args(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         quantize_weight(torch.randn(4, 128), **kwargs)
@@ -60,5 +64,11 @@ def test_empty_and_from_state_dict_errors():
     with pytest.raises(KeyError, match="meta"):
         QuantizedWeight.from_state_dict({"qweight": torch.zeros(1)})
     with pytest.raises(ValueError, match="scales must be float32"):
-        QuantizedWeight(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 1, dtype=torch.float16),
-                        None, bits=8, group_size=None, shape=(4, 64))
+        QuantizedWeight(
+            torch.zeros(4, 64, dtype=torch.int8),
+            torch.ones(4, 1, dtype=torch.float16),
+            None,
+            bits=8,
+            group_size=None,
+            shape=(4, 64),
+        )

@@ -1,4 +1,5 @@
 """fp8 (e4m3) weights: quantizer, format, reference qmatmul (weight-only and fp8 W8A8)."""
+
 import io
 
 import pytest
@@ -8,7 +9,7 @@ from mmkernels.quant import QuantizedWeight, qmatmul, quantize_weight
 from mmkernels.quant.packing import FP8_DTYPE
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
-E4M3_GRID = torch.unique(E4M3_GRID[torch.isfinite(E4M3_GRID)])      # all 253 finite values
+E4M3_GRID = torch.unique(E4M3_GRID[torch.isfinite(E4M3_GRID)])  # all 253 finite values
 
 
 @pytest.mark.parametrize("group_size", [None, 32])
@@ -21,7 +22,7 @@ def test_fp8_quantize_is_nearest_grid_point(group_size):
     gs = 64 if group_size is None else group_size
     s = qw.scales.double().repeat_interleave(gs, dim=1)
     scaled = w.double() / s
-    assert scaled.abs().max() <= 448 * (1 + 1e-6)          # scale rounded to float32
+    assert scaled.abs().max() <= 448 * (1 + 1e-6)  # scale rounded to float32
     # the stored value is a nearest e4m3 value of w / s (independent search over the grid)
     dist = (scaled.reshape(-1, 1) - E4M3_GRID.double()[None, :]).abs()
     best = dist.min(dim=1).values.reshape(scaled.shape)
@@ -60,7 +61,7 @@ def test_fp8_weight_only_and_w8a8_reference(m):
     expect = (xq @ qw.qweight.double().T) * sx[:, None] * qw.scales.double()[:, 0] + b.double()
     assert torch.allclose(y8, expect, rtol=1e-12, atol=1e-12)
     rel = (y8 - x.double() @ w.double().T - b.double()).norm() / (x @ w.T).norm()
-    assert rel < 0.1                                   # e4m3 on both sides: a few % at most
+    assert rel < 0.1  # e4m3 on both sides: a few % at most
     assert qmatmul(x, qw, act_bits=8).dtype == torch.float32
 
 

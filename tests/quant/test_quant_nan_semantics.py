@@ -12,6 +12,7 @@ Backends: reference; cpu on each ISA path this CPU runs (MMKERNELS_CPU_ISA); tri
 interpreter. M = 3 takes the GEMV / row-dot kernels, M = 33 the GEMM kernels. conftest sets
 MMKERNELS_DEBUG_POISON=1 (outputs start as NaN: an unwritten element fails the checks).
 """
+
 import pytest
 import torch
 
@@ -21,16 +22,20 @@ NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
+EVERY_CPU_ISA = True  # conftest's backend fixture: the cpu backend once per ISA path
 
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
-W8A8 = [pytest.param(dict(bits=8, symmetric=True), id="int8-sym"),
-        pytest.param(dict(bits=8, symmetric=False), id="int8-asym"),
-        pytest.param(dict(bits=8, fp8=True), id="fp8")]
-WEIGHT_ONLY = [pytest.param(dict(bits=8, group_size=None), id="int8-pc"),
-               pytest.param(dict(bits=4, group_size=32), id="int4-g32"),
-               pytest.param(dict(bits=4, group_size=None, symmetric=False), id="int4-asym-pc")]
+W8A8 = [
+    pytest.param(dict(bits=8, symmetric=True), id="int8-sym"),
+    pytest.param(dict(bits=8, symmetric=False), id="int8-asym"),
+    pytest.param(dict(bits=8, fp8=True), id="fp8"),
+]
+WEIGHT_ONLY = [
+    pytest.param(dict(bits=8, group_size=None), id="int8-pc"),
+    pytest.param(dict(bits=4, group_size=32), id="int4-g32"),
+    pytest.param(dict(bits=4, group_size=None, symmetric=False), id="int4-asym-pc"),
+]
 N, K = 67, 96
 
 
@@ -84,7 +89,7 @@ def test_w8a8_smooth_zero(backend, dtype, kw):
     smooth = torch.rand(K) + 0.5
     smooth[7] = 0.0
     x = x_rows(5, dtype)
-    x[2, 7] = 0.0                   # 0 / 0: NaN
+    x[2, 7] = 0.0  # 0 / 0: NaN
     got = qmatmul(x, qw, None, act_bits=8, backend=backend.name, smooth=smooth)
     assert got.isnan().all()
     # a NaN factor too, and a finite one elsewhere stays finite
@@ -123,7 +128,7 @@ def test_weight_only_smooth_zero(backend, dtype, m):
     smooth = torch.rand(K) + 0.5
     smooth[7] = 0.0
     x = x_rows(m, dtype)
-    x[0, 7] = 0.0                   # 0 / 0: a NaN row
+    x[0, 7] = 0.0  # 0 / 0: a NaN row
     got = qmatmul(x, qw, None, backend=backend.name, smooth=smooth)
     want = qmatmul_reference(x.double(), qw, None, None, smooth.double())
     assert got[0].isnan().all() and torch.isinf(got[1:]).any()

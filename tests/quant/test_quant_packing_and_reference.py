@@ -1,28 +1,38 @@
 """Quantized weight format, RTN quantizer, reference qmatmul (weight-only and W8A8), SQNR."""
+
 import io
 import math
 
 import pytest
 import torch
 
-from mmkernels.quant import (QuantizedWeight, pack_int4, qmatmul, qmatmul_reference,
-                             quantize_weight, smoothquant_factors, sqnr, unpack_int4)
+from mmkernels.quant import (
+    QuantizedWeight,
+    pack_int4,
+    qmatmul,
+    qmatmul_reference,
+    quantize_weight,
+    smoothquant_factors,
+    sqnr,
+    unpack_int4,
+)
 from mmkernels.quant.packing import qrange
 
 
 # --- packing ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_int4_pack_exhaustive(signed):
     vals = torch.arange(-8, 8) if signed else torch.arange(0, 16)
-    lo, hi = torch.meshgrid(vals, vals, indexing="ij")       # all 256 (low, high) pairs
-    q = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1).reshape(1, -1)   # (1, 512)
+    lo, hi = torch.meshgrid(vals, vals, indexing="ij")  # all 256 (low, high) pairs
+    q = torch.stack([lo.reshape(-1), hi.reshape(-1)], dim=1).reshape(1, -1)  # (1, 512)
     packed = pack_int4(q)
     assert packed.dtype == torch.uint8 and packed.shape == (1, 256)
     # documented layout: element 2j in the low nibble, 2j+1 in the high nibble, two's complement
     expect = [((int(a) & 0xF) | ((int(b) & 0xF) << 4)) for a, b in q.reshape(-1, 2).tolist()]
     assert packed.reshape(-1).tolist() == expect
-    assert sorted(set(expect)) == list(range(256))             # every byte value occurs once
+    assert sorted(set(expect)) == list(range(256))  # every byte value occurs once
     out = unpack_int4(packed, signed=signed)
     assert out.dtype == (torch.int8 if signed else torch.uint8)
     assert torch.equal(out.to(torch.int64), q.to(torch.int64))
@@ -38,6 +48,7 @@ def test_int4_layout_examples():
 
 # --- quantizer vs an independent float64 RTN ----------------------------------------------------
 
+
 def _rtn64(w, bits, group_size, symmetric):
     """Plain RTN definition in float64 (float64 scales): returns W_hat (N, K) float64."""
     w = w.double()
@@ -50,7 +61,7 @@ def _rtn64(w, bits, group_size, symmetric):
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(wg / s), -qmax - 1, qmax)
         return (q * s).reshape(n, k)
-    qmax = 2 ** bits - 1
+    qmax = 2**bits - 1
     lo = wg.amin(-1, keepdim=True).clamp(max=0)
     hi = wg.amax(-1, keepdim=True).clamp(min=0)
     s = (hi - lo) / qmax
@@ -60,8 +71,17 @@ def _rtn64(w, bits, group_size, symmetric):
     return ((q - z) * s).reshape(n, k)
 
 
-CONFIGS = [(8, None, True), (8, None, False), (8, 32, True), (8, 128, False),
-           (4, None, True), (4, 32, True), (4, 64, False), (4, 128, True), (4, 128, False)]
+CONFIGS = [
+    (8, None, True),
+    (8, None, False),
+    (8, 32, True),
+    (8, 128, False),
+    (4, None, True),
+    (4, 32, True),
+    (4, 64, False),
+    (4, 128, True),
+    (4, 128, False),
+]
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", CONFIGS)
@@ -69,9 +89,9 @@ CONFIGS = [(8, None, True), (8, None, False), (8, 32, True), (8, 128, False),
 def test_quantize_error_not_worse_than_rtn(bits, group_size, symmetric, wdtype):
     n, k = 37, 256
     w = (torch.randn(n, k) * torch.logspace(-3, 1, n)[:, None]).to(wdtype)
-    w[3] = 0                                             # an all-zero row: no NaN
-    w[5, :32] = 0                                        # an all-zero group
-    w[7] = w[7].abs() + 0.1                              # all-positive (asym zero point = 0)
+    w[3] = 0  # an all-zero row: no NaN
+    w[5, :32] = 0  # an all-zero group
+    w[7] = w[7].abs() + 0.1  # all-positive (asym zero point = 0)
     qw = quantize_weight(w, bits, group_size, symmetric)
     ref = _rtn64(w, bits, group_size, symmetric)
     deq = qw.dequantize(torch.float64)
@@ -95,10 +115,12 @@ def test_quantize_error_not_worse_than_rtn(bits, group_size, symmetric, wdtype):
 
 def test_quantize_buffers_layout():
     w = torch.randn(6, 64)
-    for bits, gs, sym, qshape, qdtype in [(8, None, True, (6, 64), torch.int8),
-                                          (8, None, False, (6, 64), torch.uint8),
-                                          (4, 32, True, (6, 32), torch.uint8),
-                                          (4, 32, False, (6, 32), torch.uint8)]:
+    for bits, gs, sym, qshape, qdtype in [
+        (8, None, True, (6, 64), torch.int8),
+        (8, None, False, (6, 64), torch.uint8),
+        (4, 32, True, (6, 32), torch.uint8),
+        (4, 32, False, (6, 32), torch.uint8),
+    ]:
         qw = quantize_weight(w, bits, gs, sym)
         assert qw.qweight.shape == qshape and qw.qweight.dtype == qdtype
         assert qw.scales.shape == (6, 1 if gs is None else 64 // gs)
@@ -109,12 +131,14 @@ def test_quantize_buffers_layout():
         assert qw.dequantize(torch.bfloat16).dtype == torch.bfloat16
         # unpacked int4 values agree with the stored nibbles
         if bits == 4:
-            assert torch.equal(unpack_int4(qw.qweight, sym).int()[:, 0::2],
-                               (qw.qweight & 0xF).int() - (16 * ((qw.qweight & 0xF) >= 8).int()
-                                                           if sym else 0))
+            assert torch.equal(
+                unpack_int4(qw.qweight, sym).int()[:, 0::2],
+                (qw.qweight & 0xF).int() - (16 * ((qw.qweight & 0xF) >= 8).int() if sym else 0),
+            )
 
 
 # --- state dict and devices ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 64, False)])
 def test_state_dict_roundtrip(bits, group_size, symmetric):
@@ -128,12 +152,10 @@ def test_state_dict_roundtrip(bits, group_size, symmetric):
     for name in ("qweight", "scales", "zeros", "meta"):
         a, b = getattr(lin.qw, name), getattr(back, name)
         assert (a is None and b is None) or (torch.equal(a, b) and a.dtype == b.dtype)
-    assert (back.bits, back.group_size, back.shape, back.symmetric) == \
-           (bits, group_size, (9, 128), symmetric)
+    assert (back.bits, back.group_size, back.shape, back.symmetric) == (bits, group_size, (9, 128), symmetric)
     # load into a pre-built empty module of the same configuration
     target = torch.nn.Module()
-    target.qw = QuantizedWeight.empty((9, 128), bits=bits, group_size=group_size,
-                                      symmetric=symmetric)
+    target.qw = QuantizedWeight.empty((9, 128), bits=bits, group_size=group_size, symmetric=symmetric)
     target.load_state_dict(sd, strict=True)
     assert torch.equal(target.qw.dequantize(), lin.qw.dequantize())
     # a mismatched configuration is refused with a clear message
@@ -149,22 +171,24 @@ def test_device_moves_and_dtype_cast():
     assert all(t.device.type == "meta" for t in m.buffers())
     qw2 = quantize_weight(torch.randn(4, 64), 8).to(torch.device("cpu"))
     assert all(t.device.type == "cpu" for t in qw2.buffers()) and qw2.device.type == "cpu"
-    qw2.to(torch.bfloat16)                                 # Module.to(dtype) keeps the format
+    qw2.to(torch.bfloat16)  # Module.to(dtype) keeps the format
     assert qw2.scales.dtype == torch.float32 and qw2.qweight.dtype == torch.int8
 
 
 # --- qmatmul reference ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 128])
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, None, False),
-                                                       (4, 32, True), (4, 128, False)])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric", [(8, None, True), (8, None, False), (4, 32, True), (4, 128, False)]
+)
 def test_qmatmul_weight_only_vs_float64(m, bits, group_size, symmetric):
-    n, k = 23, 256                                          # odd N
+    n, k = 23, 256  # odd N
     qw = quantize_weight(torch.randn(n, k), bits, group_size, symmetric)
     w64 = qw.dequantize(torch.float64)
     bias = torch.randn(n)
     base = torch.randn(m, 2 * k)
-    x = base[:, ::2]                                        # non-contiguous x
+    x = base[:, ::2]  # non-contiguous x
     assert not x.is_contiguous()
     for b in (None, bias):
         want = x.double() @ w64.T + (0 if b is None else b.double())
@@ -212,7 +236,7 @@ def test_w8a8_vs_independent(symmetric, m):
     w_int = qw.qweight.long()
     zero = torch.zeros(n, dtype=torch.long) if symmetric else qw.zeros[:, 0].long()
     x = torch.randn(m, k) * 3
-    x[0] = 0 if m > 1 else x[0]                             # an all-zero token
+    x[0] = 0 if m > 1 else x[0]  # an all-zero token
     bias = torch.randn(n)
     want = _w8a8_independent(x, w_int, qw.scales[:, 0], zero, bias)
     y64 = qmatmul(x.double(), qw, bias.double(), act_bits=8)
@@ -244,16 +268,18 @@ def test_torch_compile_fullgraph():
     x = torch.randn(5, 64)
     fn = torch.compile(lambda x: qmatmul(x, qw, bias), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), qmatmul(x, qw, bias))
-    torch.library.opcheck(torch.ops.mmkernels.qmatmul.default,
-                          (x, qw.qweight, qw.scales, qw.zeros, bias, None, 4, 0, ""))
+    torch.library.opcheck(
+        torch.ops.mmkernels.qmatmul.default, (x, qw.qweight, qw.scales, qw.zeros, bias, None, 4, 0, "")
+    )
 
 
 # --- SQNR ------------------------------------------------------------------------------------------
 
+
 def test_sqnr():
     ref = torch.ones(100, dtype=torch.float64)
     assert sqnr(ref, ref) == math.inf
-    assert abs(sqnr(ref, ref * 1.1) - 20.0) < 1e-9          # noise 0.1 -> 20 dB
+    assert abs(sqnr(ref, ref * 1.1) - 20.0) < 1e-9  # noise 0.1 -> 20 dB
     assert abs(sqnr(ref, ref + 0.01) - 40.0) < 1e-9
     assert sqnr(torch.zeros(3), torch.ones(3)) == -math.inf
     w = torch.randn(64, 256)

@@ -1,6 +1,7 @@
 """The ``torch`` qmatmul backend (W8A8 int8 through torch._int_mm): equal to the reference bit for
 bit, as our kernels are; what it refuses and why; the auto-selection rule per CPU class
 (monkeypatched: never a timing)."""
+
 import pytest
 import torch
 
@@ -24,15 +25,14 @@ def _reference(x, qw, bias=None, smooth=None):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("m,k,n", [(1, 64, 8), (5, 70, 37), (33, 257, 65), (0, 32, 16)])
 def test_bit_identical_to_the_reference(symmetric, dtype, m, k, n):
     qw = quantize_weight(torch.randn(n, k), 8, None, symmetric)
     x = (torch.randn(3, m, k) * 4).to(dtype)
     bias, smooth = torch.randn(n), torch.rand(k) + 0.5
     if m > 1:
-        x[0, 1] = 0                                   # an all-zero row: scale 1
+        x[0, 1] = 0  # an all-zero row: scale 1
     for b, s in ((None, None), (bias, None), (bias, smooth)):
         got = mmkernels.qmatmul(x, qw, b, act_bits=8, smooth=s, backend="torch")
         assert got.dtype == dtype and got.shape == (3, m, n)
@@ -60,7 +60,9 @@ def test_refuses_what_it_does_not_serve():
     assert any("weight-only calls are not served" in r for r in reasons)
     fp8 = QMatmulCall("cpu", "float64", 8, 0, True, 8, False, True)
     assert [r for r in torch_backend.reasons(fp8) if "float64" in r or "fp8" in r] == [
-        "float64 is the reference's (the test oracle)", "fp8 weights are not served (the reference serves them)"]
+        "float64 is the reference's (the test oracle)",
+        "fp8 weights are not served (the reference serves them)",
+    ]
     qw = quantize_weight(torch.randn(8, 64), 8)
     with pytest.raises(_dispatch.NoBackendError, match="weight-only calls are not served"):
         mmkernels.qmatmul(torch.randn(2, 64), qw, backend="torch")
@@ -71,6 +73,7 @@ def cpu_class(monkeypatch):
     def set_class(name):
         monkeypatch.setattr(_extension, "_CPU_CLASS", name)
         _dispatch.clear_selection_cache()
+
     yield set_class
     _dispatch.clear_selection_cache()
 
@@ -87,9 +90,7 @@ def test_our_w8a8_kernel_stays_the_choice_torch_takes_what_it_cannot(cpu_class, 
             assert _dispatch.select("qmatmul", call, "cpu").name == "cpu"
     assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 8, 0, True, 8, False), "cpu").name == "torch"
     # weight-only float16 and float64 still go to the reference
-    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 4, 128, True, 0, False), "cpu").name \
-        == "reference"
-    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float64", 8, 0, True, 8, False), "cpu").name \
-        == "reference"
+    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 4, 128, True, 0, False), "cpu").name == "reference"
+    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float64", 8, 0, True, 8, False), "cpu").name == "reference"
     chosen, trail = _dispatch.auto_choice("qmatmul", QMatmulCall("cpu", "float32", 8, 0, True, 8, False), "cpu")
     assert chosen.name == "cpu" and "our VNNI W8A8 kernel is faster" in dict(trail)["torch"]

@@ -14,6 +14,7 @@ paths must match the reference computed in the same dtype up to the final float 
 under the interpreter), and the activation-quantization kernel must equal
 reference.quantize_activations[_fp8] bit for bit.
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -81,6 +82,7 @@ def assert_weight_only_ok(x, qw, bias=None, smooth=None, backend="triton"):
     y = qmatmul(x, qw, bias, backend=backend, smooth=smooth)
     assert y.shape == (*x.shape[:-1], qw.out_features) and y.dtype == x.dtype
     assert not torch.isnan(y).any()
+
     def up(t):
         return None if t is None else t.double()
 
@@ -94,7 +96,7 @@ def assert_weight_only_ok(x, qw, bias=None, smooth=None, backend="triton"):
 def assert_w8a8_ok(x, qw, bias=None, smooth=None):
     y = qmatmul(x, qw, bias, act_bits=8, backend="triton", smooth=smooth)
     assert y.shape == (*x.shape[:-1], qw.out_features) and y.dtype == x.dtype
-    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth)    # reference in x's dtype
+    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth)  # reference in x's dtype
     if not qw.fp8:
         # exact integer accumulation: only the epilogue's float rounding may differ (FMA
         # contraction on the GPU); the interpreter does the same float32 ops in the same order
@@ -102,8 +104,8 @@ def assert_w8a8_ok(x, qw, bias=None, smooth=None):
             assert torch.equal(y, same)
         else:
             eps = torch.finfo(x.dtype).eps
-            assert (y.double() - same.double()).abs().max() <= \
-                2 * eps * same.double().abs().max() + 1e-30
+            assert (y.double() - same.double()).abs().max() <= 2 * eps * same.double().abs().max() + 1e-30
+
     def up(t):
         return None if t is None else t.double()
 
@@ -114,6 +116,7 @@ def assert_w8a8_ok(x, qw, bias=None, smooth=None):
 
 # --- weight-only ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
 @pytest.mark.parametrize("fmt", [f[1] for f in WO_FORMATS], ids=[f[0] for f in WO_FORMATS])
 def test_weight_only_float32(fmt, m):
@@ -123,8 +126,9 @@ def test_weight_only_float32(fmt, m):
     assert_weight_only_ok(_x(m, k, torch.float32), qw, bias)
 
 
-@pytest.mark.parametrize("fmt", [WO_FORMATS[0][1], WO_FORMATS[4][1], WO_FORMATS[6][1]],
-                         ids=["int8-sym-pc", "int4-asym-g128", "fp8-g32"])
+@pytest.mark.parametrize(
+    "fmt", [WO_FORMATS[0][1], WO_FORMATS[4][1], WO_FORMATS[6][1]], ids=["int8-sym-pc", "int4-asym-g128", "fp8-g32"]
+)
 def test_weight_only_gemv_dot_tile(fmt):
     """5 <= M < 16: the GEMV multiplies a 16-row padded tile with tl.dot."""
     qw = _weight(67, 256, fmt)
@@ -133,8 +137,9 @@ def test_weight_only_gemv_dot_tile(fmt):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("fmt", [WO_FORMATS[1][1], WO_FORMATS[4][1], WO_FORMATS[5][1]],
-                         ids=["int8-asym-g64", "int4-asym-g128", "fp8-pc"])
+@pytest.mark.parametrize(
+    "fmt", [WO_FORMATS[1][1], WO_FORMATS[4][1], WO_FORMATS[5][1]], ids=["int8-asym-g64", "int4-asym-g128", "fp8-pc"]
+)
 def test_weight_only_16bit(fmt, m, dtype):
     qw = _weight(67, 256, fmt)
     assert_weight_only_ok(_x(m, 256, dtype), qw, _x(1, 67, torch.float32, seed=4)[0])
@@ -157,8 +162,8 @@ def test_weight_only_small_k(m):
 def test_weight_only_non_contiguous_x(m):
     qw = _weight(67, 128, dict(bits=4, group_size=32, symmetric=False))
     wide = _x(m, 256, torch.float32)
-    assert_weight_only_ok(wide[:, ::2], qw)                     # stride 2 along K
-    x3 = _x(2 * m * 128, 1, torch.float32).reshape(128, m, 2).permute(2, 1, 0)   # (2, m, 128)
+    assert_weight_only_ok(wide[:, ::2], qw)  # stride 2 along K
+    x3 = _x(2 * m * 128, 1, torch.float32).reshape(128, m, 2).permute(2, 1, 0)  # (2, m, 128)
     assert not x3.is_contiguous()
     assert_weight_only_ok(x3, qw, _x(1, 67, torch.float32, seed=9)[0])
 
@@ -181,14 +186,14 @@ def test_empty_batch():
 
 # --- W8A8 ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("m", [1, 3, 7, 16, 33])
 @pytest.mark.parametrize("fmt", [f[1] for f in W8A8_FORMATS], ids=[f[0] for f in W8A8_FORMATS])
 def test_w8a8_float32(fmt, m):
     n, k = 67, 256
     qw = _weight(n, k, fmt)
     bias = _x(1, n, torch.float32, seed=6)[0] if m % 2 else None
-    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE) \
-        if m in (3, 16) else None
+    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE) if m in (3, 16) else None
     assert_w8a8_ok(_x(m, k, torch.float32), qw, bias, smooth)
 
 
@@ -203,7 +208,7 @@ def _tie_rows(k, dtype):
     """Rows whose x / s_x land exactly on .5 (ties), zero rows, -0.0, tiny and huge values."""
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(4)) * 3
     x[0] = torch.arange(k) * 0.5 - k / 4
-    x[0, 0] = 127.0                              # s_x = 1: every x / s_x is an exact half step
+    x[0, 0] = 127.0  # s_x = 1: every x / s_x is an exact half step
     x[1] = 0
     x[2, :5] = -0.0
     x[3] = x[3] * 1e-30
@@ -216,8 +221,7 @@ def test_activation_quant_int8_bit_identical(dtype):
     x = _tie_rows(300, dtype).to(DEVICE)
     for smooth in (None, (torch.rand(300, generator=torch.Generator().manual_seed(5)) + 0.5)):
         xs = x.float() if smooth is None else x.float() / smooth.to(DEVICE)
-        xq, sx, rowsum = T.quantize_activations(x, smooth=None if smooth is None
-                                                else smooth.to(DEVICE))
+        xq, sx, rowsum = T.quantize_activations(x, smooth=None if smooth is None else smooth.to(DEVICE))
         want_q, want_s = R.quantize_activations(xs)
         assert xq.dtype == torch.int8 and torch.equal(xq, want_q)
         assert torch.equal(sx, want_s)
@@ -227,10 +231,17 @@ def test_activation_quant_int8_bit_identical(dtype):
 def test_activation_quant_fp8_bit_identical():
     grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
     grid = torch.sort(torch.unique(grid[torch.isfinite(grid)])).values
-    mids = ((grid[:-1].double() + grid[1:].double()) / 2).float()   # ties between neighbours
+    mids = ((grid[:-1].double() + grid[1:].double()) / 2).float()  # ties between neighbours
     g = torch.Generator().manual_seed(6)
-    row = torch.cat([torch.tensor([448.0, -0.0, 0.0]), grid, mids, torch.linspace(-448, 448, 4001),
-                     torch.randn(2000, generator=g) * 1e-2])
+    row = torch.cat(
+        [
+            torch.tensor([448.0, -0.0, 0.0]),
+            grid,
+            mids,
+            torch.linspace(-448, 448, 4001),
+            torch.randn(2000, generator=g) * 1e-2,
+        ]
+    )
     x = torch.stack([row, row * 3.7, torch.randn(row.numel(), generator=g)])  # s_x 1, 3.7, other
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype).to(DEVICE)
@@ -243,6 +254,7 @@ def test_activation_quant_fp8_bit_identical():
 
 # --- dispatch, configs, compile targets -------------------------------------------------------------
 
+
 def test_dispatch_reasons():
     qw = _weight(8, 64, dict(bits=4))
     x64 = torch.randn(2, 64, dtype=torch.float64, device=DEVICE)
@@ -254,21 +266,24 @@ def test_dispatch_reasons():
         assert any("mmkernels._cuda" in r or "CUDA" in r for r in reasons["cuda"])
     call8 = _call(_weight(8, 64, dict(bits=8)), "bfloat16", act_bits=8)
     from mmkernels.quant import cuda as C
+
     assert any("act_bits" in r for r in C.unsupported(call8))
     assert any("int8" in r for r in C.unsupported(call8))
 
 
 def _call(qw, dtype_name, act_bits=0):
     from mmkernels.quant.api import QMatmulCall
-    return QMatmulCall(DEVICE, dtype_name, qw.bits, qw.group_size or 0, qw.symmetric, act_bits,
-                       False, qw.fp8)
+
+    return QMatmulCall(DEVICE, dtype_name, qw.bits, qw.group_size or 0, qw.symmetric, act_bits, False, qw.fp8)
 
 
 def test_every_selectable_config_is_a_compile_target():
     """Whatever select_config answers on sm_80 / sm_90 for any shape class is compiled by the gate."""
     targets = T.compile_targets((80, 90))
-    have = {(t.kernel, t.capability, t.dtype, tuple(sorted(t.constexprs.items())),
-             t.num_warps, t.num_stages) for t in targets}
+    have = {
+        (t.kernel, t.capability, t.dtype, tuple(sorted(t.constexprs.items())), t.num_warps, t.num_stages)
+        for t in targets
+    }
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     for cc in (80, 90):
         for m in (1, 2, 4, 5, 15, 16, 64, 65, 4096):
@@ -277,26 +292,43 @@ def test_every_selectable_config_is_a_compile_target():
                     for gs in (32, 64, 128, 4096):
                         kind = "wo_gemm" if m > T.GEMV_MAX_M else "wo_gemv"
                         cfg = T.select_config(kind, m, 4096, 4096, dt, cc, gs, fmt)
-                        consts = dict(stride_xk=1, W_FMT=fmt, UPCAST=False,
-                                      PRECISION=T.dot_precision(dt, False), **T._blocks(cfg))
+                        consts = dict(
+                            stride_xk=1, W_FMT=fmt, UPCAST=False, PRECISION=T.dot_precision(dt, False), **T._blocks(cfg)
+                        )
                         if kind == "wo_gemv":
                             consts["USE_DOT"] = cfg["BLOCK_M"] >= 16
-                        key = ("_" + kind + "_kernel", cc, names[dt],
-                               tuple(sorted(consts.items())), cfg["num_warps"], cfg["num_stages"])
+                        key = (
+                            "_" + kind + "_kernel",
+                            cc,
+                            names[dt],
+                            tuple(sorted(consts.items())),
+                            cfg["num_warps"],
+                            cfg["num_stages"],
+                        )
                         assert key in have, key
     kinds = {t.kernel for t in targets}
-    assert kinds == {"_wo_gemm_kernel", "_wo_gemv_kernel", "_splitk_reduce_kernel",
-                     "_act_quant_kernel", "_w8a8_gemm_kernel", "_w8a8_gemv_kernel"}
+    assert kinds == {
+        "_wo_gemm_kernel",
+        "_wo_gemv_kernel",
+        "_splitk_reduce_kernel",
+        "_act_quant_kernel",
+        "_w8a8_gemm_kernel",
+        "_w8a8_gemv_kernel",
+    }
     assert len(targets) == 2 * 87
     assert all(t.needs_tensor_cores for t in targets if "gemm" in t.kernel)
 
 
 def test_split_k_covers_k_exactly():
-    for n, k, bn, step, sms in [(67, 256, 32, 64, 2), (4096, 4096, 64, 128, 132),
-                                (11008, 4096, 64, 128, 108), (64, 96, 64, 64, 132)]:
+    for n, k, bn, step, sms in [
+        (67, 256, 32, 64, 2),
+        (4096, 4096, 64, 128, 132),
+        (11008, 4096, 64, 128, 108),
+        (64, 96, 64, 64, 132),
+    ]:
         splits, per = T.split_k(n, k, bn, step, sms)
         assert per % step == 0 and splits >= 1
-        assert (splits - 1) * per < k <= splits * per       # no empty split, K covered
+        assert (splits - 1) * per < k <= splits * per  # no empty split, K covered
 
 
 # --- GPU (compiled kernels at layer shapes; skipped without CUDA) -----------------------------------
@@ -340,16 +372,16 @@ def test_gpu_activation_quant_bit_identical(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("group_size,symmetric", [(None, True), (32, True), (64, False),
-                                                  (128, False), (128, True)])
+@pytest.mark.parametrize("group_size,symmetric", [(None, True), (32, True), (64, False), (128, False), (128, True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_cuda_qgemv_int4(dtype, group_size, symmetric):
     from mmkernels.quant import cuda as C
+
     ok, why = C.availability()
     if not ok:
         pytest.skip(why)
     kw = dict(bits=4, group_size=group_size, symmetric=symmetric)
-    shapes = GPU_SHAPES[:2] + ([(67, 1000)] if group_size is None else [])   # K % 32 != 0: byte path
+    shapes = GPU_SHAPES[:2] + ([(67, 1000)] if group_size is None else [])  # K % 32 != 0: byte path
     for n, k in shapes:
         qw = _weight(n, k, kw)
         for m in range(1, 9):
@@ -362,5 +394,4 @@ def test_gpu_cuda_qgemv_int4(dtype, group_size, symmetric):
     # larger M goes to the Triton GEMM; auto-selection picks cuda for int4 fp16 / bf16 on the GPU
     qw = _weight(4096, 4096, kw)
     assert_weight_only_ok(_x(33, 4096, dtype), qw, backend="cuda")
-    assert _dispatch.select("qmatmul", _call(qw, str(dtype).replace("torch.", "")), "cuda").name \
-        == "cuda"
+    assert _dispatch.select("qmatmul", _call(qw, str(dtype).replace("torch.", "")), "cuda").name == "cuda"

@@ -1,4 +1,5 @@
 """Token-reduction primitives against an independent, straightforward implementation."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,9 +21,9 @@ def naive_plan(metric, r, protect_first):
         best = []
         for i in a:
             sims = [float(row[i] @ row[j]) for j in b]
-            jbest = max(range(len(b)), key=lambda t: (sims[t], -t))   # first max
+            jbest = max(range(len(b)), key=lambda t: (sims[t], -t))  # first max
             best.append((sims[jbest], i, b[jbest]))
-        best.sort(key=lambda t: (-t[0], t[1]))                        # ties -> lower A position
+        best.sort(key=lambda t: (-t[0], t[1]))  # ties -> lower A position
         pairs.append(sorted((i, j) for _, i, j in best[:r]))
     return pairs
 
@@ -70,7 +71,7 @@ def test_merge_unmerge_match_naive(backend, batch, dtype):
     n, c = 37, 24
     metric = random_metric(batch, n, 8)
     plan = mmkernels.tome_plan(metric, 9, protect_first=1, backend=backend.name)
-    x = torch.randn(batch, c, n).to(dtype).transpose(1, 2)      # non-contiguous
+    x = torch.randn(batch, c, n).to(dtype).transpose(1, 2)  # non-contiguous
     size = torch.rand(batch, n) + 0.5
     x_out, size_out = mmkernels.tome_merge(x, plan, size, backend=backend.name)
     assert x_out.dtype == dtype and x_out.shape == (batch, n - 9, c)
@@ -83,13 +84,21 @@ def test_merge_unmerge_match_naive(backend, batch, dtype):
     back = mmkernels.tome_unmerge(x_out, plan, backend=backend.name)
     assert back.shape == x.shape
     torch.testing.assert_close(back.gather(1, plan.keep_idx[..., None].expand(-1, -1, c)), x_out)
-    torch.testing.assert_close(back.gather(1, plan.src_idx[..., None].expand(-1, -1, c)),
-                               back.gather(1, plan.dst_idx[..., None].expand(-1, -1, c)))
+    torch.testing.assert_close(
+        back.gather(1, plan.src_idx[..., None].expand(-1, -1, c)),
+        back.gather(1, plan.dst_idx[..., None].expand(-1, -1, c)),
+    )
 
 
 @settings(max_examples=60, deadline=None)
-@given(b=st.integers(1, 4), n=st.integers(2, 80), c=st.integers(1, 16),
-       pf=st.integers(0, 2), frac=st.floats(0, 1), seed=st.integers(0, 2**31 - 1))
+@given(
+    b=st.integers(1, 4),
+    n=st.integers(2, 80),
+    c=st.integers(1, 16),
+    pf=st.integers(0, 2),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_merge_conserves_mass_and_size(b, n, c, pf, frac, seed):
     g = torch.Generator().manual_seed(seed)
     pf = min(pf, n)
@@ -104,7 +113,7 @@ def test_merge_conserves_mass_and_size(b, n, c, pf, frac, seed):
 
 
 def naive_select(row, k, pf):
-    rest = sorted(range(pf, len(row)), key=lambda t: (-float(row[t]), t))[:k - pf]
+    rest = sorted(range(pf, len(row)), key=lambda t: (-float(row[t]), t))[: k - pf]
     return sorted(list(range(pf)) + rest)
 
 
@@ -125,14 +134,13 @@ def test_select_varlen_packs_for_attention():
     idx, cu = mmkernels.select_tokens(scores, counts, protect_first=1)
     assert cu.tolist() == [0, 5, 6, 23] and cu.dtype == torch.int32
     for b in range(3):
-        assert idx[cu[b]:cu[b + 1]].tolist() == naive_select(scores[b], int(counts[b]), 1)
+        assert idx[cu[b] : cu[b + 1]].tolist() == naive_select(scores[b], int(counts[b]), 1)
     x = torch.randn(3, 40, 8)
     packed = mmkernels.gather_tokens(x, idx, cu)
     assert packed.shape == (23, 8)
     torch.testing.assert_close(packed[6:], x[2, idx[6:]])
     q = packed.reshape(23, 2, 4)
-    out = mmkernels.attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=17,
-                              max_seqlen_k=17)
+    out = mmkernels.attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=17, max_seqlen_k=17)
     assert out.shape == (23, 2, 4)
 
 
@@ -141,8 +149,7 @@ def test_gradients_flow_through_merge_and_gather():
     size = torch.rand(2, 11, dtype=torch.float64) + 0.5
     plan = mmkernels.tome_plan(torch.randn(2, 11, 3), 4)
     torch.autograd.gradcheck(lambda t: mmkernels.tome_merge(t, plan, size)[0], (x,))
-    torch.autograd.gradcheck(lambda t: mmkernels.tome_unmerge(t, plan), (x[:, :7].detach()
-                                                                        .requires_grad_(),))
+    torch.autograd.gradcheck(lambda t: mmkernels.tome_unmerge(t, plan), (x[:, :7].detach().requires_grad_(),))
     idx = mmkernels.select_tokens(torch.rand(2, 11), 6)
     torch.autograd.gradcheck(lambda t: mmkernels.gather_tokens(t, idx), (x,))
 
@@ -157,8 +164,7 @@ def test_compile_fullgraph():
         return mmkernels.gather_tokens(x_out, idx), mmkernels.tome_unmerge(x_out, plan)
 
     args = (torch.randn(2, 13, 8), torch.randn(2, 13, 5), torch.rand(2, 13) + 1)
-    for got, want in zip(torch.compile(step, fullgraph=True, backend="aot_eager")(*args),
-                         step(*args)):
+    for got, want in zip(torch.compile(step, fullgraph=True, backend="aot_eager")(*args), step(*args)):
         torch.testing.assert_close(got, want)
 
 

@@ -5,6 +5,7 @@ add the exactness the kernel promises: the same plan as the reference for random
 bfloat16 / float16 metrics of any strides, merges identical to the reference's float32 arithmetic,
 and the AVX2 and scalar paths (MMKERNELS_CPU_ISA=avx2 | scalar) agreeing with the AVX-512 one.
 """
+
 import random
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 from mmkernels.reduce import cpu, reference
 from mmkernels.reduce.api import mergeable_a_tokens
 
-pytestmark = pytest.mark.skipif(not cpu.is_available(),
-                                reason=f"mmkernels._C reduce kernels unavailable: {cpu.LOAD_ERROR}")
+pytestmark = pytest.mark.skipif(
+    not cpu.is_available(), reason=f"mmkernels._C reduce kernels unavailable: {cpu.LOAD_ERROR}"
+)
 
 
 @pytest.fixture(params=["auto", "avx2", "scalar"])
@@ -35,8 +37,7 @@ def test_plan_equals_reference(isa):
         limit = mergeable_a_tokens(n, pf)
         r = min(limit, rng.choice([0, 1, limit, rng.randint(0, limit)]))
         dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
-        metric = (torch.randn(b, c, n).to(dtype).transpose(1, 2) if trial % 2
-                  else torch.randn(b, n, c).to(dtype))
+        metric = torch.randn(b, c, n).to(dtype).transpose(1, 2) if trial % 2 else torch.randn(b, n, c).to(dtype)
         got = cpu.tome_plan(metric, r, pf)
         want = reference.tome_plan(metric, r, pf)
         for g, w, name in zip(got, want, ("src_to_out", "keep_idx", "src_idx", "dst_idx")):
@@ -50,14 +51,13 @@ def test_merge_and_unmerge_equal_reference(isa, dtype, size_dtype):
     for b, n, c in [(1, 197, 768), (3, 37, 100), (33, 5, 7), (2, 50, 1)]:
         r = mergeable_a_tokens(n, 1) // 2
         src_to_out, keep, _, _ = reference.tome_plan(torch.randn(b, n, 8), r, 1)
-        x = torch.randn(b, 2 * n, c).to(dtype)[:, ::2]          # token stride 2C
+        x = torch.randn(b, 2 * n, c).to(dtype)[:, ::2]  # token stride 2C
         size = (torch.rand(b, n) * 3 + 0.5).to(size_dtype)
         got = cpu.tome_merge(x, src_to_out, keep.shape[1], size)
         want = reference.tome_merge(x, src_to_out, keep.shape[1], size)
         assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert torch.equal(cpu.tome_unmerge(want[0], src_to_out),
-                           reference.tome_unmerge(want[0], src_to_out))
+        assert torch.equal(cpu.tome_unmerge(want[0], src_to_out), reference.tome_unmerge(want[0], src_to_out))
 
 
 def test_general_slots_merge():
@@ -74,16 +74,16 @@ def test_general_slots_merge():
 def test_select_equals_reference_with_ties(dtype):
     torch.manual_seed(3)
     for b, n in [(1, 197), (3, 98), (64, 10), (2, 1)]:
-        scores = (torch.rand(b, n) * 4).round().to(dtype)         # many ties
-        scores[:, ::3] = -0.0                                     # -0 ties +0
+        scores = (torch.rand(b, n) * 4).round().to(dtype)  # many ties
+        scores[:, ::3] = -0.0  # -0 ties +0
         for pf in (0, 1, 2):
             for k in sorted({min(pf, n), min(n, pf + 1), (n + pf) // 2, n}):
                 if k < pf:
                     continue
-                assert torch.equal(cpu.select_tokens(scores, k, pf),
-                                   reference.select_tokens(scores, k, pf))
-                assert torch.equal(cpu.select_tokens(scores.t().contiguous().t(), k, pf),
-                                   reference.select_tokens(scores, k, pf))
+                assert torch.equal(cpu.select_tokens(scores, k, pf), reference.select_tokens(scores, k, pf))
+                assert torch.equal(
+                    cpu.select_tokens(scores.t().contiguous().t(), k, pf), reference.select_tokens(scores, k, pf)
+                )
 
 
 def test_gather_any_dtype_and_bounds():

@@ -1,10 +1,10 @@
 """Argument checks of the token-reduction primitives: errors name the argument, what was seen and
 what was expected; malformed packed cu_seqlens are refused eagerly and under torch.compile."""
+
 import pytest
 import torch
 
 import mmkernels
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -21,10 +21,14 @@ BAD_CU = [
 ]
 
 
-@pytest.mark.parametrize("cu, err, message", BAD_CU + [
-    ([0, 5], ValueError, r"cu_seqlens \(B\+1,\) = \(3,\), got .* cu_seqlens int64\[2\]"),
-    ([0, 2, 3, 5], ValueError, r"cu_seqlens \(B\+1,\) = \(3,\), got .* cu_seqlens int64\[4\]"),
-])
+@pytest.mark.parametrize(
+    "cu, err, message",
+    BAD_CU
+    + [
+        ([0, 5], ValueError, r"cu_seqlens \(B\+1,\) = \(3,\), got .* cu_seqlens int64\[2\]"),
+        ([0, 2, 3, 5], ValueError, r"cu_seqlens \(B\+1,\) = \(3,\), got .* cu_seqlens int64\[4\]"),
+    ],
+)
 def test_gather_packed_refuses_malformed_cu_seqlens(cu, err, message):
     with pytest.raises(err, match=message):
         mmkernels.gather_tokens(X, IDX, torch.tensor(cu))
@@ -50,8 +54,7 @@ def test_gather_packed_good_and_gradient():
 def test_gather_packed_compiled_checks_cu_seqlens():
     """Under torch.compile(fullgraph=True) the op reads cu_seqlens when it runs (CPU)."""
     torch._dynamo.reset()
-    f = torch.compile(lambda x, i, c: mmkernels.gather_tokens(x, i, c) * 2, fullgraph=True,
-                      backend="aot_eager")
+    f = torch.compile(lambda x, i, c: mmkernels.gather_tokens(x, i, c) * 2, fullgraph=True, backend="aot_eager")
     good = torch.tensor([0, 3, 5])
     torch.testing.assert_close(f(X, IDX, good), mmkernels.gather_tokens(X, IDX, good) * 2)
     for cu, _err, message in BAD_CU:

@@ -1,5 +1,6 @@
 """Gradients of the token-reduction primitives: tome_merge / merge_tokens with respect to ``size``
 (gradcheck in float64, every backend against autograd through the reference, under compile)."""
+
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ import mmkernels
 from mmkernels import _dispatch
 from mmkernels.reduce import merge_tokens, reference
 
-BACKEND_OP = "tome_merge"   # conftest's backend fixture: the backends registered for tome_merge
+BACKEND_OP = "tome_merge"  # conftest's backend fixture: the backends registered for tome_merge
 
 
 def _inputs(dtype):
@@ -28,8 +29,7 @@ def test_tome_merge_size_gradcheck_float64():
     torch.autograd.gradcheck(lambda s: mmkernels.tome_merge(x.detach(), plan, s)[1], (size,))
     torch.autograd.gradcheck(lambda s: mmkernels.tome_merge(x.detach(), plan, s)[0], (size,))
     src_to_out = plan.src_to_out
-    torch.autograd.gradcheck(lambda t, s: merge_tokens(t, src_to_out, plan.num_out, s),
-                             (x, size))
+    torch.autograd.gradcheck(lambda t, s: merge_tokens(t, src_to_out, plan.num_out, s), (x, size))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -37,8 +37,12 @@ def test_tome_merge_size_gradient_matches_reference(backend, dtype):
     """Our backward against autograd through the plain-PyTorch reference, in float64."""
     x, size, plan = _inputs(dtype)
     try:
-        _dispatch.select("tome_merge", mmkernels.reduce.api.ReduceCall(
-            "tome_merge", "cpu", str(dtype).replace("torch.", "")), "cpu", backend.name)
+        _dispatch.select(
+            "tome_merge",
+            mmkernels.reduce.api.ReduceCall("tome_merge", "cpu", str(dtype).replace("torch.", "")),
+            "cpu",
+            backend.name,
+        )
     except _dispatch.NoBackendError as e:
         pytest.skip(f"{backend.name} does not take {dtype}: {e}")
     gx, gs = torch.randn(2, 7, 4, dtype=dtype), torch.randn(2, 7, dtype=dtype)
@@ -57,12 +61,11 @@ def test_tome_merge_size_gradient_matches_reference(backend, dtype):
 def test_tome_merge_size_gradient_under_compile():
     torch._dynamo.reset()
     x, size, plan = _inputs(torch.float64)
-    f = torch.compile(lambda t, s: mmkernels.tome_merge(t, plan, s), fullgraph=True,
-                      backend="aot_eager")
+    f = torch.compile(lambda t, s: mmkernels.tome_merge(t, plan, s), fullgraph=True, backend="aot_eager")
     s = size.clone().requires_grad_(True)
     out, size_out = f(x, s)
-    (out.sum() + (size_out ** 2).sum()).backward()
+    (out.sum() + (size_out**2).sum()).backward()
     sr = size.clone().requires_grad_(True)
     ref_out, ref_size = reference.tome_merge(x, plan.src_to_out, plan.num_out, sr)
-    (ref_out.sum() + (ref_size ** 2).sum()).backward()
+    (ref_out.sum() + (ref_size**2).sum()).backward()
     torch.testing.assert_close(s.grad, sr.grad)

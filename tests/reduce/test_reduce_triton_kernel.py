@@ -6,6 +6,7 @@ What the shared tests (test_reduce_correctness.py) do not cover: several tiles o
 exact ties (duplicated / one-hot tokens, zero vectors), NaN / -0.0 / tied scores, float64 and integer
 dtypes, out-of-range gather indices, and dispatch (auto-selection, reasons).
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -25,9 +26,10 @@ from mmkernels.reduce import triton as T  # noqa: E402
 
 from test_reduce_correctness import naive_plan, naive_select  # noqa: E402  (tests/reduce is on sys.path)
 
-pytestmark = pytest.mark.skipif(not T.supports("gather_tokens", torch.float32, "cpu")[0]
-                                and not torch.cuda.is_available(),
-                                reason="Triton backend cannot run here")
+pytestmark = pytest.mark.skipif(
+    not T.supports("gather_tokens", torch.float32, "cpu")[0] and not torch.cuda.is_available(),
+    reason="Triton backend cannot run here",
+)
 
 
 def plan_pairs(plan):
@@ -45,7 +47,7 @@ def test_plan_many_tiles(dtype):
     metric = torch.randn(2, 40, 203).to(dtype).transpose(1, 2)
     for pf, r in ((1, 60), (0, 101)):
         plan = mmkernels.tome_plan(metric, r, protect_first=pf, backend="triton")
-        assert plan_pairs(plan) == naive_plan(metric, r, pf)   # float64 oracle on the same values
+        assert plan_pairs(plan) == naive_plan(metric, r, pf)  # float64 oracle on the same values
         if dtype == torch.float32:
             assert_plans_equal(plan, mmkernels.tome_plan(metric, r, protect_first=pf, backend="reference"))
 
@@ -54,10 +56,10 @@ def test_plan_exact_ties():
     """Duplicated B tokens -> lowest B wins; duplicated A tokens -> lowest A merges first; zero tokens."""
     metric = torch.randn(3, 61, 24)
     metric[:, 7] = metric[:, 3]
-    metric[:, 41] = metric[:, 3]          # three identical B tokens
+    metric[:, 41] = metric[:, 3]  # three identical B tokens
     metric[:, 10] = metric[:, 4]
-    metric[:, 50] = metric[:, 4]          # three identical A tokens
-    metric[:, 20] = 0.0                   # zero vector: similarity 0 (norm clamped)
+    metric[:, 50] = metric[:, 4]  # three identical A tokens
+    metric[:, 20] = 0.0  # zero vector: similarity 0 (norm clamped)
     metric[:, 21] = 0.0
     onehot = torch.eye(6)[torch.randint(0, 6, (2, 45))] + torch.eye(6)[torch.randint(0, 6, (2, 45))]
     for m, r in ((metric, 20), (metric, 29), (onehot, 15), (onehot, 22)):
@@ -69,11 +71,11 @@ def test_plan_exact_ties():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_select_ties_nan_and_dtypes(dtype):
-    scores = torch.randint(0, 5, (3, 150)).to(dtype)      # heavy ties
-    scores[0, 17] = float("nan")                           # NaN ranks first, as in torch.sort
+    scores = torch.randint(0, 5, (3, 150)).to(dtype)  # heavy ties
+    scores[0, 17] = float("nan")  # NaN ranks first, as in torch.sort
     scores[0, 90] = float("nan")
-    scores[1, 3::7] = -0.0                                 # -0.0 == 0.0
-    scores = scores.t().contiguous().t()                   # non-contiguous rows
+    scores[1, 3::7] = -0.0  # -0.0 == 0.0
+    scores = scores.t().contiguous().t()  # non-contiguous rows
     for k, pf in ((1, 1), (40, 0), (75, 3), (150, 2)):
         got = mmkernels.select_tokens(scores, k, protect_first=pf, backend="triton")
         assert torch.equal(got, R.select_tokens(scores, k, pf))
@@ -82,10 +84,10 @@ def test_select_ties_nan_and_dtypes(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_merge_dtypes_against_reference(dtype):
-    b, n, c = 2, 45, 70                                     # C spans 5 interpreter channel blocks
+    b, n, c = 2, 45, 70  # C spans 5 interpreter channel blocks
     plan = mmkernels.tome_plan(torch.randn(b, n, 8), 20, protect_first=2)
     x = torch.randn(b, c, n, dtype=torch.float64).to(dtype).transpose(1, 2)
-    size = (torch.rand(n, b) * 3 + 0.5).to(torch.bfloat16).t()        # non-contiguous, 16-bit sizes
+    size = (torch.rand(n, b) * 3 + 0.5).to(torch.bfloat16).t()  # non-contiguous, 16-bit sizes
     got_x, got_s = mmkernels.tome_merge(x, plan, size, backend="triton")
     want_x, want_s = R.tome_merge(x, plan.src_to_out, plan.num_out, size)
     assert got_x.dtype == dtype and got_s.dtype == torch.bfloat16
@@ -95,14 +97,13 @@ def test_merge_dtypes_against_reference(dtype):
 
 
 def test_gather_and_unmerge_any_dtype_and_out_of_range():
-    x = torch.arange(2 * 9 * 5).reshape(2, 5, 9).transpose(1, 2)        # int64, non-contiguous
+    x = torch.arange(2 * 9 * 5).reshape(2, 5, 9).transpose(1, 2)  # int64, non-contiguous
     idx = torch.tensor([[8, 0, 3], [1, 1, 7]])
     for t in (x, x.to(torch.int16), x.to(torch.bool), x.to(torch.float64), x.to(torch.int8)):
         assert torch.equal(mmkernels.gather_tokens(t, idx, backend="triton"), R.gather_tokens(t, idx))
     plan = mmkernels.tome_plan(torch.randn(2, 9, 4), 3)
-    pos = torch.arange(6 * 2).reshape(2, 6, 1)                            # int64 positions, C=1
-    assert torch.equal(mmkernels.tome_unmerge(pos, plan, backend="triton"),
-                       R.tome_unmerge(pos, plan.src_to_out))
+    pos = torch.arange(6 * 2).reshape(2, 6, 1)  # int64 positions, C=1
+    assert torch.equal(mmkernels.tome_unmerge(pos, plan, backend="triton"), R.tome_unmerge(pos, plan.src_to_out))
     # api.py checks ranges on CPU; the kernel itself reads zeros for out-of-range rows (no fault)
     bad = torch.tensor([[9, -1, 2], [100, 0, 8]])
     got = T.gather_tokens(x.float(), bad)
@@ -116,8 +117,12 @@ def test_dispatch():
     assert any("float64" in why for why in backend.reasons(call))
     assert backend.auto_devices == ("cuda",)
     # CPU tensors: auto-selection never picks triton (it is the interpreter there)
-    assert _dispatch.select("gather_tokens", mmkernels.reduce.api.ReduceCall(
-        "gather_tokens", "cpu", "float32"), "cpu").name != "triton"
+    assert (
+        _dispatch.select(
+            "gather_tokens", mmkernels.reduce.api.ReduceCall("gather_tokens", "cpu", "float32"), "cpu"
+        ).name
+        != "triton"
+    )
     cuda_call = mmkernels.reduce.api.ReduceCall("tome_merge", "cuda", "bfloat16")
     assert _dispatch.select("tome_merge", cuda_call, "cuda").name == "triton"
 
@@ -126,8 +131,7 @@ def test_compile_targets_cover_every_config():
     targets = T.compile_targets((80, 90))
     assert len(targets) == 38
     assert len({(t.kernel, t.label, t.capability) for t in targets}) == len(targets)
-    assert all(t.needs_tensor_cores == (t.kernel == "_tome_match_kernel" and t.dtype != "fp32")
-               for t in targets)
+    assert all(t.needs_tensor_cores == (t.kernel == "_tome_match_kernel" and t.dtype != "fp32") for t in targets)
 
 
 @pytest.mark.gpu

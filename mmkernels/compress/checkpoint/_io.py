@@ -11,6 +11,7 @@ allowed: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`
 ``<repo>/blobs/<hash>`` of the same cached repository. JSON nested deeper than Python's parser
 can follow (a RecursionError) is refused as a ValueError naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,13 +22,42 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
-_DTYPES = {str(d).replace("torch.", ""): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
-    torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d).replace("torch.", ""): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 # Bytes per element of each safetensors dtype code (the header's "dtype" field).
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-                "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -39,8 +69,7 @@ def dtype_from_name(name: str, where: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"{where}: unknown dtype {name!r}; expected one of "
-                         f"{sorted(_DTYPES)}") from None
+        raise ValueError(f"{where}: unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
 def describe(t: Tensor) -> str:
@@ -62,6 +91,7 @@ def tensor_sha256(t: Tensor) -> str:
 # JSON and safetensors
 # ---------------------------------------------------------------------------------------------
 
+
 def resolve_inside(path: str, root: Optional[str] = None) -> str:
     """The real path of the checkpoint file ``path``, refusing one that resolves (through
     symlinks) outside the checkpoint folder ``root`` (default: the folder ``path`` is in).
@@ -76,12 +106,13 @@ def resolve_inside(path: str, root: Optional[str] = None) -> str:
     if _within(real, real_root):
         return real
     snapshots = os.path.dirname(real_root)
-    if os.path.basename(snapshots) == "snapshots" and _within(
-            real, os.path.join(os.path.dirname(snapshots), "blobs")):
+    if os.path.basename(snapshots) == "snapshots" and _within(real, os.path.join(os.path.dirname(snapshots), "blobs")):
         return real
-    raise ValueError(f"{path}: resolves to {real}, outside the checkpoint folder {real_root} "
-                     f"(a symlink leading out of the checkpoint); refusing to read it. Copy the "
-                     f"file into the checkpoint folder if it is meant to be there")
+    raise ValueError(
+        f"{path}: resolves to {real}, outside the checkpoint folder {real_root} "
+        f"(a symlink leading out of the checkpoint); refusing to read it. Copy the "
+        f"file into the checkpoint folder if it is meant to be there"
+    )
 
 
 def _within(path: str, folder: str) -> bool:
@@ -92,8 +123,9 @@ def _parse_json(text, path: str, what: str = "not valid JSON"):
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError(f"{path}: {what} (nested too deeply to parse; a checkpoint's JSON is "
-                         f"a few levels deep)") from None
+        raise ValueError(
+            f"{path}: {what} (nested too deeply to parse; a checkpoint's JSON is a few levels deep)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: {what} ({e})") from None
 
@@ -112,8 +144,7 @@ def read_json(path: str, root: Optional[str] = None) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     data = _parse_json(text, path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got "
-                         f"{type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
 
 
@@ -123,10 +154,10 @@ def write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def save_tensors(tensors: Dict[str, Tensor], path: str,
-                 metadata: Optional[Dict[str, str]] = None) -> None:
+def save_tensors(tensors: Dict[str, Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``tensors`` (copied to contiguous CPU memory, so views and tied tensors are fine)."""
     from safetensors.torch import save_file
+
     out = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     save_file(out, path, metadata=metadata)
 
@@ -145,12 +176,13 @@ def check_safetensors_file(path: str, root: Optional[str] = None) -> dict:
     with open(real, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header "
-                             f"length is missing)")
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header length is missing)")
         n = int.from_bytes(head, "little")
         if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path}: truncated or corrupt safetensors file: the header claims "
-                             f"{n} bytes but the file has {size} bytes in all")
+            raise ValueError(
+                f"{path}: truncated or corrupt safetensors file: the header claims "
+                f"{n} bytes but the file has {size} bytes in all"
+            )
         try:
             text = f.read(n).decode("utf-8")
         except UnicodeDecodeError as e:
@@ -169,15 +201,18 @@ def check_safetensors_file(path: str, root: Optional[str] = None) -> dict:
                 numel *= int(d)
             itemsize = _ST_ITEMSIZE[info["dtype"]]
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: "
-                             f"{info!r}") from None
+            raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
         if stop - begin != numel * itemsize:
-            raise ValueError(f"{path}: tensor {name!r} spans {stop - begin} bytes but its "
-                             f"{info['dtype']}{info['shape']} needs {numel * itemsize}")
+            raise ValueError(
+                f"{path}: tensor {name!r} spans {stop - begin} bytes but its "
+                f"{info['dtype']}{info['shape']} needs {numel * itemsize}"
+            )
         end = max(end, stop)
     if size < 8 + n + end:
-        raise ValueError(f"{path}: truncated safetensors file: {size} bytes, but its header "
-                         f"describes {8 + n + end} bytes of header and tensor data")
+        raise ValueError(
+            f"{path}: truncated safetensors file: {size} bytes, but its header "
+            f"describes {8 + n + end} bytes of header and tensor data"
+        )
     return header
 
 
@@ -186,6 +221,7 @@ def load_tensors(path: str, root: Optional[str] = None) -> Dict[str, Tensor]:
     first, which also refuses a file leading out of the checkpoint folder ``root``)."""
     check_safetensors_file(path, root)
     from safetensors.torch import load_file
+
     try:
         return load_file(resolve_inside(path, root), device="cpu")
     except Exception as e:  # safetensors raises its own error type; name the file
@@ -206,8 +242,7 @@ def load_checkpoint_tensors(directory: str) -> Dict[str, Tensor]:
         tensors: Dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
             if os.path.basename(shard) != shard:
-                raise ValueError(f"{index}: shard name {shard!r} must be a file name in the "
-                                 f"checkpoint directory")
+                raise ValueError(f"{index}: shard name {shard!r} must be a file name in the checkpoint directory")
             tensors.update(load_tensors(os.path.join(directory, shard), directory))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
@@ -220,6 +255,7 @@ def load_checkpoint_tensors(directory: str) -> Dict[str, Tensor]:
 # int32 bit packing (GPTQ qweight / qzeros, compressed-tensors weight_packed / weight_zero_point)
 # ---------------------------------------------------------------------------------------------
 
+
 def pack_int32(values: Tensor, bits: int, dim: int) -> Tensor:
     """Pack unsigned ``bits``-bit integers along ``dim`` into int32 words, ``32 // bits`` per word:
     value ``i`` of each run goes to bits ``[i * bits, (i + 1) * bits)`` (lowest bits first). The
@@ -227,11 +263,12 @@ def pack_int32(values: Tensor, bits: int, dim: int) -> Tensor:
     per = 32 // bits
     v = values.to(torch.int64).movedim(dim, -1)
     if v.shape[-1] % per:
-        raise ValueError(f"pack_int32: dimension {dim} has {v.shape[-1]} values, not a multiple of "
-                         f"{per} ({bits}-bit values per int32 word)")
+        raise ValueError(
+            f"pack_int32: dimension {dim} has {v.shape[-1]} values, not a multiple of "
+            f"{per} ({bits}-bit values per int32 word)"
+        )
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        raise ValueError(f"pack_int32: values must lie in [0, {(1 << bits) - 1}], got "
-                         f"[{int(v.min())}, {int(v.max())}]")
+        raise ValueError(f"pack_int32: values must lie in [0, {(1 << bits) - 1}], got [{int(v.min())}, {int(v.max())}]")
     v = v.reshape(*v.shape[:-1], v.shape[-1] // per, per)
     shifts = torch.arange(per, dtype=torch.int64) * bits
     words = (v << shifts).sum(dim=-1)
@@ -249,15 +286,15 @@ def unpack_int32(words: Tensor, bits: int, dim: int) -> Tensor:
     return v.movedim(-1, dim).contiguous()
 
 
-def expect_tensor(tensors: Dict[str, Tensor], key: str, where: str,
-                  dtypes: Iterable[torch.dtype], shape=None) -> Tensor:
+def expect_tensor(
+    tensors: Dict[str, Tensor], key: str, where: str, dtypes: Iterable[torch.dtype], shape=None
+) -> Tensor:
     """``tensors[key]`` checked for dtype (one of ``dtypes``) and shape (``None`` entries: any)."""
     dtypes = tuple(dtypes)
     if key not in tensors:
         raise ValueError(f"{where}: tensor {key!r} is missing")
     t = tensors[key]
-    ok_shape = shape is None or (len(shape) == t.dim() and all(
-        s is None or s == d for s, d in zip(shape, t.shape)))
+    ok_shape = shape is None or (len(shape) == t.dim() and all(s is None or s == d for s, d in zip(shape, t.shape)))
     if t.dtype not in dtypes or not ok_shape:
         want = "/".join(dtype_name(d) for d in dtypes)
         if shape is not None:

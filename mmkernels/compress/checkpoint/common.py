@@ -9,6 +9,7 @@ with ``u, zu`` in ``[0, 2^bits)`` (symmetric layers: ``u = q + 2^(bits-1)``, ``z
 :func:`unsigned_view` turns a QuantLinear into that form (undoing ``input_perm``) and
 :func:`build_layer` turns it back (deriving ``input_perm`` from ``g_idx``).
 """
+
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional
@@ -22,11 +23,11 @@ from ...quant.packing import QuantizedWeight, pack_int4, unpack_weight
 
 
 class UnsignedView(NamedTuple):
-    u: Tensor                  # int64 (N, K), original column order, in [0, 2^bits)
-    zeros: Optional[Tensor]    # int64 (N, G) in [0, 2^bits); None if symmetric (2^(bits-1))
-    scales: Tensor             # float32 (N, G)
-    g_idx: Tensor              # int64 (K,): group of each original column
-    act_order: bool            # g_idx is not the plain ``k // group_size``
+    u: Tensor  # int64 (N, K), original column order, in [0, 2^bits)
+    zeros: Optional[Tensor]  # int64 (N, G) in [0, 2^bits); None if symmetric (2^(bits-1))
+    scales: Tensor  # float32 (N, G)
+    g_idx: Tensor  # int64 (K,): group of each original column
+    act_order: bool  # g_idx is not the plain ``k // group_size``
 
 
 def quant_layers(model: nn.Module) -> Dict[str, QuantLinear]:
@@ -42,10 +43,12 @@ def refuse_split_layers(model: nn.Module, fmt: str) -> None:
     a second GEMM": refuse rather than write a checkpoint other tools would misread."""
     splits = split_layers(model)
     if splits:
-        raise ValueError(f"format={fmt!r} cannot express OutlierSplitLinear layers "
-                         f"({sorted(splits)[:4]}: input channels split over two int8 GEMMs, from "
-                         f"quantize_model(outlier_channels=...)); save them with "
-                         f"format='mmkernels', or quantize without outlier_channels")
+        raise ValueError(
+            f"format={fmt!r} cannot express OutlierSplitLinear layers "
+            f"({sorted(splits)[:4]}: input channels split over two int8 GEMMs, from "
+            f"quantize_model(outlier_channels=...)); save them with "
+            f"format='mmkernels', or quantize without outlier_channels"
+        )
 
 
 def prefix(name: str) -> str:
@@ -55,10 +58,18 @@ def prefix(name: str) -> str:
 def layer_config(layer: QuantLinear) -> dict:
     """The JSON-able configuration of a QuantLinear (what its empty twin is built from)."""
     qw = layer.quantized
-    return {"in_features": layer.in_features, "out_features": layer.out_features,
-            "bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
-            "fp8": qw.fp8, "act_bits": layer.act_bits, "bias": layer.bias is not None,
-            "smooth": layer.smooth is not None, "input_perm": layer.input_perm is not None}
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bits": qw.bits,
+        "group_size": qw.group_size,
+        "symmetric": qw.symmetric,
+        "fp8": qw.fp8,
+        "act_bits": layer.act_bits,
+        "bias": layer.bias is not None,
+        "smooth": layer.smooth is not None,
+        "input_perm": layer.input_perm is not None,
+    }
 
 
 def default_g_idx(k: int, group_size: Optional[int]) -> Tensor:
@@ -78,14 +89,12 @@ def unsigned_view(layer: QuantLinear) -> UnsignedView:
     if layer.input_perm is not None:
         perm = layer.input_perm.cpu()
         inv = torch.argsort(perm)
-        u = u[:, inv]                       # stored column j is original column perm[j]
+        u = u[:, inv]  # stored column j is original column perm[j]
         g_stored = g_idx
         g_idx = torch.empty_like(g_stored)
-        g_idx[perm] = g_stored              # g_idx[perm[j]] = j // group_size
-        act_order = qw.group_size is not None and not torch.equal(
-            g_idx, default_g_idx(k, qw.group_size))
-    return UnsignedView(u.contiguous(), zeros, qw.scales.detach().cpu().to(torch.float32),
-                        g_idx, act_order)
+        g_idx[perm] = g_stored  # g_idx[perm[j]] = j // group_size
+        act_order = qw.group_size is not None and not torch.equal(g_idx, default_g_idx(k, qw.group_size))
+    return UnsignedView(u.contiguous(), zeros, qw.scales.detach().cpu().to(torch.float32), g_idx, act_order)
 
 
 def perm_from_g_idx(g_idx: Tensor, group_size: Optional[int], where: str) -> Optional[Tensor]:
@@ -98,15 +107,26 @@ def perm_from_g_idx(g_idx: Tensor, group_size: Optional[int], where: str) -> Opt
     gs = group_size or k
     counts = torch.bincount(g_idx.clamp(min=0), minlength=k // gs)
     if int(g_idx.min()) < 0 or counts.numel() != k // gs or bool((counts != gs).any()):
-        raise ValueError(f"{where}: g_idx must give every one of the {k // gs} groups exactly "
-                         f"{gs} columns (group sizes seen: {sorted(set(counts.tolist()))}); "
-                         f"mmkernels stores act-order groups as contiguous runs")
+        raise ValueError(
+            f"{where}: g_idx must give every one of the {k // gs} groups exactly "
+            f"{gs} columns (group sizes seen: {sorted(set(counts.tolist()))}); "
+            f"mmkernels stores act-order groups as contiguous runs"
+        )
     return torch.argsort(g_idx, stable=True)
 
 
-def build_layer(u: Tensor, zeros: Optional[Tensor], scales: Tensor, g_idx: Optional[Tensor], *,
-                bits: int, bias: Optional[Tensor], act_bits: Optional[int], where: str,
-                group_size: Optional[int] = None) -> QuantLinear:
+def build_layer(
+    u: Tensor,
+    zeros: Optional[Tensor],
+    scales: Tensor,
+    g_idx: Optional[Tensor],
+    *,
+    bits: int,
+    bias: Optional[Tensor],
+    act_bits: Optional[int],
+    where: str,
+    group_size: Optional[int] = None,
+) -> QuantLinear:
     """A QuantLinear from unsigned integers ``u (N, K)`` in original column order (see the module
     docstring); ``zeros=None`` means symmetric (zero point ``2^(bits-1)``). ``group_size``: the
     recorded one (kept when it equals K); by default derived from the scales."""
@@ -127,12 +147,19 @@ def build_layer(u: Tensor, zeros: Optional[Tensor], scales: Tensor, g_idx: Optio
             zq = None
         else:
             if int(zeros.min()) < 0 or int(zeros.max()) >= (1 << bits):
-                raise ValueError(f"zero points must lie in [0, {(1 << bits) - 1}], got "
-                                 f"[{int(zeros.min())}, {int(zeros.max())}]")
+                raise ValueError(
+                    f"zero points must lie in [0, {(1 << bits) - 1}], got [{int(zeros.min())}, {int(zeros.max())}]"
+                )
             qweight = pack_int4(u.to(torch.int16)) if bits == 4 else u.to(torch.uint8)
             zq = zeros.to(torch.uint8)
-        qw = QuantizedWeight(qweight.contiguous(), scales.to(torch.float32).contiguous(), zq,
-                             bits=bits, group_size=group_size, shape=(n, k))
+        qw = QuantizedWeight(
+            qweight.contiguous(),
+            scales.to(torch.float32).contiguous(),
+            zq,
+            bits=bits,
+            group_size=group_size,
+            shape=(n, k),
+        )
         return QuantLinear.from_quantized(qw, bias, act_bits=act_bits, input_perm=perm)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: cannot build a QuantLinear: {e}") from None

@@ -60,6 +60,7 @@ asymmetric); vLLM ``compressed_tensors_wNa16.py`` (``weight_packed (N, K / pack_
 ``weight_scale (N, G)``, ``weight_zero_point (N / pack_factor, G)``, ``weight_g_idx`` int32,
 ``weight_shape`` int64[2]).
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,15 @@ from torch import Tensor, nn
 from ...nn.quant_linear import QuantLinear
 from ...quant.packing import FP8_DTYPE, QuantizedWeight
 from . import _io
-from .common import (build_layer, default_g_idx, perm_from_g_idx, prefix, quant_layers,
-                     refuse_split_layers, unsigned_view)
+from .common import (
+    build_layer,
+    default_g_idx,
+    perm_from_g_idx,
+    prefix,
+    quant_layers,
+    refuse_split_layers,
+    unsigned_view,
+)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized")
@@ -84,9 +92,16 @@ _FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantiz
 # Export
 # ---------------------------------------------------------------------------------------------
 
-def save(model: nn.Module, directory: str, *, scale_dtype: Optional[torch.dtype] = None,
-         config: Optional[dict] = None, float_dtype: Optional[torch.dtype] = None) -> None:
-    refuse_split_layers(model, 'compressed-tensors')
+
+def save(
+    model: nn.Module,
+    directory: str,
+    *,
+    scale_dtype: Optional[torch.dtype] = None,
+    config: Optional[dict] = None,
+    float_dtype: Optional[torch.dtype] = None,
+) -> None:
+    refuse_split_layers(model, "compressed-tensors")
     layers = quant_layers(model)
     if not layers:
         raise ValueError("format='compressed-tensors': the model holds no QuantLinear to export")
@@ -110,22 +125,24 @@ def save(model: nn.Module, directory: str, *, scale_dtype: Optional[torch.dtype]
         groups[f"group_{i}"] = scheme
     formats = {g["format"] for g in groups.values()}
     ignore = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    qc = {"quant_method": "compressed-tensors",
-          "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-          "quantization_status": "compressed", "config_groups": groups, "ignore": ignore,
-          "kv_cache_scheme": None, "global_compression_ratio": None}
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
     _io.save_tensors(tensors, os.path.join(directory, "model.safetensors"))
-    _io.write_json(os.path.join(directory, "config.json"),
-                   {**(config or {}), "quantization_config": qc})
+    _io.write_json(os.path.join(directory, "config.json"), {**(config or {}), "quantization_config": qc})
 
 
 def _model_float_dtype(model: nn.Module, layers) -> torch.dtype:
     """The dtype of the model's float tensors outside the quantized weights (float32 if none)."""
-    owned = {prefix(n) + "quantized." + k for n, m in layers.items()
-             for k in m.quantized.state_dict()}
+    owned = {prefix(n) + "quantized." + k for n, m in layers.items() for k in m.quantized.state_dict()}
     owned |= {prefix(n) + "smooth" for n in layers}
-    dtypes = [v.dtype for k, v in model.state_dict().items()
-              if k not in owned and v.is_floating_point()]
+    dtypes = [v.dtype for k, v in model.state_dict().items() if k not in owned and v.is_floating_point()]
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
 
 
@@ -134,17 +151,30 @@ def _export_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype):
     n, k = qw.shape
     p = prefix(name)
     if layer.smooth is not None:
-        raise ValueError(f"format='compressed-tensors' cannot hold layer {name!r}: its SmoothQuant "
-                         f"factors (smooth) have no field in the layout (llm-compressor folds them "
-                         f"into the preceding norm); use format='mmkernels'")
+        raise ValueError(
+            f"format='compressed-tensors' cannot hold layer {name!r}: its SmoothQuant "
+            f"factors (smooth) have no field in the layout (llm-compressor folds them "
+            f"into the preceding norm); use format='mmkernels'"
+        )
     strategy = "channel" if qw.group_size is None else "group"
-    weights = {"num_bits": qw.bits, "type": "float" if qw.fp8 else "int",
-               "symmetric": qw.symmetric, "strategy": strategy, "group_size": qw.group_size,
-               "dynamic": False, "actorder": None}
+    weights = {
+        "num_bits": qw.bits,
+        "type": "float" if qw.fp8 else "int",
+        "symmetric": qw.symmetric,
+        "strategy": strategy,
+        "group_size": qw.group_size,
+        "dynamic": False,
+        "actorder": None,
+    }
     act = None
     if layer.act_bits:
-        act = {"num_bits": 8, "type": "float" if qw.fp8 else "int", "symmetric": True,
-               "strategy": "token", "dynamic": True}
+        act = {
+            "num_bits": 8,
+            "type": "float" if qw.fp8 else "int",
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+        }
     out: Dict[str, Tensor] = {p + "weight_scale": qw.scales.detach().cpu().to(scale_dtype)}
     if qw.fp8:
         fmt = "float-quantized"
@@ -155,8 +185,7 @@ def _export_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype):
             w = w[:, torch.argsort(perm)]
             g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
         out[p + "weight"] = w.contiguous()
-        act_order = qw.group_size is not None and not torch.equal(
-            g_idx, default_g_idx(k, qw.group_size))
+        act_order = qw.group_size is not None and not torch.equal(g_idx, default_g_idx(k, qw.group_size))
     else:
         view = unsigned_view(layer)
         half = 1 << (qw.bits - 1)
@@ -170,10 +199,12 @@ def _export_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype):
             fmt = "pack-quantized"
             per = 32 // qw.bits
             if k % per or (view.zeros is not None and n % per):
-                raise ValueError(f"format='compressed-tensors': layer {name!r} has (N, K) = "
-                                 f"({n}, {k}); pack-quantized packs {per} values per int32 along "
-                                 f"K (and along N for zero points): they must be multiples of "
-                                 f"{per}")
+                raise ValueError(
+                    f"format='compressed-tensors': layer {name!r} has (N, K) = "
+                    f"({n}, {k}); pack-quantized packs {per} values per int32 along "
+                    f"K (and along N for zero points): they must be multiples of "
+                    f"{per}"
+                )
             out[p + "weight_packed"] = _io.pack_int32(view.u, qw.bits, dim=1)
             out[p + "weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
             if view.zeros is not None:
@@ -183,14 +214,14 @@ def _export_layer(name: str, layer: QuantLinear, scale_dtype: torch.dtype):
         out[p + "weight_g_idx"] = g_idx.to(torch.int32)
     if layer.bias is not None:
         out[p + "bias"] = layer.bias
-    scheme = {"format": fmt, "weights": weights, "input_activations": act,
-              "output_activations": None}
+    scheme = {"format": fmt, "weights": weights, "input_activations": act, "output_activations": None}
     return scheme, out
 
 
 # ---------------------------------------------------------------------------------------------
 # Import
 # ---------------------------------------------------------------------------------------------
+
 
 def read_config(directory: str) -> Tuple[dict, str]:
     path = os.path.join(directory, "config.json")
@@ -203,36 +234,39 @@ def read_config(directory: str) -> Tuple[dict, str]:
 def load(directory: str) -> Tuple[Dict[str, QuantLinear], Dict[str, Tensor], dict]:
     qc, where = read_config(directory)
     if qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{where}: quant_method is {qc.get('quant_method')!r}, expected "
-                         f"'compressed-tensors'")
+        raise ValueError(f"{where}: quant_method is {qc.get('quant_method')!r}, expected 'compressed-tensors'")
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
-        raise ValueError(f"{where}: quantization_status is {status!r}; only 'compressed' "
-                         f"checkpoints hold quantized tensors")
+        raise ValueError(
+            f"{where}: quantization_status is {status!r}; only 'compressed' checkpoints hold quantized tensors"
+        )
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ValueError(f"{where}: 'config_groups' must be a non-empty object")
     weights_path = os.path.join(directory, "model.safetensors")
     tensors = _io.load_checkpoint_tensors(directory)
-    names = sorted(k[: -len("weight_scale")].rstrip(".") for k in tensors
-                   if k == "weight_scale" or k.endswith(".weight_scale"))
+    names = sorted(
+        k[: -len("weight_scale")].rstrip(".") for k in tensors if k == "weight_scale" or k.endswith(".weight_scale")
+    )
     if not names:
         raise ValueError(f"{weights_path}: no '<layer>.weight_scale' tensor: no quantized layer")
     ignore = qc.get("ignore") or []
     layers, claimed = {}, set()
     for name in names:
         if any(_matches(name, t) for t in ignore if t != "Linear"):
-            raise ValueError(f"{where}: layer {name!r} holds quantized tensors but is listed in "
-                             f"'ignore'")
+            raise ValueError(f"{where}: layer {name!r} holds quantized tensors but is listed in 'ignore'")
         scheme = _scheme_for(name, groups, where)
         fmt = scheme.get("format") or qc.get("format")
         lw = f"{weights_path} (layer {name!r})"
         layers[name], keys = _import_layer(name, scheme, fmt, tensors, lw, where)
-        stray = [k for k in tensors if k.startswith(prefix(name)) and k not in keys
-                 and "." not in k[len(prefix(name)):]]
+        stray = [
+            k for k in tensors if k.startswith(prefix(name)) and k not in keys and "." not in k[len(prefix(name)) :]
+        ]
         if stray:
-            raise ValueError(f"{lw}: tensors {stray} are not part of a {fmt} layer of this scheme "
-                             f"(static activation scales are not supported)")
+            raise ValueError(
+                f"{lw}: tensors {stray} are not part of a {fmt} layer of this scheme "
+                f"(static activation scales are not supported)"
+            )
         claimed |= keys
     info = {"format": "compressed-tensors", "quantization_config": qc}
     return layers, {k: v for k, v in tensors.items() if k not in claimed}, info
@@ -250,13 +284,14 @@ def _scheme_for(name: str, groups: dict, where: str) -> dict:
     for gname, group in groups.items():
         targets = group.get("targets") or []
         for t in targets:
-            r = 3 if t == name else 2 if t.startswith("re:") and _matches(name, t) \
-                else 1 if t == "Linear" else 0
+            r = 3 if t == name else 2 if t.startswith("re:") and _matches(name, t) else 1 if t == "Linear" else 0
             if r > rank:
                 best, rank = group, r
     if best is None:
-        raise ValueError(f"{where}: no config_group targets layer {name!r} (targets seen: "
-                         f"{[g.get('targets') for g in groups.values()]})")
+        raise ValueError(
+            f"{where}: no config_group targets layer {name!r} (targets seen: "
+            f"{[g.get('targets') for g in groups.values()]})"
+        )
     return best
 
 
@@ -266,29 +301,29 @@ def _import_layer(name, scheme, fmt, tensors, lw, where):
     bits, wtype, sym = w.get("num_bits"), w.get("type", "int"), w.get("symmetric", True)
     strategy = w.get("strategy")
     if fmt not in _FORMATS:
-        raise ValueError(f"{where}: layer {name!r} uses format {fmt!r}; mmkernels reads "
-                         f"{list(_FORMATS)}")
+        raise ValueError(f"{where}: layer {name!r} uses format {fmt!r}; mmkernels reads {list(_FORMATS)}")
     if strategy not in ("channel", "group", "tensor"):
-        raise ValueError(f"{where}: layer {name!r} uses weight strategy {strategy!r}; mmkernels "
-                         f"reads 'channel', 'group' and 'tensor'")
+        raise ValueError(
+            f"{where}: layer {name!r} uses weight strategy {strategy!r}; mmkernels "
+            f"reads 'channel', 'group' and 'tensor'"
+        )
     if (wtype, bits) not in (("int", 4), ("int", 8), ("float", 8)):
-        raise ValueError(f"{where}: layer {name!r} has weights type={wtype!r}, num_bits={bits!r}; "
-                         f"mmkernels reads int4, int8 and float8 (e4m3)")
+        raise ValueError(
+            f"{where}: layer {name!r} has weights type={wtype!r}, num_bits={bits!r}; "
+            f"mmkernels reads int4, int8 and float8 (e4m3)"
+        )
     act_bits = _act_bits(scheme.get("input_activations"), wtype, where, name)
     keys = {p + "weight_scale"}
     g_idx = None
     if p + "weight_g_idx" in tensors:
-        g_idx = _io.expect_tensor(tensors, p + "weight_g_idx", lw, [torch.int32, torch.int64],
-                                  (None,)).to(torch.int64)
+        g_idx = _io.expect_tensor(tensors, p + "weight_g_idx", lw, [torch.int32, torch.int64], (None,)).to(torch.int64)
         keys.add(p + "weight_g_idx")
     half = 1 << (bits - 1)
     if fmt == "pack-quantized":
-        shape = _io.expect_tensor(tensors, p + "weight_shape", lw, [torch.int64, torch.int32],
-                                  (2,))
+        shape = _io.expect_tensor(tensors, p + "weight_shape", lw, [torch.int64, torch.int32], (2,))
         n, k = (int(v) for v in shape.tolist())
         per = 32 // bits
-        packed = _io.expect_tensor(tensors, p + "weight_packed", lw, [torch.int32],
-                                   (n, -(-k // per)))
+        packed = _io.expect_tensor(tensors, p + "weight_packed", lw, [torch.int32], (n, -(-k // per)))
         u = _io.unpack_int32(packed, bits, dim=1)[:, :k]
         keys |= {p + "weight_shape", p + "weight_packed"}
     else:
@@ -302,10 +337,12 @@ def _import_layer(name, scheme, fmt, tensors, lw, where):
     if p + "bias" in tensors:
         bias = _io.expect_tensor(tensors, p + "bias", lw, _FLOATS, (n,))
         keys.add(p + "bias")
-    if g_idx is not None and (g_idx.numel() != k or (k and (
-            int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]))):
-        raise ValueError(f"{lw}: weight_g_idx must be ({k},) with values in "
-                         f"[0, {scales.shape[1]}), got {list(g_idx.shape)}")
+    if g_idx is not None and (
+        g_idx.numel() != k or (k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1]))
+    ):
+        raise ValueError(
+            f"{lw}: weight_g_idx must be ({k},) with values in [0, {scales.shape[1]}), got {list(g_idx.shape)}"
+        )
     if wtype == "float":
         gs = w.get("group_size") if strategy == "group" else None
         return _fp8_layer(weight, scales, g_idx, bias, act_bits, lw, gs), keys
@@ -314,26 +351,25 @@ def _import_layer(name, scheme, fmt, tensors, lw, where):
         key = p + "weight_zero_point"
         keys.add(key)
         if fmt == "pack-quantized":
-            zp = _io.expect_tensor(tensors, key, lw, [torch.int32],
-                                   (-(-n // (32 // bits)), scales.shape[1]))
+            zp = _io.expect_tensor(tensors, key, lw, [torch.int32], (-(-n // (32 // bits)), scales.shape[1]))
             zeros = _io.unpack_int32(zp, bits, dim=0)[:n]
         else:
             zp = _io.expect_tensor(tensors, key, lw, [torch.int8], (None, None))
             zeros = _expand(zp.to(torch.int64), n, scales.shape[1], lw, key) + half
     gs = w.get("group_size") if strategy == "group" else None
-    return build_layer(u, zeros, scales, g_idx, bits=bits, bias=bias, act_bits=act_bits,
-                       where=lw, group_size=gs), keys
+    return build_layer(u, zeros, scales, g_idx, bits=bits, bias=bias, act_bits=act_bits, where=lw, group_size=gs), keys
 
 
 def _act_bits(act, wtype, where, name) -> Optional[int]:
     if act is None:
         return None
-    want = {"num_bits": 8, "type": wtype, "symmetric": True, "strategy": "token",
-            "dynamic": True}
+    want = {"num_bits": 8, "type": wtype, "symmetric": True, "strategy": "token", "dynamic": True}
     seen = {key: act.get(key, want[key] if key == "symmetric" else None) for key in want}
     if seen != want:
-        raise ValueError(f"{where}: layer {name!r} has input_activations {act}; mmkernels runs "
-                         f"only dynamic per-token symmetric 8-bit activations ({want})")
+        raise ValueError(
+            f"{where}: layer {name!r} has input_activations {act}; mmkernels runs "
+            f"only dynamic per-token symmetric 8-bit activations ({want})"
+        )
     return 8
 
 
@@ -343,8 +379,7 @@ def _scales(s: Tensor, n: int, k: int, strategy: str, group_size, lw: str, p: st
         raise ValueError(f"{lw}: tensor {key!r} is {_io.describe(s)}, expected a float dtype")
     if strategy == "group":
         if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
-            raise ValueError(f"{lw}: group_size={group_size!r} must be a positive divisor of "
-                             f"K = {k}")
+            raise ValueError(f"{lw}: group_size={group_size!r} must be a positive divisor of K = {k}")
         g = k // group_size
     else:
         g = 1
@@ -371,8 +406,7 @@ def _fp8_layer(weight, scales, g_idx, bias, act_bits, lw, group_size) -> QuantLi
     if perm is not None:
         weight = weight[:, perm]
     try:
-        qw = QuantizedWeight(weight.contiguous(), scales, None, bits=8, group_size=group_size,
-                             shape=(n, k))
+        qw = QuantizedWeight(weight.contiguous(), scales, None, bits=8, group_size=group_size, shape=(n, k))
         return QuantLinear.from_quantized(qw, bias, act_bits=act_bits, input_perm=perm)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{lw}: cannot build a QuantLinear: {e}") from None

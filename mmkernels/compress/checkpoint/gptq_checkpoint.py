@@ -49,6 +49,7 @@ Verified against (public sources, read for this module):
 * vLLM's GPTQ loaders: ``qweight (K / pack_factor, N)`` packed along the input dim, ``scales
   (G, N)``, ``qzeros (G, N / pack_factor)``.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,20 +60,24 @@ from torch import Tensor, nn
 
 from ...nn.quant_linear import QuantLinear
 from . import _io
-from .common import (build_layer, layer_config, prefix, quant_layers, refuse_split_layers,
-                     unsigned_view)
+from .common import build_layer, layer_config, prefix, quant_layers, refuse_split_layers, unsigned_view
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 QUANT_CONFIG_FILE = "quantize_config.json"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def save(model: nn.Module, directory: str, *, checkpoint_format: str = "gptq",
-         scale_dtype: torch.dtype = torch.float16, config: Optional[dict] = None,
-         float_dtype: Optional[torch.dtype] = None) -> None:
+def save(
+    model: nn.Module,
+    directory: str,
+    *,
+    checkpoint_format: str = "gptq",
+    scale_dtype: torch.dtype = torch.float16,
+    config: Optional[dict] = None,
+    float_dtype: Optional[torch.dtype] = None,
+) -> None:
     if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
-                         f"{checkpoint_format!r}")
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     if scale_dtype not in _FLOATS:
         raise TypeError(f"scale_dtype must be float16, bfloat16 or float32, got {scale_dtype}")
     refuse_split_layers(model, checkpoint_format)
@@ -89,64 +94,86 @@ def save(model: nn.Module, directory: str, *, checkpoint_format: str = "gptq",
     for key, value in model.state_dict().items():
         if key not in owned:
             tensors[key] = _io.cast_float(value, float_dtype)
-    qc = {"bits": bits, "group_size": group_size or -1, "desc_act": desc_act, "sym": sym,
-          "true_sequential": True, "static_groups": False,
-          "checkpoint_format": checkpoint_format, "quant_method": "gptq",
-          "meta": {"quantizer": ["mmkernels"]}}
+    qc = {
+        "bits": bits,
+        "group_size": group_size or -1,
+        "desc_act": desc_act,
+        "sym": sym,
+        "true_sequential": True,
+        "static_groups": False,
+        "checkpoint_format": checkpoint_format,
+        "quant_method": "gptq",
+        "meta": {"quantizer": ["mmkernels"]},
+    }
     _io.save_tensors(tensors, os.path.join(directory, "model.safetensors"))
     _io.write_json(os.path.join(directory, QUANT_CONFIG_FILE), qc)
-    _io.write_json(os.path.join(directory, "config.json"),
-                   {**(config or {}), "quantization_config": qc})
+    _io.write_json(os.path.join(directory, "config.json"), {**(config or {}), "quantization_config": qc})
 
 
 def _common_config(layers: Dict[str, QuantLinear]) -> Tuple[int, Optional[int], bool]:
     configs = {}
     for name, layer in layers.items():
         cfg = layer_config(layer)
-        why = ("fp8 weights" if cfg["fp8"] else "act_bits=8 (W8A8)" if cfg["act_bits"]
-               else "SmoothQuant factors (smooth)" if cfg["smooth"]
-               else f"bits={cfg['bits']}" if cfg["bits"] not in (4, 8) else None)
+        why = (
+            "fp8 weights"
+            if cfg["fp8"]
+            else "act_bits=8 (W8A8)"
+            if cfg["act_bits"]
+            else "SmoothQuant factors (smooth)"
+            if cfg["smooth"]
+            else f"bits={cfg['bits']}"
+            if cfg["bits"] not in (4, 8)
+            else None
+        )
         if why:
-            raise ValueError(f"format='gptq' cannot hold layer {name!r}: it uses {why}, which the "
-                             f"GPTQ layout has no field for; use format='mmkernels' (or "
-                             f"'compressed-tensors' for W8A8 / fp8 without smoothing)")
+            raise ValueError(
+                f"format='gptq' cannot hold layer {name!r}: it uses {why}, which the "
+                f"GPTQ layout has no field for; use format='mmkernels' (or "
+                f"'compressed-tensors' for W8A8 / fp8 without smoothing)"
+            )
         configs.setdefault((cfg["bits"], cfg["group_size"], cfg["symmetric"]), []).append(name)
     if len(configs) > 1:
-        seen = "; ".join(f"bits={b}, group_size={g}, symmetric={s}: {names[:4]}"
-                         for (b, g, s), names in configs.items())
-        raise ValueError(f"format='gptq' stores one bits / group_size / sym for the whole model, "
-                         f"but the layers differ ({seen}); use format='compressed-tensors' or "
-                         f"'mmkernels' for mixed configurations")
+        seen = "; ".join(
+            f"bits={b}, group_size={g}, symmetric={s}: {names[:4]}" for (b, g, s), names in configs.items()
+        )
+        raise ValueError(
+            f"format='gptq' stores one bits / group_size / sym for the whole model, "
+            f"but the layers differ ({seen}); use format='compressed-tensors' or "
+            f"'mmkernels' for mixed configurations"
+        )
     return next(iter(configs))
 
 
-def _pack_layer(name: str, layer: QuantLinear, checkpoint_format: str,
-                scale_dtype: torch.dtype) -> Dict[str, Tensor]:
+def _pack_layer(name: str, layer: QuantLinear, checkpoint_format: str, scale_dtype: torch.dtype) -> Dict[str, Tensor]:
     qw = layer.quantized
     bits, (n, k) = qw.bits, qw.shape
     per = 32 // bits
     if k % per or n % per:
-        raise ValueError(f"format='gptq': layer {name!r} has (N, K) = ({n}, {k}); the GPTQ layout "
-                         f"packs {per} values per int32 along both K and N, so both must be "
-                         f"multiples of {per}")
+        raise ValueError(
+            f"format='gptq': layer {name!r} has (N, K) = ({n}, {k}); the GPTQ layout "
+            f"packs {per} values per int32 along both K and N, so both must be "
+            f"multiples of {per}"
+        )
     view = unsigned_view(layer)
-    zeros = view.zeros if view.zeros is not None else torch.full_like(
-        view.scales, 1 << (bits - 1), dtype=torch.int64)
+    zeros = view.zeros if view.zeros is not None else torch.full_like(view.scales, 1 << (bits - 1), dtype=torch.int64)
     if checkpoint_format == "gptq":
         if bool((zeros == 0).any()):
-            raise ValueError(f"format='gptq': layer {name!r} has zero points equal to 0, which "
-                             f"the v1 GPTQ layout (it stores zero - 1) cannot hold; save with "
-                             f"format='gptq_v2' (stores the exact zero point) or "
-                             f"format='mmkernels'")
+            raise ValueError(
+                f"format='gptq': layer {name!r} has zero points equal to 0, which "
+                f"the v1 GPTQ layout (it stores zero - 1) cannot hold; save with "
+                f"format='gptq_v2' (stores the exact zero point) or "
+                f"format='mmkernels'"
+            )
         zeros = zeros - 1
     p = prefix(name)
-    out = {p + "qweight": _io.pack_int32(view.u.T, bits, dim=0),
-           p + "qzeros": _io.pack_int32(zeros.T, bits, dim=1),
-           p + "scales": _cast_checked(view.scales.T, scale_dtype, f"layer {name!r} scales"),
-           p + "g_idx": view.g_idx.to(torch.int32)}
+    out = {
+        p + "qweight": _io.pack_int32(view.u.T, bits, dim=0),
+        p + "qzeros": _io.pack_int32(zeros.T, bits, dim=1),
+        p + "scales": _cast_checked(view.scales.T, scale_dtype, f"layer {name!r} scales"),
+        p + "g_idx": view.g_idx.to(torch.int32),
+    }
     if layer.bias is not None:
-        out[p + "bias"] = _cast_checked(layer.bias.detach().cpu(), scale_dtype,
-                                        f"layer {name!r} bias")
+        out[p + "bias"] = _cast_checked(layer.bias.detach().cpu(), scale_dtype, f"layer {name!r} bias")
     return out
 
 
@@ -155,14 +182,17 @@ def _cast_checked(t: Tensor, dtype: torch.dtype, what: str) -> Tensor:
     bad = ~torch.isfinite(c) | ((c == 0) & (t != 0))
     if bool(bad.any()):
         v = t[bad].flatten()[0].item()
-        raise ValueError(f"format='gptq': {what} hold {v!r}, which {dtype} cannot represent "
-                         f"(overflow or flush to zero); pass scale_dtype=torch.float32")
+        raise ValueError(
+            f"format='gptq': {what} hold {v!r}, which {dtype} cannot represent "
+            f"(overflow or flush to zero); pass scale_dtype=torch.float32"
+        )
     return c.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
 # Import
 # ---------------------------------------------------------------------------------------------
+
 
 def read_config(directory: str) -> Tuple[dict, str]:
     path = os.path.join(directory, QUANT_CONFIG_FILE)
@@ -181,26 +211,25 @@ def load(directory: str) -> Tuple[Dict[str, QuantLinear], Dict[str, Tensor], dic
     fmt = qc.get("checkpoint_format", "gptq")
     bits, gs, sym = qc.get("bits"), qc.get("group_size", -1), qc.get("sym", True)
     if method != "gptq" or fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(f"{where}: quant_method={method!r}, checkpoint_format={fmt!r}; this "
-                         f"reader handles quant_method 'gptq' with checkpoint_format "
-                         f"{CHECKPOINT_FORMATS}")
+        raise ValueError(
+            f"{where}: quant_method={method!r}, checkpoint_format={fmt!r}; this "
+            f"reader handles quant_method 'gptq' with checkpoint_format "
+            f"{CHECKPOINT_FORMATS}"
+        )
     if bits not in (4, 8) or isinstance(bits, bool):
         raise ValueError(f"{where}: bits={bits!r}; mmkernels reads 4- and 8-bit GPTQ checkpoints")
     if not isinstance(gs, int) or isinstance(gs, bool) or (gs != -1 and gs <= 0):
-        raise ValueError(f"{where}: group_size={gs!r}; expected -1 (per channel) or a positive "
-                         f"integer")
+        raise ValueError(f"{where}: group_size={gs!r}; expected -1 (per channel) or a positive integer")
     if not isinstance(sym, bool):
         raise ValueError(f"{where}: sym={sym!r}; expected true or false")
     weights = os.path.join(directory, "model.safetensors")
     tensors = _io.load_checkpoint_tensors(directory)
-    names = sorted(k[: -len("qweight")].rstrip(".") for k in tensors
-                   if k == "qweight" or k.endswith(".qweight"))
+    names = sorted(k[: -len("qweight")].rstrip(".") for k in tensors if k == "qweight" or k.endswith(".qweight"))
     if not names:
         raise ValueError(f"{weights}: no '<layer>.qweight' tensor: not a GPTQ checkpoint")
     layers, claimed = {}, set()
     for name in names:
-        layers[name], keys = _unpack_layer(name, tensors, bits, gs, sym, fmt,
-                                           f"{weights} (layer {name!r})")
+        layers[name], keys = _unpack_layer(name, tensors, bits, gs, sym, fmt, f"{weights} (layer {name!r})")
         claimed |= keys
     info = {"format": "gptq", "quantization_config": qc}
     return layers, {k: v for k, v in tensors.items() if k not in claimed}, info
@@ -223,8 +252,9 @@ def _unpack_layer(name, tensors, bits, gs, sym, fmt, where):
         g_idx = _io.expect_tensor(tensors, p + "g_idx", where, [torch.int32, torch.int64], (k,))
         keys.add(p + "g_idx")
         if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= g):
-            raise ValueError(f"{where}: g_idx values must lie in [0, {g}), got "
-                             f"[{int(g_idx.min())}, {int(g_idx.max())}]")
+            raise ValueError(
+                f"{where}: g_idx values must lie in [0, {g}), got [{int(g_idx.min())}, {int(g_idx.max())}]"
+            )
     bias = None
     if p + "bias" in tensors:
         bias = _io.expect_tensor(tensors, p + "bias", where, _FLOATS, (n,))
@@ -236,16 +266,27 @@ def _unpack_layer(name, tensors, bits, gs, sym, fmt, where):
     half = 1 << (bits - 1)
     if sym:
         if bool((z != half).any()):
-            raise ValueError(f"{where}: sym=true but qzeros decode to zero points "
-                             f"{sorted(set(z.unique().tolist()))[:6]} (expected all {half}; "
-                             f"checkpoint_format={fmt!r})")
+            raise ValueError(
+                f"{where}: sym=true but qzeros decode to zero points "
+                f"{sorted(set(z.unique().tolist()))[:6]} (expected all {half}; "
+                f"checkpoint_format={fmt!r})"
+            )
         z = None
     elif bool((z >= (1 << bits)).any()):
-        raise ValueError(f"{where}: qzeros decode to a zero point of {1 << bits} "
-                         f"(stored {(1 << bits) - 1} in a v1 'gptq' checkpoint, i.e. a zero "
-                         f"point of 0 written as -1); its weights cannot be decoded reliably")
-    layer = build_layer(u, z, scales.to(torch.float32).T.contiguous(),
-                        None if g_idx is None else g_idx.to(torch.int64),
-                        bits=bits, bias=bias, act_bits=None, where=where,
-                        group_size=None if gs == -1 else gs)
+        raise ValueError(
+            f"{where}: qzeros decode to a zero point of {1 << bits} "
+            f"(stored {(1 << bits) - 1} in a v1 'gptq' checkpoint, i.e. a zero "
+            f"point of 0 written as -1); its weights cannot be decoded reliably"
+        )
+    layer = build_layer(
+        u,
+        z,
+        scales.to(torch.float32).T.contiguous(),
+        None if g_idx is None else g_idx.to(torch.int64),
+        bits=bits,
+        bias=bias,
+        act_bits=None,
+        where=where,
+        group_size=None if gs == -1 else gs,
+    )
     return layer, keys

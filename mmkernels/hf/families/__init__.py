@@ -4,6 +4,7 @@ Most families need nothing beyond the attention interface: ViT, DINOv2, CLIP, Si
 Whisper, Llama, Qwen2 and LLaVA route every attention through it. A family file exists only where
 the interface alone would lose something (Qwen2-VL's vision tower: packed images as varlen).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict

@@ -15,6 +15,7 @@ size, the reduce spec, ``vision_feature_layer`` (which hidden state LLaVA reads)
 ``vision_feature_select_strategy`` (``"default"`` drops the CLS token). PruMerge (a
 data-dependent count) and a list of feature layers are refused.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -49,8 +50,10 @@ def tokens_after(spec: dict, n: int, depth: int, prefix: int, layers_run: int) -
         return n
     if method == "visionzip":
         return prefix + spec["dominant"] + spec["contextual"] if spec["layer"] < layers_run else n
-    raise ValueError(f"reduce method {method!r} keeps a data-dependent number of tokens per image: "
-                     "LLaVA's prompt needs a count stated in advance (use tome, evit or visionzip)")
+    raise ValueError(
+        f"reduce method {method!r} keeps a data-dependent number of tokens per image: "
+        "LLaVA's prompt needs a count stated in advance (use tome, evit or visionzip)"
+    )
 
 
 def _compact_row(ids: Tensor, image_token: int, n: int, k: int) -> Tensor:
@@ -89,13 +92,12 @@ class PromptCompactor:
                 continue
             new = t.new_full((t.shape[0], width), fill.get(name, 0))
             for i, keep in enumerate(rows):
-                new[i, width - len(keep):] = t[i, keep]
+                new[i, width - len(keep) :] = t[i, keep]
             out[name] = new
         if per_token.get("attention_mask") is None and any(len(r) != width for r in rows):
-            mask = torch.zeros((input_ids.shape[0], width), dtype=torch.long,
-                               device=input_ids.device)
+            mask = torch.zeros((input_ids.shape[0], width), dtype=torch.long, device=input_ids.device)
             for i, keep in enumerate(rows):
-                mask[i, width - len(keep):] = 1
+                mask[i, width - len(keep) :] = 1
             out["attention_mask"] = mask
         return out
 
@@ -107,36 +109,30 @@ def _num_images(pixel_values) -> Optional[int]:
 
 
 def _forward(compactor: PromptCompactor):
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                *args, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *args, **kwargs):
         if compactor.needed(input_ids, _num_images(pixel_values)):
             if args:
-                raise ValueError("LLaVA with token reduction: pass arguments after "
-                                 "attention_mask by name")
+                raise ValueError("LLaVA with token reduction: pass arguments after attention_mask by name")
             packed = compactor(input_ids, attention_mask=attention_mask)
-            input_ids, attention_mask, position_ids = (packed["input_ids"],
-                                                       packed["attention_mask"], None)
-        return type(self).forward(self, input_ids, pixel_values, attention_mask, position_ids,
-                                  *args, **kwargs)
+            input_ids, attention_mask, position_ids = (packed["input_ids"], packed["attention_mask"], None)
+        return type(self).forward(self, input_ids, pixel_values, attention_mask, position_ids, *args, **kwargs)
+
     return forward
 
 
 def _top_forward(compactor: PromptCompactor):
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                *args, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, *args, **kwargs):
         labels = kwargs.pop("labels", None)
         if compactor.needed(input_ids, _num_images(pixel_values)):
             if args:
-                raise ValueError("LLaVA with token reduction: pass arguments after "
-                                 "attention_mask by name")
+                raise ValueError("LLaVA with token reduction: pass arguments after attention_mask by name")
             packed = compactor(input_ids, attention_mask=attention_mask, labels=labels)
-            input_ids, attention_mask, labels = (packed["input_ids"], packed["attention_mask"],
-                                                 packed["labels"])
+            input_ids, attention_mask, labels = (packed["input_ids"], packed["attention_mask"], packed["labels"])
             position_ids = None
         if labels is not None:
             kwargs["labels"] = labels
-        return type(self).forward(self, input_ids, pixel_values, attention_mask, position_ids,
-                                  *args, **kwargs)
+        return type(self).forward(self, input_ids, pixel_values, attention_mask, position_ids, *args, **kwargs)
+
     return forward
 
 
@@ -146,16 +142,18 @@ def _generate(compactor: PromptCompactor):
         if compactor.needed(input_ids, _num_images(pixel_values)):
             packed = compactor(input_ids, attention_mask=attention_mask)
             input_ids, attention_mask = packed["input_ids"], packed["attention_mask"]
-        out = type(self).generate(self, input_ids=input_ids, pixel_values=pixel_values,
-                                  attention_mask=attention_mask, **kwargs)
+        out = type(self).generate(
+            self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
+        )
         if original is input_ids:
             return out
         sequences = out if isinstance(out, Tensor) else out.sequences
-        restored = torch.cat([original, sequences[:, input_ids.shape[1]:]], dim=1)
+        restored = torch.cat([original, sequences[:, input_ids.shape[1] :]], dim=1)
         if isinstance(out, Tensor):
             return restored
         out.sequences = restored
         return out
+
     return generate
 
 
@@ -169,16 +167,17 @@ def reduce_llava(model: nn.Module, spec: dict, record, reduce_encoders) -> None:
     config = inner.config
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
-        raise ValueError(f"reduce on LLaVA with vision_feature_layer={layer!r} (several layers "
-                         "concatenated) is not supported: each layer would keep other tokens")
+        raise ValueError(
+            f"reduce on LLaVA with vision_feature_layer={layer!r} (several layers "
+            "concatenated) is not supported: each layer would keep other tokens"
+        )
     encoders = reduce_encoders(inner.vision_tower, spec, record)
     if len(encoders) != 1:
-        raise ValueError(f"reduce on LLaVA: expected one vision encoder in the vision tower, "
-                         f"found {len(encoders)}")
+        raise ValueError(f"reduce on LLaVA: expected one vision encoder in the vision tower, found {len(encoders)}")
     encoder, checked = encoders[0]
     n_in = encoder.num_tokens()
     depth = encoder.depth
-    layers_run = layer % (depth + 1)            # hidden_states has depth + 1 entries
+    layers_run = layer % (depth + 1)  # hidden_states has depth + 1 entries
     k_tokens = tokens_after(checked, n_in, depth, encoder.prefix_tokens, layers_run)
     drop = 1 if config.vision_feature_select_strategy == "default" else 0
     n, k = n_in - drop, k_tokens - drop
@@ -194,10 +193,11 @@ def reduce_llava(model: nn.Module, spec: dict, record, reduce_encoders) -> None:
         bind_forward(model, _top_forward(compactor), record)
     if hasattr(model, "generate"):
         bind_method(model, "generate", _generate(compactor), record)
-    record.report.rows.append(Row(type(inner).__name__, "prompt", "mmkernels",
-                                  f"image tokens per image {n} -> {k} (prompts compacted)"))
+    record.report.rows.append(
+        Row(type(inner).__name__, "prompt", "mmkernels", f"image tokens per image {n} -> {k} (prompts compacted)")
+    )
     record.report.notes.append(
         "LLaVA: prompts expanded for the unreduced tower are compacted to the reduced count in "
         "forward() and generate(); generate() returns the original prompt followed by the new "
-        "tokens, forward() returns logits for the compacted prompt")
-
+        "tokens, forward() returns logits for the compacted prompt"
+    )

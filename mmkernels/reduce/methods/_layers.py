@@ -1,4 +1,5 @@
 """Running a ViT up to the block whose attention drives a reduction."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -14,8 +15,7 @@ def block_with_scores(block, x: Tensor, scores: str = "cls") -> Tuple[Tensor, Te
     return block.mlp_step(x), attn_scores, keys.mean(dim=1)
 
 
-def run_through_block(model: nn.Module, x: Tensor, layer: int, scores: str = "cls"
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+def run_through_block(model: nn.Module, x: Tensor, layer: int, scores: str = "cls") -> Tuple[Tensor, Tensor, Tensor]:
     """Run blocks ``0..layer``; return block ``layer``'s output tokens with its per-key attention
     ``scores`` ``(B, N)`` and its keys averaged over heads ``(B, N, D)``."""
     for block in model.blocks[:layer]:

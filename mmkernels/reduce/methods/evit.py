@@ -10,6 +10,7 @@ Where ours differs, and why:
 * kept tokens stay in their original order (selection indices are ascending);
 * a previously fused token is treated like any other token in later pruning steps (as in EViT).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,7 @@ def evit_count(num_tokens: int, keep_rate: float, protect_first: int = 1) -> int
     return protect_first + keep + (1 if keep < patches else 0)
 
 
-def evit_block_step(block, x: Tensor, keep_rate: float, protect_first: int = 1,
-                    scores: str = "cls") -> Tensor:
+def evit_block_step(block, x: Tensor, keep_rate: float, protect_first: int = 1, scores: str = "cls") -> Tensor:
     """One pruning block: attention with its per-key ``scores`` (``"cls"``; a model without a
     CLS token can use ``"mean"``), keep ``keep_rate`` of the patch tokens and fuse the rest
     (:func:`evit_fuse`), then the MLP. ``block`` is anything with ``attention_step`` /
@@ -67,8 +67,7 @@ class EViT(nn.Module):
     """Wrap a ViT: at each block in ``prune_at``, keep ``keep_rate`` of the patch tokens by CLS
     attention and fuse the rest. ``forward(pixels)`` returns the final normalised tokens."""
 
-    def __init__(self, model: nn.Module, keep_rate: float, prune_at: Sequence[int] = (3, 6, 9),
-                 protect_first: int = 1):
+    def __init__(self, model: nn.Module, keep_rate: float, prune_at: Sequence[int] = (3, 6, 9), protect_first: int = 1):
         super().__init__()
         if not 0 < keep_rate <= 1:
             raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")

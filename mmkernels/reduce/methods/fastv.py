@@ -14,6 +14,7 @@ Where ours differs, and why:
 * kept tokens stay in order, and the original positions are returned so rotary embeddings of later
   layers use the true positions.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,7 @@ from torch import Tensor
 from ..api import gather_tokens, select_tokens
 
 
-def fastv_keep_indices(last_scores: Tensor, image_span: Tuple[int, int], keep_ratio: float
-                       ) -> Tensor:
+def fastv_keep_indices(last_scores: Tensor, image_span: Tuple[int, int], keep_ratio: float) -> Tensor:
     """Positions ``(B, N')`` to keep: every non-image token and the best ``keep_ratio`` of the image
     tokens ``[start, end)`` by ``last_scores (B, N)``, ascending."""
     b, n = last_scores.shape
@@ -45,24 +45,24 @@ def fastv_keep_from_mask(last_scores: Tensor, image_mask: Tensor, keep_ratio: fl
     images, left padding); every row must hold the same number ``n_image`` of them, so that the
     kept rows have one length."""
     if image_mask.shape != last_scores.shape or image_mask.dtype != torch.bool:
-        raise ValueError(f"image_mask must be a bool tensor of the scores' shape "
-                         f"{tuple(last_scores.shape)}, got {image_mask.dtype} "
-                         f"{tuple(image_mask.shape)}")
+        raise ValueError(
+            f"image_mask must be a bool tensor of the scores' shape "
+            f"{tuple(last_scores.shape)}, got {image_mask.dtype} "
+            f"{tuple(image_mask.shape)}"
+        )
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     b, n = last_scores.shape
     counts = image_mask.sum(dim=1)
     n_img = int(counts[0]) if b else 0
     if b and not bool((counts == n_img).all()):
-        raise ValueError(f"every row must hold the same number of image tokens, got "
-                         f"{counts.tolist()}")
+        raise ValueError(f"every row must hold the same number of image tokens, got {counts.tolist()}")
     # Image positions first (ascending), then the others (ascending): a stable sort on ~mask.
     order = torch.sort((~image_mask).to(torch.int8), dim=1, stable=True).indices
     image_pos, other_pos = order[:, :n_img], order[:, n_img:]
     keep_img = math.ceil(keep_ratio * n_img) if n_img else 0
     if keep_img:
-        best = select_tokens(last_scores.gather(1, image_pos).contiguous(), keep_img,
-                             protect_first=0)
+        best = select_tokens(last_scores.gather(1, image_pos).contiguous(), keep_img, protect_first=0)
         chosen = image_pos.gather(1, best)
     else:
         chosen = image_pos[:, :0]
@@ -78,8 +78,9 @@ def compact_kv_cache(cache: Sequence[Tensor], keep: Tensor) -> Tuple[Tensor, ...
     return tuple(out)
 
 
-def fastv_prune(hidden: Tensor, last_scores: Tensor, image_span: Tuple[int, int],
-                keep_ratio: float, position_ids: Tensor = None):
+def fastv_prune(
+    hidden: Tensor, last_scores: Tensor, image_span: Tuple[int, int], keep_ratio: float, position_ids: Tensor = None
+):
     """Drop image tokens from ``hidden (B, N, C)``; returns ``(hidden', position_ids', keep)``."""
     keep = fastv_keep_indices(last_scores, image_span, keep_ratio)
     if position_ids is None:
@@ -96,8 +97,7 @@ class FastV(torch.nn.Module):
     the kept original positions (use them for rotary positions and :func:`compact_kv_cache`).
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], k: int, image_span: Tuple[int, int],
-                 keep_ratio: float = 0.5):
+    def __init__(self, layers: Sequence[torch.nn.Module], k: int, image_span: Tuple[int, int], keep_ratio: float = 0.5):
         super().__init__()
         if not 0 <= k < len(layers):
             raise ValueError(f"k={k} must index one of the {len(layers)} layers")

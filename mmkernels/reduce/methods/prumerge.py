@@ -17,6 +17,7 @@ Where ours differs, and why:
   vanish);
 * kept tokens stay in original order; ties break toward the lower index.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -37,31 +38,32 @@ def iqr_keep_counts(cls_scores: Tensor, protect_first: int = 1, min_keep: int = 
     return counts.clamp(min=min(min_keep, patches.shape[1]))
 
 
-def prumerge(x: Tensor, keys: Tensor, cls_scores: Tensor, k: int = 32, protect_first: int = 1,
-             min_keep: int = 1) -> Tuple[Tensor, Tensor]:
+def prumerge(
+    x: Tensor, keys: Tensor, cls_scores: Tensor, k: int = 32, protect_first: int = 1, min_keep: int = 1
+) -> Tuple[Tensor, Tensor]:
     """``x (B, N, C)``, ``keys (B, N, Ck)`` (averaged over heads), ``cls_scores (B, N)``
     -> packed ``(T, C)`` and ``cu_seqlens (B+1,)`` int32 (protected tokens first in each image)."""
     b, n, c = x.shape
     counts = iqr_keep_counts(cls_scores, protect_first, min_keep) + protect_first
     idx, cu = select_tokens(cls_scores, counts, protect_first=protect_first)
     batch = torch.repeat_interleave(torch.arange(b, device=x.device), counts)
-    kept_x = gather_tokens(x, idx, cu)                                        # (T, C)
+    kept_x = gather_tokens(x, idx, cu)  # (T, C)
     # Similarity of each kept token to every token of its image; kept and protected tokens are
     # not candidates for absorption.
     unit = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = torch.einsum("tc,tnc->tn", unit[batch, idx], unit[batch])          # (T, N)
+    sim = torch.einsum("tc,tnc->tn", unit[batch, idx], unit[batch])  # (T, N)
     candidate = torch.ones(b, n, dtype=torch.bool, device=x.device)
     candidate[batch, idx] = False
     candidate[:, :protect_first] = False
     sim = sim.masked_fill(~candidate[batch], float("-inf"))
     k_eff = min(k, n)
-    top_sim, top_idx = sim.topk(k_eff, dim=1)                                # (T, k)
+    top_sim, top_idx = sim.topk(k_eff, dim=1)  # (T, k)
     valid = torch.isfinite(top_sim)
     weights = torch.where(valid, cls_scores.float()[batch[:, None], top_idx], 0)
-    neighbours = x.float()[batch[:, None], top_idx]                          # (T, k, C)
+    neighbours = x.float()[batch[:, None], top_idx]  # (T, k, C)
     own_w = cls_scores.float()[batch, idx]
     total_w = own_w + weights.sum(1)
-    merged = (own_w[:, None] * kept_x.float() + (weights[..., None] * neighbours).sum(1))
+    merged = own_w[:, None] * kept_x.float() + (weights[..., None] * neighbours).sum(1)
     merged = merged / total_w.clamp_min(1e-12)[:, None]
     # Protected tokens are kept as they are.
     protected = idx < protect_first
@@ -69,8 +71,9 @@ def prumerge(x: Tensor, keys: Tensor, cls_scores: Tensor, k: int = 32, protect_f
     return merged.to(x.dtype), cu
 
 
-def prumerge_block_step(block, x: Tensor, k: int = 32, protect_first: int = 1,
-                        min_keep: int = 1, scores: str = "cls") -> Tuple[Tensor, Tensor]:
+def prumerge_block_step(
+    block, x: Tensor, k: int = 32, protect_first: int = 1, min_keep: int = 1, scores: str = "cls"
+) -> Tuple[Tensor, Tensor]:
     """Run one block (anything with ``attention_step`` / ``mlp_step``) and reduce its output by
     :func:`prumerge` with the block's own per-key ``scores`` (``"cls"``; a model without a CLS
     token can use ``"mean"``) and keys averaged over heads: packed ``(T, C)`` and
@@ -83,8 +86,7 @@ class PruMerge(torch.nn.Module):
     """Run a ViT up to block ``layer`` (LLaVA reads the penultimate block, ``-2``) and return that
     block's tokens reduced by :func:`prumerge`: packed ``(T, C)`` and ``cu_seqlens``."""
 
-    def __init__(self, model: torch.nn.Module, k: int = 32, layer: int = -2,
-                 protect_first: int = 1, min_keep: int = 1):
+    def __init__(self, model: torch.nn.Module, k: int = 32, layer: int = -2, protect_first: int = 1, min_keep: int = 1):
         super().__init__()
         self.model, self.k, self.layer = model, k, layer % len(model.blocks)
         self.protect_first, self.min_keep = protect_first, min_keep

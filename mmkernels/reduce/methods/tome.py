@@ -11,6 +11,7 @@ Where ours differs from the paper's code, and why:
   ``(N, N)`` additive mask, so it keeps flash speed;
 * ties in matching break toward the lower token index (deterministic across backends).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
@@ -21,8 +22,7 @@ from torch import Tensor, nn
 from ..api import mergeable_a_tokens, tome_merge, tome_plan
 
 
-def tome_schedule(r: Union[int, Sequence[int]], depth: int, num_tokens: int,
-                  protect_first: int = 1) -> List[int]:
+def tome_schedule(r: Union[int, Sequence[int]], depth: int, num_tokens: int, protect_first: int = 1) -> List[int]:
     """Per-layer merge counts: an int means the same ``r`` in every layer (clipped, as ToMe does,
     to what can still merge); a sequence gives one value per layer."""
     if isinstance(r, int):
@@ -39,8 +39,7 @@ def tome_schedule(r: Union[int, Sequence[int]], depth: int, num_tokens: int,
     return clipped
 
 
-def tome_block_step(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int,
-                    protect_first: int = 1):
+def tome_block_step(block: nn.Module, x: Tensor, size: Optional[Tensor], r: int, protect_first: int = 1):
     """One ToMe block: proportional attention, merge ``r`` tokens, MLP -> ``(x, size)``."""
     key_bias = None if size is None else size.log()
     x, _, keys = block.attention_step(x, key_bias=key_bias, return_keys=True)

@@ -13,6 +13,7 @@ Where ours differs, and why:
   projectors and readers of the token grid need the order;
 * ties break toward the lower index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ from ._layers import block_with_scores, run_through_block
 from ..api import gather_tokens, merge_tokens, select_tokens
 
 
-def visionzip(x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contextual: int,
-              protect_first: int = 1) -> Tensor:
+def visionzip(
+    x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contextual: int, protect_first: int = 1
+) -> Tensor:
     """``x (B, N, C)``, ``keys (B, N, Ck)`` (keys averaged over heads), ``cls_scores (B, N)``
     -> ``(B, protect_first + dominant + contextual, C)``."""
     b, n, _ = x.shape
@@ -32,8 +34,9 @@ def visionzip(x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contex
     if dominant < 0 or contextual < 0:
         raise ValueError(f"dominant and contextual must be >= 0, got {dominant}, {contextual}")
     if rest_count < contextual:
-        raise ValueError(f"{n} tokens cannot give {protect_first} protected + {dominant} dominant "
-                         f"+ {contextual} contextual")
+        raise ValueError(
+            f"{n} tokens cannot give {protect_first} protected + {dominant} dominant + {contextual} contextual"
+        )
     idx = select_tokens(cls_scores, keep, protect_first=protect_first)
     kept = gather_tokens(x, idx)
     if contextual == 0 or rest_count == 0:
@@ -43,16 +46,17 @@ def visionzip(x: Tensor, keys: Tensor, cls_scores: Tensor, dominant: int, contex
     rest_x, rest_k = gather_tokens(x, rest_idx), gather_tokens(keys, rest_idx)
     # Uniformly spread targets among the remaining tokens (VisionZip's uniform sampling).
     target_pos = (torch.arange(contextual, device=x.device) * rest_count) // contextual
-    target_k = rest_k[:, target_pos]                                      # (B, ctx, Ck)
-    sim = rest_k.float() @ target_k.float().transpose(1, 2)               # (B, rest, ctx)
+    target_k = rest_k[:, target_pos]  # (B, ctx, Ck)
+    sim = rest_k.float() @ target_k.float().transpose(1, 2)  # (B, rest, ctx)
     assign = sim.argmax(dim=-1)
-    assign[:, target_pos] = torch.arange(contextual, device=x.device)     # targets own their slot
+    assign[:, target_pos] = torch.arange(contextual, device=x.device)  # targets own their slot
     context, _ = merge_tokens(rest_x, assign, contextual)
     return torch.cat([kept, context], dim=1)
 
 
-def visionzip_block_step(block, x: Tensor, dominant: int, contextual: int,
-                         protect_first: int = 1, scores: str = "cls") -> Tensor:
+def visionzip_block_step(
+    block, x: Tensor, dominant: int, contextual: int, protect_first: int = 1, scores: str = "cls"
+) -> Tensor:
     """Run one block (anything with ``attention_step`` / ``mlp_step``) and reduce its output by
     :func:`visionzip` with the block's own per-key ``scores`` (``"cls"``; a model without a CLS
     token can use ``"mean"``) and keys averaged over heads."""
@@ -65,8 +69,9 @@ class VisionZip(torch.nn.Module):
     block's tokens reduced to ``protect_first + dominant + contextual`` by :func:`visionzip`, using
     the block's own CLS attention and keys (averaged over heads)."""
 
-    def __init__(self, model: torch.nn.Module, dominant: int = 54, contextual: int = 10,
-                 layer: int = -2, protect_first: int = 1):
+    def __init__(
+        self, model: torch.nn.Module, dominant: int = 54, contextual: int = 10, layer: int = -2, protect_first: int = 1
+    ):
         super().__init__()
         self.model, self.dominant, self.contextual = model, dominant, contextual
         self.layer = layer % len(model.blocks)
@@ -74,8 +79,7 @@ class VisionZip(torch.nn.Module):
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         x, scores, keys = run_through_block(self.model, x, self.layer)
-        return visionzip(x, keys, scores, self.dominant, self.contextual,
-                         self.protect_first)
+        return visionzip(x, keys, scores, self.dominant, self.contextual, self.protect_first)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.forward_tokens(self.model.embed(pixels))
