@@ -3,6 +3,11 @@
 A case builds its inputs once and returns the contenders as zero-argument callables, plus a
 function that measures our max error against the float64 oracle. Both the CLI
 (``mmkernels bench``) and the pytest-benchmark files under bench/ use these definitions.
+
+``mmkernels`` is our C++ CPU kernel, asked for by name (the gates measure it). Where automatic
+selection serves the plain call with another backend on this machine (the ``torch`` backend on an
+AMX CPU, see :mod:`mmkernels._dispatch`), the plain case adds ``mmkernels_auto``: what a user
+calling ``mmkernels.attention`` without ``backend=`` gets.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch.nn.functional as F
 
 import mmkernels
 
+from .. import _dispatch
+from ..attention.api import describe_call
 from .case import Case
 
 
@@ -51,6 +58,17 @@ def _sdpa(q, k, v, group, **kw):
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
+def _kernel_backend() -> Optional[str]:
+    """Our C++ CPU kernel when it is built (None: automatic selection)."""
+    cpu = next((b for b in _dispatch.backends_for("attention") if b.name == "cpu"), None)
+    return "cpu" if cpu is not None and cpu.availability()[0] else None
+
+
+def _auto_backend(q, k, v, causal) -> str:
+    call = describe_call(q, k, v, causal, None, False, None, False)
+    return _dispatch.select("attention", call, q.device.type).name
+
+
 def _max_err(got, q, k, v, **kw):
     want = mmkernels.reference_attention(q.double(), k.double(), v.double(), **kw)[0]
     return (got.double() - want).abs().max().item()
@@ -71,29 +89,27 @@ def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
     desc = f"B={b} Hq={hq} Hkv={hkv} L={L} D={d}{' causal' if shape.causal else ''} {dt}"
     causal = shape.causal
 
+    kernel = _kernel_backend()
+
     def ours(**kw):
-        return lambda: mmkernels.attention(q, k, v, causal=causal, **kw)
+        return lambda: mmkernels.attention(q, k, v, causal=causal, backend=kernel, **kw)
 
     def err(**kw):
         def measure():
-            res = mmkernels.attention(q, k, v, causal=causal, **kw)
+            res = mmkernels.attention(q, k, v, causal=causal, backend=kernel, **kw)
             out = res if isinstance(res, torch.Tensor) else res.out
             return _max_err(out, q, k, v, causal=causal, **{x: y for x, y in kw.items() if x == "key_bias"})
 
         return measure
 
-    cases = [
-        Case(
-            base,
-            desc,
-            {
-                "mmkernels": ours(),
-                "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal),
-            },
-            err(),
-            flops,
-        )
-    ]
+    plain = {"mmkernels": ours(), "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal)}
+    auto = _auto_backend(q, k, v, causal)
+    if kernel is not None and auto != kernel:
+        plain["mmkernels_auto"] = lambda: mmkernels.attention(q, k, v, causal=causal)
+        desc_plain = desc + f" (automatic selection: {auto})"
+    else:
+        desc_plain = desc
+    cases = [Case(base, desc_plain, plain, err(), flops)]
     if not extras:
         return cases
 

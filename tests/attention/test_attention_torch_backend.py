@@ -199,3 +199,17 @@ def test_calls_our_cpu_kernel_cannot_take_go_to_torch_not_the_reference(cpu_clas
     assert _dispatch.select("attention", _call("float16"), "cpu").name == "torch"
     assert _dispatch.select("attention", _call(head_dim=36, head_dim_v=36), "cpu").name == "torch"
     assert _dispatch.select("attention", _call("float16", causal=True), "cpu").name == "reference"
+
+
+@pytest.mark.skipif(not CPU_OK, reason="the bench's mmkernels contender is the cpu kernel")
+@pytest.mark.parametrize("klass", ["avx512", "amx"])
+def test_bench_times_our_kernel_and_shows_what_auto_selection_picks(cpu_class, klass):
+    """The attention bench's ``mmkernels`` contender is our C++ kernel on every CPU class (the gates
+    measure it); on AMX, where auto-selection serves plain calls with torch, ``mmkernels_auto``
+    joins the plain case."""
+    from mmkernels.benchmarks import attention as bench
+
+    cpu_class(klass)
+    plain = bench.all_cases(quick=True)[0]
+    assert ("mmkernels_auto" in plain.contenders) == (klass == "amx")
+    assert bench._kernel_backend() == "cpu"
