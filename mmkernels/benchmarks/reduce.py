@@ -3,6 +3,9 @@
 * ``tome_step``: ``tome_plan`` + ``tome_merge`` against the reference (ToMe's algorithm in plain
   PyTorch), on ViT-B/16 tokens (N=197, C=768), LLaVA's 576 visual tokens (C=1024) and DINOv2-S
   (N=257, C=384); the metric is the keys averaged over heads (64 channels), r=16.
+* ``tome_plan_wide``: ``tome_plan`` alone on a wide metric (LLaVA's 577 visual tokens, the 1024-wide
+  embeddings themselves: AIM-style merging before the language model) against the reference,
+  whose similarities are one BLAS GEMM.
 * ``select``: ``select_tokens`` + ``gather_tokens`` against ``torch.topk`` + sort + gather.
 * ``vit_b_block_tome``: one ViT-B block with ToMe (r=16, proportional attention through
   ``key_bias``) against the same block without merging.
@@ -45,6 +48,27 @@ def tome_step_case(name, n, c, batch, r=16, metric_dim=64) -> Case:
     return Case(
         f"tome_step-{name}-b{batch}",
         f"tome_plan+tome_merge N={n} C={c} r={r} B={batch}",
+        {"mmkernels": ours, "reference": ref},
+        error,
+    )
+
+
+def tome_plan_wide_case(n: int, width: int, batch: int, r: int = 16) -> Case:
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(batch, n, width, generator=g)
+
+    def ours():
+        return mmkernels.tome_plan(metric, r)
+
+    def ref():
+        return reference.tome_plan(metric, r, 1)
+
+    def error():  # index plans: the number of tokens routed differently (0 when they agree)
+        return float((ours()[0] != ref()[0]).sum())
+
+    return Case(
+        f"tome_plan_wide-n{n}-c{width}-b{batch}",
+        f"tome_plan N={n} metric width {width} r={r} B={batch}",
         {"mmkernels": ours, "reference": ref},
         error,
     )
@@ -137,6 +161,8 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
         for batch in (1,) if quick else (1, 32):
             cases.append(tome_step_case(name, n, c, batch))
         cases.append(select_case(name, n, c, 1))
+    if not quick:
+        cases.append(tome_plan_wide_case(577, 1024, 1))
     try:
         import mmkernels.models  # noqa: F401
 
