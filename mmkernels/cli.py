@@ -178,6 +178,8 @@ def bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {report.machine_description()}")
+    if args.family in ("all", "attention", "quant") and not args.quick:
+        print(f"peak: float32 GEMM {report.measured_peak_gflops():.0f} GFLOP/s (GFLOP/s columns give their fraction)")
     all_results, written = [], []
     for family, make_cases in chosen.items():
         print(f"[{family}]")
@@ -204,7 +206,11 @@ def bench(args) -> int:
         skipped = len(gates) - len(verdicts)
         if skipped:
             print(f"({skipped} gates not checked: their cases were not selected)")
-        written.append(report.write_gates(verdicts, Path(args.out)))
+        goals = report.check_gates(all_results, [g for g in report.load_goals(args.gates) if g["case"] in ran])
+        if goals:
+            print()
+            print(report.goals_table(goals))
+        written.append(report.write_gates(verdicts, Path(args.out), goals))
     print("\nwritten: " + ", ".join(str(p) for p in written))
     if verdicts and not all(v["passed"] for v in verdicts):
         print("some gates FAILED", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""Run benchmark cases, write table / JSON / PNG, and check the gates of gates.toml."""
+"""Run benchmark cases, write table / JSON / PNG, and check the gates and goals of gates.toml.
+
+A **gate** (``[[gate]]``) is a floor: ``mmkernels bench --gate`` fails when one fails. A **goal**
+(``[[goal]]``, same fields) is a stretch target: reported beside the measurement with the case's
+fraction of this machine's peak, never failing the run. The peak is measured in the same run
+(:func:`measured_peak_gflops`: float32 GEMM throughput, a lower bound of the FMA peak)."""
 
 from __future__ import annotations
 
@@ -27,8 +32,38 @@ def machine_description() -> str:
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {_cpu_isa()}"
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"ISA {_cpu_isa()}, CPU class {_cpu_class()}"
     )
+
+
+def _cpu_class() -> str:
+    from .. import _extension
+
+    return _extension.cpu_class()
+
+
+_PEAK: Optional[float] = None
+
+
+def measured_peak_gflops() -> float:
+    """This machine's float32 FMA throughput as BLAS reaches it (GFLOP/s, all threads): the best
+    of a few 1536^3 ``torch.mm`` calls, measured once per process. BLAS runs at ~85-95% of the
+    FMA units' peak, so fractions of it are upper bounds of the fraction of the true peak."""
+    global _PEAK
+    if _PEAK is None:
+        import time
+
+        n = 1536
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        _PEAK = 2.0 * n**3 / best / 1e9
+    return _PEAK
 
 
 def _cpu_isa() -> str:
@@ -64,10 +99,19 @@ def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
 
 
 def load_gates(path: Optional[Path] = None) -> List[Dict]:
+    """The ``[[gate]]`` entries of the gates file (floors that fail the run)."""
     import tomllib
 
     with open(path or GATES_FILE, "rb") as f:
         return tomllib.load(f)["gate"]
+
+
+def load_goals(path: Optional[Path] = None) -> List[Dict]:
+    """The ``[[goal]]`` entries of the gates file (stretch targets, reported only)."""
+    import tomllib
+
+    with open(path or GATES_FILE, "rb") as f:
+        return tomllib.load(f).get("goal", [])
 
 
 def _ratio(row: Dict, num: str, den: str) -> float:
@@ -93,7 +137,10 @@ def check_gates(results: List[Dict], gates: List[Dict]) -> List[Dict]:
         else:
             value = _ratio(row, gate["subject"], gate["baseline"])
             passed = value <= gate["max_slowdown"]
-        verdicts.append({**gate, "value": value, "passed": passed})
+        verdict = {**gate, "value": value, "passed": passed}
+        if row.get("gflops") and _PEAK:
+            verdict["fraction_of_peak"] = row["gflops"] / _PEAK
+        verdicts.append(verdict)
     return verdicts
 
 
@@ -105,6 +152,8 @@ def markdown_table(results: List[Dict]) -> str:
     for r in results:
         peers = ", ".join(f"{k} {v:.2f}x ({r['times_ms'][k]:.2f} ms)" for k, v in r["speedup_vs"].items())
         gf = f"{r['gflops']:.0f}" if r["gflops"] else "-"
+        if r["gflops"] and _PEAK:
+            gf += f" ({r['gflops'] / _PEAK:.0%})"
         err = f"{r['max_error']:.1e}" if r["max_error"] is not None else "-"
         lines.append(f"| {r['case']} | {r['times_ms']['mmkernels']:.3f} | {gf} | {peers} | {err} |")
     return "\n".join(lines)
@@ -115,6 +164,17 @@ def gates_table(verdicts: List[Dict]) -> str:
     for v in verdicts:
         value = "-" if v["value"] is None else (f"{v['value']:.2f}x")
         lines.append(f"| {v['name']} | {value} | {'PASS' if v['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def goals_table(verdicts: List[Dict]) -> str:
+    """Goals: measured value, met or not, and the case's fraction of the measured peak."""
+    peak = f" (peak: float32 GEMM {_PEAK:.0f} GFLOP/s, this run)" if _PEAK else ""
+    lines = [f"| goal (reported, never failing){peak} | measured | | fraction of peak |", "|---|---:|---|---:|"]
+    for v in verdicts:
+        value = "-" if v["value"] is None else f"{v['value']:.2f}x"
+        frac = f"{v['fraction_of_peak']:.0%}" if v.get("fraction_of_peak") else "-"
+        lines.append(f"| {v['name']} | {value} | {'met' if v['passed'] else 'not met'} | {frac} |")
     return "\n".join(lines)
 
 
@@ -157,11 +217,15 @@ def write_report(family: str, results, out_dir: Path) -> Dict[str, Path]:
     return paths
 
 
-def write_gates(verdicts: List[Dict], out_dir: Path) -> Path:
+def write_gates(verdicts: List[Dict], out_dir: Path, goals: Optional[List[Dict]] = None) -> Path:
+    """``gates.md`` / ``gates.json`` under ``out_dir``: the gates' verdicts and the goals'."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gates.md"
-    path.write_text(f"Machine: {machine_description()}\n\n{gates_table(verdicts)}\n")
-    (out_dir / "gates.json").write_text(json.dumps(verdicts, indent=2))
+    text = f"Machine: {machine_description()}\n\n{gates_table(verdicts)}\n"
+    if goals:
+        text += f"\n{goals_table(goals)}\n"
+    path.write_text(text)
+    (out_dir / "gates.json").write_text(json.dumps({"gates": verdicts, "goals": goals or []}, indent=2))
     return path
 
 

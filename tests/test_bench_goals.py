@@ -1,0 +1,63 @@
+"""Goals in gates.toml: reported with the fraction of the measured peak, never failing the run;
+gates fail it. The float32 scores / key_bias targets are goals (bfloat16 ones stay gates)."""
+
+import subprocess
+import sys
+
+from mmkernels.benchmarks import attention, report
+
+
+def test_the_float32_scores_and_key_bias_targets_are_goals():
+    goals = report.load_goals()
+    assert goals and all("-float32-" in g["case"] for g in goals)
+    assert {g["case"].rsplit("-", 1)[-1] for g in goals} == {"scores_cls", "scores_mean", "key_bias"}
+    ids = {c.id for c in attention.all_cases()}
+    assert all(g["case"] in ids for g in goals)
+    gate_keys = {(g["case"], g["subject"], g["baseline"]) for g in report.load_gates()}
+    assert not gate_keys & {(g["case"], g["subject"], g["baseline"]) for g in goals}
+    assert any("-bfloat16-key_bias" in key[0] for key in gate_keys)
+
+
+def test_goals_table_reports_met_and_fraction_of_peak(monkeypatch):
+    monkeypatch.setattr(report, "_PEAK", 200.0)
+    row = {"case": "c", "times_ms": {"mmkernels": 1.0, "peer": 1.5}, "gflops": 50.0}
+    goals = [{"name": "goal A", "case": "c", "subject": "mmkernels", "baseline": "peer", "min_speedup": 2.0}]
+    verdicts = report.check_gates([row], goals)
+    assert verdicts[0]["passed"] is False and verdicts[0]["fraction_of_peak"] == 0.25
+    table = report.goals_table(verdicts)
+    assert "| goal A | 1.50x | not met | 25% |" in table and "200 GFLOP/s" in table
+
+
+def test_an_unmet_goal_never_fails_the_run_a_failed_gate_does(tmp_path):
+    case = "vit_b16-float32"
+    entry = f'case = "{case}"\nsubject = "mmkernels"\nbaseline = "sdpa"\n'
+    for floor, code in ((0.0, 0), (1000.0, 1)):
+        gates = tmp_path / f"gates{code}.toml"
+        gates.write_text(
+            f'[[gate]]\nname = "floor"\n{entry}min_speedup = {floor}\n\n'
+            f'[[goal]]\nname = "impossible goal"\n{entry}min_speedup = 1000.0\n'
+        )
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mmkernels.cli",
+                "bench",
+                "--family",
+                "attention",
+                "--only",
+                case,
+                "--gate",
+                "--gates",
+                str(gates),
+                "--budget",
+                "0.05",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == code, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "| impossible goal |" in res.stdout and "not met" in res.stdout
