@@ -35,6 +35,10 @@ struct MergeRow {
 
 struct ReduceImpl {
   const char* name;
+  // dst[q * stride] = v[q] / max(||v||, 1e-12) for q < c (a true division): ||v|| is the sum of
+  // squares in double over 16 chains (chain q: channels k = q mod 16, in order) added as a fixed
+  // tree, its sqrt in double rounded once to float. The same bits on every path.
+  void (*normalize_row)(const float* v, int64_t c, float* dst, int64_t stride);
   // For A rows [a0, a1) (a0, a1 multiples of kRowBlock, A padded): best[i] = max_j dot(A_i, B_j),
   // arg[i] = the first j attaining it, j over the nb packed B tokens (nb >= 1).
   void (*sim_argmax)(const float* a, int64_t c, int64_t a0, int64_t a1, const float* b_packed,

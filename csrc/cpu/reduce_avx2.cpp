@@ -19,7 +19,8 @@ namespace reduce {
 namespace {
 
 using Kernel = ReduceKernel<V256, 4>;  // 4 A rows x 16 B tokens = 8 accumulators
-const ReduceImpl kImpl = {"avx2", &Kernel::sim_argmax, &Kernel::merge_slots};
+const ReduceImpl kImpl = {"avx2", &Kernel::normalize_row, &Kernel::sim_argmax,
+                          &Kernel::merge_slots};
 
 }  // namespace
 

@@ -20,7 +20,8 @@ namespace reduce {
 namespace {
 
 using Kernel = ReduceKernel<V512, 8>;  // 8 A rows x 32 B tokens = 16 accumulators
-const ReduceImpl kImpl = {"avx512", &Kernel::sim_argmax, &Kernel::merge_slots};
+const ReduceImpl kImpl = {"avx512", &Kernel::normalize_row, &Kernel::sim_argmax,
+                          &Kernel::merge_slots};
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 // Include this ONLY from an ISA translation unit, after its MMK_TARGET_* pragma and its traits
 // header: everything here has internal linkage (see cpu_features.h).
 //
+// normalize_row: one token row divided by its norm (reduce.h's sum order; the division in vectors).
 // sim_argmax: R A rows x 2 vectors of B tokens of accumulators; every dot product is summed channel
 //   by channel with FMA (the order of a GEMM micro-kernel), so every path gives the same sums. Per
 //   A row and lane a running (max, token index): B tokens reach a lane in increasing order and
@@ -31,6 +32,41 @@ struct ReduceKernel {
   using Mask = typename V::Mask;
   static_assert(kRowBlock % R == 0, "A rows come in blocks of kRowBlock");
   static_assert(kTile % W == 0, "a packed B tile is whole vectors");
+
+  // ---- row normalisation (reduce.h) -------------------------------------------------------------
+
+  static void normalize_row(const float* v, int64_t c, float* dst, int64_t stride) {
+    // float * float is exact in double, so FMA contraction cannot change these sums
+    double ss[16] = {};
+    int64_t k = 0;
+    for (; k + 16 <= c; k += 16)
+      for (int q = 0; q < 16; ++q) ss[q] += (double)v[k + q] * (double)v[k + q];
+    for (int q = 0; k + q < c; ++q) ss[q] += (double)v[k + q] * (double)v[k + q];
+    for (int h = 8; h >= 1; h /= 2)
+      for (int q = 0; q < h; ++q) ss[q] += ss[q + h];
+    const float nrm = (float)__builtin_sqrt(ss[0]);
+    const float norm = nrm < 1e-12f ? 1e-12f : nrm;  // std::max: a NaN norm stays NaN
+    const T vn = V::set1(norm);
+    if (stride == 1) {
+      int64_t q = 0;
+      for (; q + W <= c; q += W) V::store(dst + q, V::div(V::load(v + q), vn));
+      if (q < c) V::storen(dst + q, V::div(V::loadn(v + q, (int)(c - q)), vn), (int)(c - q));
+      return;
+    }
+    alignas(64) float u[W];
+    int64_t q0 = 0;
+    for (; q0 + W <= c; q0 += W) {
+      V::store(u, V::div(V::load(v + q0), vn));
+      float* d = dst + q0 * stride;
+#pragma GCC unroll 16
+      for (int q = 0; q < W; ++q) d[q * stride] = u[q];
+    }
+    if (q0 < c) {
+      const int n = (int)(c - q0);
+      V::store(u, V::div(V::loadn(v + q0, n), vn));
+      for (int q = 0; q < n; ++q) dst[(q0 + q) * stride] = u[q];
+    }
+  }
 
   // ---- cosine max / first argmax ---------------------------------------------------------------
 

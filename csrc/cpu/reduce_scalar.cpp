@@ -15,6 +15,18 @@ namespace cpu {
 namespace reduce {
 namespace {
 
+void normalize_row_scalar(const float* v, int64_t c, float* dst, int64_t stride) {
+  double ss[16] = {};  // the chains and tree of reduce.h (float * float is exact in double)
+  int64_t k = 0;
+  for (; k + 16 <= c; k += 16)
+    for (int q = 0; q < 16; ++q) ss[q] += (double)v[k + q] * (double)v[k + q];
+  for (int q = 0; k + q < c; ++q) ss[q] += (double)v[k + q] * (double)v[k + q];
+  for (int h = 8; h >= 1; h /= 2)
+    for (int q = 0; q < h; ++q) ss[q] += ss[q + h];
+  const float norm = std::max((float)std::sqrt(ss[0]), 1e-12f);
+  for (int64_t q = 0; q < c; ++q) dst[q * stride] = v[q] / norm;
+}
+
 void sim_argmax_scalar(const float* a, int64_t c, int64_t a0, int64_t a1, const float* bp,
                        int64_t nb, float* best, int32_t* arg) {
   float acc[kTile];
@@ -68,7 +80,7 @@ void merge_slots_scalar(const MergeRow& p, int64_t s0, int64_t s1) {
   }
 }
 
-const ReduceImpl kImpl = {"scalar", &sim_argmax_scalar, &merge_slots_scalar};
+const ReduceImpl kImpl = {"scalar", &normalize_row_scalar, &sim_argmax_scalar, &merge_slots_scalar};
 
 }  // namespace
 

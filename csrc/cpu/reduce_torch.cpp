@@ -20,6 +20,7 @@
 #include <cstring>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/reduce.h"
@@ -79,7 +80,7 @@ void check_cpu(const Tensor& t, const char* op, const char* name) {
 // ---- tome_plan -------------------------------------------------------------------------------
 
 struct PlanScratch {
-  std::vector<float> a, bp, best, tmp;
+  std::vector<float> a, bp, best;
   std::vector<int32_t> arg;
   std::vector<uint64_t> keys, sel;
   std::vector<uint8_t> merged;
@@ -89,37 +90,52 @@ struct PlanGeom {
   int64_t n, c, pf, r, a_start, b_start, na, nb, na_pad;
 };
 
-// Normalise row b of the metric (fp32, x / max(||x||, 1e-12)) into A rows and packed B tiles.
-template <typename T>
-void plan_prepare(const T* m, int64_t sn, int64_t sc, const PlanGeom& g, PlanScratch& s) {
+// Buffers of one batch row: A rows and packed B tiles sized, their padding (A rows past na, B
+// lanes past nb) zeroed; the token rows themselves are written by plan_prepare_rows.
+void plan_alloc(const PlanGeom& g, PlanScratch& s) {
   const int64_t c = g.c;
   const int64_t nbt = (g.nb + kTile - 1) / kTile;
-  s.a.assign(g.na_pad * c, 0.f);
-  s.bp.assign(nbt * kTile * c, 0.f);
-  s.tmp.resize(2 * c);
-  float* v = s.tmp.data();
-  float* u = v + c;
-  for (int64_t p = g.pf; p < g.n; ++p) {
-    const T* row = m + p * sn;
-    for (int64_t k = 0; k < c; ++k) v[k] = to_f(row[k * sc]);
-    // sum of squares in double (4 chains for latency), rounded once: the float norm of the row
-    double ss[4] = {0.0, 0.0, 0.0, 0.0};
-    int64_t k = 0;
-    for (; k + 4 <= c; k += 4)
-      for (int q = 0; q < 4; ++q) ss[q] += (double)v[k + q] * (double)v[k + q];
-    for (; k < c; ++k) ss[0] += (double)v[k] * (double)v[k];
-    const float norm = std::max((float)std::sqrt((ss[0] + ss[1]) + (ss[2] + ss[3])), 1e-12f);
-    for (int64_t q = 0; q < c; ++q) u[q] = v[q] / norm;  // a true division, as the reference
-    if (((p - g.pf) & 1) == ((g.a_start - g.pf) & 1)) {
-      std::memcpy(s.a.data() + ((p - g.a_start) >> 1) * c, u, c * sizeof(float));
-    } else {
-      const int64_t j = (p - g.b_start) >> 1;
-      float* dst = s.bp.data() + (j / kTile) * c * kTile + (j % kTile);
-      for (int64_t q = 0; q < c; ++q) dst[q * kTile] = u[q];
-    }
+  s.a.resize(g.na_pad * c);
+  std::fill(s.a.begin() + g.na * c, s.a.end(), 0.f);
+  s.bp.resize(nbt * kTile * c);
+  if (g.nb % kTile != 0) {
+    float* last = s.bp.data() + (nbt - 1) * c * kTile;
+    const int lo = (int)(g.nb % kTile);
+    for (int64_t q = 0; q < c; ++q)
+      for (int l = lo; l < kTile; ++l) last[q * kTile + l] = 0.f;
   }
   s.best.resize(g.na_pad);
   s.arg.resize(g.na_pad);
+}
+
+thread_local std::vector<float> tl_row;
+
+// Normalise metric rows [p0, p1) (within [pf, n)) of one batch row into A rows and packed B tiles
+// (fp32, x / max(||x||, 1e-12): the kernel's normalize_row).
+template <typename T>
+void plan_prepare_rows(const T* m, int64_t sn, int64_t sc, const PlanGeom& g, PlanScratch& s,
+                       const ReduceImpl* k, int64_t p0, int64_t p1) {
+  const int64_t c = g.c;
+  tl_row.resize(c);
+  float* v = tl_row.data();
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = m + p * sn;
+    const float* src = v;
+    if constexpr (std::is_same<T, float>::value) {
+      if (sc == 1)
+        src = row;
+      else
+        for (int64_t q = 0; q < c; ++q) v[q] = row[q * sc];
+    } else {
+      for (int64_t q = 0; q < c; ++q) v[q] = to_f(row[q * sc]);
+    }
+    if (((p - g.pf) & 1) == ((g.a_start - g.pf) & 1)) {
+      k->normalize_row(src, c, s.a.data() + ((p - g.a_start) >> 1) * c, 1);
+    } else {
+      const int64_t j = (p - g.b_start) >> 1;
+      k->normalize_row(src, c, s.bp.data() + (j / kTile) * c * kTile + (j % kTile), kTile);
+    }
+  }
 }
 
 // Choose the r best A tokens, write the four maps of one batch row.
@@ -200,20 +216,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
   const int64_t sb = metric.stride(0), sn = metric.stride(1), sc = metric.stride(2);
   const bool compute = r > 0;
 
+  auto prepare = [&](PlanScratch& s, int64_t b, int64_t p0, int64_t p1) {
+    switch (dt) {
+      case kF32:
+        plan_prepare_rows(metric.data_ptr<float>() + b * sb, sn, sc, g, s, k, p0, p1);
+        break;
+      case kBF16:
+        plan_prepare_rows(metric.data_ptr<c10::BFloat16>() + b * sb, sn, sc, g, s, k, p0, p1);
+        break;
+      default:
+        plan_prepare_rows(metric.data_ptr<c10::Half>() + b * sb, sn, sc, g, s, k, p0, p1);
+        break;
+    }
+  };
   auto run_row = [&](int64_t b, PlanScratch& s, bool inner_parallel, int nt) {
     if (compute) {
-      switch (dt) {
-        case kF32:  plan_prepare(metric.data_ptr<float>() + b * sb, sn, sc, g, s); break;
-        case kBF16: plan_prepare(metric.data_ptr<c10::BFloat16>() + b * sb, sn, sc, g, s); break;
-        default:    plan_prepare(metric.data_ptr<c10::Half>() + b * sb, sn, sc, g, s); break;
-      }
+      plan_alloc(g, s);
       if (inner_parallel) {
+        // one region: the threads normalise a share of the rows each, then split the A blocks
         const int64_t blocks = g.na_pad / kRowBlock;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t ib = 0; ib < blocks; ++ib)
-          k->sim_argmax(s.a.data(), c, ib * kRowBlock, (ib + 1) * kRowBlock, s.bp.data(), g.nb,
-                        s.best.data(), s.arg.data());
+#pragma omp parallel num_threads(nt)
+        {
+          const int64_t T = omp_get_num_threads(), id = omp_get_thread_num();
+          const int64_t rows = n - g.pf;
+          prepare(s, b, g.pf + rows * id / T, g.pf + rows * (id + 1) / T);
+#pragma omp barrier
+#pragma omp for schedule(static)
+          for (int64_t ib = 0; ib < blocks; ++ib)
+            k->sim_argmax(s.a.data(), c, ib * kRowBlock, (ib + 1) * kRowBlock, s.bp.data(), g.nb,
+                          s.best.data(), s.arg.data());
+        }
       } else {
+        prepare(s, b, g.pf, n);
         k->sim_argmax(s.a.data(), c, 0, g.na_pad, s.bp.data(), g.nb, s.best.data(), s.arg.data());
       }
     }
