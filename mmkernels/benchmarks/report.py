@@ -23,14 +23,24 @@ GATES_FILE = Path(__file__).with_name("gates.toml")
 
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
+    family = model = None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name":
+                    cpu = value
+                elif key == "cpu family":
+                    family = value
+                elif key == "model":
+                    model = value
+                elif not key and family is not None:
+                    break  # the first processor's block is enough
     except OSError:
         pass
+    if family is not None:  # "AMD EPYC" alone does not tell Zen 4 (family 25) from Zen 5 (26)
+        cpu += f" (family {family} model {model})"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"ISA {_cpu_isa()}, CPU class {_cpu_class()}"
