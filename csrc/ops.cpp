@@ -9,12 +9,14 @@
 //                               products into out
 //   mmkernels_C::*cpu_isa       name of the CPU code path each family uses now (MMKERNELS_CPU_ISA
 //                               lowers it)
+//   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/peak.h"
 #include "cpu/qmatmul.h"
 #include "cpu/reduce.h"
 
@@ -27,6 +29,16 @@ std::string isa_op() {
   const char* name = Fn(&err);
   TORCH_CHECK(err == nullptr, err ? err : "");
   return name;
+}
+
+// The machine's float32 FMA peak (GFLOP/s, all OpenMP threads) on the path MMKERNELS_CPU_ISA
+// allows.
+double fma_peak_op(int64_t iterations, int64_t repeats) {
+  TORCH_CHECK(iterations > 0 && repeats > 0, "fma_peak_gflops: iterations and repeats must be > 0");
+  const char* err = nullptr;
+  const double gflops = mmk::cpu::peak::fma_peak_gflops(iterations, repeats, &err);
+  TORCH_CHECK(err == nullptr, err ? err : "");
+  return gflops;
 }
 
 }  // namespace
@@ -59,6 +71,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
       "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
+  m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -179,7 +179,7 @@ def bench(args) -> int:
         torch.set_num_threads(args.threads)
     print(f"machine: {report.machine_description()}")
     if args.family in ("all", "attention", "quant") and not args.quick:
-        print(f"peak: float32 GEMM {report.measured_peak_gflops():.0f} GFLOP/s (GFLOP/s columns give their fraction)")
+        print(f"peak: {report.peak_description()} (GFLOP/s columns give their fraction)")
     all_results, written = [], []
     for family, make_cases in chosen.items():
         print(f"[{family}]")

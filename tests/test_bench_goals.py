@@ -61,3 +61,26 @@ def test_an_unmet_goal_never_fails_the_run_a_failed_gate_does(tmp_path):
         )
         assert res.returncode == code, res.stdout[-2000:] + res.stderr[-2000:]
         assert "| impossible goal |" in res.stdout and "not met" in res.stdout
+
+
+def test_fma_peak_probe_runs_on_every_isa_path_and_refuses_bad_arguments(monkeypatch):
+    import math
+
+    import pytest
+
+    from mmkernels import _extension
+
+    ops = _extension.CPU.ops("fma_peak_gflops")
+    if ops is None:
+        pytest.skip("mmkernels._C not built")
+    for isa in ("scalar", "avx2", "avx512"):
+        monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
+        try:
+            value = ops.fma_peak_gflops(1000, 1)
+        except RuntimeError as exc:  # a path this CPU cannot run: named in the error
+            assert isa in str(exc)
+            continue
+        assert math.isfinite(value) and value > 0
+    monkeypatch.delenv("MMKERNELS_CPU_ISA")
+    with pytest.raises(RuntimeError, match="iterations and repeats must be > 0"):
+        ops.fma_peak_gflops(0, 1)

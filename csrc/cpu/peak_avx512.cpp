@@ -1,0 +1,33 @@
+// AVX512 FMA peak loop: peak_kernel.h over the AVX512 vector traits (compiled for AVX512 by
+// MMK_TARGET_AVX512, cpu_features.h; chosen at run time). No torch headers.
+#include "cpu/cpu_features.h"
+#include "cpu/peak.h"
+
+#ifdef MMK_X86
+#include <immintrin.h>
+
+#include <cstdint>
+
+MMK_TARGET_AVX512
+#include "cpu/peak_kernel.h"
+#include "cpu/vec_avx512.h"
+
+namespace mmk {
+namespace cpu {
+namespace peak {
+
+FmaLoop fma_loop_avx512() { return &FmaKernel<V512>::loop; }
+
+}  // namespace peak
+}  // namespace cpu
+}  // namespace mmk
+
+#else  // not x86
+namespace mmk {
+namespace cpu {
+namespace peak {
+FmaLoop fma_loop_avx512() { return nullptr; }
+}  // namespace peak
+}  // namespace cpu
+}  // namespace mmk
+#endif
