@@ -72,6 +72,25 @@ class Extension:
             raise RuntimeError(f"{self.module} is not available: {why}")
         return self._ops
 
+    def family_accessors(self, module_name: str, required: str, isa_op: str):
+        """``(is_available, __getattr__, cpu_isa)`` for a family's glue module ``module_name``:
+        whether ``required`` is registered, a module ``__getattr__`` giving ``LOAD_ERROR`` (why the
+        extension is unavailable, "" when it loads), and the name of the code path the family's
+        kernels use now (the ``isa_op`` op: "avx512_bf16", "avx512", "avx2" or "scalar")."""
+
+        def is_available() -> bool:
+            return self.availability(required)[0]
+
+        def module_getattr(name: str):
+            if name == "LOAD_ERROR":
+                return self.availability(required)[1]
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+        def cpu_isa() -> str:
+            return getattr(self.require(required), isa_op)()
+
+        return is_available, module_getattr, cpu_isa
+
 
 CPU = Extension("mmkernels._C", "mmkernels_C")
 CUDA = Extension("mmkernels._cuda", "mmkernels_cuda")

@@ -10,7 +10,7 @@ from pathlib import Path
 def cpu_isa() -> str:
     from .attention import cpu
 
-    return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
+    return cpu.cpu_isa_or_reason()
 
 
 _INFO_COLUMNS = ("backend", "ok", "devices", "dtypes", "head dims", "features")

@@ -20,20 +20,13 @@ from .._extension import CPU as _EXT
 REQUIRED_OP = "attention_fwd"
 
 
-def is_available() -> bool:
-    """True when the compiled extension imports and registers the attention kernel."""
-    return _EXT.availability(REQUIRED_OP)[0]
+# is_available(), LOAD_ERROR (module attribute) and cpu_isa(), as for every family's glue.
+is_available, __getattr__, cpu_isa = _EXT.family_accessors(__name__, REQUIRED_OP, "cpu_isa")
 
 
-def __getattr__(name: str):
-    if name == "LOAD_ERROR":  # why the extension is unavailable ("" when it loads)
-        return _EXT.availability(REQUIRED_OP)[1]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def cpu_isa() -> str:
-    """The CPU code path the kernel uses now: "avx512_bf16", "avx512", "avx2" or "scalar"."""
-    return _EXT.require(REQUIRED_OP).cpu_isa()
+def cpu_isa_or_reason() -> str:
+    """:func:`cpu_isa`, or why there is none (for ``mmkernels info`` and the bench's machine line)."""
+    return cpu_isa() if is_available() else "n/a (extension not built)"
 
 
 def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

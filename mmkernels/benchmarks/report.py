@@ -48,10 +48,10 @@ def machine_description() -> str:
 
 
 def _cpu_isa() -> str:
-    # The op layer's answer, not the CLI's: cli imports this module, never the reverse.
+    # The op layer's answer, as `mmkernels info` gives it (cli imports this module, never the reverse).
     from ..attention import cpu
 
-    return cpu.cpu_isa() if cpu.is_available() else "n/a (extension not built)"
+    return cpu.cpu_isa_or_reason()
 
 
 def _cpu_class() -> str:

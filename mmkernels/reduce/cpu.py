@@ -27,20 +27,8 @@ from .._extension import CPU as _EXT
 REQUIRED_OP = "reduce_tome_plan"
 
 
-def is_available() -> bool:
-    """True when the compiled extension imports and registers the reduce ops."""
-    return _EXT.availability(REQUIRED_OP)[0]
-
-
-def __getattr__(name: str):
-    if name == "LOAD_ERROR":  # why the extension is unavailable ("" when it loads)
-        return _EXT.availability(REQUIRED_OP)[1]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def cpu_isa() -> str:
-    """The code path the reduce kernels use now: "avx512", "avx2" or "scalar"."""
-    return _EXT.require(REQUIRED_OP).reduce_cpu_isa()
+# is_available(), LOAD_ERROR (module attribute) and cpu_isa(), as for every family's glue.
+is_available, __getattr__, cpu_isa = _EXT.family_accessors(__name__, REQUIRED_OP, "reduce_cpu_isa")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
