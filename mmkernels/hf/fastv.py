@@ -286,15 +286,11 @@ def apply_fastv(model: nn.Module, spec: Dict[str, Any], record) -> None:
     attention is not patched, and bad spec values."""
     from .core import Row, bind_forward
     from .families import llava
+    from .reduction import _vision_language_model
 
     inner = llava._llava_inner(model)
     if inner is None:
-        has_images = any(
-            getattr(getattr(m, "config", None), name, None) is not None
-            for m in model.modules()
-            for name in ("image_token_id", "image_token_index")
-        )
-        if not has_images:
+        if _vision_language_model(model) is None:
             raise ValueError(
                 f"reduce method 'fastv' prunes image tokens inside a vision-language "
                 f"model's language model; {type(model).__name__} has no image tokens "
@@ -316,16 +312,13 @@ def apply_fastv(model: nn.Module, spec: Dict[str, Any], record) -> None:
             f"fastv: the attention of {type(lm).__name__}'s decoder layers is not "
             "routed through mmkernels' attention, which gives the last-query scores"
         )
-    config = inner.config
-    image_token = getattr(config, "image_token_id", None)
-    if image_token is None:
-        image_token = config.image_token_index
+    image_token = llava.image_token_id(inner.config)
     run = _Run(cut, float(checked["keep"]))
     bind_forward(layers[cut - 1], _ranking_forward(run, states[cut - 1]), record)
     for layer in layers[cut:]:
         bind_forward(layer, _pruned_forward(run), record)
     bind_forward(lm, _language_model_forward(run), record)
-    bind_forward(inner, _vlm_forward(run, int(image_token)), record)
+    bind_forward(inner, _vlm_forward(run, image_token), record)
     if model is not inner:
         bind_forward(model, _top_forward(model), record)
     record.report.fastv = run

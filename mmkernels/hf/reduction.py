@@ -38,6 +38,7 @@ no attention maps): such a call runs the encoder **unreduced** (HF's own layer f
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import warnings
@@ -310,14 +311,22 @@ def _takes_mask(cls: type) -> bool:
     return "attention_mask" in inspect.signature(cls.forward).parameters
 
 
-def _attentions_recorded() -> bool:
-    """Whether the running model call records attention maps (``output_attentions=True``):
-    transformers 5.x collects them with hooks and does not always pass the flag down to layers."""
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    """transformers' output collector (None in releases without it), imported once: every reduced
+    layer call asks it."""
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:
-        return False
-    collected = _active_collector.get()
+        return None
+    return _active_collector
+
+
+def _attentions_recorded() -> bool:
+    """Whether the running model call records attention maps (``output_attentions=True``):
+    transformers 5.x collects them with hooks and does not always pass the flag down to layers."""
+    collector = _output_collector()
+    collected = None if collector is None else collector.get()
     return bool(collected) and "attentions" in collected
 
 

@@ -32,6 +32,13 @@ def _llava_inner(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def image_token_id(config) -> int:
+    """The image placeholder token of a LLaVA config (``image_token_id``; older configs name it
+    ``image_token_index``)."""
+    token = getattr(config, "image_token_id", None)
+    return int(config.image_token_index if token is None else token)
+
+
 def is_llava(model: nn.Module) -> bool:
     return _llava_inner(model) is not None
 
@@ -183,9 +190,7 @@ def reduce_llava(model: nn.Module, spec: dict, record, reduce_encoders) -> None:
     n, k = n_in - drop, k_tokens - drop
     if k <= 0:
         raise ValueError(f"reduce on LLaVA leaves {k} image tokens per image")
-    image_token = getattr(config, "image_token_id", None)
-    if image_token is None:
-        image_token = config.image_token_index
+    image_token = image_token_id(config)
     pad = getattr(config.text_config, "pad_token_id", None) or 0
     compactor = PromptCompactor(image_token, n, k, pad)
     bind_forward(inner, _forward(compactor), record)
