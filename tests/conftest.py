@@ -69,3 +69,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cpu_class(monkeypatch):
+    """``cpu_class(name)`` makes this process's CPU class ``name`` ("amx", "avx512", ...) for the
+    test, with the selection cache cleared (the torch backend's auto-selection rule follows it)."""
+    from mmkernels import _dispatch, _extension
+
+    def set_class(name):
+        monkeypatch.setattr(_extension, "_CPU_CLASS", name)
+        _dispatch.clear_selection_cache()
+
+    yield set_class
+    _dispatch.clear_selection_cache()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _dispatch, _extension
+from mmkernels import _dispatch
 from mmkernels.attention.api import AttentionCall
 from oracle import assert_matches_oracle
 
@@ -150,16 +150,6 @@ def _call(dtype="float32", **kw):
     )
     fields.update(kw)
     return AttentionCall(**fields)
-
-
-@pytest.fixture
-def cpu_class(monkeypatch):
-    def set_class(name):
-        monkeypatch.setattr(_extension, "_CPU_CLASS", name)
-        _dispatch.clear_selection_cache()
-
-    yield set_class
-    _dispatch.clear_selection_cache()
 
 
 CPU_OK = {b.name: b for b in _dispatch.backends_for("attention")}["cpu"].availability()[0]

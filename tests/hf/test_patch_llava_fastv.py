@@ -37,15 +37,6 @@ def llava3():
     return _build(3)
 
 
-def _alone(inputs, i):
-    keep = inputs["attention_mask"][i].bool()
-    return {
-        "input_ids": inputs["input_ids"][i : i + 1, keep],
-        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
-        "pixel_values": inputs["pixel_values"][i : i + 1],
-    }
-
-
 def _embeds(model, inputs):
     """The language model's ``inputs_embeds`` (image features merged), from the unpatched model."""
     captured = {}
@@ -110,7 +101,7 @@ def fastv_oracle(model, embeds, image_mask, prompt_len, cut, keep_ratio):
 @torch.no_grad()
 def test_prefill_and_one_decode_step_match_the_oracle(llava3, cut, keep_ratio):
     model, case = llava3
-    inputs = _alone(case.make_inputs(batch=1, lengths=(5,)), 0)
+    inputs = tiny_models.llava_row_alone(case.make_inputs(batch=1, lengths=(5,)), 0)
     image_mask = inputs["input_ids"] == IMAGE_TOKEN
     prompt_len = inputs["input_ids"].shape[1]
     embeds = _embeds(model, inputs)
@@ -160,7 +151,7 @@ def test_generate_batch_with_padding_equals_rows_alone(llava3):
         assert got.shape == (2, prompt + 5)
         assert torch.equal(got[:, :prompt], inputs["input_ids"])
         for i in range(2):
-            alone = model.generate(**_alone(inputs, i), **GEN)
+            alone = model.generate(**tiny_models.llava_row_alone(inputs, i), **GEN)
             assert torch.equal(alone[0, -5:], got[i, -5:])
         sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, pad_token_id=0)
         assert sampled.shape == (2, prompt + 3)
@@ -172,7 +163,7 @@ def test_generate_batch_with_padding_equals_rows_alone(llava3):
 @torch.no_grad()
 def test_language_model_called_directly_with_an_image_mask(llava3):
     model, case = llava3
-    inputs = _alone(case.make_inputs(batch=1, lengths=(4,)), 0)
+    inputs = tiny_models.llava_row_alone(case.make_inputs(batch=1, lengths=(4,)), 0)
     embeds = _embeds(model, inputs)
     image_mask = inputs["input_ids"] == IMAGE_TOKEN
     with mmkernels.patched(model, reduce={"method": "fastv", "layer": 1, "keep": 0.5}):

@@ -20,15 +20,6 @@ def llava():
     return model, case.make_inputs()
 
 
-def _alone(inputs, i):
-    keep = inputs["attention_mask"][i].bool()
-    return {
-        "input_ids": inputs["input_ids"][i : i + 1, keep],
-        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
-        "pixel_values": inputs["pixel_values"][i : i + 1],
-    }
-
-
 @torch.no_grad()
 def test_identity_reduction_generates_the_same_tokens(llava):
     model, inputs = llava
@@ -56,7 +47,7 @@ def test_visionzip_compacts_the_prompt_and_generates(llava):
         assert got.shape == (2, prompt + 5)
         assert torch.equal(got[:, :prompt], inputs["input_ids"])  # the caller's prompt back
         for i in range(2):  # a row alone == in the batch
-            alone = model.generate(**_alone(inputs, i), **GEN)
+            alone = model.generate(**tiny_models.llava_row_alone(inputs, i), **GEN)
             assert torch.equal(alone[0, -5:], got[i, -5:])
         logits = model(**inputs).logits
         assert logits.shape[1] == seen[0][1]

@@ -251,6 +251,17 @@ def llava(text_layers: int = 2):
     )
 
 
+def llava_row_alone(inputs, i):
+    """Row ``i`` of a padded LLaVA batch (from ``llava().make_inputs``) as a batch of one, its
+    padding removed."""
+    keep = inputs["attention_mask"][i].bool()
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": inputs["attention_mask"][i : i + 1, keep],
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+    }
+
+
 def qwen2_vl_vision():
     cfg = tf.Qwen2VLConfig(
         vision_config=dict(

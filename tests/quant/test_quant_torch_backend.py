@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import _dispatch, _extension
+from mmkernels import _dispatch
 from mmkernels.quant import reference as R
 from mmkernels.quant.api import QMatmulCall
 from mmkernels.quant.quantize import quantize_weight
@@ -66,16 +66,6 @@ def test_refuses_what_it_does_not_serve():
     qw = quantize_weight(torch.randn(8, 64), 8)
     with pytest.raises(_dispatch.NoBackendError, match="weight-only calls are not served"):
         mmkernels.qmatmul(torch.randn(2, 64), qw, backend="torch")
-
-
-@pytest.fixture
-def cpu_class(monkeypatch):
-    def set_class(name):
-        monkeypatch.setattr(_extension, "_CPU_CLASS", name)
-        _dispatch.clear_selection_cache()
-
-    yield set_class
-    _dispatch.clear_selection_cache()
 
 
 @pytest.mark.skipif(not BACKENDS["cpu"].availability()[0], reason="the rule compares with the cpu backend")
