@@ -76,7 +76,8 @@ class Extension:
         """``(is_available, __getattr__, cpu_isa)`` for a family's glue module ``module_name``:
         whether ``required`` is registered, a module ``__getattr__`` giving ``LOAD_ERROR`` (why the
         extension is unavailable, "" when it loads), and the name of the code path the family's
-        kernels use now (the ``isa_op`` op: "avx512_bf16", "avx512", "avx2" or "scalar")."""
+        kernels use now (the ``isa_op`` op: "amx", "avx512_bf16", "avx512", "avx2", "scalar", or
+        "amx_emulated" when forced)."""
 
         def is_available() -> bool:
             return self.availability(required)[0]

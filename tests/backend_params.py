@@ -2,6 +2,7 @@
 ``backend`` fixture; importable by a test that parametrises by hand, e.g. a hypothesis test)."""
 
 import importlib
+import os
 from typing import List, NamedTuple, Optional
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from mmkernels import _dispatch
 
-ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16"]
+ISA_ORDER = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
 
 # The op whose registered backends a family's ``backend`` fixture follows (by the test file's folder,
 # tests/<family>/); a test module may name another op with ``BACKEND_OP = "..."``.
@@ -33,10 +34,34 @@ def _device(b) -> str:
     return "cpu"  # triton without a GPU: the interpreter
 
 
+# Families with AMX kernels: on a CPU that runs avx512_bf16, their tests also run those kernels
+# over emulated tiles (MMKERNELS_CPU_ISA=amx_emulated, csrc/cpu/tile_emu.h), so that the AMX code
+# is tested on machines without AMX too; the real tiles run where the CPU has them ("amx").
+AMX_FAMILIES = ("attention", "quant")
+
+
 def cpu_isa_paths(family: str) -> List[str]:
-    """The ISA paths of ``mmkernels.<family>.cpu`` this CPU can run, lowest first."""
+    """The ISA paths of ``mmkernels.<family>.cpu`` this CPU can run, lowest first (then
+    "amx_emulated" for the families with AMX kernels, where the CPU can run it)."""
     cpu = importlib.import_module(f"mmkernels.{family}.cpu")
-    return ISA_ORDER[: ISA_ORDER.index(cpu.cpu_isa()) + 1]
+    paths = ISA_ORDER[: ISA_ORDER.index(cpu.cpu_isa()) + 1]
+    if family in AMX_FAMILIES and "avx512_bf16" in paths and _runs_amx_emulated(cpu):
+        paths.append("amx_emulated")
+    return paths
+
+
+def _runs_amx_emulated(cpu) -> bool:
+    old = os.environ.get("MMKERNELS_CPU_ISA")
+    os.environ["MMKERNELS_CPU_ISA"] = "amx_emulated"
+    try:
+        return cpu.cpu_isa() == "amx_emulated"
+    except RuntimeError:  # no AVX-512 VNNI
+        return False
+    finally:
+        if old is None:
+            del os.environ["MMKERNELS_CPU_ISA"]
+        else:
+            os.environ["MMKERNELS_CPU_ISA"] = old
 
 
 def backend_cases(op: str, isa_family: Optional[str] = None) -> list:

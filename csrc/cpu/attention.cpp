@@ -28,6 +28,12 @@ int64_t round_up64(int64_t a, int64_t b) { return ceil_div64(a, b) * b; }
 
 const AttnImpl* impl_for(Isa isa, int dtype) {
   switch (isa) {
+    case Isa::AmxEmulated:
+    case Isa::Amx:         {
+      // AMX tiles serve bf16; every other dtype runs the AVX-512 kernels.
+      const AttnImpl* amx = isa == Isa::Amx ? attn_impl_amx(dtype) : attn_impl_amx_emulated(dtype);
+      return amx ? amx : attn_impl_avx512(dtype, true);
+    }
     case Isa::Avx512Bf16: return attn_impl_avx512(dtype, true);
     case Isa::Avx512:     return attn_impl_avx512(dtype, false);
     case Isa::Avx2:       return attn_impl_avx2(dtype);

@@ -105,12 +105,16 @@ struct AttnImpl {
 const AttnImpl* attn_impl_scalar(int dtype);
 const AttnImpl* attn_impl_avx2(int dtype);
 const AttnImpl* attn_impl_avx512(int dtype, bool bf16_dot);
+// AMX tiles (attention_amx.cpp) and the same kernel over emulated tiles (attention_amx_emu.cpp,
+// tile_emu.h); nullptr for dtypes they do not serve (the AVX-512 kernels run those).
+const AttnImpl* attn_impl_amx(int dtype);
+const AttnImpl* attn_impl_amx_emulated(int dtype);
 
 // Runs the op. Returns nullptr on success, else a static error message.
 const char* attention_forward_cpu(const AttnParams& p);
 
-// Name of the path a call with this dtype would use now ("avx512_bf16", "avx512", "avx2",
-// "scalar"); sets *error if MMKERNELS_CPU_ISA is invalid.
+// Name of the path calls use now ("amx", "avx512_bf16", "avx512", "avx2", "scalar",
+// "amx_emulated"); sets *error if MMKERNELS_CPU_ISA is invalid.
 const char* attention_cpu_isa(const char** error);
 
 }  // namespace cpu

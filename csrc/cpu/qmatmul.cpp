@@ -46,6 +46,12 @@ const QmmImpl* qmm_impl(const char** error) {
   if (*error != nullptr) return nullptr;
   const QmmImpl* impl = nullptr;
   switch (isa) {
+    case Isa::AmxEmulated:
+    case Isa::Amx:
+      // Both need AVX-512 BF16 and VNNI (cpu_features.cpp), the AVX-512 table's requirements.
+      impl = isa == Isa::Amx ? qmm_impl_amx() : qmm_impl_amx_emulated();
+      if (impl == nullptr) impl = qmm_impl_avx512(true);
+      break;
     case Isa::Avx512Bf16:
     case Isa::Avx512:     {
       const bool bf16 = isa == Isa::Avx512Bf16;

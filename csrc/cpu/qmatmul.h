@@ -160,13 +160,18 @@ struct QmmImpl {
 const QmmImpl* qmm_impl_avx512(bool bf16);  // nullptr when not compiled for x86
 const QmmImpl* qmm_impl_avx2();             // nullptr when not compiled for x86
 const QmmImpl* qmm_impl_scalar();
+// AMX tiles (qmatmul_amx.cpp) and the same kernels over emulated tiles (qmatmul_amx_emu.cpp,
+// tile_emu.h); nullptr when not compiled for x86.
+const QmmImpl* qmm_impl_amx();
+const QmmImpl* qmm_impl_amx_emulated();
 
 // The path to use now (cpu_features.h: CPUID, lowered by MMKERNELS_CPU_ISA); the AVX-512 paths
 // use vpdpbusd for W8A8 when the CPU has AVX512-VNNI, else the AVX2 W8A8 kernel. Sets *error
 // (static string) and returns nullptr when MMKERNELS_CPU_ISA is invalid.
 const QmmImpl* qmm_impl(const char** error);
 
-// Name of that path: "avx512_bf16", "avx512", "avx2" or "scalar" ("" with *error set).
+// Name of that path: "amx", "avx512_bf16", "avx512", "avx2", "scalar" or "amx_emulated" ("" with
+// *error set).
 const char* qmatmul_cpu_isa(const char** error);
 
 // W8A8 per-token scale from the bits of max_k |x[t, k]| taken as an integer max (NaN > inf > every
