@@ -201,12 +201,17 @@ def bench(args) -> int:
     if args.gate:
         ran = {r["case"] for r in all_results}
         gates = report.load_gates(args.gates)
-        verdicts = report.check_gates(all_results, [g for g in gates if g["case"] in ran])
+        here = [g for g in gates if report.gate_applies(g)]
+        verdicts = report.check_gates(all_results, [g for g in here if g["case"] in ran])
         print(report.gates_table(verdicts))
-        skipped = len(gates) - len(verdicts)
+        skipped = len(here) - len(verdicts)
         if skipped:
             print(f"({skipped} gates not checked: their cases were not selected)")
-        goals = report.check_gates(all_results, [g for g in report.load_goals(args.gates) if g["case"] in ran])
+        if len(gates) > len(here):
+            print(f"({len(gates) - len(here)} gates hold on other CPU classes only, not on {report._cpu_class()})")
+        goals = report.check_gates(
+            all_results, [g for g in report.load_goals(args.gates) if g["case"] in ran and report.gate_applies(g)]
+        )
         if goals:
             print()
             print(report.goals_table(goals))

@@ -4,6 +4,8 @@ gates fail it. The float32 scores / key_bias targets are goals (bfloat16 ones st
 import subprocess
 import sys
 
+import pytest
+
 from mmkernels.benchmarks import attention, report
 
 
@@ -84,3 +86,21 @@ def test_fma_peak_probe_runs_on_every_isa_path_and_refuses_bad_arguments(monkeyp
     monkeypatch.delenv("MMKERNELS_CPU_ISA")
     with pytest.raises(RuntimeError, match="iterations and repeats must be > 0"):
         ops.fma_peak_gflops(0, 1)
+
+
+def test_gates_of_another_cpu_class_are_not_checked_here():
+    amx_gate = {"name": "g", "case": "c", "subject": "a", "baseline": "b", "min_speedup": 1, "classes": ["amx"]}
+    assert report.gate_applies(amx_gate, "amx") and not report.gate_applies(amx_gate, "avx512")
+    assert report.gate_applies({k: v for k, v in amx_gate.items() if k != "classes"}, "avx2")
+    with pytest.raises(ValueError, match="unknown CPU classes"):
+        report.gate_applies({**amx_gate, "classes": ["zen4"]}, "avx512")
+
+
+def test_the_amx_class_gates_name_cases_and_contenders_that_exist():
+    """The issue's AMX-class floors: W8A8 M=128 vs torchao compiled (1.2x) and torch bf16 (1.5x),
+    MiniLM W8A8 vs the same HF model in bf16 (1.2x); each names its class in its title."""
+    amx = [g for g in report.load_gates() if g.get("classes")]
+    assert {g["baseline"] for g in amx} == {"torchao_w8a8_compiled", "torch_bf16", "hf_bf16"}
+    assert all(g["classes"] == ["amx"] and "[AMX class]" in g["name"] for g in amx)
+    for g in amx:
+        report.gate_applies(g, "avx512")  # known classes only

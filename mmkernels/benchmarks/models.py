@@ -329,10 +329,12 @@ def minilm_case(quick: bool = False) -> List[Case]:
         "mmkernels": "patch(model)",
         "w8a8": f"patch(model, quantize={MINILM_W8A8})",
         "w8a8_outlier": f"patch(model, quantize={MINILM_W8A8_OUTLIER})",
+        "hf_bf16": "unpatched, attn_implementation='sdpa', cast to bfloat16 (oneDNN uses AMX tiles where present)",
     }
     patch = _Patched()
     models = {
         BASELINE: base,
+        "hf_bf16": copy.deepcopy(base).to(torch.bfloat16),
         "mmkernels": patch("mmkernels", base),
         "w8a8": patch("w8a8", base, quantize=MINILM_W8A8, calib_data=calib),
         "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER, calib_data=calib),

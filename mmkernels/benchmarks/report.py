@@ -143,6 +143,25 @@ def load_goals(path: Optional[Path] = None) -> List[Dict]:
         return tomllib.load(f).get("goal", [])
 
 
+def gate_applies(gate: Dict, cpu_class: Optional[str] = None) -> bool:
+    """Whether a gate / goal holds on this machine's CPU class: entries with ``classes = [...]``
+    (e.g. ``["amx"]``: Intel Xeon with AMX tiles) hold only there; entries without hold on every
+    class. ``cpu_class``: default :func:`mmkernels._extension.cpu_class`."""
+    classes = gate.get("classes")
+    if not classes:
+        return True
+    unknown = set(classes) - set(_extension_classes())
+    if unknown:
+        raise ValueError(f"gate {gate['name']!r}: unknown CPU classes {sorted(unknown)}")
+    return (cpu_class or _cpu_class()) in classes
+
+
+def _extension_classes():
+    from .. import _extension
+
+    return _extension.CPU_CLASSES
+
+
 def _ratio(row: Dict, num: str, den: str) -> float:
     """time(num) / time(den) for one case: paired over rounds when the samples are recorded
     (see timing.paired_ratio), else the ratio of the medians."""
@@ -301,6 +320,8 @@ def _speed_gates(row: Dict, gates: List[Dict]) -> Dict[str, List[Dict]]:
     out: Dict[str, List[Dict]] = {}
     for gate in gates:
         if gate["case"] != row["case"] or gate.get("baseline") != row.get("baseline") or "min_speedup" not in gate:
+            continue
+        if not gate_applies(gate):
             continue
         (verdict,) = check_gates([row], [gate])
         out.setdefault(gate["subject"], []).append(verdict)
