@@ -10,6 +10,7 @@
 //   mmkernels_C::*cpu_isa       name of the CPU code path each family uses now (MMKERNELS_CPU_ISA
 //                               lowers it)
 //   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
+//   mmkernels_C::tile_peak_gops   the AMX tiles' bf16 / int8 peak, measured (AMX CPUs only)
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -39,6 +40,16 @@ double fma_peak_op(int64_t iterations, int64_t repeats) {
   const double gflops = mmk::cpu::peak::fma_peak_gflops(iterations, repeats, &err);
   TORCH_CHECK(err == nullptr, err ? err : "");
   return gflops;
+}
+
+// The AMX tiles' peak (GOP/s, all OpenMP threads): kind 0 bf16, 1 int8; an error off the AMX path.
+double tile_peak_op(int64_t kind, int64_t iterations, int64_t repeats) {
+  TORCH_CHECK(kind == 0 || kind == 1, "tile_peak_gops: kind must be 0 (bf16) or 1 (int8)");
+  TORCH_CHECK(iterations > 0 && repeats > 0, "tile_peak_gops: iterations and repeats must be > 0");
+  const char* err = nullptr;
+  const double gops = mmk::cpu::peak::tile_peak_gops((int)kind, iterations, repeats, &err);
+  TORCH_CHECK(err == nullptr, err ? err : "");
+  return gops;
 }
 
 }  // namespace
@@ -72,6 +83,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
   m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
+  m.def("tile_peak_gops(int kind, int iterations, int repeats) -> float", &tile_peak_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

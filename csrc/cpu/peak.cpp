@@ -9,6 +9,8 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/peak_kernel.h"
+#include "cpu/peak_tile_kernel.h"
+#include "cpu/tile_emu.h"
 #include "cpu/vec_scalar.h"
 
 namespace mmk {
@@ -16,6 +18,31 @@ namespace cpu {
 namespace peak {
 
 FmaLoop fma_loop_scalar() { return &FmaKernel<VScalar>::loop; }
+TileLoop tile_loop_emulated() { return &TileKernel<TileEmu>::loop; }
+
+namespace {
+
+// Every OpenMP thread runs body(sink) at once; best of `repeats` of (operations / s) / 1e9.
+template <class Body>
+double best_rate(int64_t repeats, Body body) {
+  double best = 0.0;
+  for (int64_t r = 0; r < std::max<int64_t>(repeats, 1); ++r) {
+    double ops = 0.0;
+    float sinks[256] = {};
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel reduction(+ : ops)
+    {
+      ops += body(&sinks[omp_get_thread_num() % 256]);
+    }
+    const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+    volatile float keep = sinks[0];
+    (void)keep;
+    best = std::max(best, ops / dt.count() / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
 
 double fma_peak_gflops(int64_t iterations, int64_t repeats, const char** error) {
   *error = nullptr;
@@ -27,21 +54,21 @@ double fma_peak_gflops(int64_t iterations, int64_t repeats, const char** error) 
   } else if (isa >= Isa::Avx2 && fma_loop_avx2() != nullptr) {
     loop = fma_loop_avx2();
   }
-  double best = 0.0;
-  for (int64_t r = 0; r < std::max<int64_t>(repeats, 1); ++r) {
-    double flops = 0.0;
-    float sinks[256] = {};
-    const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel reduction(+ : flops)
-    {
-      flops += loop(iterations, &sinks[omp_get_thread_num() % 256]);
-    }
-    const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
-    volatile float keep = sinks[0];
-    (void)keep;
-    best = std::max(best, flops / dt.count() / 1e9);
+  return best_rate(repeats, [&](float* sink) { return loop(iterations, sink); });
+}
+
+double tile_peak_gops(int kind, int64_t iterations, int64_t repeats, const char** error) {
+  *error = nullptr;
+  const Isa isa = selected_isa(error);
+  if (*error != nullptr) return 0.0;
+  TileLoop loop = nullptr;
+  if (isa == Isa::Amx) loop = tile_loop_amx();
+  if (isa == Isa::AmxEmulated) loop = tile_loop_emulated();
+  if (loop == nullptr) {
+    *error = "tile_peak_gops: the selected CPU path has no AMX tiles (see cpu_isa())";
+    return 0.0;
   }
-  return best;
+  return best_rate(repeats, [&](float* sink) { return loop(kind, iterations, sink); });
 }
 
 }  // namespace peak
