@@ -104,3 +104,35 @@ def test_the_amx_class_gates_name_cases_and_contenders_that_exist():
     assert all(g["classes"] == ["amx"] and "[AMX class]" in g["name"] for g in amx)
     for g in amx:
         report.gate_applies(g, "avx512")  # known classes only
+
+
+def test_fractions_use_the_amx_tile_peaks_for_bf16_and_int8_cases(monkeypatch):
+    monkeypatch.setattr(report, "_PEAK", 100.0)
+    monkeypatch.setattr(report, "_TILE_PEAKS", {"bf16": 1000.0, "int8": 2000.0})
+    assert report.peak_for("vit_b16-bfloat16-scores_cls") == 1000.0
+    assert report.peak_for("qmatmul-w8a8-m128-k4096-n4096") == 2000.0
+    assert report.peak_for("vit_b16-float32") == report.peak_for("qmatmul-int4g128-m1-k4096-n4096") == 100.0
+    monkeypatch.setattr(report, "_TILE_PEAKS", {})  # not the AMX path: the FMA peak for all
+    assert report.peak_for("vit_b16-bfloat16") == 100.0
+
+
+def test_tile_peak_probe_runs_on_the_amx_paths_only(monkeypatch):
+    from mmkernels import _extension
+
+    ops = _extension.CPU.ops("tile_peak_gops")
+    if ops is None:
+        pytest.skip("extension not built")
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", "avx2")
+    with pytest.raises(RuntimeError, match="no AMX tiles"):
+        ops.tile_peak_gops(0, 10, 1)
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", "amx_emulated")
+    try:
+        from mmkernels.attention import cpu
+
+        cpu.cpu_isa()
+    except RuntimeError:
+        pytest.skip("no AVX-512 BF16 / VNNI: amx_emulated cannot run")
+    # Emulated tiles: the figure means nothing, the driver and both loops run.
+    assert ops.tile_peak_gops(0, 5, 1) > 0 and ops.tile_peak_gops(1, 5, 1) > 0
+    with pytest.raises(RuntimeError, match="kind"):
+        ops.tile_peak_gops(2, 5, 1)

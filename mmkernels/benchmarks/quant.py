@@ -165,8 +165,15 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
         contenders,
         error,
         flops=2.0 * m * k * n,
-        meta={"peers_missing": notes},
+        meta={"peers_missing": notes, **({"bytes": _weight_bytes(qw)} if m == 1 else {})},
     )
+
+
+def _weight_bytes(qw) -> int:
+    """Bytes a GEMV must read at least: the stored weight, its scales and zero points (the report
+    gives the case's fraction of the measured memory bandwidth from it)."""
+    parts = (qw.qweight, qw.scales, qw.zeros)
+    return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
 def _no_grad_call(fn, arg):

@@ -83,9 +83,61 @@ def measured_peak_gflops() -> float:
     return _PEAK
 
 
+_TILE_PEAKS: Optional[Dict[str, float]] = None
+_BANDWIDTH: Optional[float] = None
+
+
+def measured_tile_peaks() -> Dict[str, float]:
+    """The AMX tiles' peaks in GOP/s (all threads), measured once per process where the CPU path
+    is "amx": ``{"bf16": tdpbf16ps GFLOP/s, "int8": tdpbusd GOP/s}``; empty elsewhere."""
+    global _TILE_PEAKS
+    if _TILE_PEAKS is None:
+        _TILE_PEAKS = {}
+        from .. import _extension
+
+        ops = _extension.CPU.ops("tile_peak_gops")
+        if ops is not None and _cpu_isa() == "amx":
+            _TILE_PEAKS = {kind: float(ops.tile_peak_gops(i, 2_000_000, 5)) for i, kind in enumerate(("bf16", "int8"))}
+    return _TILE_PEAKS
+
+
+def measured_bandwidth_gbs() -> float:
+    """Memory bandwidth in GB/s, measured once per process: the best of a few copies of 256 MiB
+    (bytes read + bytes written per second, all threads). GEMV cases give their fraction of it."""
+    global _BANDWIDTH
+    if _BANDWIDTH is None:
+        import time
+
+        src = torch.ones(64 << 20)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+        _BANDWIDTH = 2.0 * src.numel() * 4 / best / 1e9
+    return _BANDWIDTH
+
+
+def peak_for(case_id: str) -> float:
+    """The peak a case's GFLOP/s are a fraction of: on the AMX path the tiles' bf16 peak for
+    bfloat16 attention and their int8 peak for W8A8, else the float32 FMA peak."""
+    tiles = measured_tile_peaks() if _PEAK else {}
+    if "bf16" in tiles and "-bfloat16" in case_id:
+        return tiles["bf16"]
+    if "int8" in tiles and "-w8a8-" in case_id:
+        return tiles["int8"]
+    return _PEAK or 0.0
+
+
 def peak_description() -> str:
     peak = measured_peak_gflops()
-    return f"{_PEAK_SOURCE} {peak:.0f} GFLOP/s, this run"
+    text = f"{_PEAK_SOURCE} {peak:.0f} GFLOP/s, this run"
+    tiles = measured_tile_peaks()
+    if tiles:
+        text += f"; AMX tiles bf16 {tiles['bf16']:.0f} GFLOP/s, int8 {tiles['int8']:.0f} GOP/s"
+    return text + f"; memory bandwidth {measured_bandwidth_gbs():.1f} GB/s (copy)"
 
 
 def _gemm_gflops() -> float:
@@ -117,6 +169,7 @@ def run_cases(cases, *, budget_s: float = 2.0, log=print) -> List[Dict]:
             "speedup_vs": {k: paired_ratio(v, samples["mmkernels"]) for k, v in samples.items() if k != "mmkernels"},
             "samples_ms": {k: [t * 1e3 for t in v] for k, v in samples.items()},
             "gflops": case.flops / ours / 1e9 if case.flops else None,
+            "gbs": case.meta["bytes"] / ours / 1e9 if case.meta.get("bytes") else None,
             "max_error": case.error() if case.error else None,
         }
         results.append(row)
@@ -186,8 +239,8 @@ def check_gates(results: List[Dict], gates: List[Dict]) -> List[Dict]:
             value = _ratio(row, gate["subject"], gate["baseline"])
             passed = value <= gate["max_slowdown"]
         verdict = {**gate, "value": value, "passed": passed}
-        if row.get("gflops") and _PEAK:
-            verdict["fraction_of_peak"] = row["gflops"] / _PEAK
+        if row.get("gflops") and peak_for(row["case"]):
+            verdict["fraction_of_peak"] = row["gflops"] / peak_for(row["case"])
         verdicts.append(verdict)
     return verdicts
 
@@ -200,8 +253,10 @@ def markdown_table(results: List[Dict]) -> str:
     for r in results:
         peers = ", ".join(f"{k} {v:.2f}x ({r['times_ms'][k]:.2f} ms)" for k, v in r["speedup_vs"].items())
         gf = f"{r['gflops']:.0f}" if r["gflops"] else "-"
-        if r["gflops"] and _PEAK:
-            gf += f" ({r['gflops'] / _PEAK:.0%})"
+        if r["gflops"] and peak_for(r["case"]):
+            gf += f" ({r['gflops'] / peak_for(r['case']):.0%})"
+        if r.get("gbs") and _BANDWIDTH:
+            gf += f"; {r['gbs']:.0f} GB/s ({r['gbs'] / _BANDWIDTH:.0%} of bw)"
         err = f"{r['max_error']:.1e}" if r["max_error"] is not None else "-"
         lines.append(f"| {r['case']} | {r['times_ms']['mmkernels']:.3f} | {gf} | {peers} | {err} |")
     return "\n".join(lines)
