@@ -155,6 +155,9 @@ struct QmmImpl {
   bool a8_shifted;
   // Bytes per element of aq: 1 (int8 / uint8) or 2 (int16, for vpmaddwd).
   int a8_elem_bytes;
+  // The driver gives gemm_item / a8_item row ranges of a multiple of this many rows (but the last
+  // one): the kernels' row block (6-row register tiles; AMX: 2 tiles of 16 rows).
+  int item_rows;
 };
 
 const QmmImpl* qmm_impl_avx512(bool bf16);  // nullptr when not compiled for x86
