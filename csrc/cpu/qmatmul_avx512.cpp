@@ -330,8 +330,13 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
   void* panel = base;
   float* C = (float*)(base + KC * kStripK * 4);
   const float* sstrip = j.p.sT + strip * kStripK;  // + g * Npad
-  for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
-    const int64_t kc = std::min(KC, j.K - k0);
+  for (int64_t k0 = 0, kc = 0; k0 < j.K; k0 += kc) {
+    kc = std::min(KC, j.K - k0);
+    // bf16 groups: a block holds whole groups, or a part of one group longer than KC (each part
+    // scaled on its own)
+    if (bf16 && j.G > 1)
+      kc = j.gs <= KC ? std::min(j.K - k0, KC / j.gs * j.gs)
+                      : std::min(kc, (k0 / j.gs + 1) * j.gs - k0);
     const int64_t p0 = k0 / 2, p1 = (k0 + kc + 1) / 2;
     if (bf16) {
       decode_panel<true>(j, strip, p0, p1, panel);
@@ -344,7 +349,8 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
         } else {
           for (int64_t g0 = k0; g0 < k0 + kc; g0 += j.gs)
             ukernel_bf16<R>(am + g0, j.lda, (const uint32_t*)panel + (g0 - k0) / 2 * kStripK,
-                            j.gs / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad, g0 == 0);
+                            std::min(j.gs, k0 + kc - g0) / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad,
+                            g0 == 0);
         }
       });
     } else {
