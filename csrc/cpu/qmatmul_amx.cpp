@@ -7,7 +7,7 @@
 
 #ifdef MMK_X86
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: _mm512_slli_epi32 (as qmatmul_avx512.cpp)
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12: _mm512_slli_epi32
 #include <immintrin.h>
 
 #include <algorithm>
