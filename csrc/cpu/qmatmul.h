@@ -1,6 +1,6 @@
 // Quantized matmul on the CPU: the plain-pointer interface between the torch glue
 // (qmatmul_torch.cpp), the ISA choice (qmatmul.cpp) and the kernels of each path
-// (qmatmul_{avx512,avx2,scalar}.cpp). No torch headers here. Semantics:
+// (qmatmul_{amx,amx_emu,avx512,avx2,scalar}.cpp). No torch headers here. Semantics:
 // mmkernels/quant/reference.py.
 //
 // Three kinds of kernels:
@@ -13,6 +13,11 @@
 //             over it.
 //  * a8       W8A8: per-token int8 quantization of x, int32 dot products on a prepacked
 //             VNNI-blocked weight, fused float epilogue.
+// The AMX tables ("amx", "amx_emulated": qmatmul_amx_kernel.h) are the AVX-512 bf16 table with the
+// a8 item on tdpbusd / tdpbssd and the bf16-x gemm item on tdpbf16ps, in blocks of 32 rows x 32
+// channels (2 x 2 tiles of 16 x 16): both prepacked layouts below are already AMX B tiles (16
+// quads / pairs x 16 channels, stride 256 bytes); rows past whole 16-row tiles and fp32 x take the
+// AVX-512 items. Tested over emulated tiles only (no AMX CPU was at hand).
 #pragma once
 
 #include <cstdint>
@@ -155,6 +160,9 @@ struct QmmImpl {
   bool a8_shifted;
   // Bytes per element of aq: 1 (int8 / uint8) or 2 (int16, for vpmaddwd).
   int a8_elem_bytes;
+  // The driver gives gemm_item / a8_item row ranges of a multiple of this many rows (but the last
+  // one): the kernels' row block (6-row register tiles; AMX: 2 tiles of 16 rows).
+  int item_rows;
 };
 
 const QmmImpl* qmm_impl_avx512(bool bf16);  // nullptr when not compiled for x86

@@ -347,8 +347,8 @@ void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   }
 }
 
-const QmmImpl kImpl = {"avx2", rowdot,      false,   gemm_item, gemm_scratch_bytes,
-                       false,  a8_quantize, a8_item, false,     2};
+const QmmImpl kImpl = {"avx2",  rowdot, false, gemm_item, gemm_scratch_bytes, false, a8_quantize,
+                       a8_item, false,  2,     6};
 
 }  // namespace
 

@@ -15,47 +15,12 @@
 #include <type_traits>
 
 MMK_TARGET_AVX512
-#include "cpu/qmatmul_kernel.h"
+#include "cpu/qmatmul_avx512_kernel.h"
 
 namespace mmk {
 namespace cpu {
 namespace qmm {
 namespace {
-
-inline __mmask16 lanes16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
-// fp32 -> bf16 bits with round to nearest even, like torch's .to(torch.bfloat16) (denormals kept;
-// NaN stays a quiet NaN). Integer arithmetic, so it needs no AVX512-BF16.
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-inline __m512 load_x(const void* x, int dtype, int64_t off, __mmask16 m) {
-  return dtype == kF32 ? _mm512_maskz_loadu_ps(m, (const float*)x + off)
-                       : load_bf16((const uint16_t*)x + off, m);
-}
-
-// y[0 .. n) = v (+ bias) in the output dtype.
-inline void store_out(const Out& o, int64_t m, int64_t n0, __m512 v, __mmask16 mask) {
-  if (o.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.bias + n0));
-  if (o.dtype == kF32) {
-    _mm512_mask_storeu_ps((float*)o.y + m * o.ldo + n0, mask, v);
-  } else {
-    _mm256_mask_storeu_epi16((uint16_t*)o.y + m * o.ldo + n0, mask, to_bf16(v));
-  }
-}
 
 // Software prefetch for the row-dot kernels, which stream each weight byte once: the same
 // position PF_BLOCKS row blocks ahead (block = NB rows, `block_bytes` apart), into L2. The
@@ -288,67 +253,12 @@ void rowdot(const RowdotJob& j, int64_t n0, int64_t n1) {
 // =============================================================================================
 
 constexpr int MR = 6;
-constexpr int64_t KC_F32 = 256;   // panel 256 x 64 fp32 = 64 KiB
-constexpr int64_t KC_BF16 = 512;  // panel 256 pairs x 64 x 4 B = 64 KiB
-constexpr int64_t kStripK = kStrip;
+constexpr int64_t KC_F32 = 256;  // panel 256 x 64 fp32 = 64 KiB
 
 int64_t kc_of(const GemmJob& j) { return j.a_dtype == kBF16 ? KC_BF16 : KC_F32; }
 
 int64_t gemm_scratch_bytes(const GemmJob& j, int64_t rows) {
   return kc_of(j) * kStripK * 4 + rows * kStripK * 4 + 64;
-}
-
-// Unsigned values u of pair p for 16 channels (lanes) of column c of the strip: lo = feature 2p,
-// hi = feature 2p + 1.
-inline void load_pair(const GemmJob& j, int64_t strip, int64_t p, int c, __m512i& lo, __m512i& hi) {
-  const int64_t unit = j.bits == 4 ? 1 : 2;
-  const uint8_t* src = j.p.w + ((strip * j.p.P + p) * kStripK + 16 * c) * unit;
-  if (j.bits == 4) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)src));
-    lo = _mm512_and_si512(b, _mm512_set1_epi32(15));
-    hi = _mm512_srli_epi32(b, 4);
-  } else {
-    const __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)src));
-    lo = _mm512_and_si512(d, _mm512_set1_epi32(255));
-    hi = _mm512_srli_epi32(d, 8);
-  }
-}
-
-// Pairs [p0, p1) of the strip (features 2 p0 .. 2 p1) into the panel, group by group.
-template <bool BF16>
-void decode_panel(const GemmJob& j, int64_t strip, int64_t p0, int64_t p1, void* panel) {
-  const int64_t gp = j.gs / 2 > 0 ? j.gs / 2 : 1;  // pairs per group (gs is even unless G == 1)
-  const int64_t col0 = strip * kStripK;
-  for (int64_t pa = p0; pa < p1;) {
-    const int64_t g = j.G == 1 ? 0 : pa / gp;
-    const int64_t pb = j.G == 1 ? p1 : std::min(p1, (g + 1) * gp);
-    __m512 sv[4];
-    __m512i zv[4];
-    for (int c = 0; c < 4; ++c) {
-      sv[c] = _mm512_loadu_ps(j.p.sT + g * j.p.Npad + col0 + 16 * c);
-      zv[c] = _mm512_loadu_si512(j.p.zT + g * j.p.Npad + col0 + 16 * c);
-    }
-    for (int64_t p = pa; p < pb; ++p) {
-      for (int c = 0; c < 4; ++c) {
-        __m512i lo, hi;
-        load_pair(j, strip, p, c, lo, hi);
-        const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv[c]));
-        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c]));
-        if (BF16) {
-          // bf16(lo) in the low half of the lane, bf16(hi) in the high half (exact: integers)
-          const __m512i pair = _mm512_or_si512(
-              _mm512_srli_epi32(_mm512_castps_si512(flo), 16),
-              _mm512_and_si512(_mm512_castps_si512(fhi), _mm512_set1_epi32((int)0xffff0000u)));
-          _mm512_storeu_si512((uint32_t*)panel + (p - p0) * kStripK + 16 * c, pair);
-        } else {
-          float* dst = (float*)panel + 2 * (p - p0) * kStripK + 16 * c;
-          _mm512_storeu_ps(dst, _mm512_mul_ps(flo, sv[c]));
-          _mm512_storeu_ps(dst + kStripK, _mm512_mul_ps(fhi, sv[c]));
-        }
-      }
-    }
-    pa = pb;
-  }
 }
 
 // C[R][64] (+)= A[R][0 .. kc) . panel[kc][64], fp32.
@@ -420,8 +330,13 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
   void* panel = base;
   float* C = (float*)(base + KC * kStripK * 4);
   const float* sstrip = j.p.sT + strip * kStripK;  // + g * Npad
-  for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
-    const int64_t kc = std::min(KC, j.K - k0);
+  for (int64_t k0 = 0, kc = 0; k0 < j.K; k0 += kc) {
+    kc = std::min(KC, j.K - k0);
+    // bf16 groups: a block holds whole groups, or a part of one group longer than KC (each part
+    // scaled on its own)
+    if (bf16 && j.G > 1)
+      kc = j.gs <= KC ? std::min(j.K - k0, KC / j.gs * j.gs)
+                      : std::min(kc, (k0 / j.gs + 1) * j.gs - k0);
     const int64_t p0 = k0 / 2, p1 = (k0 + kc + 1) / 2;
     if (bf16) {
       decode_panel<true>(j, strip, p0, p1, panel);
@@ -434,7 +349,8 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
         } else {
           for (int64_t g0 = k0; g0 < k0 + kc; g0 += j.gs)
             ukernel_bf16<R>(am + g0, j.lda, (const uint32_t*)panel + (g0 - k0) / 2 * kStripK,
-                            j.gs / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad, g0 == 0);
+                            std::min(j.gs, k0 + kc - g0) / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad,
+                            g0 == 0);
         }
       });
     } else {
@@ -446,16 +362,7 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
       });
     }
   }
-  const int64_t n0 = strip * kStripK;
-  const bool scale_out = bf16 && j.G == 1;  // per-channel bf16 path: scale in the epilogue
-  for (int64_t m = m0; m < m1; ++m)
-    for (int c = 0; c < 4; ++c) {
-      const int64_t n = n0 + 16 * c;
-      if (n >= j.N) break;
-      __m512 v = _mm512_loadu_ps(C + (m - m0) * kStripK + 16 * c);
-      if (scale_out) v = _mm512_mul_ps(v, _mm512_loadu_ps(j.p.sT + n));
-      store_out(j.out, m, n, v, lanes16(j.N - n));
-    }
+  gemm_store(j, m0, m1, strip, C, bf16 && j.G == 1);  // per-channel bf16: scale here
 }
 
 // =============================================================================================
@@ -554,14 +461,8 @@ void a8_tile(const A8Job& j, int64_t m, int64_t strip) {
     const __m512i rs = _mm512_set1_epi32(j.rowsum[m + r]);
     const __m512 sx = _mm512_set1_ps(j.sx[m + r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const __m512i exact =
-          _mm512_sub_epi32(acc[r][c], SYM ? corr[c] : _mm512_mullo_epi32(corr[c], rs));
-      // (acc * s_x) * s_w + bias, rounded step by step like the reference: no FMA (the build is
-      // ISO C++17, so GCC does not contract; tests check the result bit for bit)
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), sx), sw[c]);
-      store_out(j.out, m + r, n0 + 16 * c, y, lanes16(j.N - n0 - 16 * c));
-    }
+    for (int c = 0; c < 4; ++c)
+      a8_store16<SYM>(j, m + r, n0 + 16 * c, acc[r][c], corr[c], rs, sx, sw[c]);
   }
 }
 
@@ -574,10 +475,11 @@ void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   });
 }
 
-const QmmImpl kImplBf16 = {"avx512_bf16", rowdot,      true,    gemm_item, gemm_scratch_bytes,
-                           true,          a8_quantize, a8_item, true,      1};
-const QmmImpl kImpl = {"avx512", rowdot,      true,    gemm_item, gemm_scratch_bytes,
-                       false,    a8_quantize, a8_item, true,      1};
+const QmmImpl kImplBf16 = {
+    "avx512_bf16", rowdot, true, gemm_item, gemm_scratch_bytes, true, a8_quantize,
+    a8_item,       true,   1,    6};
+const QmmImpl kImpl = {"avx512", rowdot, true, gemm_item, gemm_scratch_bytes, false, a8_quantize,
+                       a8_item,  true,   1,    6};
 
 }  // namespace
 

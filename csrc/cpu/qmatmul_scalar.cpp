@@ -122,8 +122,8 @@ void a8_item_scalar(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   }
 }
 
-const QmmImpl kImpl = {"scalar", rowdot_scalar,      false,          nullptr, nullptr,
-                       false,    a8_quantize_scalar, a8_item_scalar, false,   1};
+const QmmImpl kImpl = {"scalar",           rowdot_scalar,  false, nullptr, nullptr, false,
+                       a8_quantize_scalar, a8_item_scalar, false, 1,       6};
 
 }  // namespace
 

@@ -72,14 +72,15 @@ int num_threads(int64_t work_items) {
   return nt;
 }
 
-// Rows of one GEMM work item (a multiple of the 6-row register tile): up to max_rows, so that a
-// decoded / packed weight strip is reused for many rows, but small enough that M's row blocks
-// times the S column strips give every thread at least two items. Sets *mblocks.
-int64_t rows_per_item(int64_t M, int64_t S, int64_t max_rows, int64_t* mblocks) {
+// Rows of one GEMM work item (a multiple of the kernels' row block `rb`, QmmImpl::item_rows): up
+// to max_rows (a multiple of rb), so that a decoded / packed weight strip is reused for many rows,
+// but small enough that M's row blocks times the S column strips give every thread at least two
+// items. Sets *mblocks.
+int64_t rows_per_item(int64_t M, int64_t S, int64_t max_rows, int64_t rb, int64_t* mblocks) {
   const int nt_max = std::max(1, at::get_num_threads());
   int64_t mb = ceil_div(M, max_rows);
-  if (mb * S < 2 * nt_max) mb = std::min(ceil_div(M, 6), ceil_div(2 * nt_max, S));
-  const int64_t rows = ceil_div(ceil_div(M, mb), 6) * 6;
+  if (mb * S < 2 * nt_max) mb = std::min(ceil_div(M, rb), ceil_div(2 * nt_max, S));
+  const int64_t rows = ceil_div(ceil_div(M, mb), rb) * rb;
   *mblocks = ceil_div(M, rows);
   return rows;
 }
@@ -333,7 +334,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     j.out = o;
     const int64_t S = j.p.Npad / kStrip;
     int64_t mblocks = 0;
-    const int64_t rows = rows_per_item(M, S, 192, &mblocks);
+    const int64_t rows = rows_per_item(M, S, 192, impl->item_rows, &mblocks);
     const int64_t items = mblocks * S;
     const int nt = num_threads(items);
 
@@ -463,7 +464,7 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
 
   const int64_t S = j.p.Npad / kStrip;
   int64_t mblocks = 0;
-  const int64_t rows = rows_per_item(M, S, 96, &mblocks);
+  const int64_t rows = rows_per_item(M, S, 96, impl->item_rows, &mblocks);
   const int64_t items = mblocks * S;
   const int nt = num_threads(std::max<int64_t>(1, std::min<int64_t>(items, M * N * K >> 16)));
 #pragma omp parallel num_threads(nt)
