@@ -85,7 +85,7 @@ constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
 // What one ISA path provides.
 struct AttnImpl {
   const char* name;
-  int W;           // key panel width (lanes)
+  int W;           // key panel width (lanes); packs are sized for keys and Dv padded to it
   int elem_bytes;  // bytes per packed K/V element (4 float, 2 bf16 pairs)
   int row_tile;    // preferred query-row multiple for blocks
   // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
@@ -99,6 +99,8 @@ struct AttnImpl {
   // (docs/nan_semantics.md). Nothing is scanned on the fast path.
   bool (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
               const void* vp, const AttnScratch& sc, bool v_sanitized);
+  // K panels and the Qf scratch hold D rounded up to this (zero-padded dims; AMX: 32).
+  int d_align = 1;
 };
 
 // Implementations available in this build; nullptr if the path does not support the dtype.
