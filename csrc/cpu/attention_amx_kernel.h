@@ -12,8 +12,9 @@
 // S = Q.K^T: C tiles 0-3 = 2 row tiles x 2 key panels, A tiles 4-5 = Q rows (32 dims), B tiles
 // 6-7 = K panels (32 dims); 1x2 / 2x1 / 1x1 at the edges; C goes to the S scratch and the S
 // epilogue of MicroBf16Dot follows (S = acc * scale2 + colb, -inf where colb is -inf).
-// P.V: O *= alpha in fp32 (skipped when no row's max moved), then C tiles 0-3 = 2 row tiles x 2
-// tiles of 16 output columns loaded from O, A tiles 4-5 = P rows (32 keys), B tiles 6-7 = V pair
+// P.V: O *= alpha in fp32, then C tiles 0-3 = 2 row tiles x 2 tiles of 16 output columns loaded
+// from O (on an item's first block, O is zero: the C tiles start at zero, no rescale; later blocks
+// skip the rescale when every alpha is 1), A tiles 4-5 = P rows (32 keys), B tiles 6-7 = V pair
 // rows (32 keys x 16 columns), stored back to O. Tiles are configured at the start of s_block
 // and pv_block and released at their end.
 // Include only from an AMX / AVX-512 translation unit after its MMK_TARGET_* pragma.
@@ -54,8 +55,17 @@ struct MicroAmxBf16 {
     return n <= 0 ? (__mmask32)0 : n >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << n) - 1u);
   }
 
+  // True from prepare_q (called once per item, before its blocks) until the item's first
+  // pv_block: O is still the zero AttnKernel wrote, so that block starts its C tiles at zero
+  // instead of rescaling O and loading it.
+  static bool& first_block() {
+    static thread_local bool first = false;
+    return first;
+  }
+
   static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
                              const AttnScratch& sc, int64_t* qs) {
+    first_block() = true;
     const int D = p.D, Dk = dk(D), nq = it.nq, rows = (int)round_up(nq, 16);
     const uint16_t* src =
         (const uint16_t*)p.q + s.bq * p.q_sb + it.h * p.q_sh + (s.q_begin + it.q0) * p.q_ss;
@@ -148,13 +158,21 @@ struct MicroAmxBf16 {
   // C tiles (0, 1; 2, 3) = O rows [0, 16 R) x columns [0, 16 C) += P . V over nkc chunks of 32
   // keys; vp = the block's first V pair row, offset to the first column.
   template <int R, int C>
-  static inline void pv_tile(const uint16_t* P, const uint16_t* vp, int Dvp, int nkc, float* O) {
+  static inline void pv_tile(const uint16_t* P, const uint16_t* vp, int Dvp, int nkc, float* O,
+                             bool fresh) {
     const int64_t os = (int64_t)Dvp * 4, vs = (int64_t)Dvp * 4;
     constexpr int64_t ps = kLDS * 2;
-    Tile::template load<0>(O, os);
-    if constexpr (C == 2) Tile::template load<1>(O + W, os);
-    if constexpr (R == 2) Tile::template load<2>(O + 16 * Dvp, os);
-    if constexpr (R == 2 && C == 2) Tile::template load<3>(O + 16 * Dvp + W, os);
+    if (fresh) {  // O == 0
+      Tile::template zero<0>();
+      if constexpr (C == 2) Tile::template zero<1>();
+      if constexpr (R == 2) Tile::template zero<2>();
+      if constexpr (R == 2 && C == 2) Tile::template zero<3>();
+    } else {
+      Tile::template load<0>(O, os);
+      if constexpr (C == 2) Tile::template load<1>(O + W, os);
+      if constexpr (R == 2) Tile::template load<2>(O + 16 * Dvp, os);
+      if constexpr (R == 2 && C == 2) Tile::template load<3>(O + 16 * Dvp + W, os);
+    }
     for (int kc = 0; kc < nkc; ++kc) {
       const uint16_t* vk = vp + (int64_t)kc * kKeys * Dvp;
       Tile::template load<4>(P + kc * kKeys, ps);
@@ -185,8 +203,11 @@ struct MicroAmxBf16 {
       for (int r = 0; r < nq; ++r) std::memset(P + r * kLDS + kbp, 0, (size_t)(kb32 - kbp) * 2);
     for (int r = nq; r < nq16; ++r) std::memset(P + r * kLDS, 0, (size_t)kb32 * 2);
 
+    // O *= alpha, unless O is still zero (first block) or no row's max moved (every alpha 1).
+    const bool fresh = first_block();
+    first_block() = false;
     bool rescale = false;
-    for (int r = 0; r < nq; ++r) rescale |= alpha[r] != 1.f;
+    for (int r = 0; r < nq && !fresh; ++r) rescale |= alpha[r] != 1.f;
     if (rescale)
       for (int r = 0; r < nq; ++r) {
         const __m512 a = _mm512_set1_ps(alpha[r]);
@@ -204,13 +225,13 @@ struct MicroAmxBf16 {
         const bool c2 = ct + 2 <= nct;
         const uint16_t* vc = vp + 2 * ct * W;
         if (r2 && c2)
-          pv_tile<2, 2>(Pr, vc, Dvp, nkc, Or + ct * W);
+          pv_tile<2, 2>(Pr, vc, Dvp, nkc, Or + ct * W, fresh);
         else if (r2)
-          pv_tile<2, 1>(Pr, vc, Dvp, nkc, Or + ct * W);
+          pv_tile<2, 1>(Pr, vc, Dvp, nkc, Or + ct * W, fresh);
         else if (c2)
-          pv_tile<1, 2>(Pr, vc, Dvp, nkc, Or + ct * W);
+          pv_tile<1, 2>(Pr, vc, Dvp, nkc, Or + ct * W, fresh);
         else
-          pv_tile<1, 1>(Pr, vc, Dvp, nkc, Or + ct * W);
+          pv_tile<1, 1>(Pr, vc, Dvp, nkc, Or + ct * W, fresh);
       }
     }
     Tile::release();
