@@ -171,6 +171,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const int W = impl->W;
   const int64_t eb = impl->elem_bytes;
   const int64_t Dvp = round_up64(p.Dv, W);
+  const int64_t Dk = round_up64(p.D, impl->d_align);  // K panels' (padded) head dim
   const int Hq = p.Hq, Hkv = p.Hkv, group = p.Hq / p.Hkv;
 
   // Packed K/V offsets per (sequence, kv head); -1 when nothing reads them.
@@ -183,7 +184,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
     const int64_t lkp = round_up64(s.Lk, W);
     for (int kvh = 0; kvh < Hkv; ++kvh) {
       koff[b * Hkv + kvh] = total;
-      total += round_up64(lkp * p.D * eb, 64);
+      total += round_up64(lkp * Dk * eb, 64);
       voff[b * Hkv + kvh] = total;
       total += round_up64(lkp * Dvp * eb, 64);
     }
@@ -218,7 +219,7 @@ const char* attention_forward_cpu(const AttnParams& p) {
     npart = nitems * ldp;
   else if (mode == 1 || mode == 2)
     npart = nseq * Hq * ldp;
-  const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * p.D;
+  const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * Dk;
   const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
   const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
                              kRowBuf + round_up64(nKeep, 16) + round_up64(nKeepM, 16);

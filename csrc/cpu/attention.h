@@ -85,12 +85,13 @@ constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
 // What one ISA path provides.
 struct AttnImpl {
   const char* name;
-  int W;           // key panel width (lanes)
+  int W;           // key panel width (lanes); packs are sized for keys and Dv padded to it
   int elem_bytes;  // bytes per packed K/V element (4 float, 2 bf16 pairs)
   int row_tile;    // preferred query-row multiple for blocks
-  // Packs K and V of (sequence, kv head) into kp (npanel*W*D elems) and vp (Lk_pad*Dvp elems),
-  // Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero. sanitize_v: V is always
-  // packed (never read in place) and its NaN / inf values become 0 (the rare path below).
+  // Packs K and V of (sequence, kv head) into kp (npanel*W*Dk elems, Dk below) and vp
+  // (Lk_pad*Dvp elems), Lk_pad = round_up(Lk, W), Dvp = round_up(Dv, W); padding is zero.
+  // sanitize_v: V is always packed (never read in place) and its NaN / inf values become 0 (the
+  // rare path below).
   void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp, bool sanitize_v);
   // Computes one item (out, lse, scores partial); v_sanitized: vp was packed with sanitize_v.
   // Returns true when a row that is not a NaN row came out non-finite: V held a NaN / inf among
@@ -99,6 +100,8 @@ struct AttnImpl {
   // (docs/nan_semantics.md). Nothing is scanned on the fast path.
   bool (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
               const void* vp, const AttnScratch& sc, bool v_sanitized);
+  // Dk = D rounded up to this: K panels and the Qf scratch hold Dk dims (zero past D; AMX: 32).
+  int d_align = 1;
 };
 
 // Implementations available in this build; nullptr if the path does not support the dtype.

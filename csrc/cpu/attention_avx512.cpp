@@ -17,6 +17,7 @@
 #include <cstring>
 
 MMK_TARGET_AVX512
+#include "cpu/attention_bf16_pack.h"
 #include "cpu/attention_kernel.h"
 #include "cpu/vec_avx512.h"
 
@@ -43,42 +44,7 @@ struct MicroBf16Dot {
 
   static void pack(const AttnParams& p, const AttnSeq& s, int kvh, void* kp_, void* vp_,
                    bool sanitize_v) {
-    uint16_t* kp = (uint16_t*)kp_;
-    uint16_t* vp = (uint16_t*)vp_;
-    const int D = p.D, D2 = D / 2, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
-    const int64_t Lk = s.Lk, npan = ceil_div(Lk, W), Lkp = npan * W;
-    const int64_t kbase = s.bk * p.k_sb + kvh * p.k_sh + s.k_begin * p.k_ss;
-    const int64_t vbase = s.bk * p.v_sb + kvh * p.v_sh + s.k_begin * p.v_ss;
-    const uint16_t* k0p = (const uint16_t*)p.k + kbase;
-    const uint16_t* v0p = (const uint16_t*)p.v + vbase;
-    // As in MicroF32::pack: K rows two panels ahead into L1, V rows into L2.
-    prefetch_rows<3>(k0p, p.k_ss * 2, 0, imin(Lk, 2 * W), D * 2);
-    for (int64_t pn = 0; pn < npan; ++pn) {
-      prefetch_rows<3>(k0p, p.k_ss * 2, imin(Lk, (pn + 2) * W), imin(Lk, (pn + 3) * W), D * 2);
-      prefetch_rows<2>(v0p, p.v_ss * 2, pn * W, imin(Lk, (pn + 1) * W), Dv * 2);
-      const int64_t j0 = pn * W;
-      const int nrows = (int)(Lk - j0 < W ? Lk - j0 : W);
-      V512::pack_panel32((const uint16_t*)p.k + kbase + j0 * p.k_ss, p.k_ss * 2, nrows, D2,
-                         kp + pn * D * W);
-    }
-    // V pair rows: the 32-bit lane c of pair row j/2 is (V[j][c], V[j+1][c]); zero-extend row j,
-    // shift row j+1 into the high half. Rows past Lk and columns past Dv are zero.
-    const uint16_t* v0 = (const uint16_t*)p.v + vbase;
-    for (int64_t j = 0; j < Lkp; j += 2) {
-      uint16_t* dst = vp + j * Dvp;
-      const uint16_t* ra = j < Lk ? v0 + j * p.v_ss : nullptr;
-      const uint16_t* rb = j + 1 < Lk ? v0 + (j + 1) * p.v_ss : nullptr;
-      for (int c = 0; c < Dvp; c += W) {
-        const __mmask16 m = V512::lanes(Dv - c);
-        const __m512i a = ra ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, ra + c))
-                             : _mm512_setzero_si512();
-        const __m512i b = rb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rb + c))
-                             : _mm512_setzero_si512();
-        _mm512_storeu_si512((void*)(dst + 2 * c), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-      }
-    }
-    // NaN / inf in V (rare path): 0 in the copy (see MicroF32::pack).
-    if (sanitize_v) zero_nonfinite_bf16(vp, Lkp * Dvp);
+    pack_bf16_pairs(p, s, kvh, (uint16_t*)kp_, (uint16_t*)vp_, sanitize_v, p.D, W);
   }
 
   // V pair-rows: row "k0" of the block starts at k0 * Dvp elements (k0 even).

@@ -360,6 +360,18 @@ struct MicroF32 {
 // ---------------------------------------------------------------------------------------------
 // The per-item kernel, shared by every micro-kernel.
 // ---------------------------------------------------------------------------------------------
+// Head dim of the packed K panels: D, or D rounded up to M::kDAlign when the micro-kernel
+// declares one (AMX reads 32 dims per tile; the dims past D are zero). AttnImpl::d_align is the
+// same number for the driver.
+template <class M, class = int>
+struct KDim {
+  static int of(int D) { return D; }
+};
+template <class M>
+struct KDim<M, decltype((void)M::kDAlign, 0)> {
+  static int of(int D) { return (int)round_up(D, M::kDAlign); }
+};
+
 template <class V, class M>
 struct AttnKernel {
   static constexpr int W = V::W;
@@ -374,7 +386,7 @@ struct AttnKernel {
 
   static bool run(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp_,
                   const void* vp_, const AttnScratch& sc, bool v_sanitized) {
-    const int D = p.D, Dv = p.Dv, Dvp = (int)round_up(Dv, W);
+    const int D = p.D, Dk = KDim<M>::of(D), Dv = p.Dv, Dvp = (int)round_up(Dv, W);
     const int nq = it.nq, h = it.h;
     const int64_t Lq = s.Lq, Lk = s.Lk;
     const KT* kp = (const KT*)kp_;
@@ -451,7 +463,7 @@ struct AttnKernel {
         if (jv + W > kvis) b = V::mask_ge(b, kvis - jv);
         V::store(colb + jv, b);
       }
-      M::s_block(q, qs, kp + k0 * D, D, nq, npan, sc.S, colb, scale2);
+      M::s_block(q, qs, kp + k0 * Dk, Dk, nq, npan, sc.S, colb, scale2);
 
       for (int r = 0; r < nq; ++r) {
         float* srow = sc.S + r * kLDS;
