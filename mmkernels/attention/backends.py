@@ -95,14 +95,15 @@ CPU = _dispatch.Backend(
     "cpu",
     "mmkernels.attention.cpu:attention_forward",
     devices=("cpu",),
-    dtypes=("float32", "bfloat16"),
+    dtypes=("float32", "bfloat16", "float16"),
     dtype_notes={
-        "float16": "float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 or float32",
         "float64": "float64 is the reference's (the test oracle; the kernel computes in float32)",
     },
     head_dims=HEAD_DIMS,
     availability=lambda: _EXT.availability("attention_fwd"),
-    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time",
+    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time; float16 is widened to "
+    "float32 with F16C (no x86 CPU here has an fp16 dot product with fp32 accumulation) and "
+    "computed in float32, the output rounded to float16",
 )
 
 
