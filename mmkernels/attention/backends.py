@@ -102,8 +102,8 @@ CPU = _dispatch.Backend(
     head_dims=HEAD_DIMS,
     availability=lambda: _EXT.availability("attention_fwd"),
     notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time; float16 is widened to "
-    "float32 with F16C (no x86 CPU here has an fp16 dot product with fp32 accumulation) and "
-    "computed in float32, the output rounded to float16",
+    "float32 with F16C and computed in float32, the output rounded to float16 (x86 has no fp16 "
+    "dot product with float32 accumulation before AMX-FP16 / AVX10.2)",
 )
 
 
@@ -127,6 +127,9 @@ def _torch_check(call: AttentionCall) -> List[str]:
 # Measured with `mmkernels bench` (paired rounds, plain calls, ViT-B/16 .. SigLIP shapes):
 # Intel AMX: ours 0.26-0.44x SDPA's speed in bf16, 0.80-1.03x in fp32 (0.87-0.90x with key_bias),
 # measurements/intel-amx-2026-12-05.md; AMD Zen 4 (no AMX): ours 1.49x fp32, 2.74x bf16 (README).
+# float16 (our kernel widens it to fp32): AMD Zen 5, 2 threads, paired rounds on a busy machine:
+# ours 2.09-2.17x SDPA's float16 speed on ViT-B/16 (B=8), 1.63-1.75x on DINOv2-S (B=8). Not
+# measured on AMX: plain float16 calls there follow the AMX rule (SDPA), as fp32 / bf16 do.
 def _torch_auto_rule(call: AttentionCall):
     """on AMX CPUs, or when our cpu kernel cannot take the call (SDPA beats the reference)"""
     cpu_reasons = CPU.reasons(call)
@@ -136,9 +139,12 @@ def _torch_auto_rule(call: AttentionCall):
     if klass == "amx":
         return True, (
             "AMX CPU: oneDNN's SDPA beats our AVX-512 kernel (Intel AMX: ours 0.26-0.44x "
-            "its speed in bf16, 0.80-1.03x in fp32)"
+            "its speed in bf16, 0.80-1.03x in fp32; float16, computed in fp32 by ours, unmeasured)"
         )
-    return False, (f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in bf16)")
+    return False, (
+        f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in "
+        "bf16; AMD Zen 5: 1.6-2.2x SDPA in fp16)"
+    )
 
 
 TORCH = _dispatch.Backend(
