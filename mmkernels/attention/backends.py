@@ -127,9 +127,10 @@ def _torch_check(call: AttentionCall) -> List[str]:
 # Measured with `mmkernels bench` (paired rounds, plain calls, ViT-B/16 .. SigLIP shapes):
 # Intel AMX: ours 0.26-0.44x SDPA's speed in bf16, 0.80-1.03x in fp32 (0.87-0.90x with key_bias),
 # measurements/intel-amx-2026-12-05.md; AMD Zen 4 (no AMX): ours 1.49x fp32, 2.74x bf16 (README).
-# float16 (our kernel widens it to fp32): AMD Zen 5, 2 threads, paired rounds on a busy machine:
-# ours 2.09-2.17x SDPA's float16 speed on ViT-B/16 (B=8), 1.63-1.75x on DINOv2-S (B=8). Not
-# measured on AMX: plain float16 calls there follow the AMX rule (SDPA), as fp32 / bf16 do.
+# float16 (our kernel widens it to fp32): AMD Zen 5, 2 threads, `mmkernels bench` paired rounds,
+# five runs on a busy shared machine (load 3.5-6.5 on 2 cores): ours 2.0-4.2x SDPA's float16
+# speed on ViT-B/16 (B=8), 1.5-4.3x on DINOv2-S (B=8); best times 3.4 vs 13.9 ms, 2.5 vs 10.9 ms.
+# Not measured on AMX: float16 calls there follow the AMX rule (SDPA), as fp32 / bf16 do.
 def _torch_auto_rule(call: AttentionCall):
     """on AMX CPUs, or when our cpu kernel cannot take the call (SDPA beats the reference)"""
     cpu_reasons = CPU.reasons(call)
@@ -143,7 +144,7 @@ def _torch_auto_rule(call: AttentionCall):
         )
     return False, (
         f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in "
-        "bf16; AMD Zen 5: 1.6-2.2x SDPA in fp16)"
+        "bf16; AMD Zen 5: 1.5-4.3x SDPA in fp16)"
     )
 
 
