@@ -11,12 +11,14 @@
 //                               lowers it)
 //   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
 //   mmkernels_C::tile_peak_gops   the AMX tiles' bf16 / int8 peak, measured (AMX CPUs only)
+//   mmkernels_C::cpu_features   what the CPUID probe found (csrc/cpu/cpu_features.cpp), one line
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/cpu_features.h"
 #include "cpu/peak.h"
 #include "cpu/qmatmul.h"
 #include "cpu/reduce.h"
@@ -52,6 +54,18 @@ double tile_peak_op(int64_t kind, int64_t iterations, int64_t repeats) {
   return gops;
 }
 
+// "avx2=yes avx512=yes avx512_bf16=yes avx512_vnni=yes avx512_fp16=no amx=no (why)": the probe's
+// flags, for `mmkernels info` (avx512_fp16 is reported only; no kernel uses it).
+std::string cpu_features_op() {
+  const mmk::cpu::CpuFeatures& f = mmk::cpu::cpu_features();
+  auto yn = [](bool b) { return b ? "yes" : "no"; };
+  std::string s = std::string("avx2=") + yn(f.avx2) + " avx512=" + yn(f.avx512) +
+                  " avx512_bf16=" + yn(f.avx512_bf16) + " avx512_vnni=" + yn(f.avx512_vnni) +
+                  " avx512_fp16=" + yn(f.avx512_fp16) + " amx=" + yn(f.amx);
+  if (!f.amx) s += std::string(" (") + f.amx_reason + ")";
+  return s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmkernels_C, m) {
@@ -84,6 +98,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
   m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
   m.def("tile_peak_gops(int kind, int iterations, int repeats) -> float", &tile_peak_op);
+  m.def("cpu_features() -> str", &cpu_features_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

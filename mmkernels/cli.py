@@ -13,6 +13,14 @@ def cpu_isa() -> str:
     return cpu.cpu_isa_or_reason()
 
 
+def cpu_features() -> str:
+    """The CPUID probe's flags (AVX-512 BF16 / VNNI / FP16, AMX and why not), or why unknown."""
+    from . import _extension
+
+    ok, why = _extension.CPU.availability("cpu_features")
+    return _extension.CPU.require("cpu_features").cpu_features() if ok else f"n/a ({why})"
+
+
 _INFO_COLUMNS = ("backend", "ok", "devices", "dtypes", "head dims", "features")
 INFO_WIDTH = 100
 
@@ -129,6 +137,7 @@ def choice_lines() -> list:
 
 def info(verbose: bool = False) -> int:
     import platform
+    import textwrap
 
     import torch
 
@@ -148,6 +157,7 @@ def info(verbose: bool = False) -> int:
         + ("" if cpu.is_available() else f" ({cpu.LOAD_ERROR})")
     )
     print(f"CPU SIMD path: {cpu_isa()}; CPU class: {_extension.cpu_class()}; threads: {torch.get_num_threads()}")
+    print(textwrap.fill(f"CPU features: {cpu_features()}", width=INFO_WIDTH, subsequent_indent="  "))
     print(f"CUDA GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print()
     print("\n".join(capability_lines(verbose)))

@@ -19,6 +19,7 @@ def test_info_prints_versions_isa_and_capabilities():
         "C++ extension mmkernels._C",
         "CPU SIMD path",
         "CPU class",
+        "CPU features: ",
         "attention",
         "reference",
         "qmatmul  (features: int4",
@@ -26,6 +27,10 @@ def test_info_prints_versions_isa_and_capabilities():
         assert text in res.stdout
     assert max(len(line) for line in res.stdout.splitlines()) <= 100  # a 100-column terminal
     assert "OpenMP" not in res.stdout  # notes only with --verbose
+    from mmkernels.attention import cpu
+
+    if cpu.is_available():  # the CPUID probe's line, AVX512-FP16 included
+        assert "avx512_fp16=yes" in res.stdout or "avx512_fp16=no" in res.stdout
 
 
 def test_info_shows_the_auto_choice_and_why():

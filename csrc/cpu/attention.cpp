@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/fp16.h"
 
 namespace mmk {
 namespace cpu {
@@ -96,6 +97,7 @@ struct ArenaLease {
 // -inf.
 float elem_f32(const void* base, int64_t off, int dtype) {
   if (dtype == kF32) return ((const float*)base)[off];
+  if (dtype == kF16) return f16_to_f32(((const uint16_t*)base)[off]);
   const uint32_t u = (uint32_t)((const uint16_t*)base)[off] << 16;
   float f;
   std::memcpy(&f, &u, 4);
@@ -127,8 +129,8 @@ void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it)
         if (!bad(j, c)) continue;
         if (p.dtype == kF32)
           ((float*)p.out)[ooff + c] = NAN;
-        else
-          ((uint16_t*)p.out)[ooff + c] = 0x7fc0;
+        else  // the quiet NaN of bf16 / f16
+          ((uint16_t*)p.out)[ooff + c] = p.dtype == kF16 ? 0x7e00 : 0x7fc0;
       }
     }
   }

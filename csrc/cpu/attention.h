@@ -9,7 +9,9 @@
 namespace mmk {
 namespace cpu {
 
-enum AttnDtype : int { kF32 = 0, kBF16 = 1 };
+// kF16 (IEEE half) is widened to fp32 with F16C and computed by the fp32 micro-kernels on every
+// path; the output is rounded back to half (nearest even).
+enum AttnDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Strides are in elements. The innermost stride of q/k/v/out/bias is 1 (checked in ops.cpp).
 struct AttnParams {

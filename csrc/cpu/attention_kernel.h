@@ -144,6 +144,10 @@ struct MicroF32 {
                        (int)(D * es));
       prefetch_rows<2>(v0p, p.v_ss * es, pn * W, imin(Lk, (pn + 1) * W), (int)(Dv * es));
       float* dst = kp + pn * D * W;
+      if (p.dtype == kF16) {
+        pack_panel_f16(p, kbase, pn, Lk, dst);
+        continue;
+      }
       if constexpr (V::kPanel32) {
         if (p.dtype == kF32) {
           const int64_t j0 = pn * W;
@@ -178,6 +182,9 @@ struct MicroF32 {
         if (p.dtype == kF32) {
           const float* src = (const float*)p.v + off;
           for (; c < Dv; ++c) dst[c] = src[c];
+        } else if (p.dtype == kF16) {
+          const uint16_t* src = (const uint16_t*)p.v + off;
+          for (; c < Dvp; c += W) V::store(dst + c, V::load_f16(src + c, Dv - c));  // 0 past Dv
         } else {
           const uint16_t* src = (const uint16_t*)p.v + off;
           for (; c < Dv; ++c) dst[c] = bf16_to_f32(src[c]);
@@ -187,6 +194,28 @@ struct MicroF32 {
     }
     // NaN / inf in V (rare path): 0 in the copy, so that P = 0 of a masked key stays 0.
     if (sanitize_v) zero_nonfinite_f32(vp, Lkp * Dvp);
+  }
+
+  // One K panel from fp16 rows: each row widened with V::load_f16 (F16C; fp16.h on the scalar
+  // path) into a row-major block, then laid out [d][W] like fp32 rows. Rows past Lk are zero.
+  static void pack_panel_f16(const AttnParams& p, int64_t kbase, int64_t pn, int64_t Lk,
+                             float* dst) {
+    constexpr int kMaxD = 256;  // head dims are checked <= 256 (attention_torch.cpp)
+    alignas(64) float rows[W * kMaxD];
+    const int D = p.D;
+    const int64_t j0 = pn * W;
+    const int nrows = (int)(Lk - j0 < W ? Lk - j0 : W);
+    for (int w = 0; w < nrows; ++w) {
+      const uint16_t* src = (const uint16_t*)p.k + kbase + (j0 + w) * p.k_ss;
+      for (int d = 0; d < D; d += W)
+        V::storen(rows + w * D + d, V::load_f16(src + d, D - d), D - d);
+    }
+    if constexpr (V::kPanel32) {
+      V::pack_panel32(rows, (int64_t)D * 4, nrows, D, dst);
+    } else {
+      for (int w = 0; w < W; ++w)
+        for (int d = 0; d < D; ++d) dst[d * W + w] = w < nrows ? rows[w * D + d] : 0.f;
+    }
   }
 
   // fp32 V whose rows are whole vectors is read in place (no copy); otherwise (or when it was
@@ -202,7 +231,7 @@ struct MicroF32 {
     return (const float*)vp;
   }
 
-  // Query rows as float: direct for fp32 input, converted into scratch for bf16 input.
+  // Query rows as float: direct for fp32 input, converted into scratch for bf16 / f16 input.
   static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
                              const AttnScratch& sc, int64_t* qs) {
     const int64_t off = s.bq * p.q_sb + it.h * p.q_sh + (s.q_begin + it.q0) * p.q_ss;
@@ -212,7 +241,10 @@ struct MicroF32 {
     }
     const uint16_t* src = (const uint16_t*)p.q + off;
     for (int r = 0; r < it.nq; ++r) {
-      if constexpr (V::kBf16Vec) {
+      if (p.dtype == kF16) {
+        for (int d = 0; d < p.D; d += W)
+          V::storen(sc.Qf + r * p.D + d, V::load_f16(src + r * p.q_ss + d, p.D - d), p.D - d);
+      } else if constexpr (V::kBf16Vec) {
         for (int d = 0; d < p.D; d += W)
           V::storen(sc.Qf + r * p.D + d, V::load_bf16(src + r * p.q_ss + d, p.D - d), p.D - d);
       } else {
@@ -551,6 +583,9 @@ struct AttnKernel {
         int c = 0;
         for (; c + W <= Dv; c += W) V::store(dst + c, V::load(orow + c));
         if (c < Dv) V::storen(dst + c, V::load(orow + c), Dv - c);
+      } else if (p.dtype == kF16) {  // round to nearest even, NaN stays NaN
+        uint16_t* dst = (uint16_t*)p.out + ooff;
+        for (int c = 0; c < Dv; c += W) V::store_f16(dst + c, V::load(orow + c), Dv - c);
       } else {
         uint16_t* dst = (uint16_t*)p.out + ooff;
         if constexpr (V::kBf16Vec) {

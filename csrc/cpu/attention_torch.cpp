@@ -41,11 +41,8 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   check_cpu(v4, "v4");
   check_cpu(out4, "out4");
   const auto dt = q4.scalar_type();
-  TORCH_CHECK(dt != at::kHalf,
-              "attention_fwd (CPU): float16 is not supported on CPU (no AVX512-FP16 on this class "
-              "of CPU); use bfloat16 or float32");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16,
-              "attention_fwd (CPU): q4 must be float32 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "attention_fwd (CPU): q4 must be float32, bfloat16 or float16, got ", dt);
   TORCH_CHECK(k4.scalar_type() == dt && v4.scalar_type() == dt && out4.scalar_type() == dt,
               "attention_fwd (CPU): q4, k4, v4 and out4 must share one dtype, got ", dt, ", ",
               k4.scalar_type(), ", ", v4.scalar_type(), ", ", out4.scalar_type());
@@ -100,7 +97,7 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   const int64_t Bout = Bq;
 
   AttnParams p;
-  p.dtype = dt == at::kFloat ? kF32 : kBF16;
+  p.dtype = dt == at::kFloat ? kF32 : dt == at::kHalf ? kF16 : kBF16;
   p.q = q4.data_ptr();
   p.k = k4.data_ptr();
   p.v = v4.data_ptr();

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu/fp16.h"
+
 namespace mmk {
 namespace cpu {
 namespace {
@@ -99,6 +101,15 @@ struct VScalar {
   static inline T exp2(T x) {
     for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
     return x;
+  }
+  // fp16 <-> fp32 for n lanes (fp16.h: round to nearest even, as F16C).
+  static inline T load_f16(const uint16_t* p, int n) {
+    T r;
+    for (int i = 0; i < 8; ++i) r.v[i] = i < n ? f16_to_f32(p[i]) : 0.f;
+    return r;
+  }
+  static inline void store_f16(uint16_t* p, T a, int n) {
+    for (int i = 0; i < 8 && i < n; ++i) p[i] = f32_to_f16(a.v[i]);
   }
   static constexpr bool kPanel32 = false;
   static constexpr bool kBf16Vec = false;  // no load_bf16 / store_bf16: scalar conversions

@@ -95,14 +95,15 @@ CPU = _dispatch.Backend(
     "cpu",
     "mmkernels.attention.cpu:attention_forward",
     devices=("cpu",),
-    dtypes=("float32", "bfloat16"),
+    dtypes=("float32", "bfloat16", "float16"),
     dtype_notes={
-        "float16": "float16 is not supported on CPU (no AVX512-FP16 here); use bfloat16 or float32",
         "float64": "float64 is the reference's (the test oracle; the kernel computes in float32)",
     },
     head_dims=HEAD_DIMS,
     availability=lambda: _EXT.availability("attention_fwd"),
-    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time",
+    notes="OpenMP; AVX-512(+BF16) / AVX2 / scalar chosen at run time; float16 is widened to "
+    "float32 with F16C and computed in float32, the output rounded to float16 (x86 has no fp16 "
+    "dot product with float32 accumulation before AMX-FP16 / AVX10.2)",
 )
 
 
@@ -126,6 +127,10 @@ def _torch_check(call: AttentionCall) -> List[str]:
 # Measured with `mmkernels bench` (paired rounds, plain calls, ViT-B/16 .. SigLIP shapes):
 # Intel AMX: ours 0.26-0.44x SDPA's speed in bf16, 0.80-1.03x in fp32 (0.87-0.90x with key_bias),
 # measurements/intel-amx-2026-12-05.md; AMD Zen 4 (no AMX): ours 1.49x fp32, 2.74x bf16 (README).
+# float16 (our kernel widens it to fp32): AMD Zen 5, 2 threads, `mmkernels bench` paired rounds,
+# five runs on a busy shared machine (load 3.5-6.5 on 2 cores): ours 2.0-4.2x SDPA's float16
+# speed on ViT-B/16 (B=8), 1.5-4.3x on DINOv2-S (B=8); best times 3.4 vs 13.9 ms, 2.5 vs 10.9 ms.
+# Not measured on AMX: float16 calls there follow the AMX rule (SDPA), as fp32 / bf16 do.
 def _torch_auto_rule(call: AttentionCall):
     """on AMX CPUs, or when our cpu kernel cannot take the call (SDPA beats the reference)"""
     cpu_reasons = CPU.reasons(call)
@@ -135,9 +140,12 @@ def _torch_auto_rule(call: AttentionCall):
     if klass == "amx":
         return True, (
             "AMX CPU: oneDNN's SDPA beats our AVX-512 kernel (Intel AMX: ours 0.26-0.44x "
-            "its speed in bf16, 0.80-1.03x in fp32)"
+            "its speed in bf16, 0.80-1.03x in fp32; float16, computed in fp32 by ours, unmeasured)"
         )
-    return False, (f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in bf16)")
+    return False, (
+        f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in "
+        "bf16; AMD Zen 5: 1.5-4.3x SDPA in fp16)"
+    )
 
 
 TORCH = _dispatch.Backend(

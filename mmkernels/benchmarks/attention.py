@@ -209,6 +209,8 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
         gated = shape.name in ("vit_b16", "dinov2_s14")
         cases += dense_cases(shape, torch.float32, extras=gated)
         cases += dense_cases(shape, torch.bfloat16, extras=gated)
+        if gated:  # float16 (HF models loaded in half): plain calls against SDPA in float16, no gate
+            cases += dense_cases(shape, torch.float16, extras=False)
     cases.append(varlen_case(torch.float32, [30, 50, 7] if quick else VARLEN_LENGTHS))
     if only:
         cases = [c for c in cases if only in c.id]

@@ -29,13 +29,6 @@ def dense_inputs(b, hq, hkv, lq, lk, d, dv=None, dtype=torch.float32, device="cp
     )
 
 
-def dtypes_for(backend):
-    name, device = backend
-    if name == "cpu":
-        return [torch.float32, torch.bfloat16]
-    return [torch.float32, torch.bfloat16, torch.float16]
-
-
 SHAPES = [  # (B, Hq, Hkv, Lq, Lk, D)
     (2, 2, 2, 1, 1, 64),
     (3, 4, 2, 7, 7, 40),
@@ -58,8 +51,6 @@ def test_dense_float32(backend, shape, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_dense_half(backend, dtype, causal):
     name, device = backend
-    if dtype not in dtypes_for(backend):
-        pytest.skip(f"{name} does not take {dtype} (see test_cpu_rejects_float16)")
     q, k, v = dense_inputs(2, 4, 2, 77, 129, 64, dtype=dtype, device=device)
     assert_matches_oracle(q, k, v, name, causal=causal)
 
@@ -88,7 +79,7 @@ def test_odd_lengths(backend, length):
 
 
 @pytest.mark.parametrize("lq,lk", [(321, 321), (40, 577), (577, 400), (1, 700)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_long_sequences_multi_block(backend, lq, lk, dtype):
     """Past one key block (the CPU kernel keeps up to 320 keys in one block): online rescaling,
     with causal masking, a -inf key bias and scores."""
@@ -180,17 +171,27 @@ def test_non_contiguous_strided_views(backend):
     assert_matches_oracle(q, k, v, name, causal=True)
 
 
-def test_bf16_scores_and_lse(backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_scores_and_lse(backend, dtype):
     name, device = backend
-    q, k, v = dense_inputs(2, 6, 3, 65, 197, 64, dtype=torch.bfloat16, device=device)
+    q, k, v = dense_inputs(2, 6, 3, 65, 197, 64, dtype=dtype, device=device)
     bias = torch.randn(2, 197, device=device)
     assert_matches_oracle(q, k, v, name, key_bias=bias, scores="cls")
 
 
-def test_cpu_rejects_float16():
-    from mmkernels import NoBackendError
-    import mmkernels
+def test_cpu_serves_float16_varlen_gqa():
+    """float16 on the cpu backend: widened to fp32 by the kernel, packed sequences and GQA too."""
+    if not _cpu_available():
+        pytest.skip("the cpu backend is not built")
+    cu = torch.tensor([0, 5, 68, 69, 166], dtype=torch.int32)
+    q = rand(166, 6, 40, dtype=torch.float16)
+    k, v = rand(166, 2, 40, dtype=torch.float16), rand(166, 2, 40, dtype=torch.float16)
+    res = assert_matches_oracle(q, k, v, "cpu", cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, scores="last")
+    assert res.out.dtype == torch.float16
 
-    q = torch.randn(1, 1, 4, 32, dtype=torch.float16)
-    with pytest.raises(NoBackendError, match="float16 is not supported on CPU"):
-        mmkernels.attention(q, q, q, backend="cpu")
+
+def _cpu_available():
+    from mmkernels import _dispatch
+
+    cpu = {b.name: b for b in _dispatch.backends_for("attention")}.get("cpu")
+    return cpu is not None and cpu.availability()[0]

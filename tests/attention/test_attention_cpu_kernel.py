@@ -2,7 +2,9 @@
 inline float64 reference, on every ISA path this CPU can run (forced with MMKERNELS_CPU_ISA).
 
 Tolerance (FlashAttention's 2x rule): fp32 max|err| <= 2 * (err of the same math in fp32 PyTorch)
-+ 1e-5; bf16 max|err| <= 2 * (err of the same math in bf16 PyTorch) + 1e-2 * max|ref|.
++ 1e-5; bf16 max|err| <= 2 * (err of the same math in bf16 PyTorch) + 1e-2 * max|ref|; fp16
+(widened to fp32 by the kernel) max|err| <= 2 * (err of the same math in fp16 PyTorch) +
+1e-3 * max|ref| (about one fp16 ulp).
 """
 
 import math
@@ -143,17 +145,17 @@ def check(case, causal=False, mode=0, out_blhd=False):
     scale = 1.0 / math.sqrt(q4.shape[-1])
     out, lse, sc = run_kernel(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, out_blhd)
     ro, rl, rs = reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, torch.float64)
-    low = torch.float32 if q4.dtype == torch.float32 else torch.bfloat16
+    low = q4.dtype  # the same math in the input's precision
     lo, ll, ls = reference(q4, k4, v4, bias3, cu_q, cu_k, causal, scale, mode, low)
     rows = valid_rows(cu_q, q4.shape[2])
     out, ro, lo = out[:, :, rows].double(), ro[:, :, rows], lo[:, :, rows].double()
     lse, rl, ll = lse[:, :, rows].double(), rl[:, :, rows], ll[:, :, rows]
     assert not torch.isnan(out).any(), "NaN in out"
     assert not torch.isnan(lse).any(), "NaN in lse"
+    floor = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 1e-2}[q4.dtype]
+    tol_o = 2 * (lo - ro).abs().max().item() + floor * ro.abs().max().item()
     if q4.dtype == torch.float32:
-        tol_o = 2 * (lo - ro).abs().max().item() + 1e-5
-    else:
-        tol_o = 2 * (lo - ro).abs().max().item() + 1e-2 * ro.abs().max().item()
+        tol_o += 1e-5
     err_o = (out - ro).abs().max().item()
     assert err_o <= tol_o, f"out err {err_o:.3g} > tol {tol_o:.3g}"
     # lse: -inf exactly where the reference has -inf
@@ -161,15 +163,13 @@ def check(case, causal=False, mode=0, out_blhd=False):
     fin = ~torch.isinf(rl)
     if fin.any():
         tol_l = 2 * (ll[fin] - rl[fin]).abs().max().item() + 1e-5 * max(1.0, rl[fin].abs().max().item())
-        if q4.dtype != torch.float32:
-            tol_l += 1e-2
+        tol_l += floor
         err_l = (lse[fin] - rl[fin]).abs().max().item()
         assert err_l <= tol_l, f"lse err {err_l:.3g} > tol {tol_l:.3g}"
     if mode:
         assert not torch.isnan(sc).any(), "NaN in scores (a key position was not written)"
         tol_s = 2 * (ls - rs).abs().max().item() + 1e-6
-        if q4.dtype != torch.float32:
-            tol_s += 1e-2 * rs.abs().max().item()
+        tol_s += floor * rs.abs().max().item()
         err_s = (sc.double() - rs).abs().max().item()
         assert err_s <= tol_s, f"scores err {err_s:.3g} > tol {tol_s:.3g}"
     return out
@@ -182,29 +182,30 @@ def isa(request, monkeypatch):
     return request.param
 
 
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IDS = ["f32", "bf16", "f16"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("D", [32, 40, 64, 72, 80, 96, 112, 128, 256])
 def test_head_dims(isa, dtype, D):
     check(make(B=1, Hq=2, Lq=37, D=D, dtype=dtype, seed=D))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("L", [1, 7, 197, 257])
 def test_lengths(isa, dtype, L):
     check(make(B=2, Hq=2, Lq=L, D=64, dtype=dtype, seed=L))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_dv_differs_gqa_causal_cross(isa, dtype):
     check(make(B=2, Hq=6, Hkv=2, Lq=45, Lk=70, D=40, Dv=72, dtype=dtype), causal=True)
     check(make(B=1, Hq=6, Hkv=1, Lq=90, Lk=30, D=64, Dv=32, dtype=dtype), causal=True, mode=3)
     check(make(B=2, Hq=4, Hkv=1, Lq=20, Lk=67, D=72, dtype=dtype, blhd=False), mode=2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize(
     "mode,bias",
     [
@@ -223,7 +224,7 @@ def test_scores_and_bias(isa, dtype, mode, bias):
     check(make(B=1, Hq=4, Hkv=2, Lq=77, D=40, dtype=dtype, bias=bias), causal=True, mode=MODES[mode])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen(isa, dtype, causal):
     lens = [(5, 9), (0, 4), (1, 1), (70, 66), (3, 0), (0, 0), (130, 131)]
@@ -246,8 +247,10 @@ def test_errors():
     q = torch.randn(1, 2, 8, 64)
     out = torch.empty(1, 2, 8, 64)
     op = torch.ops.mmkernels_C.attention_fwd
-    with pytest.raises(RuntimeError, match="float16 is not supported on CPU"):
-        op(q.half(), q.half(), q.half(), None, None, None, 8, 8, False, 1.0, 0, out.half(), None, None)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        op(q.double(), q.double(), q.double(), None, None, None, 8, 8, False, 1.0, 0, out.double(), None, None)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(q.half(), q.half(), q.half(), None, None, None, 8, 8, False, 1.0, 0, out.bfloat16(), None, None)
     with pytest.raises(RuntimeError, match="stride"):
         op(q.transpose(2, 3), q, q, None, None, None, 8, 8, False, 1.0, 0, out, None, None)
     with pytest.raises(RuntimeError, match="multiples of 8"):
@@ -262,3 +265,29 @@ def test_deterministic_scores():
     r1 = run_kernel(q4, k4, v4, b, cq, ck, False, 0.125, 3)[2]
     r2 = run_kernel(q4, k4, v4, b, cq, ck, False, 0.125, 3)[2]
     assert torch.equal(r1, r2)
+
+
+def test_f16_conversions(isa):
+    """Every finite fp16 value goes through the kernel's widening and rounding (F16C, or fp16.h on
+    the scalar path). With one key the output is V itself (+0 for -0: the accumulator starts at
+    +0). With keys (v0, v0, v1) of equal logit it is v0 + (v1 - v0) / 3, nearest to v0, v1 the
+    next fp16 value (subnormals included)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    vals = bits.view(torch.float16)
+    vals = vals[torch.isfinite(vals)]
+    n = vals.numel() // 256 * 256
+    v4 = vals[:n].reshape(1, -1, 1, 256)  # B=1, H=n/256, Lk=1, Dv=256
+    q4 = torch.zeros(1, v4.shape[1], 1, 8, dtype=torch.float16)
+
+    def run(v):
+        k = torch.zeros(1, v.shape[1], v.shape[2], 8, dtype=torch.float16)
+        return run_kernel(q4, k, v, None, None, None, False, 1.0, 0)[0].view(torch.int16)
+
+    assert torch.equal(run(v4), (v4 + 0.0).view(torch.int16))
+    nxt = v4.roll(-1, -1)  # the next value in bit order (wraps at the row's end: a far value)
+    near = (v4.double() - nxt.double()).abs() < 1e-3 * v4.double().abs().clamp_min(1e-4)
+    got = run(torch.cat([v4, v4, nxt], 2))
+    assert torch.equal(got[near], v4.view(torch.int16)[near])
+    if isa == "scalar":  # exp2f(0) == 1 there: the average of two neighbours is an exact tie
+        want = ((v4.float() + nxt.float()) * 0.5).half()
+        assert torch.equal(run(torch.cat([v4, nxt], 2))[near], want.view(torch.int16)[near])

@@ -159,7 +159,7 @@ CPU_OK = {b.name: b for b in _dispatch.backends_for("attention")}["cpu"].availab
 @pytest.mark.parametrize("klass", ["avx512", "avx2"])
 def test_without_amx_our_cpu_kernel_stays_the_choice(cpu_class, klass):
     cpu_class(klass)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         for kw in ({}, {"has_bias": True}, {"return_lse": True}, {"causal": True}, {"scores": "cls"}):
             assert _dispatch.select("attention", _call(dtype, **kw), "cpu").name == "cpu", (dtype, kw)
     chosen, trail = _dispatch.auto_choice("attention", _call(), "cpu")
@@ -169,7 +169,7 @@ def test_without_amx_our_cpu_kernel_stays_the_choice(cpu_class, klass):
 @pytest.mark.skipif(not CPU_OK, reason="the rule compares with the cpu backend")
 def test_on_amx_torch_takes_the_calls_it_serves(cpu_class):
     cpu_class("amx")
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         for kw in ({}, {"has_bias": True}, {"return_lse": True}, {"num_heads_kv": 4}):
             assert _dispatch.select("attention", _call(dtype, **kw), "cpu").name == "torch", (dtype, kw)
         for kw in ({"causal": True}, {"scores": "mean"}, {"varlen": True}, {"head_dim_v": 32}):
@@ -184,11 +184,27 @@ def test_on_amx_torch_takes_the_calls_it_serves(cpu_class):
 
 @pytest.mark.parametrize("klass", ["avx512", "amx"])
 def test_calls_our_cpu_kernel_cannot_take_go_to_torch_not_the_reference(cpu_class, klass, recwarn):
-    """float16 (no AVX512-FP16), odd head dims: SDPA beats the reference on every CPU class."""
+    """Odd head dims: SDPA beats the reference on every CPU class."""
     cpu_class(klass)
-    assert _dispatch.select("attention", _call("float16"), "cpu").name == "torch"
-    assert _dispatch.select("attention", _call(head_dim=36, head_dim_v=36), "cpu").name == "torch"
-    assert _dispatch.select("attention", _call("float16", causal=True), "cpu").name == "reference"
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert _dispatch.select("attention", _call(dtype, head_dim=36, head_dim_v=36), "cpu").name == "torch"
+    assert _dispatch.select("attention", _call("float16", head_dim=36, head_dim_v=36, causal=True), "cpu").name == (
+        "reference"
+    )
+
+
+@pytest.mark.skipif(not CPU_OK, reason="the rule compares with the cpu backend")
+def test_float16_is_served_by_our_cpu_kernel(cpu_class):
+    """float16 is widened to fp32 (F16C) by our kernel: no refusal, no "AVX512-FP16" note left."""
+    cpu_class("avx512")
+    call = _call("float16")
+    cpu = {b.name: b for b in _dispatch.backends_for("attention")}["cpu"]
+    assert cpu.reasons(call) == []
+    assert "AVX512-FP16" not in " ".join(str(n) for n in cpu.dtype_notes.values())
+    for kw in ({"scores": "mean"}, {"varlen": True}, {"causal": True}):
+        assert _dispatch.select("attention", _call("float16", **kw), "cpu").name == "cpu", kw
+    q, k, v = qkv(2, 4, 2, 21, 23, 40, torch.float16)
+    assert_matches_oracle(q, k, v, None, scores="cls", causal=True)
 
 
 @pytest.mark.skipif(not CPU_OK, reason="the bench's mmkernels contender is the cpu kernel")
