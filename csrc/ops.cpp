@@ -10,7 +10,9 @@
 //   mmkernels_C::*cpu_isa       name of the CPU code path each family uses now (MMKERNELS_CPU_ISA
 //                               lowers it)
 //   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
-//   mmkernels_C::tile_peak_gops   the AMX tiles' bf16 / int8 peak, measured (AMX CPUs only)
+//   mmkernels_C::dot_peak_gops    the bf16 / int8 peak of the path's AMX tiles or AVX-512 BF16 /
+//   VNNI
+//                               dot products, measured
 //   mmkernels_C::cpu_features   what the CPUID probe found (csrc/cpu/cpu_features.cpp), one line
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -44,12 +46,13 @@ double fma_peak_op(int64_t iterations, int64_t repeats) {
   return gflops;
 }
 
-// The AMX tiles' peak (GOP/s, all OpenMP threads): kind 0 bf16, 1 int8; an error off the AMX path.
-double tile_peak_op(int64_t kind, int64_t iterations, int64_t repeats) {
-  TORCH_CHECK(kind == 0 || kind == 1, "tile_peak_gops: kind must be 0 (bf16) or 1 (int8)");
-  TORCH_CHECK(iterations > 0 && repeats > 0, "tile_peak_gops: iterations and repeats must be > 0");
+// The bf16 (kind 0) / int8 (kind 1) peak (GOP/s, all OpenMP threads) of the path's AMX tiles or
+// AVX-512 BF16 / VNNI dot products; an error on paths without them.
+double dot_peak_op(int64_t kind, int64_t iterations, int64_t repeats) {
+  TORCH_CHECK(kind == 0 || kind == 1, "dot_peak_gops: kind must be 0 (bf16) or 1 (int8)");
+  TORCH_CHECK(iterations > 0 && repeats > 0, "dot_peak_gops: iterations and repeats must be > 0");
   const char* err = nullptr;
-  const double gops = mmk::cpu::peak::tile_peak_gops((int)kind, iterations, repeats, &err);
+  const double gops = mmk::cpu::peak::dot_peak_gops((int)kind, iterations, repeats, &err);
   TORCH_CHECK(err == nullptr, err ? err : "");
   return gops;
 }
@@ -97,7 +100,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
   m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
-  m.def("tile_peak_gops(int kind, int iterations, int repeats) -> float", &tile_peak_op);
+  m.def("dot_peak_gops(int kind, int iterations, int repeats) -> float", &dot_peak_op);
   m.def("cpu_features() -> str", &cpu_features_op);
 }
 

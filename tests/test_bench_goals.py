@@ -106,33 +106,32 @@ def test_the_amx_class_gates_name_cases_and_contenders_that_exist():
         report.gate_applies(g, "avx512")  # known classes only
 
 
-def test_fractions_use_the_amx_tile_peaks_for_bf16_and_int8_cases(monkeypatch):
+def test_fractions_use_the_dot_product_peaks_for_bf16_and_int8_cases(monkeypatch):
     monkeypatch.setattr(report, "_PEAK", 100.0)
-    monkeypatch.setattr(report, "_TILE_PEAKS", {"bf16": 1000.0, "int8": 2000.0})
+    monkeypatch.setattr(report, "_DOT_PEAKS", {"bf16": 1000.0, "int8": 2000.0})
     assert report.peak_for("vit_b16-bfloat16-scores_cls") == 1000.0
     assert report.peak_for("qmatmul-w8a8-m128-k4096-n4096") == 2000.0
     assert report.peak_for("vit_b16-float32") == report.peak_for("qmatmul-int4g128-m1-k4096-n4096") == 100.0
-    monkeypatch.setattr(report, "_TILE_PEAKS", {})  # not the AMX path: the FMA peak for all
+    monkeypatch.setattr(report, "_DOT_PEAKS", {})  # a path without them: the FMA peak for all
     assert report.peak_for("vit_b16-bfloat16") == 100.0
 
 
-def test_tile_peak_probe_runs_on_the_amx_paths_only(monkeypatch):
+def test_dot_peak_probe_runs_on_the_paths_with_bf16_int8_instructions(monkeypatch):
     from mmkernels import _extension
+    from mmkernels.attention import cpu
 
-    ops = _extension.CPU.ops("tile_peak_gops")
+    ops = _extension.CPU.ops("dot_peak_gops")
     if ops is None:
         pytest.skip("extension not built")
     monkeypatch.setenv("MMKERNELS_CPU_ISA", "avx2")
-    with pytest.raises(RuntimeError, match="no AMX tiles"):
-        ops.tile_peak_gops(0, 10, 1)
-    monkeypatch.setenv("MMKERNELS_CPU_ISA", "amx_emulated")
-    try:
-        from mmkernels.attention import cpu
-
-        cpu.cpu_isa()
-    except RuntimeError:
-        pytest.skip("no AVX-512 BF16 / VNNI: amx_emulated cannot run")
-    # Emulated tiles: the figure means nothing, the driver and both loops run.
-    assert ops.tile_peak_gops(0, 5, 1) > 0 and ops.tile_peak_gops(1, 5, 1) > 0
+    with pytest.raises(RuntimeError, match="no bf16 / int8 dot-product"):
+        ops.dot_peak_gops(0, 10, 1)
     with pytest.raises(RuntimeError, match="kind"):
-        ops.tile_peak_gops(2, 5, 1)
+        ops.dot_peak_gops(2, 5, 1)
+    for isa in ("avx512_bf16", "amx_emulated"):  # emulated tiles: the figure means nothing
+        monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
+        try:
+            cpu.cpu_isa()
+        except RuntimeError:
+            continue  # this CPU cannot run the path
+        assert ops.dot_peak_gops(0, 5, 1) > 0 and ops.dot_peak_gops(1, 5, 1) > 0

@@ -18,7 +18,7 @@ namespace cpu {
 namespace peak {
 
 FmaLoop fma_loop_scalar() { return &FmaKernel<VScalar>::loop; }
-TileLoop tile_loop_emulated() { return &TileKernel<TileEmu>::loop; }
+DotLoop tile_loop_emulated() { return &TileKernel<TileEmu>::loop; }
 
 namespace {
 
@@ -57,15 +57,16 @@ double fma_peak_gflops(int64_t iterations, int64_t repeats, const char** error) 
   return best_rate(repeats, [&](float* sink) { return loop(iterations, sink); });
 }
 
-double tile_peak_gops(int kind, int64_t iterations, int64_t repeats, const char** error) {
+double dot_peak_gops(int kind, int64_t iterations, int64_t repeats, const char** error) {
   *error = nullptr;
   const Isa isa = selected_isa(error);
   if (*error != nullptr) return 0.0;
-  TileLoop loop = nullptr;
+  DotLoop loop = nullptr;
   if (isa == Isa::Amx) loop = tile_loop_amx();
   if (isa == Isa::AmxEmulated) loop = tile_loop_emulated();
+  if (isa == Isa::Avx512Bf16 && (kind == 0 || cpu_features().avx512_vnni)) loop = dot_loop_avx512();
   if (loop == nullptr) {
-    *error = "tile_peak_gops: the selected CPU path has no AMX tiles (see cpu_isa())";
+    *error = "dot_peak_gops: the selected CPU path has no bf16 / int8 dot-product instructions";
     return 0.0;
   }
   return best_rate(repeats, [&](float* sink) { return loop(kind, iterations, sink); });

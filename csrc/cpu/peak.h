@@ -17,21 +17,23 @@ FmaLoop fma_loop_avx512();  // nullptr where the path is not built (non-x86)
 FmaLoop fma_loop_avx2();
 FmaLoop fma_loop_scalar();
 
-// One thread: `iterations` rounds of four independent tile products (kind 0: bf16 tdpbf16ps,
-// kind 1: int8 tdpbusd) on registers; returns the operations done (2 per multiply-add).
-using TileLoop = double (*)(int kind, int64_t iterations, float* sink);
+// One thread: `iterations` rounds of the path's bf16 (kind 0) or int8 (kind 1) matrix / dot
+// instructions on registers; returns the operations done (2 per multiply-add).
+using DotLoop = double (*)(int kind, int64_t iterations, float* sink);
 
-TileLoop tile_loop_amx();       // the real tiles; nullptr where not built (non-x86)
-TileLoop tile_loop_emulated();  // tile_emu.h (tests the driver; its figure means nothing)
+DotLoop tile_loop_amx();       // AMX tiles: tdpbf16ps / tdpbusd, 2x2 blocking (nullptr: non-x86)
+DotLoop tile_loop_emulated();  // tile_emu.h (tests the driver; its figure means nothing)
+DotLoop dot_loop_avx512();     // AVX-512 BF16 / VNNI: vdpbf16ps / vpdpbusd (nullptr: non-x86)
 
 // GFLOP/s of every OpenMP thread running the selected path's loop at once, best of `repeats`.
 // Sets *error (and returns 0) when MMKERNELS_CPU_ISA names a path this CPU cannot run.
 double fma_peak_gflops(int64_t iterations, int64_t repeats, const char** error);
 
-// The AMX tiles' peak (GOP/s, every OpenMP thread at once, best of `repeats`) for kind 0 (bf16)
-// or 1 (int8), on the selected path: Amx (real tiles) or AmxEmulated. Sets *error (and returns
-// 0) on any other path.
-double tile_peak_gops(int kind, int64_t iterations, int64_t repeats, const char** error);
+// The bf16 (kind 0) / int8 (kind 1) peak (GOP/s, every OpenMP thread at once, best of
+// `repeats`) of the instructions the selected path computes bf16 / int8 products with: the AMX
+// tiles (Amx; AmxEmulated runs the emulation), else vdpbf16ps / vpdpbusd (Avx512Bf16, and the
+// CPU has VNNI for int8). Sets *error (and returns 0) on any other path.
+double dot_peak_gops(int kind, int64_t iterations, int64_t repeats, const char** error);
 
 }  // namespace peak
 }  // namespace cpu

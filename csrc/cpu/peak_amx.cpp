@@ -15,7 +15,7 @@ namespace mmk {
 namespace cpu {
 namespace peak {
 
-TileLoop tile_loop_amx() { return &TileKernel<TileAmx>::loop; }
+DotLoop tile_loop_amx() { return &TileKernel<TileAmx>::loop; }
 
 }  // namespace peak
 }  // namespace cpu
@@ -25,7 +25,7 @@ TileLoop tile_loop_amx() { return &TileKernel<TileAmx>::loop; }
 namespace mmk {
 namespace cpu {
 namespace peak {
-TileLoop tile_loop_amx() { return nullptr; }
+DotLoop tile_loop_amx() { return nullptr; }
 }  // namespace peak
 }  // namespace cpu
 }  // namespace mmk

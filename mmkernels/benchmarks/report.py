@@ -83,22 +83,31 @@ def measured_peak_gflops() -> float:
     return _PEAK
 
 
-_TILE_PEAKS: Optional[Dict[str, float]] = None
+_DOT_PEAKS: Optional[Dict[str, float]] = None
+_DOT_SOURCE = ""
 _BANDWIDTH: Optional[float] = None
 
 
-def measured_tile_peaks() -> Dict[str, float]:
-    """The AMX tiles' peaks in GOP/s (all threads), measured once per process where the CPU path
-    is "amx": ``{"bf16": tdpbf16ps GFLOP/s, "int8": tdpbusd GOP/s}``; empty elsewhere."""
-    global _TILE_PEAKS
-    if _TILE_PEAKS is None:
-        _TILE_PEAKS = {}
+def measured_dot_peaks() -> Dict[str, float]:
+    """The bf16 / int8 peaks in GOP/s (all threads) of the instructions our kernels multiply bf16
+    and int8 with on this CPU path, measured once per process (``mmkernels_C::dot_peak_gops``):
+    the AMX tiles (tdpbf16ps / tdpbusd) on "amx", vdpbf16ps / vpdpbusd on "avx512_bf16";
+    ``{"bf16": ..., "int8": ...}``, empty on other paths."""
+    global _DOT_PEAKS, _DOT_SOURCE
+    if _DOT_PEAKS is None:
+        _DOT_PEAKS = {}
         from .. import _extension
 
-        ops = _extension.CPU.ops("tile_peak_gops")
-        if ops is not None and _cpu_isa() == "amx":
-            _TILE_PEAKS = {kind: float(ops.tile_peak_gops(i, 2_000_000, 5)) for i, kind in enumerate(("bf16", "int8"))}
-    return _TILE_PEAKS
+        ops = _extension.CPU.ops("dot_peak_gops")
+        isa = _cpu_isa()
+        if ops is not None and isa in ("amx", "avx512_bf16"):
+            _DOT_SOURCE = "AMX tiles" if isa == "amx" else "AVX-512 vdpbf16ps / vpdpbusd"
+            for kind, name in enumerate(("bf16", "int8")):
+                try:
+                    _DOT_PEAKS[name] = float(ops.dot_peak_gops(kind, 2_000_000, 5))
+                except RuntimeError:  # int8 without VNNI
+                    pass
+    return _DOT_PEAKS
 
 
 def measured_bandwidth_gbs() -> float:
@@ -121,22 +130,25 @@ def measured_bandwidth_gbs() -> float:
 
 
 def peak_for(case_id: str) -> float:
-    """The peak a case's GFLOP/s are a fraction of: on the AMX path the tiles' bf16 peak for
-    bfloat16 attention and their int8 peak for W8A8, else the float32 FMA peak."""
-    tiles = measured_tile_peaks() if _PEAK else {}
-    if "bf16" in tiles and "-bfloat16" in case_id:
-        return tiles["bf16"]
-    if "int8" in tiles and "-w8a8-" in case_id:
-        return tiles["int8"]
+    """The peak a case's GFLOP/s are a fraction of: the measured bf16 dot-product / tile peak for
+    bfloat16 attention, the int8 one for W8A8 (where this CPU path has them), else the float32
+    FMA peak."""
+    dots = measured_dot_peaks() if _PEAK else {}
+    if "bf16" in dots and "-bfloat16" in case_id:
+        return dots["bf16"]
+    if "int8" in dots and "-w8a8-" in case_id:
+        return dots["int8"]
     return _PEAK or 0.0
 
 
 def peak_description() -> str:
     peak = measured_peak_gflops()
     text = f"{_PEAK_SOURCE} {peak:.0f} GFLOP/s, this run"
-    tiles = measured_tile_peaks()
-    if tiles:
-        text += f"; AMX tiles bf16 {tiles['bf16']:.0f} GFLOP/s, int8 {tiles['int8']:.0f} GOP/s"
+    dots = measured_dot_peaks()
+    if dots:
+        text += f"; {_DOT_SOURCE}: " + ", ".join(
+            f"{name} {v:.0f} {'GFLOP/s' if name == 'bf16' else 'GOP/s'}" for name, v in dots.items()
+        )
     return text + f"; memory bandwidth {measured_bandwidth_gbs():.1f} GB/s (copy)"
 
 
