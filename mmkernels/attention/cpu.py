@@ -5,8 +5,9 @@ The kernel lives in the extension ``mmkernels._C`` (csrc/cpu/attention*.cpp, reg
 everything else about the layout (batch, head and sequence strides) is used as given, so the usual
 ``(B, L, H, D).transpose(1, 2)`` views cost no copy.
 
-The code path (AVX-512 with BF16 dot products, AVX-512, AVX2, scalar) is chosen from CPUID on
-every call; ``MMKERNELS_CPU_ISA=avx512_bf16|avx512|avx2|scalar`` forces a lower one.
+The code path (AMX tiles for bfloat16, AVX-512 with BF16 dot products, AVX-512, AVX2, scalar) is
+chosen from CPUID on every call; ``MMKERNELS_CPU_ISA=amx|avx512_bf16|avx512|avx2|scalar`` forces a
+lower one, and ``MMKERNELS_CPU_ISA=amx_emulated`` (tests) runs the AMX kernel over emulated tiles.
 """
 
 from __future__ import annotations
