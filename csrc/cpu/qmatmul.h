@@ -16,8 +16,8 @@
 // The AMX tables ("amx", "amx_emulated": qmatmul_amx_kernel.h) are the AVX-512 bf16 table with the
 // a8 item on tdpbusd / tdpbssd and the bf16-x gemm item on tdpbf16ps, in blocks of 32 rows x 32
 // channels (2 x 2 tiles of 16 x 16): both prepacked layouts below are already AMX B tiles (16
-// quads / pairs x 16 channels, stride 256 bytes); rows past whole 16-row tiles and fp32 x take the
-// AVX-512 items. Tested over emulated tiles only (no AMX CPU was at hand).
+// quads / pairs x 16 channels, stride 256 bytes); rows past whole 16-row tiles and fp32 x (fp16 x:
+// staged as fp32) take the AVX-512 items. Tested over emulated tiles only (no AMX CPU was at hand).
 #pragma once
 
 #include <cstdint>
