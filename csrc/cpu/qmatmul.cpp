@@ -1,4 +1,4 @@
-// Quantized matmul on the CPU, torch-free part: the ISA choice and the shared bf16 helpers
+// Quantized matmul on the CPU, torch-free part: the ISA choice and the shared bf16 / fp16 helpers
 // (baseline flags). The kernels are in qmatmul_{avx512,avx2,scalar}.cpp behind qmatmul.h; the
 // torch glue (checks, prepacking, work split) in qmatmul_torch.cpp.
 #include "cpu/qmatmul.h"
@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "cpu/cpu_features.h"
+#include "cpu/fp16.h"
 
 namespace mmk {
 namespace cpu {
@@ -25,6 +26,10 @@ uint16_t f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
+
+float half_to_f32(uint16_t h) { return f16_to_f32(h); }
+
+uint16_t f32_to_half(float f) { return f32_to_f16(f); }
 
 namespace {
 

@@ -16,8 +16,8 @@
 // The AMX tables ("amx", "amx_emulated": qmatmul_amx_kernel.h) are the AVX-512 bf16 table with the
 // a8 item on tdpbusd / tdpbssd and the bf16-x gemm item on tdpbf16ps, in blocks of 32 rows x 32
 // channels (2 x 2 tiles of 16 x 16): both prepacked layouts below are already AMX B tiles (16
-// quads / pairs x 16 channels, stride 256 bytes); rows past whole 16-row tiles and fp32 x take the
-// AVX-512 items. Tested over emulated tiles only (no AMX CPU was at hand).
+// quads / pairs x 16 channels, stride 256 bytes); rows past whole 16-row tiles and fp32 x (fp16 x:
+// staged as fp32) take the AVX-512 items. Tested over emulated tiles only (no AMX CPU was at hand).
 #pragma once
 
 #include <cstdint>
@@ -27,7 +27,11 @@ namespace mmk {
 namespace cpu {
 namespace qmm {
 
-enum Dtype : int { kF32 = 0, kBF16 = 1 };
+// x / out dtypes. kF16 (IEEE binary16): x is widened to fp32 (exact; F16C in the SIMD paths)
+// wherever a kernel reads it, the math is the fp32 math of kF32, and the output is rounded to
+// binary16 (nearest even, NaN kept): the reference's float32 compute for float16 x. It never takes
+// the bf16 dot products (bf16 would round x).
+enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Output channels per strip of both prepacked layouts (4 AVX-512 vectors of fp32 / int32).
 constexpr int kStrip = 64;
@@ -75,7 +79,8 @@ struct A8Packed {
   int64_t Npad, T;  // T = ceil(K / 4) quads
 };
 
-// Output: rows of out (M, N), row stride ldo elements, dtype kF32 / kBF16; bias fp32 (N) or null.
+// Output: rows of out (M, N), row stride ldo elements, dtype kF32 / kBF16 / kF16; bias fp32 (N) or
+// null.
 struct Out {
   void* y;
   int64_t ldo;
@@ -120,7 +125,7 @@ struct GemmJob {
   Out out;
 };
 
-// a8: x rows (M, K) (stride ldx, fp32 / bf16), optional smooth (K) fp32. Workspace filled by
+// a8: x rows (M, K) (stride ldx, fp32 / bf16 / fp16), optional smooth (K) fp32. Workspace filled by
 // a8_quantize: aq (M, 4T) elements of a8_elem_bytes (row stride 4T elements), sx (M) activation
 // scales, rowsum (M) = sum_k x_q[m, k]. For the scalar path p is unused and w is read in the
 // canonical layout.
@@ -163,6 +168,9 @@ struct QmmImpl {
   // The driver gives gemm_item / a8_item row ranges of a multiple of this many rows (but the last
   // one): the kernels' row block (6-row register tiles; AMX: 2 tiles of 16 rows).
   int item_rows;
+  // dst[0 .. n) = the n elements of x (dtype kF32 / kBF16 / kF16) as fp32, exactly (fp16: F16C on
+  // the SIMD paths): the driver's staging of x for rowdot and the fp32 gemm.
+  void (*widen_row)(const void* x, int dtype, int64_t n, float* dst);
 };
 
 const QmmImpl* qmm_impl_avx512(bool bf16);  // nullptr when not compiled for x86
@@ -195,6 +203,15 @@ static inline float a8_scale(uint32_t amax_bits) {
 // Shared helpers (defined in qmatmul.cpp, baseline flags).
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);  // round to nearest even (NaN stays NaN)
+float half_to_f32(uint16_t h);  // binary16, exact (fp16.h)
+uint16_t f32_to_half(float f);  // round to nearest even, overflow to inf, NaN stays NaN (fp16.h)
+
+// Element off of x (dtype kF32 / kBF16 / kF16) as fp32 (exact).
+inline float x_elem_f32(const void* x, int dtype, int64_t off) {
+  if (dtype == kF32) return ((const float*)x)[off];
+  const uint16_t h = ((const uint16_t*)x)[off];
+  return dtype == kBF16 ? bf16_to_f32(h) : half_to_f32(h);
+}
 
 }  // namespace qmm
 }  // namespace cpu

@@ -24,7 +24,8 @@
 //    one sum over K, scaled in the output epilogue). A group end that is not a multiple of 32
 //    features: the last A tile is staged with zeros past it (so the next group's pairs in the B
 //    tile, finite integers, add exact zeros); the panel has 16 zeroed pairs past its end.
-//    fp32 x keeps the AVX-512 FMA gemm (bf16 tiles would round x).
+//    fp32 x, and fp16 x (staged as fp32 by the driver: a_dtype kF32), keep the AVX-512 FMA gemm
+//    (bf16 tiles would round x).
 //
 // Include ONLY after the file's MMK_TARGET_* pragma and the tile traits: internal linkage.
 #pragma once

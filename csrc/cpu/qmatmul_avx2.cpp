@@ -273,8 +273,9 @@ void a8_quantize(const A8Job& j, int64_t m0, int64_t m1) {
   const int64_t K = j.K, K4 = j.p.T * 4;
   for (int64_t m = m0; m < m1; ++m) {
     auto value = [&](int64_t k) {
-      float v = j.x_dtype == kF32 ? ((const float*)j.x)[m * j.ldx + k]
-                                  : bf16_to_f32(((const uint16_t*)j.x)[m * j.ldx + k]);
+      const int64_t off = m * j.ldx + k;
+      const float v = j.x_dtype == kF16 ? _cvtsh_ss(((const uint16_t*)j.x)[off])  // F16C
+                                        : x_elem_f32(j.x, j.x_dtype, off);
       return j.smooth ? v / j.smooth[k] : v;
     };
     uint32_t amax = 0;  // bits of max |v| (see a8_scale)
@@ -347,8 +348,20 @@ void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   }
 }
 
+void widen_row(const void* x, int dtype, int64_t n, float* dst) {
+  if (dtype == kF32) {
+    std::memcpy(dst, x, n * sizeof(float));
+    return;
+  }
+  const uint16_t* h = (const uint16_t*)x;
+  for (int64_t k = 0; k < n; k += 8) {
+    const int r = (int)std::min<int64_t>(8, n - k);
+    V256::storen(dst + k, dtype == kBF16 ? V256::load_bf16(h + k, r) : V256::load_f16(h + k, r), r);
+  }
+}
+
 const QmmImpl kImpl = {"avx2",  rowdot, false, gemm_item, gemm_scratch_bytes, false, a8_quantize,
-                       a8_item, false,  2,     6};
+                       a8_item, false,  2,     6,         widen_row};
 
 }  // namespace
 

@@ -475,11 +475,18 @@ void a8_item(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   });
 }
 
+void widen_row(const void* x, int dtype, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 mk = lanes16(n - k);
+    _mm512_mask_storeu_ps(dst + k, mk, load_x(x, dtype, k, mk));
+  }
+}
+
 const QmmImpl kImplBf16 = {
     "avx512_bf16", rowdot, true, gemm_item, gemm_scratch_bytes, true, a8_quantize,
-    a8_item,       true,   1,    6};
+    a8_item,       true,   1,    6,         widen_row};
 const QmmImpl kImpl = {"avx512", rowdot, true, gemm_item, gemm_scratch_bytes, false, a8_quantize,
-                       a8_item,  true,   1,    6};
+                       a8_item,  true,   1,    6,         widen_row};
 
 }  // namespace
 

@@ -37,9 +37,11 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+// x lanes as fp32: fp32, bf16 or fp16 (vcvtph2ps, exact).
 inline __m512 load_x(const void* x, int dtype, int64_t off, __mmask16 m) {
-  return dtype == kF32 ? _mm512_maskz_loadu_ps(m, (const float*)x + off)
-                       : load_bf16((const uint16_t*)x + off, m);
+  if (dtype == kF32) return _mm512_maskz_loadu_ps(m, (const float*)x + off);
+  if (dtype == kBF16) return load_bf16((const uint16_t*)x + off, m);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)x + off));
 }
 
 // y[0 .. n) = v (+ bias) in the output dtype.
@@ -48,7 +50,11 @@ inline void store_out(const Out& o, int64_t m, int64_t n0, __m512 v, __mmask16 m
   if (o.dtype == kF32) {
     _mm512_mask_storeu_ps((float*)o.y + m * o.ldo + n0, mask, v);
   } else {
-    _mm256_mask_storeu_epi16((uint16_t*)o.y + m * o.ldo + n0, mask, to_bf16(v));
+    // fp16: vcvtps2ph rounds to nearest even, overflows to inf, keeps NaN quiet (like fp16.h)
+    const __m256i h = o.dtype == kBF16
+                          ? to_bf16(v)
+                          : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16((uint16_t*)o.y + m * o.ldo + n0, mask, h);
   }
 }
 

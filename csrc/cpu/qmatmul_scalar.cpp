@@ -78,8 +78,7 @@ void rowdot_scalar(const RowdotJob& j, int64_t n0, int64_t n1) {
 }
 
 float load_act(const A8Job& j, int64_t m, int64_t k) {
-  const float v = j.x_dtype == kF32 ? ((const float*)j.x)[m * j.ldx + k]
-                                    : bf16_to_f32(((const uint16_t*)j.x)[m * j.ldx + k]);
+  const float v = x_elem_f32(j.x, j.x_dtype, m * j.ldx + k);
   return j.smooth ? v / j.smooth[k] : v;
 }
 
@@ -122,8 +121,13 @@ void a8_item_scalar(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
   }
 }
 
-const QmmImpl kImpl = {"scalar",           rowdot_scalar,  false, nullptr, nullptr, false,
-                       a8_quantize_scalar, a8_item_scalar, false, 1,       6};
+void widen_row_scalar(const void* x, int dtype, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = x_elem_f32(x, dtype, k);
+}
+
+const QmmImpl kImpl = {"scalar", rowdot_scalar,      false,          nullptr, nullptr,
+                       false,    a8_quantize_scalar, a8_item_scalar, false,   1,
+                       6,        widen_row_scalar};
 
 }  // namespace
 

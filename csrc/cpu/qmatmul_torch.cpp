@@ -89,13 +89,17 @@ int64_t rows_per_item(int64_t M, int64_t S, int64_t max_rows, int64_t rb, int64_
 // torch-facing checks
 // ---------------------------------------------------------------------------------------------
 
-int dtype_code(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? kF32 : kBF16; }
+int dtype_code(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == at::kFloat ? kF32 : st == at::kHalf ? kF16 : kBF16;
+}
 
 void check_x_out(const at::Tensor& x2, const at::Tensor& out, int64_t N, int64_t K) {
   TORCH_CHECK(x2.device().is_cpu() && out.device().is_cpu(),
               "qmatmul (CPU): x2 and out must be CPU tensors");
-  TORCH_CHECK(x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16,
-              "qmatmul (CPU): x2 must be float32 or bfloat16 (float16 / float64 are served by the "
+  TORCH_CHECK(x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16 ||
+                  x2.scalar_type() == at::kHalf,
+              "qmatmul (CPU): x2 must be float32, bfloat16 or float16 (float64 is served by the "
               "reference), got ",
               x2.scalar_type());
   TORCH_CHECK(x2.dim() == 2 && x2.size(1) == K, "qmatmul (CPU): x2 must be (M, K=", K, "), got ",
@@ -160,35 +164,51 @@ Out make_out(const at::Tensor& out, const float* bias) {
   return o;
 }
 
-float x_at(const at::Tensor& x2, int dt, int64_t m, int64_t k) {
-  const int64_t off = m * x2.stride(0) + k;
-  return dt == kF32 ? ((const float*)x2.data_ptr())[off]
-                    : bf16_to_f32(((const uint16_t*)x2.data_ptr())[off]);
+// Row m of x2 as fp32 (impl->widen_row: exact, F16C for float16 on the SIMD paths) into buf (K).
+const float* x_row_f32(const QmmImpl* impl, const at::Tensor& x2, int dt, int64_t m, float* buf) {
+  const int64_t K = x2.size(1);
+  const char* src = (const char*)x2.data_ptr() + m * x2.stride(0) * x2.element_size();
+  if (dt == kF32) return (const float*)src;
+  impl->widen_row(src, dt, K, buf);
+  return buf;
 }
 
 // fp32 copy of x (/ smooth) into dst (M, K) (int4 rowdot: even / odd halves, each (M, K/2)).
-void stage_fp32(const at::Tensor& x2, const float* smooth, float* dst, bool split, int nt) {
+void stage_fp32(const QmmImpl* impl, const at::Tensor& x2, const float* smooth, float* dst,
+                bool split, int nt) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const int dt = dtype_code(x2);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) {
-      float v = x_at(x2, dt, m, k);
-      if (smooth) v = v / smooth[k];
-      if (split) {
-        dst[(k & 1) * M * (K / 2) + m * (K / 2) + k / 2] = v;
-      } else {
-        dst[m * K + k] = v;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> buf(dt == kF32 ? 0 : K);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      if (!split && !smooth && dt != kF32) {  // widened straight into place
+        x_row_f32(impl, x2, dt, m, dst + m * K);
+        continue;
+      }
+      const float* x = x_row_f32(impl, x2, dt, m, buf.data());
+      for (int64_t k = 0; k < K; ++k) {
+        float v = x[k];
+        if (smooth) v = v / smooth[k];
+        if (split) {
+          dst[(k & 1) * M * (K / 2) + m * (K / 2) + k / 2] = v;
+        } else {
+          dst[m * K + k] = v;
+        }
       }
     }
   }
 }
 
 // x (/ smooth) in the phase-8 layout of RowdotJob::x8 (small M: single-threaded).
-void stage_x8(const at::Tensor& x2, const float* smooth, float* dst, int64_t ld) {
+void stage_x8(const QmmImpl* impl, const at::Tensor& x2, const float* smooth, float* dst,
+              int64_t ld) {
   const int64_t M = x2.size(0), K = x2.size(1);
   const int dt = dtype_code(x2);
+  std::vector<float> buf(dt == kF32 ? 0 : K);
   for (int64_t m = 0; m < M; ++m) {
+    const float* x = x_row_f32(impl, x2, dt, m, buf.data());
     float* row = dst + m * ld;
     for (int64_t blk = 0; blk < ld; blk += 128)
       for (int64_t i = 0; i < 16; ++i)
@@ -196,7 +216,7 @@ void stage_x8(const at::Tensor& x2, const float* smooth, float* dst, int64_t ld)
           const int64_t k = blk + 8 * i + p;
           float v = 0.f;
           if (k < K) {
-            v = x_at(x2, dt, m, k);
+            v = x[k];
             if (smooth) v = v / smooth[k];
           }
           row[blk + 16 * p + i] = v;
@@ -293,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qmatmul_prepack_a8(
 // Weight-only
 // ---------------------------------------------------------------------------------------------
 
-// out (M, N) = x2 (M, K) @ w_hat.T (+ bias), weight-only. x2: float32 / bfloat16 with
+// out (M, N) = x2 (M, K) @ w_hat.T (+ bias), weight-only. x2: float32 / bfloat16 / float16 with
 // stride(1) == 1; out: x2's dtype, stride(1) == 1; bias / smooth float32 contiguous. With the
 // prepacked (pw, psT, pzT) the larger-M GEMM kernel may run; without, the row-dot kernel does.
 void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
@@ -338,6 +358,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     const int64_t items = mblocks * S;
     const int nt = num_threads(items);
 
+    // float16 x: staged as fp32 (the fp32 gemm; bf16 dot products would round x to bf16)
     const bool use_bf16 = impl->gemm_bf16 && dt == kBF16 && sm == nullptr && K % 2 == 0;
     const bool stage = !use_bf16 && (dt != kF32 || sm != nullptr);
     j.a_dtype = use_bf16 ? kBF16 : kF32;
@@ -345,7 +366,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     const int64_t stage_bytes = stage ? align64(M * K * 4) : 0;
     char* mem = tl_scratch.get(stage_bytes + per_thread * nt);
     if (stage) {
-      stage_fp32(x2, sm, (float*)mem, false, num_threads(M));
+      stage_fp32(impl, x2, sm, (float*)mem, false, num_threads(M));
       j.a = mem;
       j.lda = K;
     } else {
@@ -376,7 +397,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
   if (impl->rowdot_x8 && rowdot_x8_layout(w)) {
     j.ldx8 = ceil_div(K, 128) * 128;
     float* mem = (float*)tl_scratch.get(M * j.ldx8 * 4);
-    stage_x8(x2, sm, mem, j.ldx8);
+    stage_x8(impl, x2, sm, mem, j.ldx8);
     j.x8 = mem;
     j.xe = j.xo = nullptr;
     j.ldx = 0;
@@ -385,7 +406,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     j.ldx = x2.stride(0);
   } else {
     float* mem = (float*)tl_scratch.get(M * K * 4);
-    stage_fp32(x2, sm, mem, split, num_threads(M * K / 4096));
+    stage_fp32(impl, x2, sm, mem, split, num_threads(M * K / 4096));
     j.xe = mem;
     j.xo = split ? mem + M * (K / 2) : mem;
     j.ldx = split ? K / 2 : K;

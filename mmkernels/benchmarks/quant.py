@@ -3,10 +3,11 @@
 Case ids: ``qmatmul-<format>-m<M>-k<K>-n<N>`` with format ``int4g128`` (int4 weight-only, groups of
 128, symmetric), ``int8wo`` (int8 weight-only per channel) or ``w8a8`` (int8 per-channel weights,
 dynamic per-token int8 activations). Our contender runs float32 activations (``mmkernels``) and,
-for weight-only formats, bfloat16 activations too (``mmkernels_bf16``). Peers, built from the same
-float weight:
+for weight-only formats, bfloat16 activations too (``mmkernels_bf16``); the int4 g128 1x4096x4096
+GEMV also runs float16 activations (``mmkernels_f16``, against ``torch_f16``; no gate). Peers, built
+from the same float weight:
 
-* ``torch_fp32`` / ``torch_bf16``: ``x @ W.T`` in float32 / bfloat16 (oneDNN).
+* ``torch_fp32`` / ``torch_bf16`` / ``torch_f16``: ``x @ W.T`` in float32 / bfloat16 / float16.
 * ``torch_int4_cpu``: torch's own CPU int4 op ``aten._weight_int4pack_mm_for_cpu`` (bfloat16
   activations, groups of 128, asymmetric tinygemm-style zero points) — what torchao's CPU int4
   layout calls.
@@ -49,6 +50,8 @@ QUICK_SHAPES = [("tiny_gemv", 1, 256, 512), ("tiny_gemm", 32, 256, 512)]
 FORMATS = ("int4g128", "int8wo", "w8a8")
 # Shapes on which torch.compile'd torchao peers run (the gates compare with them).
 COMPILED_PEER_SHAPES = {("int8wo", 1, 4096, 4096), ("w8a8", 128, 4096, 4096)}
+# Cases that also run float16 activations (ours and torch's float16 matmul).
+F16_SHAPES = {("int4g128", 1, 4096, 4096)}
 
 
 def _quiet(fn):
@@ -131,6 +134,10 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
         contenders["mmkernels_bf16"] = lambda: mmkernels.qmatmul(xb, qw)
     contenders["torch_fp32"] = lambda: x @ w.T
     contenders["torch_bf16"] = lambda: xb @ w_bf16.T
+    if (fmt, m, k, n) in F16_SHAPES:
+        xh, w_f16 = x.to(torch.float16), w.to(torch.float16)
+        contenders["mmkernels_f16"] = lambda: mmkernels.qmatmul(xh, qw)
+        contenders["torch_f16"] = lambda: xh @ w_f16.T
 
     peers: Dict[str, Callable] = {}
     notes: Dict[str, str] = {}

@@ -1,10 +1,10 @@
 """Backends of ``qmatmul``, declared as data (mmkernels._dispatch.Backend) and registered in
 priority order (first capable wins).
 
-CPU tensors -> cpu (the C++ kernels of mmkernels._C, float32 / bfloat16 ``x``), torch (W8A8 int8
-through ``torch._int_mm``, bit-identical to the reference: it takes the W8A8 calls the cpu backend
-cannot, e.g. float16 ``x``), reference. float64 ``x`` goes to the reference (the test oracle), as
-do float16 weight-only calls (no fast CPU path on CPUs without AVX512-FP16).
+CPU tensors -> cpu (the C++ kernels of mmkernels._C, float32 / bfloat16 / float16 ``x``; float16
+widened to float32 with F16C, float32 math, rounded to float16), torch (W8A8 int8 through
+``torch._int_mm``, bit-identical to the reference: it takes the W8A8 calls the cpu backend
+cannot), reference. float64 ``x`` goes to the reference (the test oracle).
 CUDA tensors -> cuda (int4 weight-only fp16 / bf16 decode GEMV of csrc/cuda/qgemv_int4.cu, when
 mmkernels._cuda is built), triton (every format), reference. The Triton backend also runs CPU
 tensors under ``TRITON_INTERPRET=1`` when asked for explicitly (``backend="triton"``): that is how
@@ -108,11 +108,9 @@ CPU = _dispatch.Backend(
     "cpu",
     "mmkernels.quant.cpu:qmatmul",
     devices=("cpu",),
-    dtypes=("float32", "bfloat16"),
+    dtypes=("float32", "bfloat16", "float16"),
     dtype_notes={
         "float64": "float64 is served by the reference (the test oracle; the kernels compute in float32)",
-        "float16": "float16 has no fast path on CPUs without AVX512-FP16 (use bfloat16 or "
-        "float32); the reference serves it",
     },
     features=("int4", "int8", "w8a8", "asym", "groups", "smooth"),
     feature_notes={"fp8": "fp8 (e4m3) weights have no CPU kernel (the reference serves them)"},
@@ -120,7 +118,9 @@ CPU = _dispatch.Backend(
     notes="weight-only int4 / int8: row-dot GEMV for M < 16 on the stored layout, GEMM on a cached "
     "prepacked layout for M >= 16 (fp32 FMA, or bf16 dot products for bfloat16 x); W8A8: "
     "per-token int8 activations, int32 VNNI dot products on a cached VNNI-blocked weight "
-    "(equal to the reference bit for bit); OpenMP, AVX-512 / AVX2 / scalar chosen at run time",
+    "(equal to the reference bit for bit); float16 x is widened to float32 with F16C (no "
+    "AVX512-FP16 needed), computed in float32 like float32 x, rounded to float16; OpenMP, "
+    "AVX-512 / AVX2 / scalar chosen at run time",
 )
 
 

@@ -13,6 +13,9 @@ chosen from CPUID on every call and ``MMKERNELS_CPU_ISA`` lowers it.
   L2-resident panel and a register-tiled micro-kernel runs over it: fp32 FMA on the exact
   dequantized weights, or for bfloat16 ``x`` bf16 dot products (vdpbf16ps) of ``x`` with the exact
   integers ``q - z``, scaled per group in fp32.
+* float16 ``x`` (every path above): widened to fp32 with F16C where the kernels read it (exact),
+  then the fp32 kernels of float32 ``x`` (never the bf16 dot products: they would round ``x``);
+  the output is rounded to float16 (nearest even, NaN kept), as the reference's float32 compute.
 * W8A8 (``act_bits=8``): per-token int8 quantization of ``x`` fused into the packing of the
   activation panel (true divisions, round half to even: bit-identical to the reference), int32
   dot products (AVX512-VNNI vpdpbusd; AVX2 vpmaddwd) on a VNNI-blocked prepacked weight
@@ -51,7 +54,7 @@ GEMM_MIN_M = 16
 # W8A8 accumulates in int32: K * 127 * 255 must stay below 2**31.
 W8A8_MAX_K = 66000
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # is_available(), LOAD_ERROR (module attribute) and cpu_isa(), as for every family's glue.

@@ -9,7 +9,8 @@ Runs on "amx" where the CPU has it and on "amx_emulated" (every tile instruction
 tile_emu.h) where it runs avx512_bf16; kept small, the emulation is slow. W8A8 must equal the
 AVX-512 path and the reference in x's dtype bit for bit (exact int32 sums, same epilogue).
 Weight-only (bf16 x: tdpbf16ps) follows the float64 oracle rule of tests/oracle.py; its fp32 group
-sums differ from vdpbf16ps only in rounding order, far below the bf16 output rounding. conftest
+sums differ from vdpbf16ps only in rounding order, far below the bf16 output rounding. float16 x
+never takes the tiles: it must equal the plain "avx512" path (fp32 gemm) bit for bit. conftest
 sets MMKERNELS_DEBUG_POISON=1 (outputs start as NaN).
 """
 
@@ -69,7 +70,7 @@ def oracle_check(got, x, qw, bias=None):
     assert err <= 2 * base + floor, f"max error {err:.3g} > 2 x {base:.3g} + {floor:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("n,k", [(67, 100), (130, 200), (64, 256)])  # K tails of 36, 8, 0 features
 def test_w8a8_tiles_bit_identical(cpu, isa, n, k, symmetric, dtype):
@@ -122,6 +123,25 @@ def test_weight_only_bf16_tiles(cpu, isa, bits, group_size, k, symmetric):
         got = cpu(isa, x, qw, b)
         assert not got.isnan().any(), "an output element was not written"
         oracle_check(got, x, qw, b)
+
+
+@pytest.mark.parametrize("bits,group_size,k", [(4, 32, 160), (4, None, 200), (8, 64, 128), (8, None, 100)])
+def test_weight_only_f16_takes_the_fp32_gemm(cpu, isa, bits, group_size, k):
+    """float16 x never reaches a bf16 tile (bf16 would round x): the amx tables widen it to fp32
+    and run the AVX-512 fp32 gemm (and rowdot below 16 rows), so their output equals the plain
+    "avx512" path's (no bf16 code at all) bit for bit and follows the float64 oracle rule."""
+    n = 67
+    qw = quantize_weight(torch.randn(n, k), bits, group_size, symmetric=False)
+    bias = torch.randn(n)
+    for i, m in enumerate((3, 16, 33)):
+        x = torch.randn(m, k).half()
+        x[m - 1, k - 1] = NAN  # a NaN row, past the whole tiles when m = 33
+        b = bias if i % 2 else None
+        got = cpu(isa, x, qw, b)
+        same = cpu("avx512", x, qw, b)  # raw bits: NaN == NaN
+        assert torch.equal(got.view(torch.int16), same.view(torch.int16)), f"M={m}: differs from avx512"
+        assert got[m - 1].isnan().all() and not got[: m - 1].isnan().any()
+        oracle_check(got[: m - 1], x[: m - 1], qw, b)
 
 
 @pytest.mark.parametrize("k,gs", [(200, 50), (1056, 48), (1536, 768), (2048, 1024)])

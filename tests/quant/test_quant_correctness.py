@@ -36,7 +36,11 @@ W8A8 = [
     pytest.param(dict(bits=8, symmetric=False), id="int8-asym"),
     pytest.param(dict(bits=8, fp8=True), id="fp8"),
 ]
-DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
+DTYPES = [
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="f16"),
+]
 M_VALUES = (1, 3, 16, 33)  # GEMV / row-dot paths below 16 rows, GEMM paths from 16
 
 

@@ -25,7 +25,8 @@ if not qcpu.is_available():
     pytest.skip(f"mmkernels._C has no qmatmul kernels: {qcpu.LOAD_ERROR}", allow_module_level=True)
 
 ISAS = cpu_isa_paths("quant")  # every ISA path this CPU can run, lowest first
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "bf16", "f16"]
 M_VALUES = (1, 3, 16, 33, 128)  # 1 / 3: row-dot kernel; >= 16: prepacked GEMM kernel
 
 
@@ -69,7 +70,7 @@ WO_CONFIGS = [  # (bits, group_size, K)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("bits,group_size,k", WO_CONFIGS)
 def test_weight_only(isa, bits, group_size, k, symmetric, dtype):
@@ -82,7 +83,7 @@ def test_weight_only(isa, bits, group_size, k, symmetric, dtype):
         check(x, qw, bias if i % 2 == 0 else None, smooth if i % 3 == 1 else None)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (8, None), (4, None)])
 def test_weight_only_large_blocks(isa, bits, group_size, dtype):
     """Several K blocks of the GEMM panel, several row blocks, a partial last strip."""
@@ -92,7 +93,7 @@ def test_weight_only_large_blocks(isa, bits, group_size, dtype):
         check(torch.randn(m, k).to(dtype), qw, torch.randn(n))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_weight_only_layouts_bias_smooth(isa, dtype):
     """Non-contiguous and 3-D x, bias in another dtype, SmoothQuant factors."""
     n, k = 33, 256
@@ -121,7 +122,7 @@ def test_int4_every_nibble(isa, symmetric):
             check(torch.randn(m, k, generator=g).to(dtype), qw)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_w8a8_exact(isa, symmetric, dtype):
     for n, k in ((67, 256), (257, 97), (64, 1000)):
@@ -137,7 +138,7 @@ def test_w8a8_exact(isa, symmetric, dtype):
             check(x, qw, bias if i % 2 else None, act_bits=8)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_w8a8_layouts_bias_smooth(isa, dtype):
     n, k = 31, 128
     qw = quantize_weight(torch.randn(n, k), 8, None, symmetric=False)
@@ -165,6 +166,10 @@ def test_w8a8_extreme_values(isa):
         qw = QuantizedWeight(qweight, torch.rand(n, 1) + 0.5, zeros, bits=8, group_size=None, shape=(n, k))
         check(x, qw, act_bits=8)
         check(x.bfloat16(), qw, act_bits=8)
+        # float16: the same saturating x_q, with the weight scales made small enough that the
+        # output stays finite in float16 (|y| < 65504)
+        qw16 = QuantizedWeight(qweight, qw.scales * 1e-4, zeros, bits=8, group_size=None, shape=(n, k))
+        assert torch.isfinite(check(x.half(), qw16, act_bits=8)).all()
 
 
 def test_empty_rows(isa):
@@ -200,14 +205,19 @@ def test_prepacked_cache_follows_weight_changes():
 
 def test_dispatch_and_reasons():
     qw = quantize_weight(torch.randn(8, 64), 4, 32)
+    qw8 = quantize_weight(torch.randn(8, 64), 8)
     from mmkernels import _dispatch
     from mmkernels.quant.api import _select
 
-    for dtype, name in ((torch.float32, "cpu"), (torch.bfloat16, "cpu"), (torch.float64, "reference")):
+    for dtype, name in (
+        (torch.float32, "cpu"),
+        (torch.bfloat16, "cpu"),
+        (torch.float16, "cpu"),
+        (torch.float64, "reference"),
+    ):
         x = torch.randn(2, 64, dtype=dtype)
         assert _select(x, qw.qweight, qw.scales, qw.zeros, 4, 0, False, "").name == name
-    with pytest.raises(_dispatch.NoBackendError, match="float16 has no fast path"):
-        qmatmul(torch.randn(2, 64).half(), qw, backend="cpu")
+        assert _select(x, qw8.qweight, qw8.scales, qw8.zeros, 8, 8, False, "").name == name  # W8A8
     with pytest.raises(_dispatch.NoBackendError, match="float64 is served by the reference"):
         qmatmul(torch.randn(2, 64).double(), qw, backend="cpu")
     rows = {r["backend"]: r for r in mmkernels._dispatch.capability_table() if r["op"] == "qmatmul"}

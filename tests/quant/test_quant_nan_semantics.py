@@ -25,7 +25,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purp
 EVERY_CPU_ISA = True  # conftest's backend fixture: the cpu backend once per ISA path
 
 
-DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.bfloat16, id="bf16")]
+DTYPES = [
+    pytest.param(torch.float32, id="f32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="f16"),
+]
 W8A8 = [
     pytest.param(dict(bits=8, symmetric=True), id="int8-sym"),
     pytest.param(dict(bits=8, symmetric=False), id="int8-asym"),

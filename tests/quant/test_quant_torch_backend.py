@@ -72,15 +72,15 @@ def test_refuses_what_it_does_not_serve():
 @pytest.mark.parametrize("klass", ["avx512", "amx"])
 def test_our_w8a8_kernel_stays_the_choice_torch_takes_what_it_cannot(cpu_class, klass, recwarn):
     """Our VNNI W8A8 beats eager torch._int_mm W8A8 on both CPU classes: torch is chosen only for
-    the W8A8 calls the cpu kernel cannot take (float16 x), where it beats the reference."""
+    the W8A8 calls the cpu kernel cannot take (none of float32 / bfloat16 / float16 x since the cpu
+    kernel took float16), where it beats the reference."""
     cpu_class(klass)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         for sym, smooth in ((True, False), (False, True)):
             call = QMatmulCall("cpu", dtype, 8, 0, sym, 8, smooth)
             assert _dispatch.select("qmatmul", call, "cpu").name == "cpu"
-    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 8, 0, True, 8, False), "cpu").name == "torch"
-    # weight-only float16 and float64 still go to the reference
-    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 4, 128, True, 0, False), "cpu").name == "reference"
+    # weight-only float16 goes to the cpu kernel too; float64 to the reference
+    assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float16", 4, 128, True, 0, False), "cpu").name == "cpu"
     assert _dispatch.select("qmatmul", QMatmulCall("cpu", "float64", 8, 0, True, 8, False), "cpu").name == "reference"
     chosen, trail = _dispatch.auto_choice("qmatmul", QMatmulCall("cpu", "float32", 8, 0, True, 8, False), "cpu")
     assert chosen.name == "cpu" and "our VNNI W8A8 kernel is faster" in dict(trail)["torch"]
