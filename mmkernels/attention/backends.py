@@ -167,18 +167,25 @@ def _calibration_bucket(call: AttentionCall) -> str:
     return ", ".join([f"{call.dtype_name}, D={call.head_dim}, Lq~{lq}, Lk~{lk}, B*H~{bh}", *extras])
 
 
-def _calibration_contenders(call: AttentionCall):
-    import torch
-
-    from .api import attention
-
+def _calibration_sizes(call: AttentionCall):
+    """(batch, Lq, Lk) of the synthetic problem for ``call``'s bucket."""
     lq, lk, bh = call.bucket
-    hq, hkv, d = call.num_heads_q, call.num_heads_kv, call.head_dim
+    hq, d = call.num_heads_q, call.head_dim
     batch = max(1, bh // hq)
     while batch > 1 and batch * hq * lq * lk * 2 * d > CALIBRATION_MACS:
         batch //= 2
     while lq > 16 and batch * hq * lq * lk * 2 * d > CALIBRATION_MACS:
         lq //= 2
+    return batch, lq, lk
+
+
+def _calibration_contenders(call: AttentionCall):
+    import torch
+
+    from .api import attention
+
+    batch, lq, lk = _calibration_sizes(call)
+    hq, hkv, d = call.num_heads_q, call.num_heads_kv, call.head_dim
     g = torch.Generator().manual_seed(0)
     dtype = getattr(torch, call.dtype_name)
 

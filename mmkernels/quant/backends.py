@@ -164,17 +164,23 @@ def _calibration_bucket(call) -> str:
     return f"{call.dtype_name}, M~{m}, K={k}, N={n}{extras}"
 
 
+def _calibration_sizes(call):
+    """(M, K, N) of the synthetic problem for ``call``'s bucket."""
+    m, k, n = call.bucket
+    while n > 256 and m * k * n > CALIBRATION_MACS:
+        n = (n + 1) // 2
+    while m > 16 and m * k * n > CALIBRATION_MACS:
+        m //= 2
+    return m, k, n
+
+
 def _calibration_contenders(call):
     import torch
 
     from .api import qmatmul
     from .quantize import quantize_weight
 
-    m, k, n = call.bucket
-    while n > 256 and m * k * n > CALIBRATION_MACS:
-        n = (n + 1) // 2
-    while m > 16 and m * k * n > CALIBRATION_MACS:
-        m //= 2
+    m, k, n = _calibration_sizes(call)
     g = torch.Generator().manual_seed(0)
     qw = quantize_weight(torch.randn(n, k, generator=g), 8, symmetric=call.symmetric)
     x = torch.randn(m, k, generator=g).to(getattr(torch, call.dtype_name))
