@@ -10,7 +10,8 @@ it (an older .so) is reported as such::
 
 :func:`cpu_class` says which of this project's two CPU classes the process runs on ("amx": Intel
 with AMX tiles, where torch's oneDNN paths are fast; "avx512" / "avx2" / "scalar" otherwise); the
-dispatcher's auto-selection rules read it.
+dispatcher's auto-selection rules read it; :func:`cpu_vendor` and :func:`cpu_model` tell whose CPU
+it is (mmkernels._calibration: where the class rules were measured, and its cache's fingerprint).
 """
 
 from __future__ import annotations
