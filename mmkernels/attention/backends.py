@@ -4,8 +4,8 @@ serve a call and the rows of ``mmkernels info`` both derive from these declarati
 Priority for auto-selection (first capable wins): CUDA tensors -> cuda, triton, reference;
 CPU tensors -> torch (PyTorch's SDPA, only where its auto rule takes the call: where calibration
 timed it faster on this machine, else on AMX CPUs; and calls our cpu kernel cannot take), cpu,
-reference. The Triton backend also runs CPU tensors under
-``TRITON_INTERPRET=1``, but only when asked for explicitly (that is how it is tested without a GPU).
+reference. The Triton backend also runs CPU tensors under ``TRITON_INTERPRET=1``, but only when
+asked for explicitly (that is how it is tested without a GPU).
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def _torch_auto_rule(call: AttentionCall):
 
 
 # Calibration times both backends on a synthetic problem of the call's bucket. Its batch, then its
-# query rows (rows are independent) shrink until one run is about CALIBRATION_MACS multiply-adds
-# (a few ms); head dims, key length and the feature flags stay the call's.
+# query rows (independent; down to 16) shrink until one run is about CALIBRATION_MACS multiply-adds
+# (a few ms; more for long keys); heads, head dim, key length and the features stay the call's.
 CALIBRATION_MACS = 1 << 25
 
 

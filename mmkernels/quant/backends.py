@@ -152,9 +152,9 @@ def _torch_auto_rule(call):
     )
 
 
-# Calibration times both backends on a synthetic W8A8 problem of the call's bucket: N, then M (down
-# to 16 when it is >= 16: the GEMM regime stays) halve until one run is about CALIBRATION_MACS
-# multiply-adds (a few ms); K and the call's features stay.
+# Calibration times both backends on a synthetic W8A8 problem of the call's bucket: N (down to about
+# 256), then M (down to 16 when it is >= 16: the GEMM regime stays) halve until one run is about
+# CALIBRATION_MACS multiply-adds (a few ms); K and the call's features stay.
 CALIBRATION_MACS = 1 << 26
 
 
