@@ -91,6 +91,11 @@ def size_bucket(n: int, cap: int = SIZE_CAP) -> int:
     return min(cap, 1 << max(int(n) - 1, 0).bit_length())
 
 
+def threads() -> int:
+    """torch's intra-op thread count (synthetic problems grow with it)."""
+    return max(1, torch.get_num_threads())
+
+
 def setting() -> Tuple[bool, str]:
     """Whether calibration is on, and why (``MMKERNELS_CALIBRATE``, else the CPU class: on wherever
     the class rules rest on no measurement of this kind of CPU, i.e. everywhere but AMD AVX-512)."""
@@ -131,7 +136,7 @@ def fingerprint() -> Dict[str, object]:
     for family, op in _ISA_OPS.items():
         ops = _extension.CPU.ops(op)
         isa[family] = getattr(ops, op)() if ops is not None else "unavailable"
-    return {**_STATIC, "threads": torch.get_num_threads(), "isa": isa}
+    return {**_STATIC, "threads": threads(), "isa": isa}
 
 
 def cache_dir() -> Path:

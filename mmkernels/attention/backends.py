@@ -155,7 +155,7 @@ def _torch_auto_rule(call: AttentionCall):
 
 # Calibration times both backends on a synthetic problem of the call's bucket. Its batch, then its
 # query rows (independent; down to 16) shrink until one run is about CALIBRATION_MACS multiply-adds
-# (a few ms; more for long keys); heads, head dim, key length and the features stay the call's.
+# per thread (a few ms; more for long keys); heads, head dims, key length and features stay.
 CALIBRATION_MACS = 1 << 25
 
 
@@ -172,9 +172,10 @@ def _calibration_sizes(call: AttentionCall):
     lq, lk, bh = call.bucket
     hq, d = call.num_heads_q, call.head_dim
     batch = max(1, bh // hq)
-    while batch > 1 and batch * hq * lq * lk * 2 * d > CALIBRATION_MACS:
+    budget = CALIBRATION_MACS * _calibration.threads()
+    while batch > 1 and batch * hq * lq * lk * 2 * d > budget:
         batch //= 2
-    while lq > 16 and batch * hq * lq * lk * 2 * d > CALIBRATION_MACS:
+    while lq > 16 and batch * hq * lq * lk * 2 * d > budget:
         lq //= 2
     return batch, lq, lk
 

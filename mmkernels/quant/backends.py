@@ -154,7 +154,7 @@ def _torch_auto_rule(call):
 
 # Calibration times both backends on a synthetic W8A8 problem of the call's bucket: N (down to about
 # 256), then M (down to 16 when it is >= 16: the GEMM regime stays) halve until one run is about
-# CALIBRATION_MACS multiply-adds (a few ms); K and the call's features stay.
+# CALIBRATION_MACS multiply-adds per thread (a few ms); K and the call's features stay.
 CALIBRATION_MACS = 1 << 26
 
 
@@ -167,9 +167,10 @@ def _calibration_bucket(call) -> str:
 def _calibration_sizes(call):
     """(M, K, N) of the synthetic problem for ``call``'s bucket."""
     m, k, n = call.bucket
-    while n > 256 and m * k * n > CALIBRATION_MACS:
+    budget = CALIBRATION_MACS * _calibration.threads()
+    while n > 256 and m * k * n > budget:
         n = (n + 1) // 2
-    while m > 16 and m * k * n > CALIBRATION_MACS:
+    while m > 16 and m * k * n > budget:
         m //= 2
     return m, k, n
 
