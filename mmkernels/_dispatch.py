@@ -12,7 +12,8 @@ Selection order:
 2. the environment variable ``MMKERNELS_BACKEND`` (all ops) or ``MMKERNELS_<OP>_BACKEND``,
 3. the first backend in the op's priority order that may be auto-selected on the call's device
    (``auto_devices``), can serve the call, and whose ``auto_rule`` (if any) takes it on this
-   machine (e.g. "torch's SDPA only where AMX makes it faster than our kernel").
+   machine (e.g. "torch's SDPA where it was calibrated faster than our kernel on this machine",
+   mmkernels._calibration, "else only on AMX CPUs").
 
 When nothing can serve a call, :class:`NoBackendError` lists every backend with its reasons, in the
 spirit of xformers' "No operator found for ... because ..." message.
@@ -308,8 +309,10 @@ def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) 
     """Pick the backend that runs ``call`` (see the module docstring for the order).
 
     Successful choices are cached per (op, call, device, request, environment overrides): the call
-    descriptions hold metadata only, and availability and the machine's CPU class do not change
-    within a process (:func:`clear_selection_cache` when a test changes them).
+    descriptions hold metadata only (with a size bucket where calibration needs one), and
+    availability, the machine's CPU class and a calibrated decision per bucket do not change within
+    a process (:func:`clear_selection_cache` when a test changes them; ``_calibration.clear()``
+    clears both).
     """
     key = (op, call, device_type, backend, _env_overrides(op))
     try:

@@ -10,7 +10,8 @@ it (an older .so) is reported as such::
 
 :func:`cpu_class` says which of this project's two CPU classes the process runs on ("amx": Intel
 with AMX tiles, where torch's oneDNN paths are fast; "avx512" / "avx2" / "scalar" otherwise); the
-dispatcher's auto-selection rules read it.
+dispatcher's auto-selection rules read it; :func:`cpu_vendor` and :func:`cpu_model` tell whose CPU
+it is (mmkernels._calibration: where the class rules were measured, and its cache's fingerprint).
 """
 
 from __future__ import annotations
@@ -103,15 +104,35 @@ _CPU_CLASS: Optional[str] = None
 CPU_CLASSES = ("amx", "avx512", "avx2", "scalar")
 
 
-def _cpu_flags() -> set:
+def _cpuinfo_field(name: str) -> str:
+    """The first ``name`` line of /proc/cpuinfo ("flags", "vendor_id", "model name"), or ""."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set:
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    """ "intel", "amd" or "" (unknown), from /proc/cpuinfo's vendor_id: the CPU classes say which
+    instructions a CPU has, not whose it is (our measurements of "avx512" are AMD Zen 4 / 5 only)."""
+    vendor = _cpuinfo_field("vendor_id")
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor()), for calibration caches."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_class() -> str:

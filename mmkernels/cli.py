@@ -67,7 +67,10 @@ def capability_lines(verbose: bool = False) -> list:
 
 
 def _representative_calls() -> list:
-    """A few calls whose automatic backend choice ``mmkernels info`` explains."""
+    """A few calls whose automatic backend choice ``mmkernels info`` explains, ViT-B/16-sized
+    (B=8, L=197, H=12, D=64; the MLP's first linear layer, M=8*197, K=768, N=3072) where
+    calibration needs a size."""
+    from ._calibration import size_bucket
     from .attention.api import AttentionCall
     from .quant.api import QMatmulCall
 
@@ -84,6 +87,7 @@ def _representative_calls() -> list:
             has_bias=False,
             scores=None,
             return_lse=False,
+            bucket=(size_bucket(197), size_bucket(197), size_bucket(8 * 12, cap=256)),
         )
 
     calls = [("attention", attn(d)) for d in ("float32", "bfloat16", "float16")]
@@ -98,6 +102,7 @@ def _representative_calls() -> list:
             symmetric=symmetric,
             act_bits=act_bits,
             smooth=False,
+            bucket=(size_bucket(8 * 197), 768, 3072) if act_bits else None,
         )
 
     calls += [("qmatmul", qmm(d, 8, 0, True, 8)) for d in ("float32", "float16")]
@@ -135,6 +140,36 @@ def choice_lines() -> list:
     return lines
 
 
+def calibration_lines() -> list:
+    """Whether auto-selection is calibrated on this machine and why, the cache file, and the
+    decisions cached for this machine (mmkernels._calibration)."""
+    import textwrap
+
+    from . import _calibration
+
+    lines = textwrap.wrap(f"calibration: {_calibration.setting()[1]}", width=INFO_WIDTH, subsequent_indent="  ")
+    lines.append(f"  cache file: {_calibration.cache_file()}")
+    error = _calibration.write_error()
+    if error:
+        lines += textwrap.wrap(
+            f"(not writable, decisions kept in this process only: {error})",
+            width=INFO_WIDTH,
+            initial_indent="  ",
+            subsequent_indent="    ",
+        )
+    decisions = _calibration.cached()
+    lines.append(f"  decisions cached for this machine: {len(decisions) or 'none'}")
+    for d in decisions:
+        times = ", ".join(f"{n} {t:.3g} ms" for n, t in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
+        lines += textwrap.wrap(
+            f"{d.op} [{d.bucket}] -> {d.winner} ({times})",
+            width=INFO_WIDTH,
+            initial_indent="    ",
+            subsequent_indent="      ",
+        )
+    return lines
+
+
 def info(verbose: bool = False) -> int:
     import platform
     import textwrap
@@ -163,6 +198,8 @@ def info(verbose: bool = False) -> int:
     print("\n".join(capability_lines(verbose)))
     print()
     print("\n".join(choice_lines()))
+    print()
+    print("\n".join(calibration_lines()))
     return 0
 
 

@@ -6,9 +6,13 @@
   dispatch registry holds for the family's op, an unavailable one skipped with its reason.
 * MMKERNELS_DEBUG_POISON=1 makes the op fill its outputs with NaN before the backend runs, so a
   backend that forgets to write an element fails the comparison.
+* MMKERNELS_CALIBRATE=0: auto-selection follows the CPU-class rules, never a timing (the tests of
+  mmkernels._calibration turn it on themselves); MMKERNELS_CACHE_DIR points at a directory of this
+  session, so no test (nor a CLI it runs) writes into the real ~/.cache.
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ if not torch.cuda.is_available():
 os.environ["MMKERNELS_DEBUG_POISON"] = "1"
 os.environ.pop("MMKERNELS_BACKEND", None)
 os.environ.pop("MMKERNELS_ATTENTION_BACKEND", None)
+os.environ["MMKERNELS_CALIBRATE"] = "0"
+_CACHE_DIR = os.environ["MMKERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmkernels-test-cache-")
 
 import mmkernels  # noqa: E402,F401  (loads the extension after the environment is set)
 from backend_params import FAMILY_OPS, BackendUnderTest, backend_cases  # noqa: E402
@@ -83,3 +89,9 @@ def cpu_class(monkeypatch):
 
     yield set_class
     _dispatch.clear_selection_cache()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._calibration import size_bucket
 from . import reference
 
 OP = "attention"
@@ -47,6 +48,9 @@ class AttentionCall:
     has_bias: bool
     scores: Optional[str]
     return_lse: bool
+    # (Lq, Lk, B * Hq) rounded up to powers of two: the size class that calibrated auto-selection
+    # times (mmkernels._calibration); None for varlen calls and while tracing.
+    bucket: Optional[Tuple[int, int, int]] = None
 
     def __str__(self):
         extras = [
@@ -257,6 +261,13 @@ def check_arguments(
     return max_seqlen_q, max_seqlen_k
 
 
+def _size_bucket(q, k, varlen) -> Optional[Tuple[int, int, int]]:
+    if varlen or type(q) is not Tensor or torch.compiler.is_compiling():  # FakeTensor: no sizes
+        return None
+    b, hq, lq, _ = q.shape
+    return size_bucket(lq), size_bucket(k.shape[2]), size_bucket(b * hq, cap=256)
+
+
 def describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse) -> AttentionCall:
     h_axis = 1
     return AttentionCall(
@@ -271,6 +282,7 @@ def describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse) -> Atte
         has_bias=key_bias is not None,
         scores=scores,
         return_lse=return_lse,
+        bucket=_size_bucket(q, k, varlen),
     )
 
 

@@ -2,9 +2,10 @@
 serve a call and the rows of ``mmkernels info`` both derive from these declarations.
 
 Priority for auto-selection (first capable wins): CUDA tensors -> cuda, triton, reference;
-CPU tensors -> torch (PyTorch's SDPA, only where its auto rule takes the call: on AMX CPUs, or for
-calls our cpu kernel cannot take), cpu, reference. The Triton backend also runs CPU tensors under
-``TRITON_INTERPRET=1``, but only when asked for explicitly (that is how it is tested without a GPU).
+CPU tensors -> torch (PyTorch's SDPA, only where its auto rule takes the call: where calibration
+timed it faster on this machine, else on AMX CPUs; and calls our cpu kernel cannot take), cpu,
+reference. The Triton backend also runs CPU tensors under ``TRITON_INTERPRET=1``, but only when
+asked for explicitly (that is how it is tested without a GPU).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import List
 
-from .. import _dispatch
+from .. import _calibration, _dispatch
 from .._extension import CPU as _EXT
 from .._extension import cpu_class
 from .api import OP, AttentionCall
@@ -132,10 +133,14 @@ def _torch_check(call: AttentionCall) -> List[str]:
 # speed on ViT-B/16 (B=8), 1.5-4.3x on DINOv2-S (B=8); best times 3.4 vs 13.9 ms, 2.5 vs 10.9 ms.
 # Not measured on AMX: float16 calls there follow the AMX rule (SDPA), as fp32 / bf16 do.
 def _torch_auto_rule(call: AttentionCall):
-    """on AMX CPUs, or when our cpu kernel cannot take the call (SDPA beats the reference)"""
+    """the faster of SDPA and our cpu kernel where calibrated (mmkernels._calibration), else SDPA on
+    AMX CPUs only; SDPA always when our cpu kernel cannot take the call (it beats the reference)"""
     cpu_reasons = CPU.reasons(call)
     if cpu_reasons:
         return True, "our cpu kernel cannot take it; SDPA beats the reference"
+    decision = _calibrated(call)
+    if decision is not None:
+        return decision.winner == "torch", decision.why
     klass = cpu_class()
     if klass == "amx":
         return True, (
@@ -146,6 +151,62 @@ def _torch_auto_rule(call: AttentionCall):
         f"{klass} CPU without AMX: our cpu kernel is faster (AMD Zen 4: 1.49x SDPA in fp32, 2.74x in "
         "bf16; AMD Zen 5: 1.5-4.3x SDPA in fp16)"
     )
+
+
+# Calibration times both backends on a synthetic problem of the call's bucket. Its batch, then its
+# query rows (independent; down to 16) shrink until one run is about CALIBRATION_MACS multiply-adds
+# per thread (a few ms; more for long keys); heads, head dims, key length and features stay.
+CALIBRATION_MACS = 1 << 25
+
+
+def _calibration_bucket(call: AttentionCall) -> str:
+    lq, lk, bh = call.bucket
+    group = call.num_heads_q // max(call.num_heads_kv, 1)
+    extras = [f"GQA {group}:1"] if group > 1 else []
+    extras += [name for name, on in (("key_bias", call.has_bias), ("lse", call.return_lse)) if on]
+    return ", ".join([f"{call.dtype_name}, D={call.head_dim}, Lq~{lq}, Lk~{lk}, B*H~{bh}", *extras])
+
+
+def _calibration_sizes(call: AttentionCall):
+    """(batch, Lq, Lk) of the synthetic problem for ``call``'s bucket."""
+    lq, lk, bh = call.bucket
+    hq, d = call.num_heads_q, call.head_dim
+    batch = max(1, bh // hq)
+    budget = CALIBRATION_MACS * _calibration.threads()
+    while batch > 1 and batch * hq * lq * lk * 2 * d > budget:
+        batch //= 2
+    while lq > 16 and batch * hq * lq * lk * 2 * d > budget:
+        lq //= 2
+    return batch, lq, lk
+
+
+def _calibration_contenders(call: AttentionCall):
+    import torch
+
+    from .api import attention
+
+    batch, lq, lk = _calibration_sizes(call)
+    hq, hkv, d = call.num_heads_q, call.num_heads_kv, call.head_dim
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, call.dtype_name)
+
+    def make(heads, length):  # (B, L, H, D) storage viewed as (B, H, L, D), as projections give it
+        return torch.randn(batch, length, heads, d, generator=g).to(dtype).transpose(1, 2)
+
+    q, k, v = make(hq, lq), make(hkv, lk), make(hkv, lk)
+    bias = torch.randn(batch, lk, generator=g) if call.has_bias else None
+
+    def contender(name):
+        return lambda: attention(q, k, v, key_bias=bias, return_lse=call.return_lse, backend=name)
+
+    return {"cpu": contender("cpu"), "torch": contender("torch")}
+
+
+def _calibrated(call: AttentionCall):
+    """The calibrated decision for a call both backends serve, or None (calibration off, no sizes)."""
+    if call.bucket is None:
+        return None
+    return _calibration.decide(OP, _calibration_bucket(call), lambda: _calibration_contenders(call))
 
 
 TORCH = _dispatch.Backend(

@@ -13,12 +13,13 @@ through it.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._calibration import size_bucket
 from .packing import QuantizedWeight, is_fp8
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -33,6 +34,9 @@ class QMatmulCall(NamedTuple):
     act_bits: int  # 0: weight-only
     smooth: bool
     fp8: bool = False  # float8 e4m3 weights (and activations when act_bits=8)
+    # (M rounded up to a power of two, K, N) of W8A8 calls: the size class that calibrated
+    # auto-selection times (mmkernels._calibration); None for weight-only calls and while tracing.
+    bucket: Optional[Tuple[int, int, int]] = None
 
     def __str__(self):
         g = "per-channel" if not self.group_size else f"group {self.group_size}"
@@ -57,6 +61,13 @@ def _group_size(qweight: Tensor, scales: Tensor, bits: int) -> int:
     return 0 if scales.shape[1] == 1 else k // scales.shape[1]
 
 
+def _size_bucket(x: Tensor, qweight: Tensor, act_bits: int) -> Optional[Tuple[int, int, int]]:
+    k = x.shape[-1]
+    if not act_bits or type(x) is not Tensor or torch.compiler.is_compiling() or k == 0:
+        return None  # weight-only (only W8A8 is calibrated), FakeTensor or tracing: no sizes
+    return size_bucket(x.numel() // k), k, qweight.shape[0]
+
+
 def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bits: int, smooth: bool, backend: str):
     call = QMatmulCall(
         x.device.type,
@@ -67,6 +78,7 @@ def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bi
         act_bits,
         smooth,
         is_fp8(qweight),
+        _size_bucket(x, qweight, act_bits),
     )
     return _dispatch.select("qmatmul", call, x.device.type, backend or None)
 

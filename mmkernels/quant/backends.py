@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import List
 
-from .. import _dispatch
+from .. import _calibration, _dispatch
 from .._extension import CPU as _EXT
 from .._extension import cpu_class
 
@@ -137,14 +137,60 @@ def _torch_check(call) -> List[str]:
 # torch._int_mm): Intel AMX 1.09-2.8x (M >= 128; 0.79x vs torchao compiled at M=128),
 # measurements/intel-amx-2026-12-05.md; AMD Zen 4 1.6-5.3x (README).
 def _torch_auto_rule(call):
-    """when our cpu kernel cannot take the call (bit-identical to the reference, and faster)"""
+    """the faster of torch._int_mm and our W8A8 kernel where calibrated (mmkernels._calibration),
+    else ours; torch._int_mm when our cpu kernel cannot take the call (it beats the reference)"""
     cpu_reasons = CPU.reasons(call)
     if cpu_reasons:
         return True, "our cpu kernel cannot take it; torch._int_mm beats the reference"
+    if call.bucket is not None:
+        decision = _calibration.decide(OP, _calibration_bucket(call), lambda: _calibration_contenders(call))
+        if decision is not None:
+            return decision.winner == "torch", decision.why
     return False, (
         f"our VNNI W8A8 kernel is faster on this {cpu_class()} CPU (Intel AMX: 1.09-2.8x "
         "eager torch._int_mm W8A8; AMD Zen 4: 1.6-5.3x)"
     )
+
+
+# Calibration times both backends on a synthetic W8A8 problem of the call's bucket: N (down to about
+# 256), then M (down to 16 when it is >= 16: the GEMM regime stays) halve until one run is about
+# CALIBRATION_MACS multiply-adds per thread (a few ms); K and the call's features stay.
+CALIBRATION_MACS = 1 << 26
+
+
+def _calibration_bucket(call) -> str:
+    m, k, n = call.bucket
+    extras = ("" if call.symmetric else ", asym") + (", smooth" if call.smooth else "")
+    return f"{call.dtype_name}, M~{m}, K={k}, N={n}{extras}"
+
+
+def _calibration_sizes(call):
+    """(M, K, N) of the synthetic problem for ``call``'s bucket."""
+    m, k, n = call.bucket
+    budget = CALIBRATION_MACS * _calibration.threads()
+    while n > 256 and m * k * n > budget:
+        n = (n + 1) // 2
+    while m > 16 and m * k * n > budget:
+        m //= 2
+    return m, k, n
+
+
+def _calibration_contenders(call):
+    import torch
+
+    from .api import qmatmul
+    from .quantize import quantize_weight
+
+    m, k, n = _calibration_sizes(call)
+    g = torch.Generator().manual_seed(0)
+    qw = quantize_weight(torch.randn(n, k, generator=g), 8, symmetric=call.symmetric)
+    x = torch.randn(m, k, generator=g).to(getattr(torch, call.dtype_name))
+    smooth = torch.rand(k, generator=g) + 0.5 if call.smooth else None
+
+    def contender(name):
+        return lambda: qmatmul(x, qw, act_bits=8, smooth=smooth, backend=name)
+
+    return {"cpu": contender("cpu"), "torch": contender("torch")}
 
 
 TORCH = _dispatch.Backend(
@@ -176,5 +222,7 @@ REFERENCE = _dispatch.Backend(
     notes="plain PyTorch (the spec): dequantize + matmul; W8A8 via exact integer products",
 )
 
-for _backend in (CUDA, TRITON, CPU, TORCH, REFERENCE):
+# torch is listed before cpu so that its auto rule decides between the two for the calls both can
+# serve (it passes them to cpu unless calibration timed torch._int_mm faster on this machine).
+for _backend in (CUDA, TRITON, TORCH, CPU, REFERENCE):
     _dispatch.register(OP, _backend)
