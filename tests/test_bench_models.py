@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 CONTENDERS = {
     models.DINOV2_ID: {"hf_sdpa", "mmkernels", "tome8", "tome8_w8a8", "w8a8"},
-    models.MINILM_ID: {"hf_sdpa", "mmkernels", "w8a8", "w8a8_outlier"},
+    models.MINILM_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "w8a8", "w8a8_outlier"},
     models.WHISPER_ID: {"hf_sdpa", "mmkernels"},
     models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
     models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
@@ -89,8 +89,14 @@ def test_models_gates_name_real_cases_and_contenders():
         models.LLAVA_PREFILL_ID,
     }
     for gate in gates:
-        assert gate["baseline"] == "hf_sdpa", gate["name"]
+        # Every class: against the unpatched float32 model. The AMX class also against the same
+        # model in bf16 (oneDNN runs it on the tiles there).
+        want = "hf_bf16" if gate.get("classes") == ["amx"] else "hf_sdpa"
+        assert gate["baseline"] == want, gate["name"]
         assert gate["subject"] in CONTENDERS[gate["case"]], gate["name"]
+    amx = [g for g in gates if g.get("classes")]
+    assert [(g["case"], g["subject"], g["min_speedup"]) for g in amx] == [(models.MINILM_ID, "w8a8", 1.2)]
+    gates = [g for g in gates if not g.get("classes")]
     floors = {(g["case"], g["subject"]): g["min_speedup"] for g in gates}
     assert floors == {
         (models.DINOV2_ID, "mmkernels"): 1.1,
