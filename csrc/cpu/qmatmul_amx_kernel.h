@@ -6,16 +6,14 @@
 // Both tables are the AVX-512 bf16 table (rowdot, a8_quantize, the fp32 gemm) with two items on
 // tiles; rows that do not fill a 16-row tile go to the AVX-512 items. Every tile is 16 rows x 64
 // bytes; C 0-3 = 2 row tiles x 2 column tiles (32 rows x 32 channels), A 4-5, B 6-7.
-//  * a8 (W8A8, tdpbusd / tdpbssd): the a8 prepacked weight w[strip][t][lane][0..3] is the B-tile
+//  * a8 (W8A8, tdpbusd / tdpbsud): the a8 prepacked weight w[strip][t][lane][0..3] is the B-tile
 //    layout: quads t0 .. t0+15 of channels 16c .. 16c+15 are 16 rows of 64 bytes at
 //    w + ((strip T + t0) 64 + 16c) 4, stride 256. A tiles are rows of aq (stride 4T). Symmetric:
 //    aq = x_q + 128 (unsigned) . w (signed), tdpbusd, minus 128 colsum as on AVX-512. Asymmetric:
-//    the weight is unsigned and x_q signed (tdpbsud, not in the tile traits), so the strip is
-//    staged once per item as w ^ 0x80 = w - 128 (signed) and tdpbssd sums x_q (w - 128); the
-//    epilogue subtracts (zp - 128) rowsum. The int32 sums are exact, so they equal the vpdpbusd
-//    ones, and the epilogue is the AVX-512 one (a8_store16): bit-identical output. K tail (T not a
-//    multiple of 16): the last A tile is staged with zero bytes past T, the last B tile too
-//    (symmetric; the asymmetric staged strip is padded), so no tile reads past aq or the pack.
+//    x_q (signed) . w (unsigned), tdpbsud, minus zp rowsum as on AVX-512. The int32 sums are
+//    exact, so they equal the vpdpbusd ones, and the epilogue is the AVX-512 one (a8_store16):
+//    bit-identical output. K tail (T not a multiple of 16): the last A and B tiles are staged with
+//    zero bytes past T, so no tile reads past aq or the pack.
 //  * gemm, bf16 x (tdpbf16ps): the bf16 panel of the AVX-512 gemm (pairs (u - z) as bf16, 64
 //    channels x 4 bytes per pair) is the B-tile layout too (16 pairs x 16 channels, stride 256);
 //    A tiles are 32 bf16 features of 16 rows of x. Per group the C tiles start at zero and sum
@@ -52,21 +50,6 @@ inline void stage_tile(TileImage& t, const uint8_t* src, int64_t stride, int64_t
   }
 }
 
-// Grow-only per-thread buffer (the asymmetric W8A8 strip staging).
-struct StageBuffer {
-  uint8_t* p = nullptr;
-  int64_t cap = 0;
-  ~StageBuffer() { std::free(p); }
-  uint8_t* get(int64_t bytes) {
-    if (bytes > cap) {
-      std::free(p);
-      cap = (bytes + 4095) / 4096 * 4096;
-      p = (uint8_t*)std::aligned_alloc(64, cap);
-    }
-    return p;
-  }
-};
-
 template <class Tile>
 struct AmxKernels {
   static const QmmImpl& avx512() { return *qmm_impl_avx512(true); }
@@ -76,7 +59,7 @@ struct AmxKernels {
     if (SYM)
       Tile::template dp_u8s8<c, a, b>();
     else
-      Tile::template dp_s8s8<c, a, b>();
+      Tile::template dp_s8u8<c, a, b>();
   }
 
   // ---- a8 ------------------------------------------------------------------------------------
@@ -121,33 +104,21 @@ struct AmxKernels {
   static void a8_tiles(const A8Job& j, int64_t m0, int64_t m1, int64_t strip) {
     const int64_t T = j.p.T, T16 = T / 16 * 16, tail = T - T16, lda = 4 * T;
     const uint8_t* w = j.p.w + strip * T * kBStride;
-    const uint8_t* b = w;
-    alignas(64) uint8_t btail_sym[16 * kBStride];
+    // The K tail's B tile, staged with zero quads past T (no tile load reads past the pack).
+    alignas(64) uint8_t btail_buf[16 * kBStride];
     const uint8_t* btail = nullptr;
-    if (SYM) {
-      if (tail) {
-        std::memcpy(btail_sym, w + T16 * kBStride, tail * kBStride);
-        std::memset(btail_sym + tail * kBStride, 0, (16 - tail) * kBStride);
-        btail = btail_sym;
-      }
-    } else {  // w - 128 as signed bytes, padded to whole tiles
-      static thread_local StageBuffer stage;
-      uint8_t* s = stage.get((T16 + 16) * kBStride);
-      const __m512i flip = _mm512_set1_epi8((char)0x80);
-      for (int64_t i = 0; i < T * kBStride; i += 64)
-        _mm512_storeu_si512(s + i, _mm512_xor_si512(_mm512_loadu_si512(w + i), flip));
-      std::memset(s + T * kBStride, 0, (T16 + 16 - T) * kBStride);
-      b = s;
-      if (tail) btail = s + T16 * kBStride;
+    if (tail) {
+      std::memcpy(btail_buf, w + T16 * kBStride, tail * kBStride);
+      std::memset(btail_buf + tail * kBStride, 0, (16 - tail) * kBStride);
+      btail = btail_buf;
     }
     const int64_t n0 = strip * kStripK;
     __m512 sw[4];
     __m512i corr[4];
     for (int c = 0; c < 4; ++c) {
       sw[c] = _mm512_loadu_ps(j.p.sw + n0 + 16 * c);
-      corr[c] =
-          SYM ? _mm512_slli_epi32(_mm512_loadu_si512(j.p.colsum + n0 + 16 * c), 7)
-              : _mm512_sub_epi32(_mm512_loadu_si512(j.p.zp + n0 + 16 * c), _mm512_set1_epi32(128));
+      corr[c] = SYM ? _mm512_slli_epi32(_mm512_loadu_si512(j.p.colsum + n0 + 16 * c), 7)
+                    : _mm512_loadu_si512(j.p.zp + n0 + 16 * c);
     }
     alignas(64) int32_t C[32 * kStripK];
     TileImage atail[2];
@@ -159,7 +130,7 @@ struct AmxKernels {
         for (int i = 0; i < rt; ++i)
           stage_tile(atail[i], a + 16 * i * lda + 4 * T16, lda, 4 * tail);
       for (int h = 0; h < 2; ++h) {
-        const uint8_t* bh = b + 128 * h;
+        const uint8_t* bh = w + 128 * h;
         const uint8_t* th = btail ? btail + 128 * h : nullptr;
         if (rt == 2)
           a8_half<2, SYM>(a, lda, bh, T16, atail, th, C + 32 * h);

@@ -61,7 +61,8 @@ struct TileAmx {
   static inline void dp_bf16() {
     __asm__ volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(c), "i"(a), "i"(b));
   }
-  // c += a . b over int8 quads, int32 accumulation: a unsigned, b signed (dpbusd) / both signed.
+  // c += a . b over int8 quads, int32 accumulation: a unsigned, b signed (tdpbusd) / both signed
+  // (tdpbssd).
   template <int c, int a, int b>
   static inline void dp_u8s8() {
     __asm__ volatile("tdpbusd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(c), "i"(a), "i"(b));
@@ -69,6 +70,11 @@ struct TileAmx {
   template <int c, int a, int b>
   static inline void dp_s8s8() {
     __asm__ volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(c), "i"(a), "i"(b));
+  }
+  // a signed, b unsigned (tdpbsud).
+  template <int c, int a, int b>
+  static inline void dp_s8u8() {
+    __asm__ volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(c), "i"(a), "i"(b));
   }
 };
 

@@ -1,9 +1,10 @@
 // The AMX tile traits of tile_amx.h in plain C++: eight 1 KiB tiles per thread and the
 // instructions' arithmetic as the Intel SDM defines it (tdpbf16ps: bf16 inputs with denormals
 // read as zero, the two products of a pair added one at a time in fp32 round-to-nearest, results
-// flushed to zero; tdpbusd / tdpbssd: exact int32 sums, wrapping). The "amx_emulated" path runs
-// the AMX kernels over these on any AVX-512 BF16 CPU, so that their packing, tiling, softmax and
-// epilogues are tested where no AMX exists (slow: for tests only). Same rules as tile_amx.h.
+// flushed to zero; tdpbusd / tdpbssd / tdpbsud: exact int32 sums, wrapping). The "amx_emulated"
+// path runs the AMX kernels over these on any AVX-512 BF16 CPU, so that their packing, tiling,
+// softmax and epilogues are tested where no AMX exists (slow: for tests only). Same rules as
+// tile_amx.h.
 #pragma once
 
 #include <cstdint>
@@ -71,7 +72,7 @@ struct TileEmu {
       std::memcpy(s.t[c][m], acc, 64);
     }
   }
-  template <bool ASigned, int c, int a, int b>
+  template <bool ASigned, int c, int a, int b, bool BSigned = true>
   static inline void dp_int8() {
     State& s = state();
     for (int m = 0; m < 16; ++m) {
@@ -83,7 +84,8 @@ struct TileEmu {
           for (int i = 0; i < 4; ++i) {
             const uint8_t ab = s.t[a][m][4 * k + i];
             const int32_t av = ASigned ? (int32_t)(int8_t)ab : (int32_t)ab;
-            dot += av * (int32_t)(int8_t)s.t[b][k][4 * n + i];
+            const uint8_t bb = s.t[b][k][4 * n + i];
+            dot += av * (BSigned ? (int32_t)(int8_t)bb : (int32_t)bb);
           }
           acc[n] += (uint32_t)dot;
         }
@@ -97,6 +99,10 @@ struct TileEmu {
   template <int c, int a, int b>
   static inline void dp_s8s8() {
     dp_int8<true, c, a, b>();
+  }
+  template <int c, int a, int b>
+  static inline void dp_s8u8() {
+    dp_int8<true, c, a, b, false>();
   }
 };
 
