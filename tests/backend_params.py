@@ -86,3 +86,25 @@ def backend_cases(op: str, isa_family: Optional[str] = None) -> list:
         else:
             params.append(pytest.param((value, None), id=b.name))
     return params
+
+
+def attention_call(dtype: str = "float32", **overrides):
+    """A ViT-B/16-like CPU attention call description (D=64, 12 query and kv heads, dense, no
+    features) for tests of the backends' rules; ``overrides`` replace fields."""
+    from mmkernels.attention.api import AttentionCall
+
+    fields = dict(
+        device_type="cpu",
+        dtype_name=dtype,
+        head_dim=64,
+        head_dim_v=64,
+        num_heads_q=12,
+        num_heads_kv=12,
+        varlen=False,
+        causal=False,
+        has_bias=False,
+        scores=None,
+        return_lse=False,
+    )
+    fields.update(overrides)
+    return AttentionCall(**fields)

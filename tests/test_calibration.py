@@ -13,9 +13,11 @@ import torch
 import mmkernels
 from mmkernels import _calibration, _dispatch, _extension, cli
 from mmkernels.attention import backends as attention_backends
-from mmkernels.attention.api import AttentionCall, describe_call
+from mmkernels.attention.api import describe_call
 from mmkernels.quant import backends as quant_backends
 from mmkernels.quant.api import QMatmulCall
+
+from backend_params import attention_call
 
 
 class Clock:
@@ -217,22 +219,7 @@ QCPU_OK = quant_backends.CPU.availability()[0]
 
 
 def _attn(dtype="bfloat16", bucket=(256, 256, 128), **kw):
-    fields = dict(
-        device_type="cpu",
-        dtype_name=dtype,
-        head_dim=64,
-        head_dim_v=64,
-        num_heads_q=12,
-        num_heads_kv=12,
-        varlen=False,
-        causal=False,
-        has_bias=False,
-        scores=None,
-        return_lse=False,
-        bucket=bucket,
-    )
-    fields.update(kw)
-    return AttentionCall(**fields)
+    return attention_call(dtype, bucket=bucket, **kw)
 
 
 @pytest.fixture

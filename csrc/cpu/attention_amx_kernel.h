@@ -145,15 +145,9 @@ struct MicroAmxBf16 {
     Tile::release();
   }
 
-  // P as bf16 rows (as MicroBf16Dot).
-  static inline void store_p(float* P, int r, int jv, __m512 e) {
-    uint16_t* dst = (uint16_t*)P + r * kLDS + jv;
-    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(e));
-  }
-  static inline void zero_p(float* P, int r, int n) {
-    uint16_t* dst = (uint16_t*)P + r * kLDS;
-    for (int j = 0; j < n; j += W) _mm256_storeu_si256((__m256i*)(dst + j), _mm256_setzero_si256());
-  }
+  // P as bf16 rows (attention_bf16_pack.h, as MicroBf16Dot).
+  static inline void store_p(float* P, int r, int jv, __m512 e) { store_p_bf16(P, r, jv, e); }
+  static inline void zero_p(float* P, int r, int n) { zero_p_bf16(P, r, n); }
 
   // C tiles (0, 1; 2, 3) = O rows [0, 16 R) x columns [0, 16 C) += P . V over nkc chunks of 32
   // keys; vp = the block's first V pair row, offset to the first column.

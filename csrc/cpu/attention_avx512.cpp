@@ -136,14 +136,8 @@ struct MicroBf16Dot {
     }
   }
 
-  static inline void store_p(float* P, int r, int jv, __m512 e) {
-    uint16_t* dst = (uint16_t*)P + r * kLDS + jv;
-    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(e));
-  }
-  static inline void zero_p(float* P, int r, int n) {
-    uint16_t* dst = (uint16_t*)P + r * kLDS;
-    for (int j = 0; j < n; j += W) _mm256_storeu_si256((__m256i*)(dst + j), _mm256_setzero_si256());
-  }
+  static inline void store_p(float* P, int r, int jv, __m512 e) { store_p_bf16(P, r, jv, e); }
+  static inline void zero_p(float* P, int r, int n) { zero_p_bf16(P, r, n); }
 
   template <int R, int C>
   static inline void pv_tile(const uint16_t* P, const uint16_t* vp, int Dvp, int npairs, float* O,

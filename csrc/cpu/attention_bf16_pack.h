@@ -1,4 +1,4 @@
-// bf16 pair-interleaved K/V packing, shared by the AVX-512 dot-product micro-kernel
+// bf16 pair-interleaved K/V packing and bf16 P rows, shared by the AVX-512 dot-product micro-kernel
 // (MicroBf16Dot, attention_avx512.cpp) and the AMX one (MicroAmxBf16, attention_amx_kernel.h):
 //   K panels: [panel][Dk/2][16 keys][2]   (64 bytes hold the (d, d+1) pair of 16 keys)
 //   V:        [Lk_pad/2][Dvp][2]          (64 bytes hold the (j, j+1) pair of 16 columns)
@@ -55,6 +55,17 @@ inline void pack_bf16_pairs(const AttnParams& p, const AttnSeq& s, int kvh, uint
   }
   // NaN / inf in V (rare path): 0 in the copy (see MicroF32::pack).
   if (sanitize_v) zero_nonfinite_bf16(vp, Lkp * Dvp);
+}
+
+// P as bf16 rows of kLDS elements (the probabilities P.V reads): 16 lanes of row r from key jv,
+// rounded to nearest even (vcvtneps2bf16); and keys [0, n) of row r zeroed.
+inline void store_p_bf16(float* P, int r, int jv, __m512 e) {
+  uint16_t* dst = (uint16_t*)P + r * kLDS + jv;
+  _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(e));
+}
+inline void zero_p_bf16(float* P, int r, int n) {
+  uint16_t* dst = (uint16_t*)P + r * kLDS;
+  for (int j = 0; j < n; j += 16) _mm256_storeu_si256((__m256i*)(dst + j), _mm256_setzero_si256());
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ import torch
 
 import mmkernels
 from mmkernels import _dispatch
-from mmkernels.attention.api import AttentionCall
+from backend_params import attention_call
 from oracle import assert_matches_oracle
 
 NAN, INF = float("nan"), float("inf")
@@ -135,21 +135,7 @@ def test_refuses_what_it_does_not_serve_with_every_reason():
 
 
 def _call(dtype="float32", **kw):
-    fields = dict(
-        device_type="cpu",
-        dtype_name=dtype,
-        head_dim=64,
-        head_dim_v=64,
-        num_heads_q=12,
-        num_heads_kv=12,
-        varlen=False,
-        causal=False,
-        has_bias=False,
-        scores=None,
-        return_lse=False,
-    )
-    fields.update(kw)
-    return AttentionCall(**fields)
+    return attention_call(dtype, **kw)
 
 
 CPU_OK = {b.name: b for b in _dispatch.backends_for("attention")}["cpu"].availability()[0]
