@@ -149,13 +149,15 @@ def test_w8a8_layouts_bias_smooth(isa, dtype):
         check(torch.randn(2, m, k).to(dtype), qw, smooth=smooth, act_bits=8)
 
 
-def test_w8a8_extreme_values(isa):
+@pytest.mark.parametrize("rows", [5, 33])
+def test_w8a8_extreme_values(isa, rows):
     """Stored weights at the ends of their range (-128 symmetric, 0 / 255 asymmetric) against
-    saturating activations: the int32 sums must be exact."""
+    saturating activations: the int32 sums must be exact (33 rows: two whole AMX row tiles and the
+    row past them, K = 300 with a tail of 11 quads)."""
     n, k = 65, 300
-    x = torch.full((5, k), 1e3)
-    x[1] = -1e3
-    x[2, ::2] = -1e3
+    x = torch.full((rows, k), 1e3)
+    x[1::3] = -1e3
+    x[2::3, ::2] = -1e3
     for zeros in (None, torch.full((n, 1), 255, dtype=torch.uint8), torch.zeros(n, 1, dtype=torch.uint8)):
         if zeros is None:
             qweight = torch.full((n, k), -128, dtype=torch.int8)
