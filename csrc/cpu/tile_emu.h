@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 namespace mmk {
@@ -26,18 +28,30 @@ struct TileEmu {
   }
   static inline void configure() { state().configured = true; }
   static inline void release() { state().configured = false; }
+  // On the hardware a tile instruction without a loaded configuration (before ldtilecfg, after
+  // tilerelease) raises #UD (SIGILL): the emulation stops the process the same way, so that a
+  // kernel that forgets to configure fails its tests here too.
+  static inline State& configured_state() {
+    State& s = state();
+    if (!s.configured) {
+      std::fputs("mmkernels: emulated AMX tile instruction without a tile configuration\n", stderr);
+      std::abort();
+    }
+    return s;
+  }
   template <int t>
   static inline void load(const void* base, int64_t stride) {
     for (int r = 0; r < 16; ++r)
-      std::memcpy(state().t[t][r], (const uint8_t*)base + r * stride, 64);
+      std::memcpy(configured_state().t[t][r], (const uint8_t*)base + r * stride, 64);
   }
   template <int t>
   static inline void store(void* base, int64_t stride) {
-    for (int r = 0; r < 16; ++r) std::memcpy((uint8_t*)base + r * stride, state().t[t][r], 64);
+    for (int r = 0; r < 16; ++r)
+      std::memcpy((uint8_t*)base + r * stride, configured_state().t[t][r], 64);
   }
   template <int t>
   static inline void zero() {
-    std::memset(state().t[t], 0, sizeof(state().t[t]));
+    std::memset(configured_state().t[t], 0, 16 * 64);
   }
 
   static inline float bf16_daz(const uint8_t* p) {
@@ -58,7 +72,7 @@ struct TileEmu {
   }
   template <int c, int a, int b>
   static inline void dp_bf16() {
-    State& s = state();
+    State& s = configured_state();
     for (int m = 0; m < 16; ++m) {
       float acc[16];
       std::memcpy(acc, s.t[c][m], 64);
@@ -74,7 +88,7 @@ struct TileEmu {
   }
   template <bool ASigned, int c, int a, int b, bool BSigned = true>
   static inline void dp_int8() {
-    State& s = state();
+    State& s = configured_state();
     for (int m = 0; m < 16; ++m) {
       uint32_t acc[16];
       std::memcpy(acc, s.t[c][m], 64);
