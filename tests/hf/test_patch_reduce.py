@@ -193,9 +193,11 @@ def test_identity_settings_match_unpatched_within_2x(family, method):
         copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     )
     plain = _run(model, inputs)
-    with mmkernels.patched(model):
+    # One attention backend for both patched runs: auto-selection may give plain attention to SDPA
+    # (the `torch` backend, on AMX CPUs) and the scores calls to our kernel.
+    with mmkernels.patched(model, backend="cpu"):
         attention_only = _run(model, inputs)
-    with mmkernels.patched(model, reduce=spec) as report:
+    with mmkernels.patched(model, reduce=spec, backend="cpu") as report:
         ours = _run(model, inputs)
         assert _served_all(report), report.runtime()
     for name in exact:
@@ -240,7 +242,9 @@ def test_adapters_equal_the_hf_layers_bit_for_bit(family):
     with torch.no_grad():
         for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
             assert torch.equal(adapter(x), _run_layer(layer, x))  # unpatched: HF's attention
-        with mmkernels.patched(model):
+        # backend="cpu": the layer's plain attention and the adapter's scores call run one kernel
+        # (auto-selection gives plain attention to SDPA on AMX CPUs).
+        with mmkernels.patched(model, backend="cpu"):
             for layer, adapter in zip(encoders[0].layers, encoders[0].adapters):
                 assert torch.equal(adapter(x), _run_layer(layer, x))
                 y, scores, keys = adapter.attention_step(x, scores="mean", return_keys=True)
