@@ -1,5 +1,6 @@
 # Set-up and the two main commands, from a fresh machine with only Python:
-#   make test   create .venv if missing, install, run the test suite (what CI runs)
+#   make test   create .venv if missing, install, run the test suite (what CI runs), then the
+#               CPU-class-dependent tests again with the other class forced
 #   make lint   ruff (lint + format check) on the Python sources, clang-format on csrc (CI runs it first)
 #   make bench  same set-up, then the benchmark report for this machine (table, JSON, PNG, gates)
 PYTHON ?= python3
@@ -32,8 +33,15 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check mmkernels models tests bench setup.py
 	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC_FORMAT)
 
+# Auto-selection rules differ per CPU class (AMX: plain attention goes to SDPA): the tests that
+# depend on them run a second time with the other class forced (MMKERNELS_CPU_CLASS), so that a
+# test assuming one class fails here, not only on the other class's machines.
+CLASS_TESTS := tests/hf tests/attention/test_attention_torch_backend.py tests/test_dispatch.py tests/quant/test_quant_torch_backend.py
+OTHER_CLASS = $(shell $(PY) -c "from mmkernels import _extension as e; print('avx512' if e.cpu_class() == 'amx' else 'amx')")
+
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
+	MMKERNELS_CPU_CLASS=$(OTHER_CLASS) $(PY) -m pytest -q -p no:cacheprovider --timeout=900 $(CLASS_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m mmkernels.cli bench --gate --out $(BENCH_OUT)
