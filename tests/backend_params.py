@@ -50,6 +50,32 @@ def cpu_isa_paths(family: str) -> List[str]:
     return paths
 
 
+def amx_isa_params(family: str) -> list:
+    """``pytest.param`` for "amx" (the real tiles) and "amx_emulated", for tests of a family's AMX
+    kernels: a path this CPU cannot run is a skipped param that says why (for "amx": the CPU
+    probe's reason, e.g. no AMX, or the kernel refused the tile-data permission)."""
+    paths = cpu_isa_paths(family)
+    params = []
+    for isa in ("amx", "amx_emulated"):
+        if isa in paths:
+            params.append(pytest.param(isa, id=isa))
+        else:
+            why = _amx_reason() if isa == "amx" else "needs AVX-512 BF16 and VNNI"
+            params.append(pytest.param(isa, id=isa, marks=pytest.mark.skip(reason=f"{isa}: {why}")))
+    return params
+
+
+def _amx_reason() -> str:
+    from mmkernels import _extension
+
+    ops = _extension.CPU.ops("cpu_features")
+    line = ops.cpu_features() if ops is not None else "extension not built"
+    if "amx=no" not in line:
+        return line
+    why = line.split("amx=no", 1)[1].strip()
+    return why[1:-1] if why.startswith("(") and why.endswith(")") else why
+
+
 def _runs_amx_emulated(cpu) -> bool:
     old = os.environ.get("MMKERNELS_CPU_ISA")
     os.environ["MMKERNELS_CPU_ISA"] = "amx_emulated"

@@ -1,5 +1,6 @@
-"""The AMX attention kernel (csrc/cpu/attention_amx_kernel.h) over emulated tiles
-(MMKERNELS_CPU_ISA=amx_emulated, csrc/cpu/tile_emu.h), on what the per-ISA tests of
+"""The AMX attention kernel (csrc/cpu/attention_amx_kernel.h) on the real tiles where the CPU has
+AMX ("amx"; a skipped param saying why elsewhere) and over emulated tiles everywhere AVX-512 BF16
+runs (MMKERNELS_CPU_ISA=amx_emulated, csrc/cpu/tile_emu.h), on what the per-ISA tests of
 test_attention_cpu_kernel.py / test_attention_nan_semantics.py do not already reach on that path:
 several key blocks (Lk > 320, a merged tail that is not a multiple of 32 keys), head dims padded to
 32 (8, 24, 72, 80, 96), query and key counts that are not multiples of 16 / 32 (Lq != Lk), GQA,
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import mmkernels
-from backend_params import cpu_isa_paths
+from backend_params import amx_isa_params, cpu_isa_paths
 
 cpu = pytest.importorskip("mmkernels.attention.cpu")
 if not cpu.is_available():
@@ -28,10 +29,12 @@ NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-@pytest.fixture(autouse=True)
-def amx_emulated(monkeypatch):
-    monkeypatch.setenv("MMKERNELS_CPU_ISA", "amx_emulated")
-    assert cpu.cpu_isa() == "amx_emulated"
+@pytest.fixture(autouse=True, params=amx_isa_params("attention"))
+def amx_path(request, monkeypatch):
+    """Every test on the real tiles ("amx", where the CPU has them) and the emulated ones."""
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", request.param)
+    assert cpu.cpu_isa() == request.param
+    return request.param
 
 
 def rand(g, *shape):

@@ -20,7 +20,7 @@ import torch
 from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight
 from mmkernels.quant import cpu as qcpu
 
-from backend_params import cpu_isa_paths
+from backend_params import amx_isa_params, cpu_isa_paths
 from oracle import FLOOR, max_err
 
 if not qcpu.is_available():
@@ -34,7 +34,7 @@ NAN, INF = float("nan"), float("inf")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN on purpose
 
 
-@pytest.fixture(params=AMX_ISAS)
+@pytest.fixture(params=amx_isa_params("quant"))
 def isa(request):
     return request.param
 
