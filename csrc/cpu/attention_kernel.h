@@ -103,11 +103,6 @@ inline void prefetch_rows(const void* base, int64_t ld_bytes, int64_t r0, int64_
   }
 }
 
-inline float load_elem(const void* base, int64_t off, int dtype) {
-  return dtype == kF32 ? ((const float*)base)[off] : bf16_to_f32(((const uint16_t*)base)[off]);
-}
-inline uint16_t load_bits(const void* base, int64_t off) { return ((const uint16_t*)base)[off]; }
-
 // Column chunks for P.V: split nv vectors into chunks of at most cmax, as even as possible.
 inline int pv_chunk(int nv, int cmax, int idx, int* start) {
   const int nch = (nv + cmax - 1) / cmax, base = nv / nch, extra = nv % nch;

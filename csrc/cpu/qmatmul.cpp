@@ -29,10 +29,8 @@ uint16_t f32_to_bf16(float f) {
 
 float half_to_f32(uint16_t h) { return f16_to_f32(h); }
 
-uint16_t f32_to_half(float f) { return f32_to_f16(f); }
-
 uint16_t f32_to_16bit(float f, int dtype) {
-  return dtype == kBF16 ? f32_to_bf16(f) : f32_to_half(f);
+  return dtype == kBF16 ? f32_to_bf16(f) : f32_to_f16(f);
 }
 
 namespace {

@@ -204,8 +204,9 @@ static inline float a8_scale(uint32_t amax_bits) {
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);  // round to nearest even (NaN stays NaN)
 float half_to_f32(uint16_t h);  // binary16, exact (fp16.h)
-uint16_t f32_to_half(float f);  // round to nearest even, overflow to inf, NaN stays NaN (fp16.h)
-uint16_t f32_to_16bit(float f, int dtype);  // f32_to_bf16 (kBF16) or f32_to_half (kF16)
+// f32_to_bf16 (kBF16), or binary16 rounded to nearest even, overflow to inf, NaN kept (kF16,
+// fp16.h)
+uint16_t f32_to_16bit(float f, int dtype);
 
 // Element off of x (dtype kF32 / kBF16 / kF16) as fp32 (exact).
 inline float x_elem_f32(const void* x, int dtype, int64_t off) {
