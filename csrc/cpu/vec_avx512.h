@@ -45,7 +45,10 @@ struct V512 {
   }
   static inline bool any(Mask m) { return m != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
-  // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps (underflows to +0).
+  // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps. Lanes below -125 are
+  // 0 without being computed (zero-masked): a result there would be denormal or underflow, and
+  // on Intel cores each such vscalefps / multiply costs a microcode assist of ~100+ cycles (every
+  // -inf lane of a masked or ragged key block would pay it). Results stay normal or exact 0.
   static inline T exp2(T x) {
     // vmaxps returns its second operand when one is NaN: x second, so NaN goes through.
     x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
@@ -57,7 +60,9 @@ struct V512 {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402210682630539e-1f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471824645996e-1f));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000001192092896f));
-    return _mm512_scalef_ps(y, n);
+    // Live lanes: x >= -125, or NaN (unordered compare true), which must go through.
+    const Mask live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+    return _mm512_maskz_scalef_ps(live, y, n);
   }
 
   // Lanes [0, n) as a mask (n may be <= 0 or >= W); ordered a > b; and; where m: yes, else no.

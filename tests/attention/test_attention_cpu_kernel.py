@@ -193,7 +193,7 @@ def test_head_dims(isa, dtype, D):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("L", [1, 7, 197, 257])
+@pytest.mark.parametrize("L", [1, 7, 197, 257, 321, 577])  # 321, 577: several key blocks
 def test_lengths(isa, dtype, L):
     check(make(B=2, Hq=2, Lq=L, D=64, dtype=dtype, seed=L))
 
