@@ -69,7 +69,11 @@ struct V256 {
     y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0000001192092896f));
     const __m256i e =
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    // Lanes below -125 get the scale +0 (exact 0, as on the AVX-512 path): 2^x there would be a
+    // denormal or underflowing product, a microcode assist per vector on Intel cores. NaN lanes
+    // compare unordered and keep their (garbage) scale: y is NaN.
+    const T live = _mm256_cmp_ps(x, _mm256_set1_ps(-125.f), _CMP_NLT_UQ);
+    return _mm256_mul_ps(y, _mm256_and_ps(_mm256_castsi256_ps(e), live));
   }
   // Lanes [0, n) as a mask (n may be <= 0 or >= W); ordered a > b; and; where m: yes, else no.
   static inline Mask first_lanes(int64_t n) {

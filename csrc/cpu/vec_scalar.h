@@ -99,7 +99,8 @@ struct VScalar {
     return false;
   }
   static inline T exp2(T x) {
-    for (int i = 0; i < 8; ++i) x.v[i] = exp2f(x.v[i]);
+    // 0 below -125 like the SIMD paths (no denormal / underflowing result); NaN goes to exp2f.
+    for (int i = 0; i < 8; ++i) x.v[i] = x.v[i] < -125.f ? 0.f : exp2f(x.v[i]);
     return x;
   }
   // fp16 <-> fp32 for n lanes (fp16.h: round to nearest even, as F16C).
