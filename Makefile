@@ -2,6 +2,8 @@
 #   make test   create .venv if missing, install, run the test suite (what CI runs), then the
 #               CPU-class-dependent tests again with the other class forced
 #   make lint   ruff (lint + format check) on the Python sources, clang-format on csrc (CI runs it first)
+#   make asan   the CPU kernels' tests against an AddressSanitizer build of the extension (.ci/asan;
+#               CI runs it after make test)
 #   make bench  same set-up, then the benchmark report for this machine (table, JSON, PNG, gates)
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml requirements/dev.t
 BENCH_OUT ?= bench/out
 CSRC_FORMAT := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
 
-.PHONY: install lint test bench compile-gate info clean
+.PHONY: install lint test asan bench compile-gate info clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +44,11 @@ OTHER_CLASS = $(shell $(PY) -c "from mmkernels import _extension as e; print('av
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 	MMKERNELS_CPU_CLASS=$(OTHER_CLASS) $(PY) -m pytest -q -p no:cacheprovider --timeout=900 $(CLASS_TESTS)
+
+# Out-of-bounds reads / writes of the C++ kernels, whatever the data: .ci/asan builds a sanitized
+# copy of the extension in a temporary directory (the checkout's build is left alone).
+asan: $(STAMP)
+	bash .ci/asan
 
 bench: $(STAMP)
 	$(PY) -m mmkernels.cli bench --gate --out $(BENCH_OUT)

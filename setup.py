@@ -26,6 +26,12 @@ def _extensions():
     # link order puts before them (measured on Zen 4: the same int8 GEMV machine code ran ~1.1x
     # slower at another offset).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function", "-falign-functions=64"]
+    link = ["-fopenmp"]
+    # MMKERNELS_SANITIZE=address: an AddressSanitizer build for .ci/asan (out-of-bounds reads and
+    # writes of the kernels become errors), never for use.
+    if os.environ.get("MMKERNELS_SANITIZE") == "address":
+        cxx = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] + cxx[1:]
+        link.append("-fsanitize=address")
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/ops.cpp"]
     exts = [
         cpp_extension.CppExtension(
@@ -33,7 +39,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     ]
 

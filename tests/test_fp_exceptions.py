@@ -112,9 +112,11 @@ def test_attention_raises_no_underflow(isa, dtype, monkeypatch):
             qv, kv, vv, causal=True, cu_seqlens_q=lens, cu_seqlens_k=lens, backend="cpu"
         ),
     }
-    if isa == "scalar":
+    if isa == "scalar" or (isa == "amx_emulated" and dtype == torch.bfloat16):
         # The portable path multiplies and adds apart (no FMA): p * v of p near 2^-125 can itself
-        # underflow there. Masked keys still cost nothing (p is exactly 0).
+        # underflow there; so can the emulated tdpbf16ps, unless the compiler fuses its multiply
+        # and add (the tiles themselves flush denormals: no assist on AMX). Masked keys still cost
+        # nothing on either (p is exactly 0).
         del calls["tiny probabilities"]
     for what, call in calls.items():
         assert raised(call) == [], f"{isa} {dtype} {what}"
