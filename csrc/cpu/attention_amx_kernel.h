@@ -15,8 +15,9 @@
 // P.V: O *= alpha in fp32, then C tiles 0-3 = 2 row tiles x 2 tiles of 16 output columns loaded
 // from O (on an item's first block, O is zero: the C tiles start at zero, no rescale; later blocks
 // skip the rescale when every alpha is 1), A tiles 4-5 = P rows (32 keys), B tiles 6-7 = V pair
-// rows (32 keys x 16 columns), stored back to O. Tiles are configured at the start of s_block
-// and pv_block and released at their end.
+// rows (32 keys x 16 columns), stored back to O. Tiles are configured once per item (prepare_q,
+// before its first block) and released after its last block (end_item, called by AttnKernel):
+// ldtilecfg zeroes every tile and is not cheap, and a long causal item has up to Lk/64 blocks.
 // Include only from an AMX / AVX-512 translation unit after its MMK_TARGET_* pragma.
 #pragma once
 
@@ -66,6 +67,7 @@ struct MicroAmxBf16 {
   static const QT* prepare_q(const AttnParams& p, const AttnSeq& s, const AttnItem& it,
                              const AttnScratch& sc, int64_t* qs) {
     first_block() = true;
+    Tile::configure();  // for the item's blocks; end_item releases
     const int D = p.D, Dk = dk(D), nq = it.nq, rows = (int)round_up(nq, 16);
     const uint16_t* src =
         (const uint16_t*)p.q + s.bq * p.q_sb + it.h * p.q_sh + (s.q_begin + it.q0) * p.q_ss;
@@ -121,7 +123,6 @@ struct MicroAmxBf16 {
   // S[r][0 : npan*W] = (q_r . k_j) * scale2 + colb[j] for r < nq and the npan panels at kp.
   static void s_block(const uint16_t* q, int64_t qs, const uint16_t* kp, int Dk, int nq, int npan,
                       float* S, const float* colb, float scale2) {
-    Tile::configure();
     const int nrt = (int)ceil_div(nq, 16);
     for (int rt = 0; rt < nrt; rt += 2) {
       const bool r2 = rt + 2 <= nrt;
@@ -142,7 +143,6 @@ struct MicroAmxBf16 {
         s_epilogue(Sr + pn * W, colb + pn * W, rows, p2 ? 2 : 1, scale2);
       }
     }
-    Tile::release();
   }
 
   // P as bf16 rows (attention_bf16_pack.h, as MicroBf16Dot).
@@ -209,7 +209,6 @@ struct MicroAmxBf16 {
           _mm512_storeu_ps(O + r * Dvp + c, _mm512_mul_ps(_mm512_loadu_ps(O + r * Dvp + c), a));
       }
 
-    Tile::configure();
     const int nrt = nq16 / 16, nct = Dvp / W, nkc = kb32 / kKeys;
     for (int rt = 0; rt < nrt; rt += 2) {
       const bool r2 = rt + 2 <= nrt;
@@ -228,8 +227,10 @@ struct MicroAmxBf16 {
           pv_tile<1, 1>(Pr, vc, Dvp, nkc, Or + ct * W, fresh);
       }
     }
-    Tile::release();
   }
+
+  // After the item's last block (AttnKernel::run): the tiles are released.
+  static void end_item() { Tile::release(); }
 };
 
 }  // namespace

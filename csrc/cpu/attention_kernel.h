@@ -406,6 +406,17 @@ struct KDim<M, decltype((void)M::kDAlign, 0)> {
   static int of(int D) { return (int)round_up(D, M::kDAlign); }
 };
 
+// A micro-kernel that holds state over an item's blocks (AMX: the tile configuration, set in
+// prepare_q) declares end_item(); AttnKernel::run calls it after the item's last block.
+template <class M, class = int>
+struct ItemEnd {
+  static void call() {}
+};
+template <class M>
+struct ItemEnd<M, decltype((void)&M::end_item, 0)> {
+  static void call() { M::end_item(); }
+};
+
 template <class V, class M>
 struct AttnKernel {
   static constexpr int W = V::W;
@@ -559,6 +570,7 @@ struct AttnKernel {
       }
       M::pv_block(sc.P, vp + k0 * ldv, ldv, Dvp, nq, (int)kb, sc.O, alpha);
     }
+    ItemEnd<M>::call();
     const int nblocks = kbi;
 
     // Output and lse. nonfin: NaN once a row that is not a NaN row has a non-finite output (only a
