@@ -122,6 +122,22 @@ def test_nan_semantics_are_the_library_s(case):
     _same_as_reference(q, k, v, bias)
 
 
+def test_finite_values_whose_sum_overflows_take_the_exact_rare_path(monkeypatch):
+    """The NaN / inf pre-check is a sum: finite values near float32's limit overflow it, which must
+    only send the call to the reference (exact), never change the answer."""
+    from mmkernels.attention import reference as attention_reference
+
+    q, k, v = qkv(1, 2, 2, 9, 9, 16)
+    q[0, 0, :, :] = 1.0e37  # the sum of q overflows float32; q.k (~1e38) does not
+    calls = []
+    real = attention_reference.attention_forward
+    with monkeypatch.context() as m:
+        m.setattr(attention_reference, "attention_forward", lambda *a: calls.append(1) or real(*a))
+        mmkernels.attention(q, k, v, backend="torch")
+    assert calls, "the rare path did not run"
+    _same_as_reference(q, k, v, None)
+
+
 def test_refuses_what_it_does_not_serve_with_every_reason():
     q, k, v = qkv(1, 2, 2, 5, 5, 16)
     with pytest.raises(_dispatch.NoBackendError) as info:
