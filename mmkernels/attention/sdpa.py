@@ -18,7 +18,7 @@ docs/attention_kernel_contract.md), and its declaration in backends.py refuses t
 Rare path (the call is computed by the reference, exact): a NaN or ``±inf`` in ``q`` or ``k``
 (SDPA's kernel takes a row whose logits are all NaN or all ``-inf`` for a fully masked one: out 0,
 lse 0, where the spec says NaN, resp. lse ``-inf``), or the ``-inf``-bias case above. Checking
-costs one pass over ``q`` and ``k`` (and ``v`` with a ``-inf`` bias), small beside the O(L^2 D)
+costs one sum over ``q`` and ``k`` (and ``v`` with a ``-inf`` bias), small beside the O(L^2 D)
 attention. A ``±inf`` in ``v`` gives ``±inf`` in SDPA's output where the spec says NaN: such
 elements are turned into NaN (only an infinite ``v`` can make an infinite output).
 """
