@@ -46,6 +46,11 @@ struct ReduceImpl {
   // out[s] = (sum over sources i, in order, of w[i] * x[i]) / wsum[s] for slots [s0, s1); the
   // products and sums are rounded in fp32 one by one (no FMA), like the reference.
   void (*merge_slots)(const MergeRow& p, int64_t s0, int64_t s1);
+  // Optional (nullptr: the glue's plain loop): B tiles [t0, t1) of the packed layout above from
+  // nb normalised token rows (row-major, c floats each), lanes past nb zero. A copy: the values
+  // are the rows' bits.
+  void (*pack_b_tiles)(const float* rows, int64_t c, int64_t nb, int64_t t0, int64_t t1,
+                       float* b_packed) = nullptr;
 };
 
 const ReduceImpl* reduce_impl_avx512();  // nullptr when not compiled for x86

@@ -21,7 +21,7 @@ namespace {
 
 using Kernel = ReduceKernel<V512, 8>;  // 8 A rows x 32 B tokens = 16 accumulators
 const ReduceImpl kImpl = {"avx512", &Kernel::normalize_row, &Kernel::sim_argmax,
-                          &Kernel::merge_slots};
+                          &Kernel::merge_slots, &Kernel::pack_b_tiles};
 
 }  // namespace
 

@@ -80,7 +80,7 @@ void check_cpu(const Tensor& t, const char* op, const char* name) {
 // ---- tome_plan -------------------------------------------------------------------------------
 
 struct PlanScratch {
-  std::vector<float> a, bp, best;
+  std::vector<float> a, brows, bp, best;  // brows: normalised B rows, before packing into bp
   std::vector<int32_t> arg;
   std::vector<uint64_t> keys, sel;
   std::vector<uint8_t> merged;
@@ -90,20 +90,16 @@ struct PlanGeom {
   int64_t n, c, pf, r, a_start, b_start, na, nb, na_pad;
 };
 
-// Buffers of one batch row: A rows and packed B tiles sized, their padding (A rows past na, B
-// lanes past nb) zeroed; the token rows themselves are written by plan_prepare_rows.
+// Buffers of one batch row: A rows, B rows and packed B tiles sized, the A padding (rows past
+// na) zeroed; the token rows are written by plan_prepare_rows, the tiles (zero lanes past nb
+// included) by plan_pack_tiles.
 void plan_alloc(const PlanGeom& g, PlanScratch& s) {
   const int64_t c = g.c;
   const int64_t nbt = (g.nb + kTile - 1) / kTile;
   s.a.resize(g.na_pad * c);
   std::fill(s.a.begin() + g.na * c, s.a.end(), 0.f);
+  s.brows.resize(g.nb * c);
   s.bp.resize(nbt * kTile * c);
-  if (g.nb % kTile != 0) {
-    float* last = s.bp.data() + (nbt - 1) * c * kTile;
-    const int lo = (int)(g.nb % kTile);
-    for (int64_t q = 0; q < c; ++q)
-      for (int l = lo; l < kTile; ++l) last[q * kTile + l] = 0.f;
-  }
   s.best.resize(g.na_pad);
   s.arg.resize(g.na_pad);
 }
@@ -132,10 +128,27 @@ void plan_prepare_rows(const T* m, int64_t sn, int64_t sc, const PlanGeom& g, Pl
     if (((p - g.pf) & 1) == ((g.a_start - g.pf) & 1)) {
       k->normalize_row(src, c, s.a.data() + ((p - g.a_start) >> 1) * c, 1);
     } else {
-      const int64_t j = (p - g.b_start) >> 1;
-      k->normalize_row(src, c, s.bp.data() + (j / kTile) * c * kTile + (j % kTile), kTile);
+      k->normalize_row(src, c, s.brows.data() + ((p - g.b_start) >> 1) * c, 1);
     }
   }
+}
+
+// B tiles [t0, t1) from the normalised B rows (reduce.h's layout; the path's transpose when it
+// has one). Row-major rows first, then a transpose: writing each row straight into its tile
+// lane took 16 scalar stores per 16 channels.
+void plan_pack_tiles(const PlanGeom& g, PlanScratch& s, const ReduceImpl* k, int64_t t0,
+                     int64_t t1) {
+  const int64_t c = g.c;
+  if (k->pack_b_tiles != nullptr) {
+    k->pack_b_tiles(s.brows.data(), c, g.nb, t0, t1, s.bp.data());
+    return;
+  }
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t q = 0; q < c; ++q)
+      for (int l = 0; l < kTile; ++l) {
+        const int64_t j = t * kTile + l;
+        s.bp[(t * c + q) * kTile + l] = j < g.nb ? s.brows[j * c + q] : 0.f;
+      }
 }
 
 // Choose the r best A tokens, write the four maps of one batch row.
@@ -229,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
         break;
     }
   };
+  const int64_t nbt = (g.nb + kTile - 1) / kTile;
   auto run_row = [&](int64_t b, PlanScratch& s, bool inner_parallel, int nt) {
     if (compute) {
       plan_alloc(g, s);
@@ -241,6 +255,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
           const int64_t rows = n - g.pf;
           prepare(s, b, g.pf + rows * id / T, g.pf + rows * (id + 1) / T);
 #pragma omp barrier
+          plan_pack_tiles(g, s, k, nbt * id / T, nbt * (id + 1) / T);
+#pragma omp barrier
 #pragma omp for schedule(static)
           for (int64_t ib = 0; ib < blocks; ++ib)
             k->sim_argmax(s.a.data(), c, ib * kRowBlock, (ib + 1) * kRowBlock, s.bp.data(), g.nb,
@@ -248,6 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
         }
       } else {
         prepare(s, b, g.pf, n);
+        plan_pack_tiles(g, s, k, 0, nbt);
         k->sim_argmax(s.a.data(), c, 0, g.na_pad, s.bp.data(), g.nb, s.best.data(), s.arg.data());
       }
     }
