@@ -70,20 +70,15 @@ struct ReduceKernel {
 
   // ---- B tiles (reduce.h) ---------------------------------------------------------------------
 
-  // 16 token rows at a time through a register transpose (V::pack_panel32) where a vector is a
-  // tile's width; a plain copy otherwise.
+  // 16 token rows at a time through a register transpose (V::pack_panel32): only where a vector
+  // is a tile's width (the other paths leave ReduceImpl::pack_b_tiles null: the glue's copy).
   static void pack_b_tiles(const float* rows, int64_t c, int64_t nb, int64_t t0, int64_t t1,
                            float* bp) {
+    static_assert(V::kPanel32 && W == kTile, "pack_b_tiles needs tile-wide vectors");
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kTile;
       const int n = (int)(nb - j0 < kTile ? nb - j0 : kTile);
-      float* dst = bp + t * c * kTile;
-      if constexpr (V::kPanel32 && W == kTile) {
-        V::pack_panel32(rows + j0 * c, c * 4, n, (int)c, dst);
-      } else {
-        for (int64_t q = 0; q < c; ++q)
-          for (int l = 0; l < kTile; ++l) dst[q * kTile + l] = l < n ? rows[(j0 + l) * c + q] : 0.f;
-      }
+      V::pack_panel32(rows + j0 * c, c * 4, n, (int)c, bp + t * c * kTile);
     }
   }
 

@@ -87,7 +87,7 @@ struct PlanScratch {
 };
 
 struct PlanGeom {
-  int64_t n, c, pf, r, a_start, b_start, na, nb, na_pad;
+  int64_t n, c, pf, r, a_start, b_start, na, nb, na_pad, nbt;  // nbt: B tiles of kTile tokens
 };
 
 // Buffers of one batch row: A rows, B rows and packed B tiles sized, the A padding (rows past
@@ -95,11 +95,10 @@ struct PlanGeom {
 // included) by plan_pack_tiles.
 void plan_alloc(const PlanGeom& g, PlanScratch& s) {
   const int64_t c = g.c;
-  const int64_t nbt = (g.nb + kTile - 1) / kTile;
   s.a.resize(g.na_pad * c);
   std::fill(s.a.begin() + g.na * c, s.a.end(), 0.f);
   s.brows.resize(g.nb * c);
-  s.bp.resize(nbt * kTile * c);
+  s.bp.resize(g.nbt * kTile * c);
   s.best.resize(g.na_pad);
   s.arg.resize(g.na_pad);
 }
@@ -213,6 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
   g.na = g.a_start < n ? (n - g.a_start + 1) / 2 : 0;
   g.nb = g.b_start < n ? (n - g.b_start + 1) / 2 : 0;
   g.na_pad = (g.na + kRowBlock - 1) / kRowBlock * kRowBlock;
+  g.nbt = (g.nb + kTile - 1) / kTile;
   const int64_t limit = g.nb > 0 ? g.na : 0;
   TORCH_CHECK(r >= 0 && r <= limit, op, ": r=", r, " must be in [0, ", limit, "]");
   TORCH_CHECK(c > 0 || r == 0, op, ": metric has no channels");
@@ -242,7 +242,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
         break;
     }
   };
-  const int64_t nbt = (g.nb + kTile - 1) / kTile;
   auto run_row = [&](int64_t b, PlanScratch& s, bool inner_parallel, int nt) {
     if (compute) {
       plan_alloc(g, s);
@@ -255,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
           const int64_t rows = n - g.pf;
           prepare(s, b, g.pf + rows * id / T, g.pf + rows * (id + 1) / T);
 #pragma omp barrier
-          plan_pack_tiles(g, s, k, nbt * id / T, nbt * (id + 1) / T);
+          plan_pack_tiles(g, s, k, g.nbt * id / T, g.nbt * (id + 1) / T);
 #pragma omp barrier
 #pragma omp for schedule(static)
           for (int64_t ib = 0; ib < blocks; ++ib)
@@ -264,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> reduce_tome_plan(const Tensor& metric
         }
       } else {
         prepare(s, b, g.pf, n);
-        plan_pack_tiles(g, s, k, 0, nbt);
+        plan_pack_tiles(g, s, k, 0, g.nbt);
         k->sim_argmax(s.a.data(), c, 0, g.na_pad, s.bp.data(), g.nb, s.best.data(), s.arg.data());
       }
     }
