@@ -1,7 +1,8 @@
 """The C++ CPU kernels raise no floating-point exception but "inexact" on finite, ordinary inputs.
 
 An underflow (a result that is denormal or rounds to 0 from below the normal range) or a denormal
-operand costs a microcode assist of ~100+ cycles on Intel cores (AMD's take it in hardware), and
+operand takes a microcode assist on Intel cores (~100 cycles by Intel's optimisation manual; not
+measured here; AMD's take it in hardware), and
 the kernels run with the default MXCSR (no flush-to-zero). Attention used to raise an underflow on
 every call: exp2 of each -inf lane (a ragged key block, a causal tail, a -inf key bias) scaled 1
 by 2^-150. The flags are the calling thread's, so the op runs on one thread here.

@@ -70,8 +70,8 @@ struct V256 {
     const __m256i e =
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     // Lanes below -125 get the scale +0 (exact 0, as on the AVX-512 path): 2^x there would be a
-    // denormal or underflowing product, a microcode assist per vector on Intel cores. NaN lanes
-    // compare unordered and keep their (garbage) scale: y is NaN.
+    // denormal or underflowing product (a microcode assist on Intel cores, by Intel's manual).
+    // NaN lanes compare unordered and keep their (garbage) scale: y is NaN.
     const T live = _mm256_cmp_ps(x, _mm256_set1_ps(-125.f), _CMP_NLT_UQ);
     return _mm256_mul_ps(y, _mm256_and_ps(_mm256_castsi256_ps(e), live));
   }

@@ -46,9 +46,9 @@ struct V512 {
   static inline bool any(Mask m) { return m != 0; }
   // 2^x for x <= 0 (x = -inf -> 0, NaN -> NaN): n = round(x), 2^(x-n) by a degree-5 fit on
   // [-0.5, 0.5] (max relative error 1.7e-7), scaled by 2^n with vscalefps. Lanes below -125 are
-  // 0 without being computed (zero-masked): a result there would be denormal or underflow, and
-  // on Intel cores each such vscalefps / multiply costs a microcode assist of ~100+ cycles (every
-  // -inf lane of a masked or ragged key block would pay it). Results stay normal or exact 0.
+  // 0 without being computed (zero-masked): a result there would be denormal or underflow, which
+  // Intel cores compute in a microcode assist (~100 cycles by Intel's manual; unmeasured here),
+  // and every -inf lane of a masked or ragged key block would make one. Results stay normal or 0.
   static inline T exp2(T x) {
     // vmaxps returns its second operand when one is NaN: x second, so NaN goes through.
     x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
