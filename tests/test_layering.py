@@ -20,6 +20,7 @@ RANKS = {
     "_extension": 0,
     "_triton_support": 0,
     "_dispatch": 0,
+    "_eager": 0,
     "_calibration": 0,
     "attention": 1,
     "reduce": 1,

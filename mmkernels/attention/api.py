@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._eager import plain_eager
 from .._calibration import size_bucket
 from . import reference
 
@@ -306,7 +307,7 @@ def _new_out(q, out_shape, varlen, dtype=None):
     if varlen:
         return q.new_empty(out_shape, dtype=dtype)
     b, hq, lq, dv = out_shape
-    return q.new_empty((b, lq, hq, dv), dtype=dtype).transpose(1, 2)
+    return torch.empty_strided(out_shape, (lq * hq * dv, dv, hq * dv, 1), dtype=dtype or q.dtype, device=q.device)
 
 
 def _bias_view(key_bias, q, num_heads, varlen):
@@ -321,6 +322,101 @@ def _bias_view(key_bias, q, num_heads, varlen):
 
 def _poison_requested() -> bool:
     return os.environ.get("MMKERNELS_DEBUG_POISON", "") == "1"
+
+
+# Metadata -> AttentionCall, memoised: building the frozen dataclass costs ~3 us, a tenth of a
+# small call. Keyed on everything describe_call reads; bounded (cleared when full).
+_CALLS: dict = {}
+_CALLS_MAX = 4096
+
+
+def _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> AttentionCall:
+    key = (
+        type(q),
+        q.device.type,
+        q.dtype,
+        q.shape,
+        k.shape,
+        v.shape[-1],
+        varlen,
+        causal,
+        key_bias is not None,
+        scores_mode,
+        return_lse,
+    )
+    call = _CALLS.get(key)
+    if call is None:
+        call = describe_call(q, k, v, causal, key_bias, varlen, _SCORES_NAMES[scores_mode], return_lse)
+        if len(_CALLS) >= _CALLS_MAX:
+            _CALLS.clear()
+        _CALLS[key] = call
+    return call
+
+
+def _attention_impl(
+    q,
+    k,
+    v,
+    key_bias,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    return_lse,
+    backend,
+):
+    """The op's body: allocate the outputs, select a backend, run it. Returns ``(out, lse, scores)``,
+    ``lse`` / ``scores`` None when not asked for."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
+    out = _new_out(q, out_shape, varlen)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    scores = torch.empty(scores_shape, dtype=torch.float32, device=q.device) if scores_mode else None
+    if _poison_requested():
+        for t in (out, lse, scores):
+            if t is not None:
+                t.fill_(float("nan"))
+    if varlen:
+        q4, k4, v4 = (t.permute(1, 0, 2)[None] for t in (q, k, v))
+        out4 = out.permute(1, 0, 2)[None]
+        lse3 = lse.t()[None] if return_lse else None
+        scores2 = scores[None] if scores_mode else None
+    else:
+        q4, k4, v4, out4, lse3, scores2 = q, k, v, out, lse, scores
+    if out.numel() == 0 or k4.shape[2] == 0 or q4.shape[2] == 0:
+        # Nothing to attend: every row is fully masked (out 0, lse -inf, scores 0).
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        if scores is not None:
+            scores.zero_()
+        return out, lse, scores
+    bias3 = None if key_bias is None else _bias_view(key_bias, q, q.shape[1], varlen)
+    # Selection runs here, at execution time, so that tracing never enters the registry.
+    call = _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
+    chosen = _dispatch.select(OP, call, q.device.type, backend or None)
+    chosen.run(
+        q4,
+        k4,
+        v4,
+        bias3,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        scores_mode,
+        out4,
+        lse3,
+        scores2,
+    )
+    return out, lse, scores
 
 
 @torch.library.custom_op("mmkernels::attention", mutates_args=())
@@ -339,41 +435,11 @@ def _attention_op(
     return_lse: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    varlen = cu_seqlens_q is not None
-    if varlen:
-        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
-    out = _new_out(q, out_shape, varlen)
-    lse = torch.empty(lse_shape if return_lse else (0,), dtype=torch.float32, device=q.device)
-    scores = torch.empty(scores_shape if scores_mode else (0,), dtype=torch.float32, device=q.device)
-    if _poison_requested():
-        for t in (out, lse, scores):
-            t.fill_(float("nan"))
-    if varlen:
-        q4, k4, v4 = (t.permute(1, 0, 2)[None] for t in (q, k, v))
-        out4 = out.permute(1, 0, 2)[None]
-        lse3 = lse.t()[None] if return_lse else None
-        scores2 = scores[None] if scores_mode else None
-    else:
-        q4, k4, v4, out4 = q, k, v, out
-        lse3 = lse if return_lse else None
-        scores2 = scores if scores_mode else None
-    bias3 = None if key_bias is None else _bias_view(key_bias, q, q.shape[1], varlen)
-    lk_total = k4.shape[2]
-    if out.numel() == 0 or lk_total == 0 or q4.shape[2] == 0:
-        # Nothing to attend: every row is fully masked (out 0, lse -inf, scores 0).
-        out.zero_()
-        lse.fill_(float("-inf"))
-        scores.zero_()
-        return out, lse, scores
-    # Selection runs here, at execution time, so that tracing never enters the registry.
-    call = describe_call(q, k, v, causal, key_bias, varlen, _SCORES_NAMES[scores_mode], return_lse)
-    chosen = _dispatch.select(OP, call, q.device.type, backend or None)
-    chosen.run(
-        q4,
-        k4,
-        v4,
-        bias3,
+    out, lse, scores = _attention_impl(
+        q,
+        k,
+        v,
+        key_bias,
         cu_seqlens_q,
         cu_seqlens_k,
         max_seqlen_q,
@@ -381,10 +447,13 @@ def _attention_op(
         causal,
         scale,
         scores_mode,
-        out4,
-        lse3,
-        scores2,
+        return_lse,
+        backend,
     )
+    if lse is None:
+        lse = torch.empty((0,), dtype=torch.float32, device=q.device)
+    if scores is None:
+        scores = torch.empty((0,), dtype=torch.float32, device=q.device)
     return out, lse, scores
 
 
@@ -567,7 +636,8 @@ def attention(
         backend,
     )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse, score = _attention_op(
+    op = _attention_impl if plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k) else _attention_op
+    out, lse, score = op(
         q,
         k,
         v,

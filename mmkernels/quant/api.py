@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._eager import plain_eager
 from .._calibration import size_bucket
 from .packing import QuantizedWeight, is_fp8
 
@@ -118,13 +119,6 @@ def _(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _plain_eager(*tensors) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors if t is not None)
-
-
 def qmatmul(
     x: Tensor,
     qw: QuantizedWeight,
@@ -182,6 +176,6 @@ def qmatmul(
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
     args = (x, qw.qweight, qw.scales, qw.zeros, bias, smooth, qw.bits, act_bits or 0, backend or "")
-    if _plain_eager(x, bias, smooth):
+    if plain_eager(x, bias, smooth):
         return _qmatmul_impl(*args)
     return _qmatmul_op(*args)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._eager import plain_eager
 from . import reference
 
 
@@ -76,16 +77,6 @@ def mergeable_a_tokens(n: int, protect_first: int) -> int:
     a = len(range(protect_first + (protect_first % 2), n, 2))
     b = len(range(protect_first + 1 - (protect_first % 2), n, 2))
     return a if b > 0 else 0
-
-
-def _plain_eager(*tensors: Tensor) -> bool:
-    """True when a call may skip the custom-op layer (tens of microseconds, which dominate these
-    small ops at batch 1): not tracing, plain tensors only, and no gradient to record. Under
-    torch.compile / torch.export / autograd the custom op is what runs."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
 def _values_checkable(t: Tensor) -> bool:
@@ -333,7 +324,7 @@ def tome_plan(metric: Tensor, r: int, *, protect_first: int = 1, backend: Option
     _check_int("protect_first", protect_first, 0, metric.shape[1])
     limit = mergeable_a_tokens(metric.shape[1], protect_first)
     _check_int("r", r, 0, limit, f" (N={metric.shape[1]}, protect_first={protect_first}: {limit} tokens can merge)")
-    if _plain_eager(metric):
+    if plain_eager(metric):
         return TomePlan(*_tome_plan_impl(metric, r, protect_first, backend or ""))
     return TomePlan(*_tome_plan_op(metric, r, protect_first, backend or ""))
 
@@ -390,7 +381,7 @@ def merge_tokens(
 
 
 def _merge(x, src_to_out, n_out, size, backend):
-    op = _tome_merge_impl if _plain_eager(x, size) else _tome_merge_op
+    op = _tome_merge_impl if plain_eager(x, size) else _tome_merge_op
     return op(x, src_to_out, n_out, size, backend or "")
 
 
@@ -401,7 +392,7 @@ def tome_unmerge(x_out: Tensor, plan: TomePlan, *, backend: Optional[str] = None
     expected = (plan.src_to_out.shape[0], plan.num_out)
     if tuple(x_out.shape[:2]) != expected:
         raise ValueError(f"x_out has {tuple(x_out.shape[:2])} (B, N_out) but the plan merges to {expected}")
-    op = _tome_unmerge_impl if _plain_eager(x_out) else _tome_unmerge_op
+    op = _tome_unmerge_impl if plain_eager(x_out) else _tome_unmerge_op
     return op(x_out, plan.src_to_out, backend or "")
 
 
@@ -420,7 +411,7 @@ def select_tokens(
     if isinstance(k, Tensor):
         return _select_tokens_varlen(scores, k, protect_first, backend)
     _check_int("k", k, protect_first, n, f" (protect_first={protect_first}, N={n})")
-    op = _select_tokens_impl if _plain_eager(scores) else _select_tokens_op
+    op = _select_tokens_impl if plain_eager(scores) else _select_tokens_op
     return op(scores, k, protect_first, backend or "")
 
 
@@ -480,13 +471,13 @@ def gather_tokens(
             # While tracing the values do not exist: the op checks them when it runs (CPU).
             _check_cu_seqlens_values(cu_seqlens, idx.shape[0])
             _check_index_range(idx, x.shape[1])
-        if _plain_eager(x):
+        if plain_eager(x):
             return _gather_packed_impl(x, idx, cu_seqlens, check=False)
         return _gather_packed_op(x, idx, cu_seqlens)
     if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
         raise ValueError(f"idx must be (B, k) with B = {x.shape[0]}, got {_describe(idx)}")
     _check_index_range(idx, x.shape[1])
-    op = _gather_tokens_impl if _plain_eager(x) else _gather_tokens_op
+    op = _gather_tokens_impl if plain_eager(x) else _gather_tokens_op
     return op(x, idx.long(), backend or "")
 
 
