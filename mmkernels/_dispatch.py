@@ -298,11 +298,27 @@ _ENV_FAST = (
 )
 
 
+_ENV_KEYS: Dict[str, bytes] = {}
+
+
+def _env_raw(name: str):
+    """The raw value of environment variable ``name`` now (bytes on POSIX; None if unset)."""
+    if not _ENV_FAST:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    return _ENV_DATA.get(key)
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is ``"1"``, read now (cheaply: ~0.1 us)."""
+    return _env_raw(name) in (b"1", "1")
+
+
 def _env_overrides(op: str) -> tuple:
     """The raw values of ``MMKERNELS_<OP>_BACKEND`` and ``MMKERNELS_BACKEND`` (None if unset)."""
-    if _ENV_FAST:
-        return (_ENV_DATA.get(b"MMKERNELS_" + op.upper().encode() + b"_BACKEND"), _ENV_DATA.get(b"MMKERNELS_BACKEND"))
-    return (os.environ.get(f"MMKERNELS_{op.upper()}_BACKEND"), os.environ.get("MMKERNELS_BACKEND"))
+    return (_env_raw(f"MMKERNELS_{op.upper()}_BACKEND"), _env_raw("MMKERNELS_BACKEND"))
 
 
 def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) -> Backend:

@@ -10,7 +10,6 @@ implementation.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -321,7 +320,7 @@ def _bias_view(key_bias, q, num_heads, varlen):
 
 
 def _poison_requested() -> bool:
-    return os.environ.get("MMKERNELS_DEBUG_POISON", "") == "1"
+    return _dispatch.env_flag("MMKERNELS_DEBUG_POISON")
 
 
 # Metadata -> AttentionCall, memoised: building the frozen dataclass costs ~3 us, a tenth of a

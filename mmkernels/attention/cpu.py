@@ -54,7 +54,7 @@ def attention_forward(
 ) -> None:
     """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
     ops = _EXT.require(REQUIRED_OP)
-    q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
+    q4, k4, v4, bias3 = _last_contiguous(q4), _last_contiguous(k4), _last_contiguous(v4), _last_contiguous(bias3)
     if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous()):
         cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
     if cu_seqlens_k is not None and (cu_seqlens_k.dtype != torch.int32 or not cu_seqlens_k.is_contiguous()):

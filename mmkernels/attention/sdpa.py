@@ -11,19 +11,21 @@ docs/attention_kernel_contract.md), and its declaration in backends.py refuses t
 * no ``scores`` (SDPA never forms per-key probabilities), no varlen (``cu_seqlens``);
 * ``D == Dv`` (the flash kernel's requirement);
 * ``key_bias`` as a float32 mask ``(B, Hq, 1, Lk)``: exact for finite biases; ``-inf`` entries
-  are added, not skipped, so when a ``-inf``-masked key could be read (a non-finite value in ``v``;
-  ``k`` is checked anyway) the call takes the rare path below; rows whose keys are all masked are
-  set to the contract's ``out = 0``, ``lse = -inf`` afterwards.
+  are added, not skipped, which is exact too once ``k`` and ``v`` are known finite (the rare path
+  below); rows whose keys are all masked are set to the contract's ``out = 0``, ``lse = -inf``
+  afterwards.
 
-Rare path (the call is computed by the reference, exact): a NaN or ``±inf`` in ``q`` or ``k``
-(SDPA's kernel takes a row whose logits are all NaN or all ``-inf`` for a fully masked one: out 0,
-lse 0, where the spec says NaN, resp. lse ``-inf``), or the ``-inf``-bias case above. Checking
-costs one sum over ``q`` and ``k`` (and ``v`` with a ``-inf`` bias), small beside the O(L^2 D)
-attention. A ``±inf`` in ``v`` gives ``±inf`` in SDPA's output where the spec says NaN: such
-elements are turned into NaN (only an infinite ``v`` can make an infinite output).
+Rare path (the call is computed by the reference, exact): a NaN or ``±inf`` in ``q``, ``k`` or
+``v`` (SDPA's kernel takes a row whose logits are all NaN or all ``-inf`` for a fully masked one:
+out 0, lse 0, where the spec says NaN, resp. lse ``-inf``; an infinite ``v`` gives ``±inf`` where
+the spec says NaN, and a ``-inf``-masked key's ``v`` would be read). Checking costs one float32
+sum per tensor, small beside the O(L^2 D) attention; with finite ``q``, ``k``, ``v`` and bias,
+SDPA's output is finite (a convex combination of rows of ``v``) and needs no check.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,11 +35,11 @@ _NEG_INF = float("-inf")
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:
-    """False if a tensor holds a NaN or an inf. One sum per tensor (a NaN or inf makes it non-finite;
-    a sum of finite values that overflows reads as non-finite too, which only sends the call to the
-    exact rare path): measured 18 us for q and k of ViT-B/16 at batch 1 (AMD Zen 5, 2 threads),
-    where ``isfinite(t).all()`` took 240 us beside SDPA's 810 us."""
-    return bool(torch.isfinite(sum(t.sum(dtype=torch.float32) for t in tensors)))
+    """False if a tensor holds a NaN or an inf. One float32 sum per tensor, added on the host (a NaN
+    or inf makes it non-finite; a sum of finite values that overflows reads as non-finite too, which
+    only sends the call to the exact rare path). ``isfinite(t).all()`` costs 10x more: 240 us for
+    q and k of ViT-B/16 at batch 1 where their sums take 18 us (AMD Zen 5, 2 threads)."""
+    return math.isfinite(sum(t.sum(dtype=torch.float32).item() for t in tensors))
 
 
 def _heads(t: torch.Tensor, hq: int) -> torch.Tensor:
@@ -72,14 +74,7 @@ def attention_forward(
             "the torch attention backend serves dense, non-causal calls without "
             "scores and with D == Dv (dispatch checks this)"
         )
-    rare = not _all_finite(q4, k4)
-    masked = None
-    if bias3 is not None and not rare:
-        is_masked = bias3 == _NEG_INF
-        if bool(is_masked.any()):
-            rare = not _all_finite(v4)
-            masked = is_masked.all(-1)  # (B, Hq): rows that see no key
-    if rare:
+    if not _all_finite(q4, k4, v4):
         reference.attention_forward(
             q4,
             k4,
@@ -98,15 +93,16 @@ def attention_forward(
         )
         return
     hq = q4.shape[1]
-    mask = None
+    mask = masked = None
     if bias3 is not None:
+        is_masked = bias3 == _NEG_INF
+        if bool(is_masked.any()):
+            masked = is_masked.all(-1)  # (B, Hq): rows that see no key
         # float32 mask even for half q: the bias is added in float32, as the spec does
         mask = bias3.to(torch.float32)[:, :, None, :]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q4, _heads(k4, hq), _heads(v4, hq), 0.0, False, attn_mask=mask, scale=float(scale)
     )
-    if not _all_finite(out):  # an inf in v gives an inf: NaN, as the spec says
-        out = out.masked_fill(torch.isinf(out), float("nan"))
     if masked is not None:
         out = out.masked_fill(masked[:, :, None, None], 0.0)
         lse = lse.masked_fill(masked[:, :, None], _NEG_INF)

@@ -22,6 +22,8 @@ Cases (``--quick``: the same cases on tiny random configs, no real weights, seco
 * ``models-minilm-b32x128``: all-MiniLM-L6-v2 as ``BertModel``, 32 x 128 tokens of its README;
   W8A8 (GPTQ + SmoothQuant search, calibrated on other text) with and without 2 outlier
   channels. Fidelity: mean-pooled embedding cosine.
+* ``models-minilm-b1x16``: the same models on one query of 16 tokens (the first 16 of the first
+  window), as a search service embeds a query: per-call overheads, not the kernels, decide here.
 * ``models-whisper_tiny_enc-30s``: a Whisper-tiny-sized encoder (random weights), 30 s of
   log-mel input. Fidelity: mean per-frame cosine of ``last_hidden_state`` (max abs error in meta).
 * ``models-llava_siglip384_smollm-prefill`` / ``-ttft``: a LLaVA model with random weights,
@@ -55,6 +57,7 @@ from .quant import minilm_windows
 
 DINOV2_ID = "models-dinov2_s-b8-224"
 MINILM_ID = "models-minilm-b32x128"
+MINILM_QUERY_ID = "models-minilm-b1x16"
 WHISPER_ID = "models-whisper_tiny_enc-30s"
 LLAVA_PREFILL_ID = "models-llava_siglip384_smollm-prefill"
 LLAVA_TTFT_ID = "models-llava_siglip384_smollm-ttft"
@@ -339,6 +342,9 @@ def minilm_case(quick: bool = False) -> List[Case]:
         "w8a8": patch("w8a8", base, quantize=MINILM_W8A8, calib_data=calib),
         "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER, calib_data=calib),
     }
+    query = {name: t[:1, :16] for name, t in inputs.items()}
+    query_models = {name: models[name] for name in (BASELINE, "hf_bf16", "mmkernels", "w8a8")}
+    build_s = time.perf_counter() - t0
     return [
         _model_case(
             MINILM_ID,
@@ -350,8 +356,20 @@ def minilm_case(quick: bool = False) -> List[Case]:
             patch,
             settings=settings,
             quick=quick,
-            build_s=time.perf_counter() - t0,
-        )
+            build_s=build_s,
+        ),
+        _model_case(
+            MINILM_QUERY_ID,
+            desc.split(",")[0] + ", one query of 16 tokens (batch 1; the first 16 tokens of the first input)",
+            query_models,
+            lambda m: m(**query),
+            lambda o: mean_pool(o.last_hidden_state, query["attention_mask"]),
+            "mean-pooled embedding cosine",
+            patch,
+            settings={name: settings[name] for name in query_models},
+            quick=quick,
+            build_s=build_s,
+        ),
     ]
 
 
@@ -585,7 +603,7 @@ def llava_cases(quick: bool = False) -> List[Case]:
 
 BUILDERS = [
     ((DINOV2_ID,), dinov2_case),
-    ((MINILM_ID,), minilm_case),
+    ((MINILM_ID, MINILM_QUERY_ID), minilm_case),
     ((WHISPER_ID,), whisper_case),
     ((LLAVA_PREFILL_ID, LLAVA_TTFT_ID), llava_cases),
 ]
