@@ -226,8 +226,8 @@ TORCH = _dispatch.Backend(
     availability=_torch_availability,
     auto_rule=_torch_auto_rule,
     notes="aten._scaled_dot_product_flash_attention_for_cpu (SDPA's CPU kernel, with its LSE); "
-    "key_bias as a float32 mask; a +-inf in q / k, or a -inf-masked key next to a "
-    "non-finite k / v, is computed by the reference (exact NaN semantics)",
+    "key_bias as a float32 mask; a NaN or +-inf in q / k / v is computed by the reference "
+    "(exact NaN semantics)",
 )
 
 
