@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 CONTENDERS = {
     models.DINOV2_ID: {"hf_sdpa", "mmkernels", "tome8", "tome8_w8a8", "w8a8"},
     models.MINILM_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "w8a8", "w8a8_outlier"},
+    models.MINILM_QUERY_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "w8a8"},
     models.WHISPER_ID: {"hf_sdpa", "mmkernels"},
     models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
     models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
