@@ -142,9 +142,13 @@ class QuantLinear(nn.Module):
     # --- use ----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        return qmatmul(x, self.quantized, self.bias, self.act_bits, self.backend, smooth=self.smooth)
+        # The buffer and submodule tables directly: nn.Module.__getattr__ costs ~0.5 us a name.
+        buffers = self._buffers
+        perm = buffers["input_perm"]
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        quantized = self._modules["quantized"]
+        return qmatmul(x, quantized, buffers["bias"], self.act_bits, self.backend, smooth=buffers["smooth"])
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The effective ``(N, K)`` weight in the original column order (smoothing undone)."""

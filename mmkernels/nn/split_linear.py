@@ -208,7 +208,7 @@ def _note_prepacked(qweight: Tensor) -> None:
     if not getattr(qweight, "_mmk_prepacked", False):
         from ..quant import cpu
 
-        if qweight in cpu._CACHE:
+        if cpu.is_cached(qweight):
             qweight._mmk_prepacked = True
 
 
@@ -219,4 +219,4 @@ def _prepack_alive(fused: Tuple) -> bool:
     from ..quant import cpu
 
     qweight = fused[0].qweight
-    return not getattr(qweight, "_mmk_prepacked", False) or qweight in cpu._CACHE
+    return not getattr(qweight, "_mmk_prepacked", False) or cpu.is_cached(qweight)

@@ -38,11 +38,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .._extension import CPU as _EXT
 from . import reference
@@ -63,7 +62,11 @@ is_available, __getattr__, cpu_isa = _EXT.family_accessors(__name__, REQUIRED_OP
 
 # --- prepacked-weight cache -------------------------------------------------------------------
 
-_CACHE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+# id(qweight) -> (weak reference to qweight, {kind: entry}). A plain dict read without the lock
+# (a dict lookup is atomic): torch's WeakIdKeyDictionary built a reference object per lookup,
+# ~1 us of a ~25 us small W8A8 call. The reference's callback drops the slot when its weight dies;
+# the identity check on hit guards against a new tensor reusing a dead one's id before that.
+_CACHE: Dict[int, tuple] = {}
 _LOCK = threading.Lock()
 
 
@@ -81,11 +84,23 @@ def _stamp(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> tuple:
     return (_version(qweight), _version(scales), _version(zeros), qweight.data_ptr(), tuple(qweight.shape))
 
 
+def _entries(qweight: Tensor) -> Optional[dict]:
+    slot = _CACHE.get(id(qweight))
+    return slot[1] if slot is not None and slot[0]() is qweight else None
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    # No lock: a weight can die (and this run) anywhere, even inside a `with _LOCK` block. A race
+    # with a new slot for a reused id can only drop that slot: a cache miss, never a wrong hit.
+    slot = _CACHE.get(key)
+    if slot is not None and slot[0] is ref:
+        _CACHE.pop(key, None)
+
+
 def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tuple[Tensor, ...]:
     stamp = _stamp(qweight, scales, zeros)
-    with _LOCK:
-        entries = _CACHE.get(qweight)
-        hit = entries.get(kind) if entries is not None else None
+    entries = _entries(qweight)
+    hit = entries.get(kind) if entries is not None else None
     if hit is not None:
         scales_ref, zeros_ref, old_stamp, tensors = hit
         if (
@@ -101,13 +116,19 @@ def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Ten
     else:
         tensors = tuple(ops.qmatmul_prepack_a8(q, s, z))
     entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp, tensors)
+    key = id(qweight)
     with _LOCK:
-        entries = _CACHE.get(qweight)
+        entries = _entries(qweight)
         if entries is None:
             entries = {}
-            _CACHE[qweight] = entries
+            _CACHE[key] = (weakref.ref(qweight, lambda ref, key=key: _forget(key, ref)), entries)
         entries[kind] = entry
     return tensors
+
+
+def is_cached(qweight: Tensor) -> bool:
+    """Whether ``qweight`` has a prepacked layout in the cache now."""
+    return _entries(qweight) is not None
 
 
 def clear_cache() -> None:
