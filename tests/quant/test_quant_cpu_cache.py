@@ -41,3 +41,41 @@ def test_clear_caches_is_public_and_documented():
     import mmkernels.nn.quant_linear as ql
 
     assert "mmkernels.clear_caches()" in ql.__doc__
+
+
+def test_an_entry_dies_with_its_weight_and_in_place_changes_rebuild_it():
+    import gc
+    import weakref
+
+    mmkernels.clear_caches()
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 48)
+    layer = QuantLinear.from_linear(lin, backend="cpu", bits=8, act_bits=8)
+    x = torch.randn(5, 64)
+    layer(x)
+    qweight = layer.quantized.qweight
+    assert cpu.is_cached(qweight) and cpu.cache_size() == 1
+    # an in-place torch op bumps the version counter: the next call repacks the new weight
+    oracle = QuantLinear.from_linear(lin, backend="reference", bits=8, act_bits=8)
+    with torch.no_grad():
+        qweight.copy_(qweight.flip(0))
+        oracle.quantized.qweight.copy_(oracle.quantized.qweight.flip(0))
+    torch.testing.assert_close(layer(x), oracle(x))
+    alive = weakref.ref(qweight)
+    del layer, qweight
+    gc.collect()
+    assert alive() is None and cpu.cache_size() == 0
+
+
+def test_a_slot_is_never_read_for_another_tensor():
+    """The cache is keyed by id(qweight); a dead tensor's id can be reused by a new one before the
+    slot's callback runs: a hit needs the slot's weak reference to point at the very tensor."""
+    import weakref
+
+    a, b = torch.zeros(4, 4, dtype=torch.int8), torch.zeros(4, 4, dtype=torch.int8)
+    cpu._CACHE[id(b)] = (weakref.ref(a), {"a8": "stale"})
+    try:
+        assert not cpu.is_cached(b)
+        assert cpu._entries(b) is None
+    finally:
+        cpu._CACHE.pop(id(b), None)
