@@ -140,7 +140,43 @@ void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it)
 
 const char* attention_cpu_isa(const char** error) { return isa_name(selected_isa(error)); }
 
+namespace {
+
+const char* run_attention(const AttnParams& p);
+
+// Decoding with GQA (one query row per head, several query heads per kv head): the query heads
+// of a kv head become the query rows of one head, (B, Hq, 1, D) viewed as (B, Hkv, Hq / Hkv, D),
+// so that one item reads its K / V once for all of them instead of once per query head. Exact
+// for dense calls without scores (their per-row reductions assume rows of one head) whose bias,
+// if any, is per key (head stride 0); causal is moot (a single query row sees every key).
+bool gqa_rows(const AttnParams& p, AttnParams* g) {
+  const int group = p.Hkv > 0 ? p.Hq / p.Hkv : 1;
+  if (group <= 1 || p.Sq != 1 || p.cu_q != nullptr || (p.scores != nullptr && p.scores_mode != 0) ||
+      (p.bias != nullptr && p.bias_sh != 0))
+    return false;
+  *g = p;
+  g->Hq = p.Hkv;
+  g->Sq = group;
+  g->causal = false;
+  g->q_ss = p.q_sh;
+  g->q_sh = p.q_sh * group;
+  g->o_ss = p.o_sh;
+  g->o_sh = p.o_sh * group;
+  g->lse_ss = p.lse_sh;
+  g->lse_sh = p.lse_sh * group;
+  return true;
+}
+
+}  // namespace
+
 const char* attention_forward_cpu(const AttnParams& p) {
+  AttnParams grouped;
+  return run_attention(gqa_rows(p, &grouped) ? grouped : p);
+}
+
+namespace {
+
+const char* run_attention(const AttnParams& p) {
   const char* err = nullptr;
   const Isa isa = selected_isa(&err);
   if (err) return err;
@@ -176,11 +212,17 @@ const char* attention_forward_cpu(const AttnParams& p) {
   const int64_t Dk = round_up64(p.D, impl->d_align);  // K panels' (padded) head dim
   const int Hq = p.Hq, Hkv = p.Hkv, group = p.Hq / p.Hkv;
 
-  // Packed K/V offsets per (sequence, kv head); -1 when nothing reads them.
+  // Decode-shaped calls pack each key block per item into thread scratch (kJitRows).
+  int64_t lq_max = 0;
+  for (const AttnSeq& s : seqs) lq_max = s.Lq > lq_max ? s.Lq : lq_max;
+  const bool jit = (int64_t)group * lq_max <= kJitRows;
+
+  // Packed K/V offsets per (sequence, kv head); -1 when nothing reads them (and always in jit
+  // mode).
   const int64_t npack = nseq * Hkv;
   std::vector<int64_t> koff((size_t)npack, -1), voff((size_t)npack, -1);
   int64_t total = 0;
-  for (int64_t b = 0; b < nseq; ++b) {
+  for (int64_t b = 0; b < nseq && !jit; ++b) {
     const AttnSeq& s = seqs[b];
     if (s.Lq == 0 || s.Lk == 0) continue;
     const int64_t lkp = round_up64(s.Lk, W);
@@ -223,8 +265,13 @@ const char* attention_forward_cpu(const AttnParams& p) {
     npart = nseq * Hq * ldp;
   const int64_t nS = (int64_t)kBQ * kLDS, nO = (int64_t)kBQ * Dvp, nQ = (int64_t)kBQ * Dk;
   const int64_t nKeep = mode ? (int64_t)kBQ * ldp : 0, nKeepM = mode ? (int64_t)kBQ * nkb : 0;
+  // jit: one block of K (panels of kJitKeys keys x Dk) and of V (kJitKeys x Dvp) in the pack's
+  // element size, as float counts.
+  const int64_t nKjit = jit ? ceil_div64(kJitKeys * Dk * eb, 4) : 0;
+  const int64_t nVjit = jit ? ceil_div64(kJitKeys * Dvp * eb, 4) : 0;
   const int64_t per_thread = round_up64(nS, 16) * 2 + round_up64(nO, 16) + round_up64(nQ, 16) +
-                             kRowBuf + round_up64(nKeep, 16) + round_up64(nKeepM, 16);
+                             kRowBuf + round_up64(nKeep, 16) + round_up64(nKeepM, 16) +
+                             round_up64(nKjit, 16) + round_up64(nVjit, 16);
   int nthreads = p.nthreads > 0 ? p.nthreads : 1;
   const int64_t maxwork = nitems > npack ? nitems : npack;
   if (maxwork < nthreads) nthreads = maxwork > 0 ? (int)maxwork : 1;
@@ -306,8 +353,12 @@ const char* attention_forward_cpu(const AttnParams& p) {
       sc.keep = mode ? cur : nullptr;
       cur += round_up64(nKeep, 16);
       sc.keep_m = mode ? cur : nullptr;
+      cur += round_up64(nKeepM, 16);
       sc.ldk = ldp;
       sc.nkb = nkb;
+      sc.kjit = jit ? cur : nullptr;
+      cur += round_up64(nKjit, 16);
+      sc.vjit = jit ? cur : nullptr;
     }
 
 #pragma omp for schedule(dynamic, 1)
@@ -315,6 +366,14 @@ const char* attention_forward_cpu(const AttnParams& p) {
       for (int64_t i = task0[ti]; i < task0[ti + 1]; ++i) {
         const AttnItem& it = items[i];
         const int64_t t = it.seq * Hkv + it.h / group;
+        if (jit) {
+          if (impl->run(p, seqs[it.seq], it, nullptr, nullptr, sc, false)) {
+            // V held a NaN / inf (rare): rerun with every block's V sanitised, then mark.
+            impl->run(p, seqs[it.seq], it, nullptr, nullptr, sc, true);
+            mark_nonfinite_v(p, seqs[it.seq], it);
+          }
+          continue;
+        }
         ensure_packed(t);
         if (impl->run(p, seqs[it.seq], it, packbuf + koff[t], packbuf + voff[t], sc, false)) {
           // V held a NaN / inf among the keys this item computed with (rare): rerun the item on
@@ -369,6 +428,8 @@ const char* attention_forward_cpu(const AttnParams& p) {
   }
   return err_oom.load() ? "mmkernels: out of memory (attention, NaN / inf in V)" : nullptr;
 }
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace mmk

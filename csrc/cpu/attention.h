@@ -70,6 +70,11 @@ struct AttnScratch {
   float* keep_m;  // BQ * nkb  running max at the time each block's probabilities were kept
   int64_t ldk;    // row stride of keep (>= Lk max rounded up to BK)
   int64_t nkb;    // row stride of keep_m
+  // Decode-shaped calls (kJitRows below): each key block's K / V packed here right before use
+  // (kJitKeys keys in AttnImpl::pack's layout) instead of once per (sequence, kv head) into the
+  // shared buffer; null otherwise (AttnImpl::run then reads the shared packs).
+  void* kjit;
+  void* vjit;
 };
 
 // Block sizes shared by every path (the driver sizes scratch with them).
@@ -83,6 +88,12 @@ constexpr int kBKMerge = 16;  // a last block of <= kBK + kBKMerge keys is not s
 constexpr int kBKOne = 320;
 constexpr int kLDS = kBKOne + 16;  // row stride of the S / P scratch (>= kBK + kBKMerge, >= kBKOne)
 constexpr int kRowBuf = 4 * kBQ + kLDS;  // floats of AttnScratch::rowbuf
+// Calls whose (sequence, kv head) is read by at most kJitRows query rows (group * Lq: decoding,
+// a few tokens of a short prompt) pack each key block per item into thread scratch (AttnScratch::
+// kjit): a shared pack would write K / V once more and read them back for one row tile, about 3x
+// the memory traffic of reading them in place (decode with a 2048-key cache: 1.7-3x SDPA's time).
+constexpr int kJitRows = 16;
+constexpr int kJitKeys = kBKOne;  // the longest block (>= kBK + kBKMerge; a multiple of 32)
 
 // What one ISA path provides.
 struct AttnImpl {
@@ -95,7 +106,8 @@ struct AttnImpl {
   // sanitize_v: V is always packed (never read in place) and its NaN / inf values become 0 (the
   // rare path below).
   void (*pack)(const AttnParams& p, const AttnSeq& s, int kvh, void* kp, void* vp, bool sanitize_v);
-  // Computes one item (out, lse, scores partial); v_sanitized: vp was packed with sanitize_v.
+  // Computes one item (out, lse, scores partial); v_sanitized: vp was packed with sanitize_v
+  // (with sc.kjit set: kp / vp are unused and each block is packed with sanitize_v).
   // Returns true when a row that is not a NaN row came out non-finite: V held a NaN / inf among
   // the keys the item computed with (P = 0 of a masked key times NaN is NaN). The driver then
   // reruns the item on a sanitised pack and marks the columns of the rows that see such a key

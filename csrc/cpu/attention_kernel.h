@@ -434,9 +434,11 @@ struct AttnKernel {
     const int D = p.D, Dk = KDim<M>::of(D), Dv = p.Dv, Dvp = (int)round_up(Dv, W);
     const int nq = it.nq, h = it.h;
     const int64_t Lq = s.Lq, Lk = s.Lk;
+    const int kvh = h / (p.Hq / p.Hkv);
+    const bool jit = sc.kjit != nullptr;  // pack each block into thread scratch (kJitRows)
     const KT* kp = (const KT*)kp_;
     int64_t ldv = 0;
-    const KT* vp = M::v_rows(p, s, h / (p.Hq / p.Hkv), vp_, &ldv, v_sanitized);
+    const KT* vp = jit ? nullptr : M::v_rows(p, s, kvh, vp_, &ldv, v_sanitized);
     {
       // The item's query rows (read by the S tiles) and output rows (written at the end).
       const int64_t es = p.dtype == kF32 ? 4 : 2, row = s.q_begin + it.q0;
@@ -491,9 +493,12 @@ struct AttnKernel {
     const T neginf = V::set1(kNegInf);
     float* colb = lim_end(lim);  // kLDS column terms of the current block
 
+    // jit without scores: blocks of up to kJitKeys keys (a decoding row rescales O once per
+    // block; the scores' keep buffers assume block_len's blocks).
+    const bool long_blocks = jit && it.part == nullptr;
     int kbi = 0;
     for (int64_t k0 = 0, kb = 0; k0 < kend; k0 += kb, ++kbi) {
-      kb = block_len(k0, kend);
+      kb = long_blocks ? imin(kend - k0, kJitKeys) : block_len(k0, kend);
       const int npan = (int)ceil_div(kb, W);
       const int kbp = npan * W;
       // Column terms, added to the scaled products in the S tile epilogue: bias*log2(e) (0
@@ -508,7 +513,20 @@ struct AttnKernel {
         if (jv + W > kvis) b = V::mask_ge(b, kvis - jv);
         V::store(colb + jv, b);
       }
-      M::s_block(q, qs, kp + k0 * Dk, Dk, nq, npan, sc.S, colb, scale2);
+      const KT* kblk;
+      const KT* vblk;
+      if (jit) {  // the block's keys as a sequence of their own, packed in the pack's layout
+        AttnSeq sb = s;
+        sb.k_begin = s.k_begin + k0;
+        sb.Lk = kb;
+        M::pack(p, sb, kvh, sc.kjit, sc.vjit, v_sanitized);
+        kblk = (const KT*)sc.kjit;
+        vblk = M::v_rows(p, sb, kvh, sc.vjit, &ldv, v_sanitized);  // fp32: V in place
+      } else {
+        kblk = kp + k0 * Dk;
+        vblk = vp + k0 * ldv;
+      }
+      M::s_block(q, qs, kblk, Dk, nq, npan, sc.S, colb, scale2);
 
       for (int r = 0; r < nq; ++r) {
         float* srow = sc.S + r * kLDS;
@@ -568,7 +586,7 @@ struct AttnKernel {
           sc.keep_m[r * sc.nkb + kbi] = mnew;
         }
       }
-      M::pv_block(sc.P, vp + k0 * ldv, ldv, Dvp, nq, (int)kb, sc.O, alpha);
+      M::pv_block(sc.P, vblk, ldv, Dvp, nq, (int)kb, sc.O, alpha);
     }
     ItemEnd<M>::call();
     const int nblocks = kbi;

@@ -291,3 +291,31 @@ def test_f16_conversions(isa):
     if isa == "scalar":  # exp2f(0) == 1 there: the average of two neighbours is an exact tie
         want = ((v4.float() + nxt.float()) * 0.5).half()
         assert torch.equal(run(torch.cat([v4, nxt], 2))[near], want.view(torch.int16)[near])
+
+
+# Decoding shapes: one (or a few) query rows per head against a long KV cache in its usual
+# (B, H, L, D) layout. Such calls pack each key block per item into thread scratch (kJitRows in
+# attention.h), and dense single-row GQA calls without scores or per-head bias take a kv head's
+# query heads as one item's rows (32:1 is more rows than kJitRows: shared packs).
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (32, 1)], ids=["gqa9-3", "mha8", "mqa32"])
+@pytest.mark.parametrize("Lk", [17, 333, 1100])
+def test_decode(isa, dtype, heads, Lk):
+    Hq, Hkv = heads
+    for i, bias in enumerate((None, "key", "pad", "head")):
+        case = make(B=2, Hq=Hq, Hkv=Hkv, Lq=1, Lk=Lk, D=64, dtype=dtype, bias=bias, blhd=i % 2 == 1, seed=Lk + i)
+        check(case, causal=bias == "key", out_blhd=i >= 2)
+    check(make(B=1, Hq=Hq, Hkv=Hkv, Lq=1, Lk=Lk, D=72, Dv=40, dtype=dtype, seed=Lk + 5))
+    check(make(B=2, Hq=Hq, Hkv=Hkv, Lq=1, Lk=Lk, D=64, dtype=dtype, seed=Lk + 6), mode=MODES["last"])
+    check(make(B=2, Hq=Hq, Hkv=Hkv, Lq=1, Lk=Lk, D=64, dtype=dtype, seed=Lk + 7), mode=MODES["mean"])
+    # a few rows (speculative decoding, a short prompt): per-block packing without grouping
+    check(make(B=1, Hq=4, Hkv=2, Lq=3, Lk=Lk, D=40, dtype=dtype, seed=Lk + 8), causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_decode_varlen(isa, dtype):
+    """Continuous batching: every sequence one query row (or none), caches of different lengths."""
+    lens = [(1, 700), (1, 33), (0, 5), (1, 1), (1, 0), (1, 321)]
+    for mode in (0, 1, 3):
+        check(make(Hq=6, Hkv=2, D=40, dtype=dtype, varlen=lens, bias="head"), causal=True, mode=mode)
+    check(make(Hq=6, Hkv=3, D=64, dtype=dtype, varlen=lens))

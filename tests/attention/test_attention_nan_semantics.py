@@ -309,3 +309,23 @@ def test_varlen(backend, dtype):
     )
     tol = TOL[dtype]
     assert (got.out.double()[~want] - ref[0][~want]).abs().max() <= tol * max(1.0, ref[0].abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scores", [None, "mean"], ids=["plain", "scores"])
+def test_decoding(backend, dtype, scores):
+    """One query row per head against a long cache (the CPU kernel packs each key block per item
+    and, without scores, takes a kv head's query heads as one item's rows): a NaN / inf in v of
+    a key in a later block, a NaN k behind a -inf bias, a NaN query row, a fully masked head."""
+    q, k, v = inputs(dtype, b=2, hq=6, hkv=2, lq=1, lk=700, d=16, seed=4)
+    v[0, 1, 650, 3] = INF  # kv head 1 -> query heads 3, 4, 5 of batch 0
+    v[1, 0, 100, 0] = NAN
+    k[1, 1, 400, 2] = NAN  # masked for batch 1 below: never read
+    q[1, 4, 0, 5] = NAN  # a NaN row
+    bias = torch.zeros(2, 700)
+    bias[1, 400] = -INF
+    _, out_nan = run_case(backend, q, k, v, bias=bias, causal=True, scores=scores)
+    assert out_nan[0, 3:, 0, 3].all() and out_nan[1, :3, 0, 0].all() and out_nan[1, 4].all()
+    per_head = torch.zeros(2, 6, 700)
+    per_head[0, 2] = -INF  # batch 0, head 2 sees no key: out 0, lse -inf
+    run_case(backend, q, k, v, bias=per_head, scores=scores)
