@@ -1,4 +1,5 @@
-"""Attention benchmark cases: the shapes of real vision towers and VLM prefill, each with its peers.
+"""Attention benchmark cases: the shapes of real vision towers, VLM prefill and LLM decoding, each
+with its peers.
 
 A case builds its inputs once and returns the contenders as zero-argument callables, plus a
 function that measures our max error against the float64 oracle. Both the CLI
@@ -202,6 +203,47 @@ def varlen_case(dtype: torch.dtype, lengths=VARLEN_LENGTHS, heads=12, d=64) -> C
     )
 
 
+# Decoding: one new token's query against the KV cache (transformers' (B, H, L, D) cache layout).
+DECODE_SHAPES = [
+    Shape("decode_smollm2_135m", 1, 9, 3, 2048, 64),  # GQA 3:1 (the LLaVA-style bench's LM)
+    Shape("decode_llama3_8b", 1, 32, 8, 4096, 128),  # GQA 4:1
+    Shape("decode_vicuna_7b", 1, 32, 32, 2048, 128),  # MHA (LLaVA-1.5's LM)
+]
+QUICK_DECODE_SHAPES = [Shape("decode_smollm2_135m", 1, 9, 3, 100, 64)]
+
+
+def decode_case(shape: Shape, dtype: torch.dtype) -> Case:
+    g = torch.Generator().manual_seed(2)
+    b, hq, hkv, lk, d = shape.batch, shape.heads_q, shape.heads_kv, shape.length, shape.head_dim
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    group = hq // hkv
+    kernel = _kernel_backend()
+    dt = str(dtype).replace("torch.", "")
+    desc = f"B={b} Hq={hq} Hkv={hkv} Lq=1 Lk={lk} D={d} {dt}"
+
+    def ours():
+        return mmkernels.attention(q, k, v, backend=kernel)
+
+    contenders = {
+        "mmkernels": ours,
+        # what transformers' SDPA path runs for a GQA cache (no copy of the kv heads)
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1),
+    }
+    auto = _auto_backend(q, k, v, False)
+    if kernel is not None and auto != kernel:
+        contenders["mmkernels_auto"] = lambda: mmkernels.attention(q, k, v)
+        desc += f" (automatic selection: {auto})"
+    return Case(
+        f"{shape.name}-lk{lk}-{dt}",
+        desc,
+        contenders,
+        lambda: _max_err(ours(), q, k, v),
+        4.0 * b * hq * lk * d,
+    )
+
+
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     """Every attention case. ``quick``: tiny shapes for a smoke run (CI), not for gates."""
     cases: List[Case] = []
@@ -212,6 +254,8 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
         if gated:  # float16 (HF models loaded in half): plain calls against SDPA in float16, no gate
             cases += dense_cases(shape, torch.float16, extras=False)
     cases.append(varlen_case(torch.float32, [30, 50, 7] if quick else VARLEN_LENGTHS))
+    for shape in QUICK_DECODE_SHAPES if quick else DECODE_SHAPES:
+        cases += [decode_case(shape, torch.float32), decode_case(shape, torch.bfloat16)]
     if only:
         cases = [c for c in cases if only in c.id]
     return cases
