@@ -52,6 +52,32 @@ def test_key_bias_with_masked_keys_and_a_fully_masked_sequence(dtype):
     assert_matches_oracle(q, k, v, "torch", key_bias=per_head)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 13, 29, 40), (2, 9, 3, 1, 700, 64)], ids=["gqa", "decode"])
+def test_gqa_without_lse_reads_the_shared_heads(dtype, shape):
+    """Without lse, GQA calls go to SDPA's enable_gqa (no copy of K / V); out as the oracle's."""
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, dtype)
+    bias = torch.randn(b, lk)
+    bias[0] = -INF  # sequence 0 sees no key: out 0
+    bias[-1, 3] = -INF
+    for key_bias in (None, bias):
+        got = mmkernels.attention(q, k, v, key_bias=key_bias, backend="torch")
+        want = mmkernels.attention(q, k, v, key_bias=key_bias, return_lse=True, backend="reference")
+        low = mmkernels.attention(q, k, v, key_bias=key_bias, backend="reference")
+        ref64 = mmkernels.attention(
+            q.double(),
+            k.double(),
+            v.double(),
+            key_bias=None if key_bias is None else key_bias.double(),
+            backend="reference",
+        )
+        tol = 2 * (low.double() - ref64).abs().max().item() + 1e-5
+        assert (got.double() - ref64).abs().max().item() <= tol
+        if key_bias is not None:
+            assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(want.out[0], torch.zeros_like(got[0]))
+
+
 def _same_as_reference(q, k, v, bias=None):
     got = mmkernels.attention(q, k, v, key_bias=bias, return_lse=True, backend="torch")
     want = mmkernels.attention(
