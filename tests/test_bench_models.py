@@ -21,6 +21,7 @@ CONTENDERS = {
     models.WHISPER_ID: {"hf_sdpa", "mmkernels"},
     models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
     models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
+    models.LLAVA_DECODE_ID: {"hf_sdpa", "mmkernels", "visionzip64"},
 }
 
 
@@ -130,7 +131,9 @@ def test_a_case_without_its_package_is_skipped_with_a_message():
 
 def test_only_selects_builders_and_cases():
     chosen = models.all_cases(quick=True, only="ttft")
-    assert [ids for ids, _ in list.__iter__(chosen)] == [(models.LLAVA_PREFILL_ID, models.LLAVA_TTFT_ID)]
+    assert [ids for ids, _ in list.__iter__(chosen)] == [
+        (models.LLAVA_PREFILL_ID, models.LLAVA_TTFT_ID, models.LLAVA_DECODE_ID)
+    ]
     assert len(models.all_cases(quick=True)) == 4
 
 

@@ -33,6 +33,8 @@ Cases (``--quick``: the same cases on tiny random configs, no real weights, seco
   ``pixel_values`` keeping the last position's logits (as ``generate`` does for its first token).
   Contenders: attention only, VisionZip to 64 image tokens, FastV (layer 2, keep 25%; its
   prefill call marks the image tokens with ``image_token_mask`` as LLaVA's forward does).
+  ``-decode``: one decoding step of the language model against the KV cache its prefill left
+  (cropped back after each step), unpatched, attention only and VisionZip.
   Fidelity: mean per-token cosine of the hidden states / cosine of the last logits.
 
 Models are built one case at a time (see :func:`all_cases`), so memory holds one model's copies.
@@ -61,6 +63,7 @@ MINILM_QUERY_ID = "models-minilm-b1x16"
 WHISPER_ID = "models-whisper_tiny_enc-30s"
 LLAVA_PREFILL_ID = "models-llava_siglip384_smollm-prefill"
 LLAVA_TTFT_ID = "models-llava_siglip384_smollm-ttft"
+LLAVA_DECODE_ID = "models-llava_siglip384_smollm-decode"
 BASELINE = "hf_sdpa"
 TOME_W8A8_COSINE_GOAL = 0.99  # reported beside the tome8_w8a8 speed gate (gates.toml)
 # Seconds of timing per full case (calls take 0.1-1.5 s on 2 cores, so the bench's default 2 s
@@ -596,7 +599,39 @@ def llava_cases(quick: bool = False) -> List[Case]:
         quick=quick,
         build_s=build_s,
     )
-    return [prefill, ttft]
+    # One decoding step after the prefill: the next token's embedding against the KV cache the
+    # model's own prefill left (VisionZip's holds 64 image tokens), cropped back after each step.
+    decode_models = {k: models[k].model.language_model for k in (BASELINE, "mmkernels", "visionzip64")}
+    steps = {}
+    g = torch.Generator().manual_seed(3)
+    hidden = base.model.language_model.config.hidden_size
+    next_embed = torch.randn(1, 1, hidden, generator=g) * 0.02
+    for lm in decode_models.values():
+        e, m, _ = embeds[id(lm)]
+        with torch.no_grad():
+            cache = lm(inputs_embeds=e, attention_mask=m, use_cache=True).past_key_values
+        steps[id(lm)] = (cache, cache.get_seq_length(), torch.cat([m, m.new_ones(1, 1)], dim=1))
+
+    def decode_call(lm):
+        cache, n, mask = steps[id(lm)]
+        out = lm(inputs_embeds=next_embed, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.crop(n - cache.get_seq_length())  # this transformers takes the tokens to drop, negative
+        return out
+
+    decode = _model_case(
+        LLAVA_DECODE_ID,
+        f"LLaVA ({size}): one decoding step of the language model after the prefill above (KV "
+        f"cache of {length} tokens; VisionZip's: 64 image tokens), batch 1",
+        decode_models,
+        decode_call,
+        lambda o: o.last_hidden_state[:, -1],
+        "hidden state cosine",
+        patch,
+        settings={k: settings[k] for k in decode_models},
+        quick=quick,
+        build_s=build_s,
+    )
+    return [prefill, ttft, decode]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +640,7 @@ BUILDERS = [
     ((DINOV2_ID,), dinov2_case),
     ((MINILM_ID, MINILM_QUERY_ID), minilm_case),
     ((WHISPER_ID,), whisper_case),
-    ((LLAVA_PREFILL_ID, LLAVA_TTFT_ID), llava_cases),
+    ((LLAVA_PREFILL_ID, LLAVA_TTFT_ID, LLAVA_DECODE_ID), llava_cases),
 ]
 
 
