@@ -328,6 +328,44 @@ struct MicroF32 {
     }
   }
 
+  // Decoding, one fp32 query row against keys read in place (rows kss floats apart): S[0][0 :
+  // npan * W] for the block's kb keys. Per 16 keys: 16 vectors of partial sums over D, one
+  // register transpose and 15 adds, where a pack transposes all D x 16 values of the panel (and
+  // the FMA tiles read them back). AVX-512 only (V::transpose16).
+  static constexpr bool kDirectRow = V::kPanel32;
+  static void s_row_direct(const float* q, const float* krow, int64_t kss, int D, int kb, int npan,
+                           float* S, const float* colb, float scale2) {
+    if constexpr (V::kPanel32) {
+      static_assert(W == 16, "one 16 x 16 transpose per panel");
+      const T sc2 = V::set1(scale2);
+      for (int pn = 0; pn < npan; ++pn) {
+        T acc[16];
+#pragma GCC unroll 16
+        for (int w = 0; w < 16; ++w) {
+          const int64_t j = (int64_t)pn * 16 + w;
+          T a = V::zero();
+          if (j < kb) {  // keys past the block are never read (their column term is -inf)
+            const float* kr = krow + j * kss;
+            int d = 0;
+            for (; d + W <= D; d += W) a = V::fmadd(V::load(q + d), V::load(kr + d), a);
+            if (d < D) a = V::fmadd(V::loadn(q + d, D - d), V::loadn(kr + d, D - d), a);
+          }
+          acc[w] = a;
+        }
+        V::transpose16(acc);
+        T sum = acc[0];
+#pragma GCC unroll 15
+        for (int c = 1; c < 16; ++c) sum = V::add(sum, acc[c]);
+        // The epilogue of s_tile: base-2 logits plus column terms, -inf where colb is -inf.
+        const T cb = V::load(colb + pn * W);
+        const typename V::Mask dead = V::neginf_lanes(cb);
+        T x = V::fmadd(sum, sc2, cb);
+        if (V::any(dead)) x = V::set_neginf(x, dead);
+        V::store(S + pn * W, x);
+      }
+    }
+  }
+
   static inline void store_p(float* P, int r, int jv, T e) { V::store(P + r * kLDS + jv, e); }
   static inline void zero_p(float* P, int r, int n) {
     for (int j = 0; j < n; j += W) V::store(P + r * kLDS + j, V::zero());
@@ -417,6 +455,17 @@ struct ItemEnd<M, decltype((void)&M::end_item, 0)> {
   static void call() { M::end_item(); }
 };
 
+// A micro-kernel that computes single-row S tiles from K in place (MicroF32 on AVX-512) declares
+// kDirectRow; decoding items use it instead of packing each block.
+template <class M, class = int>
+struct DirectRow {
+  static constexpr bool value = false;
+};
+template <class M>
+struct DirectRow<M, decltype((void)M::kDirectRow, 0)> {
+  static constexpr bool value = M::kDirectRow;
+};
+
 template <class V, class M>
 struct AttnKernel {
   static constexpr int W = V::W;
@@ -496,6 +545,10 @@ struct AttnKernel {
     // jit without scores: blocks of up to kJitKeys keys (a decoding row rescales O once per
     // block; the scores' keep buffers assume block_len's blocks).
     const bool long_blocks = jit && it.part == nullptr;
+    // One fp32 row whose V rows are whole vectors: S from K in place (M::s_row_direct), V read
+    // in place; the rare path's rerun (v_sanitized) packs instead.
+    const bool direct_row =
+        DirectRow<M>::value && jit && nq == 1 && p.dtype == kF32 && Dv % W == 0 && !v_sanitized;
     int kbi = 0;
     for (int64_t k0 = 0, kb = 0; k0 < kend; k0 += kb, ++kbi) {
       kb = long_blocks ? imin(kend - k0, kJitKeys) : block_len(k0, kend);
@@ -513,20 +566,32 @@ struct AttnKernel {
         if (jv + W > kvis) b = V::mask_ge(b, kvis - jv);
         V::store(colb + jv, b);
       }
-      const KT* kblk;
+      const KT* kblk = nullptr;
       const KT* vblk;
+      bool s_done = false;
       if (jit) {  // the block's keys as a sequence of their own, packed in the pack's layout
         AttnSeq sb = s;
         sb.k_begin = s.k_begin + k0;
         sb.Lk = kb;
-        M::pack(p, sb, kvh, sc.kjit, sc.vjit, v_sanitized);
-        kblk = (const KT*)sc.kjit;
-        vblk = M::v_rows(p, sb, kvh, sc.vjit, &ldv, v_sanitized);  // fp32: V in place
+        if constexpr (DirectRow<M>::value) {
+          if (direct_row) {  // nothing packed: S from K in place, V in place
+            const float* krow =
+                (const float*)p.k + s.bk * p.k_sb + kvh * p.k_sh + sb.k_begin * p.k_ss;
+            M::s_row_direct(q, krow, p.k_ss, D, (int)kb, npan, sc.S, colb, scale2);
+            vblk = M::v_rows(p, sb, kvh, sc.vjit, &ldv, false);
+            s_done = true;
+          }
+        }
+        if (!s_done) {
+          M::pack(p, sb, kvh, sc.kjit, sc.vjit, v_sanitized);
+          kblk = (const KT*)sc.kjit;
+          vblk = M::v_rows(p, sb, kvh, sc.vjit, &ldv, v_sanitized);  // fp32: V in place
+        }
       } else {
         kblk = kp + k0 * Dk;
         vblk = vp + k0 * ldv;
       }
-      M::s_block(q, qs, kblk, Dk, nq, npan, sc.S, colb, scale2);
+      if (!s_done) M::s_block(q, qs, kblk, Dk, nq, npan, sc.S, colb, scale2);
 
       for (int r = 0; r < nq; ++r) {
         float* srow = sc.S + r * kLDS;

@@ -36,6 +36,9 @@ class Shape:
     length: int
     head_dim: int
     causal: bool = False
+    # decoding: K / V as (B, L, H, D) views (projections of an encoder's output, as cross-attention
+    # caches hold them) instead of the self-attention cache's contiguous (B, H, L, D)
+    kv_from_projection: bool = False
 
 
 SHAPES = [
@@ -208,6 +211,8 @@ DECODE_SHAPES = [
     Shape("decode_smollm2_135m", 1, 9, 3, 2048, 64),  # GQA 3:1 (the LLaVA-style bench's LM)
     Shape("decode_llama3_8b", 1, 32, 8, 4096, 128),  # GQA 4:1
     Shape("decode_vicuna_7b", 1, 32, 32, 2048, 128),  # MHA (LLaVA-1.5's LM)
+    # Whisper-tiny's decoder cross-attention over 30 s of audio (1500 encoder frames)
+    Shape("decode_whisper_tiny_cross", 1, 6, 6, 1500, 64, kv_from_projection=True),
 ]
 QUICK_DECODE_SHAPES = [Shape("decode_smollm2_135m", 1, 9, 3, 100, 64)]
 
@@ -216,8 +221,10 @@ def decode_case(shape: Shape, dtype: torch.dtype) -> Case:
     g = torch.Generator().manual_seed(2)
     b, hq, hkv, lk, d = shape.batch, shape.heads_q, shape.heads_kv, shape.length, shape.head_dim
     q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
-    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    if shape.kv_from_projection:
+        k, v = (torch.randn(b, lk, hkv, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    else:
+        k, v = (torch.randn(b, hkv, lk, d, generator=g).to(dtype) for _ in range(2))
     group = hq // hkv
     kernel = _kernel_backend()
     dt = str(dtype).replace("torch.", "")
