@@ -136,14 +136,6 @@ void mark_nonfinite_v(const AttnParams& p, const AttnSeq& s, const AttnItem& it)
   }
 }
 
-}  // namespace
-
-const char* attention_cpu_isa(const char** error) { return isa_name(selected_isa(error)); }
-
-namespace {
-
-const char* run_attention(const AttnParams& p);
-
 // Decoding with GQA (one query row per head, several query heads per kv head): the query heads
 // of a kv head become the query rows of one head, (B, Hq, 1, D) viewed as (B, Hkv, Hq / Hkv, D),
 // so that one item reads its K / V once for all of them instead of once per query head. Exact
@@ -167,15 +159,6 @@ bool gqa_rows(const AttnParams& p, AttnParams* g) {
   return true;
 }
 
-}  // namespace
-
-const char* attention_forward_cpu(const AttnParams& p) {
-  AttnParams grouped;
-  return run_attention(gqa_rows(p, &grouped) ? grouped : p);
-}
-
-namespace {
-
 const char* run_attention(const AttnParams& p) {
   const char* err = nullptr;
   const Isa isa = selected_isa(&err);
@@ -188,7 +171,7 @@ const char* run_attention(const AttnParams& p) {
   const int64_t nseq = p.nseq;
   const bool varlen = p.cu_q != nullptr;
   std::vector<AttnSeq> seqs((size_t)nseq);
-  int64_t lk_max = 0;
+  int64_t lk_max = 0, lq_max = 0;
   for (int64_t b = 0; b < nseq; ++b) {
     AttnSeq& s = seqs[b];
     if (varlen) {
@@ -204,6 +187,7 @@ const char* run_attention(const AttnParams& p) {
       s = AttnSeq{b, b, 0, 0, p.Sq, p.Sk};
     }
     if (s.Lk > lk_max) lk_max = s.Lk;
+    if (s.Lq > lq_max) lq_max = s.Lq;
   }
 
   const int W = impl->W;
@@ -213,8 +197,6 @@ const char* run_attention(const AttnParams& p) {
   const int Hq = p.Hq, Hkv = p.Hkv, group = p.Hq / p.Hkv;
 
   // Decode-shaped calls pack each key block per item into thread scratch (kJitRows).
-  int64_t lq_max = 0;
-  for (const AttnSeq& s : seqs) lq_max = s.Lq > lq_max ? s.Lq : lq_max;
   const bool jit = (int64_t)group * lq_max <= kJitRows;
 
   // Packed K/V offsets per (sequence, kv head); -1 when nothing reads them (and always in jit
@@ -430,6 +412,13 @@ const char* run_attention(const AttnParams& p) {
 }
 
 }  // namespace
+
+const char* attention_cpu_isa(const char** error) { return isa_name(selected_isa(error)); }
+
+const char* attention_forward_cpu(const AttnParams& p) {
+  AttnParams grouped;
+  return run_attention(gqa_rows(p, &grouped) ? grouped : p);
+}
 
 }  // namespace cpu
 }  // namespace mmk
