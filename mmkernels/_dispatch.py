@@ -321,6 +321,25 @@ def _env_overrides(op: str) -> tuple:
     return (_env_raw(f"MMKERNELS_{op.upper()}_BACKEND"), _env_raw("MMKERNELS_BACKEND"))
 
 
+class CallMemo:
+    """Call descriptions memoised by the tensor metadata they are built from (a description is a
+    pure function of its key, so it never needs invalidating). Building one costs ~3 us, a tenth
+    of a small call; a lookup ~0.5 us. Bounded: cleared when ``limit`` keys are held."""
+
+    def __init__(self, limit: int = 4096):
+        self._calls: Dict[tuple, Any] = {}
+        self._limit = limit
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        call = self._calls.get(key)
+        if call is None:
+            call = build()
+            if len(self._calls) >= self._limit:
+                self._calls.clear()
+            self._calls[key] = call
+        return call
+
+
 def select(op: str, call: Any, device_type: str, backend: Optional[str] = None) -> Backend:
     """Pick the backend that runs ``call`` (see the module docstring for the order).
 

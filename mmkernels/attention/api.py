@@ -323,13 +323,11 @@ def _poison_requested() -> bool:
     return _dispatch.env_flag("MMKERNELS_DEBUG_POISON")
 
 
-# Metadata -> AttentionCall, memoised: building the frozen dataclass costs ~3 us, a tenth of a
-# small call. Keyed on everything describe_call reads; bounded (cleared when full).
-_CALLS: dict = {}
-_CALLS_MAX = 4096
+_CALLS = _dispatch.CallMemo()
 
 
 def _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> AttentionCall:
+    """describe_call, memoised on everything it reads."""
     key = (
         type(q),
         q.device.type,
@@ -343,13 +341,8 @@ def _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> Att
         scores_mode,
         return_lse,
     )
-    call = _CALLS.get(key)
-    if call is None:
-        call = describe_call(q, k, v, causal, key_bias, varlen, _SCORES_NAMES[scores_mode], return_lse)
-        if len(_CALLS) >= _CALLS_MAX:
-            _CALLS.clear()
-        _CALLS[key] = call
-    return call
+    scores = _SCORES_NAMES[scores_mode]
+    return _CALLS.get(key, lambda: describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse))
 
 
 def _attention_impl(

@@ -69,14 +69,26 @@ def _size_bucket(x: Tensor, qweight: Tensor, act_bits: int) -> Optional[Tuple[in
     return size_bucket(x.numel() // k), k, qweight.shape[0]
 
 
-# Metadata -> QMatmulCall, memoised: building one costs ~3 us, a tenth of a small W8A8 call
-# (16 x 384 -> 1536: ~30 us). Keyed on everything the description reads; bounded (cleared when full).
-_CALLS: dict = {}
-_CALLS_MAX = 4096
+_CALLS = _dispatch.CallMemo()
 
 
 def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bits: int, smooth: bool, backend: str):
     device = x.device.type
+
+    def build() -> QMatmulCall:
+        return QMatmulCall(
+            device,
+            _name(x.dtype),
+            bits,
+            _group_size(qweight, scales, bits),
+            zeros is None,
+            act_bits,
+            smooth,
+            is_fp8(qweight),
+            _size_bucket(x, qweight, act_bits),
+        )
+
+    # keyed on everything build() reads
     key = (
         type(x),
         device,
@@ -90,22 +102,7 @@ def _select(x: Tensor, qweight: Tensor, scales: Tensor, zeros, bits: int, act_bi
         act_bits,
         smooth,
     )
-    call = _CALLS.get(key)
-    if call is None:
-        call = QMatmulCall(
-            device,
-            _name(x.dtype),
-            bits,
-            _group_size(qweight, scales, bits),
-            zeros is None,
-            act_bits,
-            smooth,
-            is_fp8(qweight),
-            _size_bucket(x, qweight, act_bits),
-        )
-        if len(_CALLS) >= _CALLS_MAX:
-            _CALLS.clear()
-        _CALLS[key] = call
+    call = _CALLS.get(key, build)
     return _dispatch.select("qmatmul", call, device, backend or None)
 
 
