@@ -73,6 +73,16 @@ def _auto_backend(q, k, v, causal) -> str:
     return _dispatch.select("attention", call, q.device.type).name
 
 
+def _with_auto(contenders, desc, q, k, v, causal, kernel) -> str:
+    """Adds ``mmkernels_auto`` (what a call without ``backend=`` gets) where automatic selection
+    serves the plain call with another backend than ``kernel``; returns the description, saying so."""
+    auto = _auto_backend(q, k, v, causal)
+    if kernel is None or auto == kernel:
+        return desc
+    contenders["mmkernels_auto"] = lambda: mmkernels.attention(q, k, v, causal=causal)
+    return desc + f" (automatic selection: {auto})"
+
+
 def _max_err(got, q, k, v, **kw):
     want = mmkernels.reference_attention(q.double(), k.double(), v.double(), **kw)[0]
     return (got.double() - want).abs().max().item()
@@ -107,13 +117,7 @@ def dense_cases(shape: Shape, dtype: torch.dtype, extras: bool) -> List[Case]:
         return measure
 
     plain = {"mmkernels": ours(), "sdpa": lambda: _sdpa(q, k_full, v_full, group, is_causal=causal)}
-    auto = _auto_backend(q, k, v, causal)
-    if kernel is not None and auto != kernel:
-        plain["mmkernels_auto"] = lambda: mmkernels.attention(q, k, v, causal=causal)
-        desc_plain = desc + f" (automatic selection: {auto})"
-    else:
-        desc_plain = desc
-    cases = [Case(base, desc_plain, plain, err(), flops)]
+    cases = [Case(base, _with_auto(plain, desc, q, k, v, causal, kernel), plain, err(), flops)]
     if not extras:
         return cases
 
@@ -238,13 +242,9 @@ def decode_case(shape: Shape, dtype: torch.dtype) -> Case:
         # what transformers' SDPA path runs for a GQA cache (no copy of the kv heads)
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1),
     }
-    auto = _auto_backend(q, k, v, False)
-    if kernel is not None and auto != kernel:
-        contenders["mmkernels_auto"] = lambda: mmkernels.attention(q, k, v)
-        desc += f" (automatic selection: {auto})"
     return Case(
         f"{shape.name}-lk{lk}-{dt}",
-        desc,
+        _with_auto(contenders, desc, q, k, v, False, kernel),
         contenders,
         lambda: _max_err(ours(), q, k, v),
         4.0 * b * hq * lk * d,
