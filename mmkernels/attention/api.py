@@ -183,6 +183,13 @@ def _check_bias(key_bias, q, batch, num_heads, num_keys, varlen):
         raise ValueError(f"key_bias must have shape {expected}, got {list(key_bias.shape)}")
 
 
+def _check_scale(scale) -> None:
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+
 def check_arguments(
     q,
     k,
@@ -209,10 +216,7 @@ def check_arguments(
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-    ):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    _check_scale(scale)
     if scores not in reference.SCORES_MODES:
         raise ValueError(f"scores must be one of None, 'cls', 'last', 'mean'; got {scores!r}")
     if not isinstance(return_lse, bool):
@@ -299,35 +303,75 @@ def _output_shapes(q, k, v, varlen):
     return (b, hq, lq, dv), (b, hq, lq), (b, k.shape[2])
 
 
-def _new_out(q, out_shape, varlen, dtype=None):
-    """The output buffer: dense ``(B, Hq, Lq, Dv)`` is a view of ``(B, Lq, Hq, Dv)`` memory (as
+def _out_stride(out_shape, varlen) -> Optional[Tuple[int, ...]]:
+    """The output's strides: dense ``(B, Hq, Lq, Dv)`` is a view of ``(B, Lq, Hq, Dv)`` memory (as
     SDPA's CPU output is), so ``out.transpose(1, 2)``, the layout models consume, is contiguous
-    and reshaping it to ``(B, Lq, Hq * Dv)`` needs no copy."""
+    and reshaping it to ``(B, Lq, Hq * Dv)`` needs no copy. None (contiguous) for varlen."""
     if varlen:
-        return q.new_empty(out_shape, dtype=dtype)
-    b, hq, lq, dv = out_shape
-    return torch.empty_strided(out_shape, (lq * hq * dv, dv, hq * dv, 1), dtype=dtype or q.dtype, device=q.device)
+        return None
+    _, hq, lq, dv = out_shape
+    return (lq * hq * dv, dv, hq * dv, 1)
+
+
+def _new_out(q, out_shape, varlen):
+    stride = _out_stride(out_shape, varlen)
+    if stride is None:
+        return q.new_empty(out_shape)
+    return torch.empty_strided(out_shape, stride, dtype=q.dtype, device=q.device)
 
 
 def _bias_view(key_bias, q, num_heads, varlen):
     """key_bias as (Bb, Hq, Sk) in float32 (float64 for float64 inputs); per-key bias has head stride 0."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    b = key_bias.to(dtype)
+    b = key_bias if key_bias.dtype == dtype else key_bias.to(dtype)
     if varlen:
         return b[None, None, :].expand(1, num_heads, -1) if b.dim() == 1 else b.t()[None]
     batch = q.shape[0]
-    return (b[:, None, :] if b.dim() == 2 else b).expand(batch, num_heads, -1)
+    if b.dim() == 3:
+        return b.expand(batch, num_heads, -1)
+    rows, keys = b.shape
+    return b.as_strided((batch, num_heads, keys), (b.stride(0) if rows > 1 else 0, 0, b.stride(1)), b.storage_offset())
 
 
 def _poison_requested() -> bool:
     return _dispatch.env_flag("MMKERNELS_DEBUG_POISON")
 
 
-_CALLS = _dispatch.CallMemo()
+@dataclass(frozen=True)
+class _Plan:
+    """What a call's metadata decides, worked out once per shape: its description (dispatch),
+    its outputs' shapes, the sequence lengths, and whether there is anything to attend."""
+
+    call: AttentionCall
+    out_shape: Tuple[int, ...]
+    out_stride: Optional[Tuple[int, ...]]  # None: contiguous (varlen)
+    lse_shape: Tuple[int, ...]
+    scores_shape: Tuple[int, ...]
+    empty: bool  # no query row, no key or no output column: every row is fully masked
+    max_seqlen_q: int  # dense calls: Lq and Lk
+    max_seqlen_k: int
 
 
-def _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> AttentionCall:
-    """describe_call, memoised on everything it reads."""
+def _make_plan(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> _Plan:
+    out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
+    keys = k.shape[0] if varlen else k.shape[2]
+    return _Plan(
+        call=describe_call(q, k, v, causal, key_bias, varlen, _SCORES_NAMES[scores_mode], return_lse),
+        out_shape=out_shape,
+        out_stride=_out_stride(out_shape, varlen),
+        lse_shape=lse_shape,
+        scores_shape=scores_shape,
+        empty=math.prod(out_shape) == 0 or keys == 0,
+        max_seqlen_q=q.shape[2] if not varlen else 0,
+        max_seqlen_k=k.shape[2] if not varlen else 0,
+    )
+
+
+_PLANS = _dispatch.CallMemo()
+
+
+def _plan_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> _Plan:
+    """_make_plan, memoised on everything it reads (the op's body: arguments already checked)."""
     key = (
         type(q),
         q.device.type,
@@ -341,11 +385,55 @@ def _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse) -> Att
         scores_mode,
         return_lse,
     )
-    scores = _SCORES_NAMES[scores_mode]
-    return _CALLS.get(key, lambda: describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse))
+    return _PLANS.get(key, lambda: _make_plan(q, k, v, causal, key_bias, varlen, scores_mode, return_lse))
 
 
-def _attention_impl(
+_CHECKED = _dispatch.CallMemo()
+
+
+def _checked_plan(q, k, v, causal, key_bias, scores, return_lse, backend) -> Optional[_Plan]:
+    """The plan of a dense call in plain eager mode, with :func:`check_arguments` run once per
+    distinct metadata (its outcome is a function of the key: types, dtypes, devices, shapes and
+    the flags; q / k / v / key_bias are plain tensors here). None for arguments of other types
+    (the full checks then run and say what is wrong). ``scale`` is checked by the caller."""
+    if not (
+        q is not None
+        and k is not None
+        and v is not None
+        and type(causal) is bool
+        and type(return_lse) is bool
+        and (scores is None or type(scores) is str)
+        and (backend is None or type(backend) is str)
+    ):
+        return None
+    bias = None if key_bias is None else (key_bias.dtype, key_bias.device, key_bias.shape)
+    key = (
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        q.device,
+        k.device,
+        v.device,
+        q.shape,
+        k.shape,
+        v.shape,
+        causal,
+        scores,
+        return_lse,
+        backend,
+        bias,
+    )
+
+    def build():
+        check_arguments(q, k, v, causal, None, key_bias, None, None, None, None, scores, return_lse, backend)
+        mode = reference.SCORES_MODES[scores]
+        return _make_plan(q, k, v, causal, key_bias, False, mode, return_lse)
+
+    return _CHECKED.get(key, build)
+
+
+def _run(
+    plan: _Plan,
     q,
     k,
     v,
@@ -360,27 +448,21 @@ def _attention_impl(
     return_lse,
     backend,
 ):
-    """The op's body: allocate the outputs, select a backend, run it. Returns ``(out, lse, scores)``,
-    ``lse`` / ``scores`` None when not asked for."""
+    """Allocate the outputs, select a backend, run it. Returns ``(out, lse, scores)``, ``lse`` /
+    ``scores`` None when not asked for."""
     varlen = cu_seqlens_q is not None
-    if varlen:
-        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, varlen)
-    out = _new_out(q, out_shape, varlen)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
-    scores = torch.empty(scores_shape, dtype=torch.float32, device=q.device) if scores_mode else None
+    dtype, device = q.dtype, q.device
+    if plan.out_stride is None:
+        out = torch.empty(plan.out_shape, dtype=dtype, device=device)
+    else:
+        out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device) if return_lse else None
+    scores = torch.empty(plan.scores_shape, dtype=torch.float32, device=device) if scores_mode else None
     if _poison_requested():
         for t in (out, lse, scores):
             if t is not None:
                 t.fill_(float("nan"))
-    if varlen:
-        q4, k4, v4 = (t.permute(1, 0, 2)[None] for t in (q, k, v))
-        out4 = out.permute(1, 0, 2)[None]
-        lse3 = lse.t()[None] if return_lse else None
-        scores2 = scores[None] if scores_mode else None
-    else:
-        q4, k4, v4, out4, lse3, scores2 = q, k, v, out, lse, scores
-    if out.numel() == 0 or k4.shape[2] == 0 or q4.shape[2] == 0:
+    if plan.empty:
         # Nothing to attend: every row is fully masked (out 0, lse -inf, scores 0).
         out.zero_()
         if lse is not None:
@@ -388,10 +470,16 @@ def _attention_impl(
         if scores is not None:
             scores.zero_()
         return out, lse, scores
+    if varlen:
+        q4, k4, v4 = (t.permute(1, 0, 2)[None] for t in (q, k, v))
+        out4 = out.permute(1, 0, 2)[None]
+        lse3 = lse.t()[None] if return_lse else None
+        scores2 = scores[None] if scores_mode else None
+    else:
+        q4, k4, v4, out4, lse3, scores2 = q, k, v, out, lse, scores
     bias3 = None if key_bias is None else _bias_view(key_bias, q, q.shape[1], varlen)
     # Selection runs here, at execution time, so that tracing never enters the registry.
-    call = _call_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
-    chosen = _dispatch.select(OP, call, q.device.type, backend or None)
+    chosen = _dispatch.select(OP, plan.call, device.type, backend or None)
     chosen.run(
         q4,
         k4,
@@ -409,6 +497,44 @@ def _attention_impl(
         scores2,
     )
     return out, lse, scores
+
+
+def _attention_impl(
+    q,
+    k,
+    v,
+    key_bias,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    scores_mode,
+    return_lse,
+    backend,
+):
+    """The op's body: ``(out, lse, scores)``, ``lse`` / ``scores`` None when not asked for."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    plan = _plan_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
+    return _run(
+        plan,
+        q,
+        k,
+        v,
+        key_bias,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        scores_mode,
+        return_lse,
+        backend,
+    )
 
 
 @torch.library.custom_op("mmkernels::attention", mutates_args=())
@@ -612,38 +738,64 @@ def attention(
     row counts. A NaN or ``±inf`` in ``v[j, c]`` makes ``out[i, c]`` NaN for every row ``i`` that
     sees key ``j``. A row that sees no key stays 0 with lse ``-inf`` whatever q holds.
     """
-    max_seqlen_q, max_seqlen_k = check_arguments(
-        q,
-        k,
-        v,
-        causal,
-        scale,
-        key_bias,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        scores,
-        return_lse,
-        backend,
-    )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    op = _attention_impl if plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k) else _attention_op
-    out, lse, score = op(
-        q,
-        k,
-        v,
-        key_bias,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal,
-        scale,
-        reference.SCORES_MODES[scores],
-        return_lse,
-        backend or "",
-    )
+    plan = None
+    dense = cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
+    if dense and plain_eager(q, k, v, key_bias):
+        # Plain eager inference (the op is skipped, see mmkernels._eager): the checks' outcome is
+        # memoised per metadata, since per-call overheads decide small calls (decoding, batch 1).
+        plan = _checked_plan(q, k, v, causal, key_bias, scores, return_lse, backend)
+    if plan is not None:
+        _check_scale(scale)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        out, lse, score = _run(
+            plan,
+            q,
+            k,
+            v,
+            key_bias,
+            None,
+            None,
+            plan.max_seqlen_q,
+            plan.max_seqlen_k,
+            causal,
+            scale,
+            reference.SCORES_MODES[scores],
+            return_lse,
+            backend or "",
+        )
+    else:
+        max_seqlen_q, max_seqlen_k = check_arguments(
+            q,
+            k,
+            v,
+            causal,
+            scale,
+            key_bias,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scores,
+            return_lse,
+            backend,
+        )
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        op = _attention_impl if plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k) else _attention_op
+        out, lse, score = op(
+            q,
+            k,
+            v,
+            key_bias,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal,
+            scale,
+            reference.SCORES_MODES[scores],
+            return_lse,
+            backend or "",
+        )
     if scores is None and not return_lse:
         return out
     return AttentionOutput(out, lse if return_lse else None, score if scores else None)

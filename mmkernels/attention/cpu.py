@@ -53,16 +53,17 @@ def attention_forward(
     scores2,
 ) -> None:
     """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
-    ops = _EXT.require(REQUIRED_OP)
-    q4, k4, v4, bias3 = _last_contiguous(q4), _last_contiguous(k4), _last_contiguous(v4), _last_contiguous(bias3)
+    kernel = _EXT.require(REQUIRED_OP).attention_fwd.default
+    if q4.stride(-1) != 1 or k4.stride(-1) != 1 or v4.stride(-1) != 1 or (bias3 is not None and bias3.stride(-1) != 1):
+        q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
     if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous()):
         cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
     if cu_seqlens_k is not None and (cu_seqlens_k.dtype != torch.int32 or not cu_seqlens_k.is_contiguous()):
         cu_seqlens_k = cu_seqlens_k.to(torch.int32).contiguous()
     target = out4
-    if out4.size(-1) > 1 and out4.stride(-1) != 1:
+    if out4.stride(-1) != 1 and out4.size(-1) > 1:
         target = torch.empty(out4.shape, dtype=out4.dtype, device=out4.device)
-    ops.attention_fwd(
+    kernel(
         q4,
         k4,
         v4,

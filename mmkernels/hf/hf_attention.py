@@ -167,7 +167,7 @@ def _key_bias(attention_mask: Optional[Tensor], query: Tensor) -> Optional[Tenso
         return None
     m = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
     if m.dtype == torch.bool:
-        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+        return torch.full(m.shape, float("-inf"), dtype=torch.float32, device=m.device).masked_fill_(m, 0.0)
     return m.to(torch.float32)
 
 
