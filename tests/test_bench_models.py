@@ -159,3 +159,40 @@ def test_models_table_and_pareto_front_from_samples():
     assert "| mmkernels | 5.0 | 2.00x | 1.00000 |  | gate >= 2.5x: FAIL |" in table
     points = [(row["fidelity"][k], row["speedup_vs_baseline"][k], k) for k in row["times_ms"]]
     assert [p[2] for p in report._pareto_front(points)] == ["fast", "mmkernels"]
+
+
+def test_patched_copies_are_loaded_like_the_baseline_when_a_loader_is_given():
+    """A model whose weights were loaded from a file is compared with copies loaded the same way
+    (patched in place), not deep copies on other pages; random-weight models are deep-copied."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    def load():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=48,
+            attn_implementation="sdpa",
+        )
+        return BertModel(config).eval()
+
+    base, loads = load(), []
+
+    def counted_load():
+        loads.append(load())
+        return loads[-1]
+
+    loaded = models._Patched(counted_load)("mmkernels", base)
+    assert loads == [loaded] and loaded is not base
+    copied = models._Patched()("mmkernels", base)
+    assert copied is not base and len(loads) == 1
+    for patched in (loaded, copied):
+        assert _attn(patched) == ["mmkernels"]
+    assert _attn(base) == ["sdpa"]  # the baseline stays unpatched
+
+
+def _attn(model):
+    return models._attn_implementations(model)
