@@ -170,7 +170,7 @@ class Attention(nn.Module):
             if key_padding_mask.dtype != torch.bool:
                 raise TypeError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
             pad = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=x.device)
-            pad = pad.masked_fill(key_padding_mask, float("-inf"))
+            pad.masked_fill_(key_padding_mask, float("-inf"))
             key_bias = pad if key_bias is None else key_bias + (pad[:, None] if key_bias.dim() == 3 else pad)
         kwargs = {}
         if varlen:
