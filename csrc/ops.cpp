@@ -1,7 +1,8 @@
 // The schemas of the compiled ops of mmkernels._C, all in one place. Each family registers its CPU
 // kernels beside its torch glue (csrc/cpu/<family>_torch.cpp, TORCH_LIBRARY_IMPL):
 //   mmkernels_C::attention_fwd  fused attention forward (csrc/cpu/attention*.cpp), contract in
-//                               docs/attention_kernel_contract.md
+//                               docs/attention_kernel_contract.md; attention_any_nonfinite is the
+//                               torch backend's NaN / inf pre-check (mmkernels/attention/sdpa.py)
 //   mmkernels_C::reduce_*       token-reduction primitives (csrc/cpu/reduce*.cpp), semantics in
 //                               mmkernels/reduce/reference.py
 //   mmkernels_C::qmatmul_*      quantized matmul (csrc/cpu/qmatmul*.cpp): prepack_wo / prepack_a8
@@ -76,6 +77,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "attention_fwd(Tensor q4, Tensor k4, Tensor v4, Tensor? bias3, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
       "int scores_mode, Tensor(a!) out4, Tensor(b!)? lse3, Tensor(c!)? scores2) -> ()");
+  m.def("attention_any_nonfinite(Tensor[] tensors) -> bool");
   m.def("cpu_isa() -> str", &isa_op<mmk::cpu::attention_cpu_isa>);
   m.def(
       "reduce_tome_plan(Tensor metric, int r, int protect_first) "

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <algorithm>
+#include <utility>
 #include <mutex>
 #include <vector>
 
@@ -414,6 +415,76 @@ const char* run_attention(const AttnParams& p) {
 }  // namespace
 
 const char* attention_cpu_isa(const char** error) { return isa_name(selected_isa(error)); }
+
+// Tensors of at least this many elements are scanned by several threads (below it one thread
+// reads them in a few microseconds, less than waking the others costs).
+constexpr int64_t kScanParallelMin = (int64_t)1 << 16;
+// Elements per unit of scan work.
+constexpr int64_t kScanChunk = (int64_t)1 << 15;
+
+const char* attention_any_nonfinite(const void* base, int dtype, int ndim, const int64_t* sizes,
+                                    const int64_t* strides, int nthreads, bool* found) {
+  *found = false;
+  const char* err = nullptr;
+  const Isa isa = selected_isa(&err);
+  if (err) return err;
+  const AttnImpl* impl = impl_for(isa, dtype);
+  if (impl == nullptr || impl->any_nonfinite == nullptr)
+    return "mmkernels: no CPU NaN / inf scan in this build for the selected ISA";
+  if (ndim > 8) return "mmkernels: the NaN / inf scan takes at most 8 dims";
+
+  // The dims that matter (size > 1, stride != 0: a stride-0 dim repeats what it reads), innermost
+  // first, then the run of contiguous elements they start with, the row dim after it (rows that
+  // step over whole rows merged into it) and the outer dims left. Merging only renames addresses
+  // the tensor's own indexing reaches.
+  struct Dim {
+    int64_t size, stride;
+  };
+  Dim d[8];
+  int nd = 0;
+  for (int i = 0; i < ndim; ++i) {
+    if (sizes[i] == 0) return nullptr;  // no element
+    if (sizes[i] > 1 && strides[i] != 0) d[nd++] = Dim{sizes[i], strides[i]};
+  }
+  for (int i = 1; i < nd; ++i)
+    for (int j = i; j > 0 && d[j].stride < d[j - 1].stride; --j) std::swap(d[j], d[j - 1]);
+  int i = 0;
+  int64_t n = 1;
+  while (i < nd && d[i].stride == n) n *= d[i++].size;
+  int64_t nrows = 1, rs = n;
+  if (i < nd) {
+    nrows = d[i].size;
+    rs = d[i++].stride;
+  }
+  while (i < nd && d[i].stride == nrows * rs) nrows *= d[i++].size;
+  int64_t nouter = 1;
+  for (int j = i; j < nd; ++j) nouter *= d[j].size;
+
+  // Units of work of about kScanChunk elements: pieces of a long run, or several short rows.
+  const int64_t es = dtype == kF32 ? 4 : 2;
+  const int64_t piece = n < kScanChunk ? n : kScanChunk;
+  const int64_t npieces = ceil_div64(n, piece);
+  const int64_t unit_rows = npieces > 1 ? 1 : std::max<int64_t>(1, kScanChunk / n);
+  const int64_t nrow_units = ceil_div64(nrows, unit_rows);
+  const int64_t nwork = nouter * nrow_units * npieces;
+  const bool parallel = nthreads > 1 && nwork > 1 && n * nrows * nouter >= kScanParallelMin;
+  std::atomic<bool> any{false};
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static) if (parallel)
+  for (int64_t w = 0; w < nwork; ++w) {
+    if (any.load(std::memory_order_relaxed)) continue;
+    const int64_t e0 = (w % npieces) * piece, r0 = (w / npieces % nrow_units) * unit_rows;
+    int64_t o = w / npieces / nrow_units, off = 0;
+    for (int j = i; j < nd; ++j) {
+      off += (o % d[j].size) * d[j].stride;
+      o /= d[j].size;
+    }
+    const int64_t rows = std::min(unit_rows, nrows - r0), len = std::min(piece, n - e0);
+    const void* p = (const char*)base + (off + r0 * rs + e0) * es;
+    if (impl->any_nonfinite(p, dtype, rows, len, rs)) any.store(true, std::memory_order_relaxed);
+  }
+  *found = any.load();
+  return nullptr;
+}
 
 const char* attention_forward_cpu(const AttnParams& p) {
   AttnParams grouped;

@@ -114,6 +114,10 @@ struct AttnImpl {
   // (docs/nan_semantics.md). Nothing is scanned on the fast path.
   bool (*run)(const AttnParams& p, const AttnSeq& s, const AttnItem& it, const void* kp,
               const void* vp, const AttnScratch& sc, bool v_sanitized);
+  // Whether any of nrows rows of n contiguous elements of dtype (row r at base + r * stride
+  // elements) holds a NaN or +-inf: a test of the exponent field, integer operations only (no FP
+  // flag is raised). The torch backend's pre-check (attention_any_nonfinite below).
+  bool (*any_nonfinite)(const void* base, int dtype, int64_t nrows, int64_t n, int64_t stride);
   // Dk = D rounded up to this: K panels and the Qf scratch hold Dk dims (zero past D; AMX: 32).
   int d_align = 1;
 };
@@ -129,6 +133,13 @@ const AttnImpl* attn_impl_amx_emulated(int dtype);
 
 // Runs the op. Returns nullptr on success, else a static error message.
 const char* attention_forward_cpu(const AttnParams& p);
+
+// Whether a strided tensor of dtype (ndim <= 8 dims of sizes / strides in elements, base at its
+// first element) holds a NaN or +-inf; dims of stride 0 are read once. Every address read is one
+// of the tensor's elements. OpenMP (up to nthreads) over large tensors only. Returns nullptr on
+// success (the answer in *found), else a static error message.
+const char* attention_any_nonfinite(const void* base, int dtype, int ndim, const int64_t* sizes,
+                                    const int64_t* strides, int nthreads, bool* found);
 
 // Name of the path calls use now ("amx", "avx512_bf16", "avx512", "avx2", "scalar",
 // "amx_emulated"); sets *error if MMKERNELS_CPU_ISA is invalid.

@@ -25,7 +25,8 @@ namespace {
 using MAmx = MicroAmxBf16<TileAmx>;
 using KAmx = AttnKernel<V512, MAmx>;
 // W = 32: the driver sizes the packs for keys padded to 32 (a P.V tile reads 32 keys).
-const AttnImpl kImplAmx = {"amx", 32, 2, 16, &KAmx::pack, &KAmx::run, MAmx::kDAlign};
+constexpr int kDAlign = MAmx::kDAlign;
+const AttnImpl kImplAmx = {"amx", 32, 2, 16, &KAmx::pack, &KAmx::run, &any_nonfinite, kDAlign};
 
 }  // namespace
 

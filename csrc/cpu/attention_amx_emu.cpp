@@ -25,7 +25,9 @@ namespace {
 using MEmu = MicroAmxBf16<TileEmu>;
 using KEmu = AttnKernel<V512, MEmu>;
 // W = 32: the driver sizes the packs for keys padded to 32 (a P.V tile reads 32 keys).
-const AttnImpl kImplEmu = {"amx_emulated", 32, 2, 16, &KEmu::pack, &KEmu::run, MEmu::kDAlign};
+constexpr int kDAlign = MEmu::kDAlign;
+constexpr const char* kName = "amx_emulated";
+const AttnImpl kImplEmu = {kName, 32, 2, 16, &KEmu::pack, &KEmu::run, &any_nonfinite, kDAlign};
 
 }  // namespace
 

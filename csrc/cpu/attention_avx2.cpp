@@ -26,7 +26,7 @@ struct AttnV256 : V256 {
 };
 
 using K256 = AttnKernel<AttnV256, MicroF32<AttnV256>>;
-const AttnImpl kImpl = {"avx2", 8, 4, 6, &K256::pack, &K256::run};
+const AttnImpl kImpl = {"avx2", 8, 4, 6, &K256::pack, &K256::run, &any_nonfinite};
 
 }  // namespace
 

@@ -204,8 +204,8 @@ struct MicroBf16Dot {
 using K512 = AttnKernel<AttnV512, MicroF32<AttnV512>>;
 using K512Dot = AttnKernel<AttnV512, MicroBf16Dot>;
 
-const AttnImpl kImplF32 = {"avx512", 16, 4, 8, &K512::pack, &K512::run};
-const AttnImpl kImplDot = {"avx512_bf16", 16, 2, 8, &K512Dot::pack, &K512Dot::run};
+const AttnImpl kImplF32 = {"avx512", 16, 4, 8, &K512::pack, &K512::run, &any_nonfinite};
+const AttnImpl kImplDot = {"avx512_bf16", 16, 2, 8, &K512Dot::pack, &K512Dot::run, &any_nonfinite};
 
 }  // namespace
 

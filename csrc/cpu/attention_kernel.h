@@ -103,6 +103,27 @@ inline void prefetch_rows(const void* base, int64_t ld_bytes, int64_t r0, int64_
   }
 }
 
+// NaN / inf scan (AttnImpl::any_nonfinite): a value is NaN or +-inf exactly when its exponent
+// field is all ones. One AND, compare and OR per element, which the compiler vectorises under the
+// translation unit's ISA flags; a row found non-finite ends the scan.
+template <typename Bits>
+inline bool rows_nonfinite(const Bits* p, int64_t nrows, int64_t n, int64_t stride, Bits exp) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const Bits* row = p + r * stride;
+    Bits bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad |= (Bits)((row[i] & exp) == exp);
+    if (bad) return true;
+  }
+  return false;
+}
+
+inline bool any_nonfinite(const void* base, int dtype, int64_t nrows, int64_t n, int64_t stride) {
+  if (dtype == kF32)
+    return rows_nonfinite((const uint32_t*)base, nrows, n, stride, (uint32_t)0x7f800000u);
+  const uint16_t exp = dtype == kF16 ? 0x7c00 : 0x7f80;
+  return rows_nonfinite((const uint16_t*)base, nrows, n, stride, exp);
+}
+
 // Column chunks for P.V: split nv vectors into chunks of at most cmax, as even as possible.
 inline int pv_chunk(int nv, int cmax, int idx, int* start) {
   const int nch = (nv + cmax - 1) / cmax, base = nv / nch, extra = nv % nch;

@@ -19,7 +19,7 @@ struct AttnVScalar : VScalar {
 };
 
 using KScalar = AttnKernel<AttnVScalar, MicroF32<AttnVScalar>>;
-const AttnImpl kImpl = {"scalar", 8, 4, 4, &KScalar::pack, &KScalar::run};
+const AttnImpl kImpl = {"scalar", 8, 4, 4, &KScalar::pack, &KScalar::run, &any_nonfinite};
 
 }  // namespace
 

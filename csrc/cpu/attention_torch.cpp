@@ -173,8 +173,36 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   TORCH_CHECK(err == nullptr, "attention_fwd (CPU): ", err ? err : "");
 }
 
+// Whether any of the tensors holds a NaN or +-inf (the torch backend's pre-check: one pass over
+// each tensor's elements in place, whatever its strides).
+bool attention_any_nonfinite_cpu(at::TensorList tensors) {
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const Tensor& x = tensors[t];
+    check_cpu(x, "tensors");
+    const auto dt = x.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                "attention_any_nonfinite (CPU): tensors[", t,
+                "] must be float32, bfloat16 or float16, got ", dt);
+    TORCH_CHECK(x.dim() <= 8, "attention_any_nonfinite (CPU): tensors[", t,
+                "] must have at most 8 dims, got ", x.dim());
+    bool found = false;
+    const char* err = attention_any_nonfinite(x.data_ptr(),
+                                              dt == at::kFloat  ? kF32
+                                              : dt == at::kHalf ? kF16
+                                                                : kBF16,
+                                              (int)x.dim(), x.sizes().data(), x.strides().data(),
+                                              at::get_num_threads(), &found);
+    TORCH_CHECK(err == nullptr, "attention_any_nonfinite (CPU): ", err ? err : "");
+    if (found) return true;
+  }
+  return false;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace mmk
 
-TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) { m.impl("attention_fwd", &mmk::cpu::attention_fwd_cpu); }
+TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
+  m.impl("attention_fwd", &mmk::cpu::attention_fwd_cpu);
+  m.impl("attention_any_nonfinite", &mmk::cpu::attention_any_nonfinite_cpu);
+}

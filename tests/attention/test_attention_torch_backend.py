@@ -148,11 +148,18 @@ def test_nan_semantics_are_the_library_s(case):
     _same_as_reference(q, k, v, bias)
 
 
-def test_finite_values_whose_sum_overflows_take_the_exact_rare_path(monkeypatch):
-    """The NaN / inf pre-check is a sum: finite values near float32's limit overflow it, which must
-    only send the call to the reference (exact), never change the answer."""
+@pytest.mark.parametrize("precheck", ["scan", "sums"])
+def test_finite_values_near_the_float32_limit(monkeypatch, precheck):
+    """Finite values near float32's limit are finite to the scan (the call stays on SDPA); the
+    fallback pre-check without the extension is a sum, which they overflow: that may only send
+    the call to the reference (exact), never change the answer."""
     from mmkernels.attention import reference as attention_reference
+    from mmkernels.attention import sdpa
 
+    if precheck == "sums":
+        monkeypatch.setattr(sdpa._EXT, "ops", lambda required: None)
+    elif sdpa._EXT.ops(sdpa._SCAN_OP) is None:
+        pytest.skip("the extension is not built")
     q, k, v = qkv(1, 2, 2, 9, 9, 16)
     q[0, 0, :, :] = 1.0e37  # the sum of q overflows float32; q.k (~1e38) does not
     calls = []
@@ -160,7 +167,7 @@ def test_finite_values_whose_sum_overflows_take_the_exact_rare_path(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(attention_reference, "attention_forward", lambda *a: calls.append(1) or real(*a))
         mmkernels.attention(q, k, v, backend="torch")
-    assert calls, "the rare path did not run"
+    assert bool(calls) == (precheck == "sums"), "the rare path ran" if calls else "the rare path did not run"
     _same_as_reference(q, k, v, None)
 
 
