@@ -27,6 +27,7 @@ each tensor once, in place (:func:`_all_finite`).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +78,10 @@ def attention_forward(
     out4,
     lse3,
     scores2,
-) -> None:
-    """Writes out4 (and lse3 when given) as the contract specifies, for the calls the backend
-    declares (dense, not causal, no scores, D == Dv)."""
+) -> Optional[torch.Tensor]:
+    """Writes lse3 (when given) as the contract specifies, for the calls the backend declares
+    (dense, not causal, no scores, D == Dv), and returns SDPA's output when it is laid out as
+    out4 is (the contract allows it: SDPA has no ``out=``), else writes it into out4."""
     if causal or cu_seqlens_q is not None or scores_mode or q4.shape[-1] != v4.shape[-1]:
         raise ValueError(
             "the torch attention backend serves dense, non-causal calls without "
@@ -124,6 +126,9 @@ def attention_forward(
         out = out.masked_fill(masked[:, :, None, None], 0.0)
         if lse is not None:
             lse = lse.masked_fill(masked[:, :, None], _NEG_INF)
-    out4.copy_(out)
     if lse3 is not None:
         lse3.copy_(lse)
+    if out.dtype == out4.dtype and out.stride() == out4.stride():
+        return out
+    out4.copy_(out)
+    return None

@@ -254,3 +254,31 @@ def test_bench_times_our_kernel_and_shows_what_auto_selection_picks(cpu_class, k
     plain = bench.all_cases(quick=True)[0]
     assert ("mmkernels_auto" in plain.contenders) == (klass == "amx")
     assert bench._kernel_backend() == "cpu"
+
+
+@pytest.mark.parametrize(
+    "shape, masked",
+    [((2, 4, 4, 9, 11, 16), False), ((1, 6, 2, 1, 40, 32), False), ((2, 4, 2, 5, 7, 16), True)],
+    ids=["mha", "gqa_decode", "fully_masked_rows"],
+)
+def test_sdpa_output_is_returned_in_the_public_layout(shape, masked):
+    """The backend hands SDPA's own output back (no copy) where it is laid out as ours; the
+    public output keeps its layout either way: out.transpose(1, 2) contiguous."""
+    b, hq, hkv, lq, lk, d = shape
+    q, k, v = qkv(b, hq, hkv, lq, lk, d)
+    bias = None
+    if masked:
+        bias = torch.zeros(b, lk)
+        bias[1] = float("-inf")  # every key of sequence 1 masked
+    out = mmkernels.attention(q, k, v, key_bias=bias, backend="torch")
+    assert out.shape == (b, hq, lq, d) and out.transpose(1, 2).is_contiguous()
+    double = None if bias is None else bias.double()
+    want = mmkernels.attention(q.double(), k.double(), v.double(), key_bias=double, backend="reference")
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+
+
+def test_a_backend_output_of_another_layout_is_refused(monkeypatch):
+    q, k, v = qkv(1, 2, 2, 5, 5, 16)
+    monkeypatch.setattr(TORCH, "run", lambda *args: torch.zeros(1, 2, 5, 16))  # (B, H, L, D) strides
+    with pytest.raises(RuntimeError, match=r"attention backend 'torch' returned an output of shape"):
+        mmkernels.attention(q, k, v, backend="torch")
