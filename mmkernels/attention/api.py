@@ -751,26 +751,7 @@ def attention(
         # Plain eager inference (the op is skipped, see mmkernels._eager): the checks' outcome is
         # memoised per metadata, since per-call overheads decide small calls (decoding, batch 1).
         plan = _checked_plan(q, k, v, causal, key_bias, scores, return_lse, backend)
-    if plan is not None:
-        _check_scale(scale)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        out, lse, score = _run(
-            plan,
-            q,
-            k,
-            v,
-            key_bias,
-            None,
-            None,
-            plan.max_seqlen_q,
-            plan.max_seqlen_k,
-            causal,
-            scale,
-            reference.SCORES_MODES[scores],
-            return_lse,
-            backend or "",
-        )
-    else:
+    if plan is None:
         max_seqlen_q, max_seqlen_k = check_arguments(
             q,
             k,
@@ -786,23 +767,18 @@ def attention(
             return_lse,
             backend,
         )
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        op = _attention_impl if plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k) else _attention_op
-        out, lse, score = op(
-            q,
-            k,
-            v,
-            key_bias,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            causal,
-            scale,
-            reference.SCORES_MODES[scores],
-            return_lse,
-            backend or "",
-        )
+    else:
+        _check_scale(scale)
+        max_seqlen_q, max_seqlen_k = plan.max_seqlen_q, plan.max_seqlen_k
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    args = (q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    args += (reference.SCORES_MODES[scores], return_lse, backend or "")
+    if plan is not None:
+        out, lse, score = _run(plan, *args)
+    elif plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k):
+        out, lse, score = _attention_impl(*args)
+    else:
+        out, lse, score = _attention_op(*args)
     if scores is None and not return_lse:
         return out
     return AttentionOutput(out, lse if return_lse else None, score if scores else None)
