@@ -432,8 +432,7 @@ def _checked_plan(q, k, v, causal, key_bias, scores, return_lse, backend) -> Opt
     return _CHECKED.get(key, build)
 
 
-def _run(
-    plan: _Plan,
+def _attention_impl(
     q,
     k,
     v,
@@ -447,10 +446,16 @@ def _run(
     scores_mode,
     return_lse,
     backend,
+    plan: Optional[_Plan] = None,
 ):
-    """Allocate the outputs, select a backend, run it. Returns ``(out, lse, scores)``, ``lse`` /
-    ``scores`` None when not asked for."""
+    """The op's body: allocate the outputs, select a backend, run it. Returns ``(out, lse,
+    scores)``, ``lse`` / ``scores`` None when not asked for. ``plan``: the call's plan when the
+    caller has it (plain eager calls), else looked up here."""
     varlen = cu_seqlens_q is not None
+    if varlen:
+        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if plan is None:
+        plan = _plan_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
     dtype, device = q.dtype, q.device
     if plan.out_stride is None:
         out = torch.empty(plan.out_shape, dtype=dtype, device=device)
@@ -504,44 +509,6 @@ def _run(
             )
         out = produced
     return out, lse, scores
-
-
-def _attention_impl(
-    q,
-    k,
-    v,
-    key_bias,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    causal,
-    scale,
-    scores_mode,
-    return_lse,
-    backend,
-):
-    """The op's body: ``(out, lse, scores)``, ``lse`` / ``scores`` None when not asked for."""
-    varlen = cu_seqlens_q is not None
-    if varlen:
-        _check_cu_in_op(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    plan = _plan_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
-    return _run(
-        plan,
-        q,
-        k,
-        v,
-        key_bias,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal,
-        scale,
-        scores_mode,
-        return_lse,
-        backend,
-    )
 
 
 @torch.library.custom_op("mmkernels::attention", mutates_args=())
@@ -774,7 +741,7 @@ def attention(
     args = (q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     args += (reference.SCORES_MODES[scores], return_lse, backend or "")
     if plan is not None:
-        out, lse, score = _run(plan, *args)
+        out, lse, score = _attention_impl(*args, plan=plan)
     elif plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k):
         out, lse, score = _attention_impl(*args)
     else:
