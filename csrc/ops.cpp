@@ -25,6 +25,7 @@
 #include "cpu/peak.h"
 #include "cpu/qmatmul.h"
 #include "cpu/reduce.h"
+#include "cpu/torch_entry_points.h"
 
 namespace {
 
@@ -106,4 +107,13 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("cpu_features() -> str", &cpu_features_op);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// The hot kernels again, bound directly (csrc/cpu/torch_entry_points.h), the GIL released while
+// they run as the ops' binding does; a failed TORCH_CHECK raises RuntimeError with the same
+// message. The Python glue (mmkernels._extension: Extension.kernel) calls these; tests and
+// torch.compile graphs call the ops.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using released = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("attention_fwd", &mmk::cpu::attention_fwd_cpu, released());
+  m.def("qmatmul_wo", &mmk::cpu::qmm::qmatmul_wo, released());
+  m.def("qmatmul_w8a8", &mmk::cpu::qmm::qmatmul_w8a8, released());
+}

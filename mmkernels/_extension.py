@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Dict, Optional, Tuple
+import sys
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +35,7 @@ class Extension:
         self._ops = None
         self._error = ""
         self._has: Dict[str, str] = {}  # op name -> "" (present) or the reason it is missing
+        self._kernels: Dict[str, Callable] = {}  # op name -> what kernel() returns
 
     def _import(self) -> None:
         self._tried = True
@@ -73,6 +75,20 @@ class Extension:
         if not ok:
             raise RuntimeError(f"{self.module} is not available: {why}")
         return self._ops
+
+    def kernel(self, name: str):
+        """The fastest way to call op ``name``: the module's pybind11 binding of the same C++
+        function where the build has one (csrc/cpu/torch_entry_points.h: no dispatcher boxing of
+        the arguments, ~2 us less a call), else the op's default overload. RuntimeError as
+        :meth:`require` when the op is missing. For real tensors only (the glue inside the ops'
+        bodies and the plain eager path): FakeTensors and tracing need the op itself."""
+        fn = self._kernels.get(name)
+        if fn is None:
+            ops = self.require(name)
+            module = sys.modules.get(self.module)
+            fn = getattr(module, name, None) or getattr(ops, name).default
+            self._kernels[name] = fn
+        return fn
 
     def family_accessors(self, module_name: str, required: str, isa_op: str):
         """``(is_available, __getattr__, cpu_isa)`` for a family's glue module ``module_name``:

@@ -195,3 +195,31 @@ def test_one_extension_loader():
     assert not missing[0] and "no_such_op_anywhere" in missing[1] or "not built" in missing[1]
     with pytest.raises(RuntimeError, match="mmkernels._C is not available"):
         _extension.CPU.require("no_such_op_anywhere")
+
+
+def test_kernels_bound_directly_behave_as_their_ops():
+    """Extension.kernel: the pybind11 binding of a hot kernel (the same C++ function as the op),
+    else the op; same results, and a failed check raises the op's RuntimeError message."""
+    import torch
+
+    from mmkernels import _extension
+
+    if not _extension.CPU.availability("attention_fwd")[0]:
+        pytest.skip("extension not built")
+    ops = _extension.CPU.require("attention_fwd")
+    for name in ("attention_fwd", "qmatmul_wo", "qmatmul_w8a8"):
+        assert _extension.CPU.kernel(name) is not getattr(ops, name).default, name  # bound directly
+    assert _extension.CPU.kernel("reduce_gather_rows") is ops.reduce_gather_rows.default  # not bound
+    with pytest.raises(RuntimeError, match="mmkernels._C is not available"):
+        _extension.CPU.kernel("no_such_op_anywhere")
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 3, 16, generator=g).transpose(1, 2) for _ in range(3))
+    outs = [torch.full((2, 3, 5, 16), float("nan")) for _ in range(2)]
+    for fn, out in zip((_extension.CPU.kernel("attention_fwd"), ops.attention_fwd.default), outs):
+        fn(q, k, v, None, None, None, 5, 5, False, 0.25, 0, out, None, None)
+    assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any()
+    for fn in (_extension.CPU.kernel("attention_fwd"), ops.attention_fwd.default):
+        with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16") as info:
+            fn(q.double(), k.double(), v.double(), None, None, None, 5, 5, False, 0.25, 0, outs[0].double(), None, None)
+        assert "Exception raised from" not in str(info.value)  # no C++ backtrace in the message

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "cpu/attention.h"
+#include "cpu/torch_entry_points.h"
 
 namespace mmk {
 namespace cpu {
@@ -25,6 +26,8 @@ void check_last_contiguous(const Tensor& t, const char* name) {
               " must have stride(-1) == 1, got strides ", t.strides(),
               " (the Python glue makes such inputs contiguous)");
 }
+
+}  // namespace
 
 void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
                        const std::optional<Tensor>& bias3,
@@ -172,6 +175,8 @@ void attention_fwd_cpu(const Tensor& q4, const Tensor& k4, const Tensor& v4,
   const char* err = attention_forward_cpu(p);
   TORCH_CHECK(err == nullptr, "attention_fwd (CPU): ", err ? err : "");
 }
+
+namespace {
 
 // Whether any of the tensors holds a NaN or +-inf (the torch backend's pre-check: one pass over
 // each tensor's elements in place, whatever its strides).

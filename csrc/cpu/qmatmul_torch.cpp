@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu/qmatmul.h"
+#include "cpu/torch_entry_points.h"
 
 namespace mmk {
 namespace cpu {
@@ -313,6 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qmatmul_prepack_a8(
 // Weight-only
 // ---------------------------------------------------------------------------------------------
 
+}  // namespace
+
 // out (M, N) = x2 (M, K) @ w_hat.T (+ bias), weight-only. x2: float32 / bfloat16 / float16 with
 // stride(1) == 1; out: x2's dtype, stride(1) == 1; bias / smooth float32 contiguous. With the
 // prepacked (pw, psT, pzT) the larger-M GEMM kernel may run; without, the row-dot kernel does.
@@ -500,7 +503,6 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
   }
 }
 
-}  // namespace
 }  // namespace qmm
 }  // namespace cpu
 }  // namespace mmk

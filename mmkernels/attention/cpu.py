@@ -53,7 +53,7 @@ def attention_forward(
     scores2,
 ) -> None:
     """Writes out4 (and lse3 / scores2 when given) as the contract specifies."""
-    kernel = _EXT.require(REQUIRED_OP).attention_fwd.default
+    kernel = _EXT.kernel(REQUIRED_OP)
     if q4.stride(-1) != 1 or k4.stride(-1) != 1 or v4.stride(-1) != 1 or (bias3 is not None and bias3.stride(-1) != 1):
         q4, k4, v4, bias3 = (_last_contiguous(t) for t in (q4, k4, v4, bias3))
     if cu_seqlens_q is not None and (cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous()):

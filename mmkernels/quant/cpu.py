@@ -208,8 +208,8 @@ def qmatmul(
     z = zeros if zeros is None or zeros.is_contiguous() else zeros.contiguous()
     if act_bits is not None:
         packed = _packed(ops, "a8", qweight, scales, zeros, bits)
-        ops.qmatmul_w8a8.default(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
+        _EXT.kernel("qmatmul_w8a8")(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
     else:
         packed = _packed(ops, "wo", qweight, scales, zeros, bits) if m >= GEMM_MIN_M else (None,) * 3
-        ops.qmatmul_wo.default(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
+        _EXT.kernel("qmatmul_wo")(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
