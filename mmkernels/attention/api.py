@@ -313,8 +313,8 @@ def _out_stride(out_shape, varlen) -> Optional[Tuple[int, ...]]:
     return (lq * hq * dv, dv, hq * dv, 1)
 
 
-def _new_out(q, out_shape, varlen):
-    stride = _out_stride(out_shape, varlen)
+def _new_out(q, out_shape, stride):
+    """The output buffer, of ``_out_stride``'s strides (None: contiguous)."""
     if stride is None:
         return q.new_empty(out_shape)
     return torch.empty_strided(out_shape, stride, dtype=q.dtype, device=q.device)
@@ -457,10 +457,7 @@ def _attention_impl(
     if plan is None:
         plan = _plan_for(q, k, v, causal, key_bias, varlen, scores_mode, return_lse)
     dtype, device = q.dtype, q.device
-    if plan.out_stride is None:
-        out = torch.empty(plan.out_shape, dtype=dtype, device=device)
-    else:
-        out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+    out = _new_out(q, plan.out_shape, plan.out_stride)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device) if return_lse else None
     scores = torch.empty(plan.scores_shape, dtype=torch.float32, device=device) if scores_mode else None
     if _poison_requested():
@@ -567,7 +564,7 @@ def _attention_fake(
 ):
     out_shape, lse_shape, scores_shape = _output_shapes(q, k, v, cu_seqlens_q is not None)
     return (
-        _new_out(q, out_shape, cu_seqlens_q is not None),
+        _new_out(q, out_shape, _out_stride(out_shape, cu_seqlens_q is not None)),
         q.new_empty(lse_shape if return_lse else (0,), dtype=torch.float32),
         q.new_empty(scores_shape if scores_mode else (0,), dtype=torch.float32),
     )
@@ -713,8 +710,9 @@ def attention(
     sees key ``j``. A row that sees no key stays 0 with lse ``-inf`` whatever q holds.
     """
     plan = None
+    eager = plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k)
     dense = cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None
-    if dense and plain_eager(q, k, v, key_bias):
+    if eager and dense:
         # Plain eager inference (the op is skipped, see mmkernels._eager): the checks' outcome is
         # memoised per metadata, since per-call overheads decide small calls (decoding, batch 1).
         plan = _checked_plan(q, k, v, causal, key_bias, scores, return_lse, backend)
@@ -742,7 +740,7 @@ def attention(
     args += (reference.SCORES_MODES[scores], return_lse, backend or "")
     if plan is not None:
         out, lse, score = _attention_impl(*args, plan=plan)
-    elif plain_eager(q, k, v, key_bias, cu_seqlens_q, cu_seqlens_k):
+    elif eager:
         out, lse, score = _attention_impl(*args)
     else:
         out, lse, score = _attention_op(*args)
