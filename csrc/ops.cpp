@@ -8,6 +8,9 @@
 //   mmkernels_C::qmatmul_*      quantized matmul (csrc/cpu/qmatmul*.cpp): prepack_wo / prepack_a8
 //                               build the cached weight layouts, wo / w8a8 run weight-only and W8A8
 //                               products into out
+//   mmkernels_C::linear_*       dense fp32 Linear on the same GEMM micro-kernels (mmkernels.linear,
+//                               csrc/cpu/qmatmul_torch.cpp): linear_prepack lays the weight out as
+//                               the kernels' panels, linear_f32 runs the product into out
 //   mmkernels_C::*cpu_isa       name of the CPU code path each family uses now (MMKERNELS_CPU_ISA
 //                               lowers it)
 //   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
@@ -102,6 +105,8 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
       "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
+  m.def("linear_prepack(Tensor weight) -> Tensor");
+  m.def("linear_f32(Tensor x2, Tensor packed, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
   m.def("dot_peak_gops(int kind, int iterations, int repeats) -> float", &dot_peak_op);
   m.def("cpu_features() -> str", &cpu_features_op);
@@ -116,4 +121,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &mmk::cpu::attention_fwd_cpu, released());
   m.def("qmatmul_wo", &mmk::cpu::qmm::qmatmul_wo, released());
   m.def("qmatmul_w8a8", &mmk::cpu::qmm::qmatmul_w8a8, released());
+  m.def("linear_f32", &mmk::cpu::qmm::linear_f32, released());
 }

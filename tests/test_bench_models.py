@@ -15,13 +15,13 @@ from mmkernels.benchmarks import models, report
 pytest.importorskip("transformers")
 
 CONTENDERS = {
-    models.DINOV2_ID: {"hf_sdpa", "mmkernels", "tome8", "tome8_w8a8", "w8a8"},
-    models.MINILM_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "w8a8", "w8a8_outlier"},
-    models.MINILM_QUERY_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "w8a8"},
-    models.WHISPER_ID: {"hf_sdpa", "mmkernels"},
-    models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
-    models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "visionzip64", "fastv"},
-    models.LLAVA_DECODE_ID: {"hf_sdpa", "mmkernels", "visionzip64"},
+    models.DINOV2_ID: {"hf_sdpa", "mmkernels", "linear", "tome8", "tome8_w8a8", "w8a8"},
+    models.MINILM_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "linear", "w8a8", "w8a8_outlier"},
+    models.MINILM_QUERY_ID: {"hf_sdpa", "hf_bf16", "mmkernels", "linear", "w8a8"},
+    models.WHISPER_ID: {"hf_sdpa", "mmkernels", "linear"},
+    models.LLAVA_PREFILL_ID: {"hf_sdpa", "mmkernels", "linear", "visionzip64", "fastv"},
+    models.LLAVA_TTFT_ID: {"hf_sdpa", "mmkernels", "linear", "visionzip64", "fastv"},
+    models.LLAVA_DECODE_ID: {"hf_sdpa", "mmkernels", "linear", "visionzip64"},
 }
 
 

@@ -22,9 +22,11 @@ RANKS = {
     "_dispatch": 0,
     "_eager": 0,
     "_calibration": 0,
+    "_packed_cache": 0,
     "attention": 1,
     "reduce": 1,
     "quant": 1,  # ops: api, reference, backends, kernels
+    "linear": 1,
     "nn": 2,  # drop-in modules built on the ops
     "compress": 3,  # calibration, GPTQ, quantize_model, checkpoints
     "hf": 4,

@@ -114,7 +114,11 @@ inline bool rowdot_x8_layout(const QWeight& w) {
 // gemm: a = x rows (M, K) with row stride lda elements; a_dtype kF32 (FMA path on a panel of
 // w_hat in fp32) or kBF16 (needs K even: dot products of bf16 pairs with the exact integers
 // (u - z) in bf16, fp32 accumulation per group, scaled per group).
+// Dense fp32 weight (mmkernels.linear): dense != nullptr points to the weight prepacked as the fp32
+// panels themselves, dense[strip][k][lane] = W[64 strip + lane, k] (S, K, 64), padding channels 0
+// (linear_prepack); a_dtype is kF32, p / bits / G / gs are unused, nothing is decoded or scaled.
 struct GemmJob {
+  const float* dense = nullptr;
   WoPacked p;
   int bits;
   int64_t N, K, G, gs;

@@ -250,10 +250,14 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
   const float* a = (const float*)j.a;
   for (int64_t k0 = 0; k0 < j.K; k0 += KC) {
     const int64_t kc = std::min(KC, j.K - k0);
-    decode_panel(j, strip, k0 / 2, (k0 + kc + 1) / 2, panel);
+    const float* fpanel = panel;
+    if (j.dense != nullptr)
+      fpanel = j.dense + (strip * j.K + k0) * kStrip;  // prepacked: the panel itself
+    else
+      decode_panel(j, strip, k0 / 2, (k0 + kc + 1) / 2, panel);
     for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
       for (int q = 0; q < 4; ++q)
-        ukernel<R>(a + m * j.lda + k0, j.lda, panel + 16 * q, kc, C + (m - m0) * kStrip + 16 * q,
+        ukernel<R>(a + m * j.lda + k0, j.lda, fpanel + 16 * q, kc, C + (m - m0) * kStrip + 16 * q,
                    k0 == 0);
     });
   }

@@ -345,7 +345,6 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
   char* base = (char*)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
   void* panel = base;
   float* C = (float*)(base + KC * kStripK * 4);
-  const float* sstrip = j.p.sT + strip * kStripK;  // + g * Npad
   for (int64_t k0 = 0, kc = 0; k0 < j.K; k0 += kc) {
     kc = std::min(KC, j.K - k0);
     // bf16 groups: a block holds whole groups, or a part of one group longer than KC (each part
@@ -363,6 +362,7 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
         if (j.G == 1) {
           ukernel_bf16<R>(am + k0, j.lda, (const uint32_t*)panel, p1 - p0, Cm, nullptr, k0 == 0);
         } else {
+          const float* sstrip = j.p.sT + strip * kStripK;  // + g * Npad
           for (int64_t g0 = k0; g0 < k0 + kc; g0 += j.gs)
             ukernel_bf16<R>(am + g0, j.lda, (const uint32_t*)panel + (g0 - k0) / 2 * kStripK,
                             std::min(j.gs, k0 + kc - g0) / 2, Cm, sstrip + (g0 / j.gs) * j.p.Npad,
@@ -370,11 +370,14 @@ void gemm_item(const GemmJob& j, int64_t m0, int64_t m1, int64_t strip, void* sc
         }
       });
     } else {
-      decode_panel<false>(j, strip, p0, p1, panel);
+      const float* fpanel = (const float*)panel;
+      if (j.dense != nullptr)
+        fpanel = j.dense + (strip * j.K + k0) * kStripK;  // prepacked: the panel itself
+      else
+        decode_panel<false>(j, strip, p0, p1, panel);
       const float* a = (const float*)j.a;
       for_row_tiles<MR>(m0, m1, [&](int64_t m, auto R) {
-        ukernel_f32<R>(a + m * j.lda + k0, j.lda, (const float*)panel, kc, C + (m - m0) * kStripK,
-                       k0 == 0);
+        ukernel_f32<R>(a + m * j.lda + k0, j.lda, fpanel, kc, C + (m - m0) * kStripK, k0 == 0);
       });
     }
   }

@@ -86,6 +86,38 @@ int64_t rows_per_item(int64_t M, int64_t S, int64_t max_rows, int64_t rb, int64_
   return rows;
 }
 
+// The GEMM's work items: blocks of `rows` rows x the S strips of 64 output channels, on nt
+// threads with per_thread bytes of scratch each (j.a_dtype decides the scratch size).
+struct GemmSplit {
+  int64_t rows, items, S, per_thread;
+  int nt;
+};
+
+GemmSplit split_gemm(const QmmImpl* impl, const GemmJob& j) {
+  GemmSplit g;
+  g.S = ceil_div(j.N, kStrip);
+  int64_t mblocks = 0;
+  g.rows = rows_per_item(j.M, g.S, 192, impl->item_rows, &mblocks);
+  g.items = mblocks * g.S;
+  g.nt = num_threads(g.items);
+  g.per_thread = align64(impl->gemm_scratch_bytes(j, g.rows));
+  return g;
+}
+
+// Every item of j (a / lda / a_dtype set) on g.nt OpenMP threads; thread_mem holds
+// g.per_thread * g.nt bytes.
+void run_gemm(const QmmImpl* impl, const GemmJob& j, const GemmSplit& g, char* thread_mem) {
+#pragma omp parallel num_threads(g.nt)
+  {
+    void* scratch = thread_mem + g.per_thread * omp_get_thread_num();
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < g.items; ++it) {
+      const int64_t mb = it / g.S, st = it % g.S;
+      impl->gemm_item(j, mb * g.rows, std::min(j.M, (mb + 1) * g.rows), st, scratch);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // torch-facing checks
 // ---------------------------------------------------------------------------------------------
@@ -355,19 +387,13 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
     j.gs = w.gs;
     j.M = M;
     j.out = o;
-    const int64_t S = j.p.Npad / kStrip;
-    int64_t mblocks = 0;
-    const int64_t rows = rows_per_item(M, S, 192, impl->item_rows, &mblocks);
-    const int64_t items = mblocks * S;
-    const int nt = num_threads(items);
-
     // float16 x: staged as fp32 (the fp32 gemm; bf16 dot products would round x to bf16)
     const bool use_bf16 = impl->gemm_bf16 && dt == kBF16 && sm == nullptr && K % 2 == 0;
     const bool stage = !use_bf16 && (dt != kF32 || sm != nullptr);
     j.a_dtype = use_bf16 ? kBF16 : kF32;
-    const int64_t per_thread = align64(impl->gemm_scratch_bytes(j, rows));
+    const GemmSplit g = split_gemm(impl, j);
     const int64_t stage_bytes = stage ? align64(M * K * 4) : 0;
-    char* mem = tl_scratch.get(stage_bytes + per_thread * nt);
+    char* mem = tl_scratch.get(stage_bytes + g.per_thread * g.nt);
     if (stage) {
       stage_fp32(impl, x2, sm, (float*)mem, false, num_threads(M));
       j.a = mem;
@@ -376,16 +402,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
       j.a = x2.data_ptr();
       j.lda = x2.stride(0);
     }
-    char* thread_mem = mem + stage_bytes;
-#pragma omp parallel num_threads(nt)
-    {
-      void* scratch = thread_mem + per_thread * omp_get_thread_num();
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t mb = it / S, st = it % S;
-        impl->gemm_item(j, mb * rows, std::min(M, (mb + 1) * rows), st, scratch);
-      }
-    }
+    run_gemm(impl, j, g, mem + stage_bytes);
     return;
   }
 
@@ -503,11 +520,96 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dense fp32 weight (mmkernels.linear): the weight-only GEMM's fp32 micro-kernels reading the
+// weight prepacked as their panels (GemmJob::dense); nothing decoded.
+// ---------------------------------------------------------------------------------------------
+
+// weight (N, K) float32, any strides -> (S, K, 64) float32, S = ceil(N / 64), padding channels 0.
+at::Tensor linear_prepack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2,
+              "linear (CPU): weight must be a float32 (N, K) CPU tensor, got ",
+              weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
+  const int64_t N = weight.size(0), K = weight.size(1), S = ceil_div(N, kStrip);
+  at::Tensor packed = at::zeros({S, K, kStrip}, weight.options());
+  const float* w = weight.data_ptr<float>();
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, S, 1, [&](int64_t a, int64_t b) {
+    for (int64_t st = a; st < b; ++st)
+      for (int64_t lane = 0; lane < kStrip && st * kStrip + lane < N; ++lane) {
+        const float* row = w + (st * kStrip + lane) * s0;
+        float* col = dst + st * K * kStrip + lane;
+        for (int64_t k = 0; k < K; ++k) col[k * kStrip] = row[k * s1];
+      }
+  });
+  return packed;
+}
+
+// out (M, N) = x2 (M, K) @ W.T (+ bias), fp32, with W prepacked by linear_prepack. x2 / out:
+// float32 with stride(1) == 1; bias float32 contiguous (N) or none.
+void linear_f32(const at::Tensor& x2, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                const at::Tensor& out) {
+  TORCH_CHECK(x2.device().is_cpu() && x2.scalar_type() == at::kFloat && x2.dim() == 2 &&
+                  (x2.size(1) <= 1 || x2.stride(1) == 1),
+              "linear (CPU): x2 must be a float32 (M, K) CPU tensor with stride(1) == 1, got ",
+              x2.scalar_type(), " ", x2.sizes(), " strides ", x2.strides());
+  const int64_t M = x2.size(0), K = x2.size(1);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
+                  out.size(0) == M && (out.size(1) <= 1 || out.stride(1) == 1),
+              "linear (CPU): out must be a float32 (", M, ", N) CPU tensor with stride(1) == 1, got ",
+              out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+  const int64_t N = out.size(1), S = ceil_div(N, kStrip);
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat &&
+                  packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == S &&
+                  packed.size(1) == K && packed.size(2) == kStrip,
+              "linear (CPU): packed must be linear_prepack's contiguous float32 (", S, ", ", K,
+              ", ", kStrip, ") for N=", N, ", K=", K, ", got ", packed.scalar_type(), " ",
+              packed.sizes());
+  const float* b = vec_f32(bias, N, "bias");
+  if (M == 0 || N == 0) return;
+  const float* w = packed.data_ptr<float>();
+  const float* x = x2.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t ldx = x2.stride(0), ldo = out.stride(0);
+  const QmmImpl* impl = select_impl();
+  if (K == 0 || impl->gemm_item == nullptr) {
+    // K = 0 (the sum is empty), or no GEMM kernel on this path (scalar): plain loops.
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          const float* col = w + (n / kStrip) * K * kStrip + n % kStrip;
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * col[k * kStrip];
+          y[m * ldo + n] = b ? acc + b[n] : acc;
+        }
+    });
+    return;
+  }
+  GemmJob j;
+  j.dense = w;
+  j.p = WoPacked{};
+  j.bits = 0;
+  j.N = N;
+  j.K = K;
+  j.G = 1;
+  j.gs = K;
+  j.a = x;
+  j.lda = ldx;
+  j.a_dtype = kF32;
+  j.M = M;
+  j.out = make_out(out, b);
+  const GemmSplit g = split_gemm(impl, j);
+  run_gemm(impl, j, g, tl_scratch.get(g.per_thread * g.nt));
+}
+
 }  // namespace qmm
 }  // namespace cpu
 }  // namespace mmk
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CPU, m) {
+  m.impl("linear_prepack", &mmk::cpu::qmm::linear_prepack);
+  m.impl("linear_f32", &mmk::cpu::qmm::linear_f32);
   m.impl("qmatmul_prepack_wo", &mmk::cpu::qmm::qmatmul_prepack_wo);
   m.impl("qmatmul_prepack_a8", &mmk::cpu::qmm::qmatmul_prepack_a8);
   m.impl("qmatmul_wo", &mmk::cpu::qmm::qmatmul_wo);

@@ -256,11 +256,13 @@ def dinov2_case(quick: bool = False) -> List[Case]:
         "tome8": f"patch(model, reduce={TOME8})",
         "tome8_w8a8": f"patch(model, reduce={TOME8}, quantize={DINOV2_W8A8})",
         "w8a8": f"patch(model, quantize={DINOV2_W8A8})",
+        "linear": "patch(model, linear=True)",
     }
     patch = _Patched()
     models = {
         BASELINE: base,
         "mmkernels": patch("mmkernels", base),
+        "linear": patch("linear", base, linear=True),
         "tome8": patch("tome8", base, reduce=TOME8),
         "tome8_w8a8": patch("tome8_w8a8", base, reduce=TOME8, quantize=DINOV2_W8A8, calib_data=calib),
         "w8a8": patch("w8a8", base, quantize=DINOV2_W8A8, calib_data=calib),
@@ -349,17 +351,19 @@ def minilm_case(quick: bool = False) -> List[Case]:
         "w8a8": f"patch(model, quantize={MINILM_W8A8})",
         "w8a8_outlier": f"patch(model, quantize={MINILM_W8A8_OUTLIER})",
         "hf_bf16": "unpatched, attn_implementation='sdpa', cast to bfloat16 (oneDNN uses AMX tiles where present)",
+        "linear": "patch(model, linear=True)",
     }
     patch = _Patched(load)
     models = {
         BASELINE: base,
         "hf_bf16": copy.deepcopy(base).to(torch.bfloat16),
         "mmkernels": patch("mmkernels", base),
+        "linear": patch("linear", base, linear=True),
         "w8a8": patch("w8a8", base, quantize=MINILM_W8A8, calib_data=calib),
         "w8a8_outlier": patch("w8a8_outlier", base, quantize=MINILM_W8A8_OUTLIER, calib_data=calib),
     }
     query = {name: t[:1, :16] for name, t in inputs.items()}
-    query_models = {name: models[name] for name in (BASELINE, "hf_bf16", "mmkernels", "w8a8")}
+    query_models = {name: models[name] for name in (BASELINE, "hf_bf16", "mmkernels", "linear", "w8a8")}
     build_s = time.perf_counter() - t0
     return [
         _model_case(
@@ -445,7 +449,7 @@ def whisper_case(quick: bool = False) -> List[Case]:
         f"(1, {dims['num_mel_bins']}, {frames}) -> {frames // 2} frames"
     )
     patch = _Patched()
-    models = {BASELINE: base, "mmkernels": patch("mmkernels", base)}
+    models = {BASELINE: base, "mmkernels": patch("mmkernels", base), "linear": patch("linear", base, linear=True)}
     return [
         _model_case(
             WHISPER_ID,
@@ -455,7 +459,11 @@ def whisper_case(quick: bool = False) -> List[Case]:
             lambda o: o.last_hidden_state,
             "last_hidden_state cosine (mean over frames)",
             patch,
-            settings={BASELINE: "unpatched, attn_implementation='sdpa', float32", "mmkernels": "patch(model)"},
+            settings={
+                BASELINE: "unpatched, attn_implementation='sdpa', float32",
+                "mmkernels": "patch(model)",
+                "linear": "patch(model, linear=True)",
+            },
             quick=quick,
             build_s=time.perf_counter() - t0,
             extra=lambda got, want: {"max_abs_err": _max_abs_err(got, want)},
@@ -549,11 +557,13 @@ def llava_cases(quick: bool = False) -> List[Case]:
         "mmkernels": "patch(model)",
         "visionzip64": f"patch(model, reduce={visionzip})",
         "fastv": f"patch(model, reduce={fastv})",
+        "linear": "patch(model, linear=True)",
     }
     patch = _Patched()
     models = {
         BASELINE: base,
         "mmkernels": patch("mmkernels", base),
+        "linear": patch("linear", base, linear=True),
         "visionzip64": patch("visionzip64", base, reduce=visionzip),
         "fastv": patch("fastv", base, reduce=fastv),
     }
@@ -614,7 +624,7 @@ def llava_cases(quick: bool = False) -> List[Case]:
     )
     # One decoding step after the prefill: the next token's embedding against the KV cache the
     # model's own prefill left (VisionZip's holds 64 image tokens), cropped back after each step.
-    decode_models = {k: models[k].model.language_model for k in (BASELINE, "mmkernels", "visionzip64")}
+    decode_models = {k: models[k].model.language_model for k in (BASELINE, "mmkernels", "linear", "visionzip64")}
     steps = {}
     g = torch.Generator().manual_seed(3)
     hidden = base.model.language_model.config.hidden_size

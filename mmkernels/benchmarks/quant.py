@@ -1,4 +1,6 @@
-"""Quantized-matmul benchmark cases: ``qmatmul`` against float matmul and the quantization peers.
+"""Quantized-matmul benchmark cases: ``qmatmul`` against float matmul and the quantization peers;
+and ``linear`` (our float32 GEMM) against torch's float32 matmul on the same shapes
+(``linear-fp32-m<M>-k<K>-n<N>``).
 
 Case ids: ``qmatmul-<format>-m<M>-k<K>-n<N>`` with format ``int4g128`` (int4 weight-only, groups of
 128, symmetric), ``int8wo`` (int8 weight-only per channel) or ``w8a8`` (int8 per-channel weights,
@@ -176,6 +178,40 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
     )
 
 
+def linear_case(name: str, m: int, k: int, n: int) -> Case:
+    """``mmkernels.linear`` (our float32 GEMM, ``backend="cpu"``) against torch's float32 matmul
+    (``F.linear``: MKL / oneDNN) on the same weight; torch's bfloat16 matmul for context."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g)
+    xb, w_bf16, b_bf16 = x.to(torch.bfloat16), w.to(torch.bfloat16), b.to(torch.bfloat16)
+    contenders: Dict[str, Callable[[], object]] = {
+        "mmkernels": lambda: mmkernels.linear(x, w, b, backend="cpu"),
+        "torch_fp32": lambda: torch.nn.functional.linear(x, w, b),
+        "torch_bf16": lambda: torch.nn.functional.linear(xb, w_bf16, b_bf16),
+    }
+
+    def error() -> float:
+        """Max |ours - float64| relative to max |float64|."""
+        want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        got = contenders["mmkernels"]().double()
+        return ((got - want).abs().max() / want.abs().max()).item()
+
+    return Case(
+        _linear_id(name, m, k, n),
+        f"float32 Linear (mmkernels.linear), {name} (M={m}, K={k}, N={n})",
+        contenders,
+        error,
+        flops=2.0 * m * k * n,
+        meta={"bytes": 4 * n * k} if m == 1 else {},
+    )
+
+
+def _linear_id(name: str, m: int, k: int, n: int) -> str:
+    return f"linear-fp32-m{m}-k{k}-n{n}"
+
+
 def _weight_bytes(qw) -> int:
     """Bytes a GEMV must read at least: the stored weight, its scales and zero points (the report
     gives the case's fraction of the measured memory bandwidth from it)."""
@@ -273,7 +309,11 @@ def _case_id(fmt: str, name: str, m: int, k: int, n: int) -> str:
 def case_ids(quick: bool = False) -> List[str]:
     """The ids :func:`all_cases` would build (without building them: cases hold large weights)."""
     shapes = QUICK_SHAPES if quick else SHAPES
-    return [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS] + ([] if quick else [MINILM_CASE_ID])
+    return (
+        [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS]
+        + [_linear_id(*shape) for shape in shapes]
+        + ([] if quick else [MINILM_CASE_ID])
+    )
 
 
 def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
@@ -283,6 +323,7 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
         specs = [s for s in specs if only in _case_id(*s)]
     # Built lazily, one at a time: each case holds float copies of a (up to 4096 x 11008) weight.
     makers = [lambda s=s: qmatmul_case(*s) for s in specs]
+    makers += [lambda s=shape: linear_case(*s) for shape in shapes if not only or only in _linear_id(*shape)]
     if not quick and (not only or only in MINILM_CASE_ID) and _has_minilm():
         makers.append(minilm_case)
     return _LazyCases(makers)

@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from . import hf_attention
@@ -150,6 +151,7 @@ def patch(
     quantize: Optional[dict] = None,
     calib_data: Optional[Iterable] = None,
     backend: Optional[str] = None,
+    linear: bool = False,
 ) -> PatchReport:
     """Accelerate a Hugging Face transformers model **instance** with mmkernels.
 
@@ -163,6 +165,10 @@ def patch(
       ``quantize`` names it in ``include``; vision towers only with ``"vision": True``.
     * ``reduce``: token reduction for vision towers (see :mod:`mmkernels.hf.specs`).
     * ``backend``: force an mmkernels attention backend (None: automatic selection).
+    * ``linear``: every float32 CPU ``nn.Linear`` that ``quantize`` did not take (``lm_head``
+      included) becomes :class:`mmkernels.nn.Linear`, sharing its Parameters: the same float32
+      product through :func:`mmkernels.linear`, our GEMM where it was measured (or calibrated)
+      faster than torch's on this CPU, torch's elsewhere.
 
     Returns a :class:`PatchReport`. Patching twice with the same settings returns the first
     report; with different settings raises ``ValueError`` (call :func:`unpatch` first). Raises
@@ -170,7 +176,7 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    settings = parse_settings(attention, reduce, quantize, backend)
+    settings = parse_settings(attention, reduce, quantize, backend, linear)
     if model in _RECORDS:
         record = _RECORDS[model]
         if record.report.settings == settings:
@@ -190,6 +196,8 @@ def patch(
             apply_reduction(model, settings.reduce, record)
         if settings.quantize is not None:
             _patch_linears(model, dict(settings.quantize), calib_data, backend, record)
+        if settings.linear:
+            _patch_dense_linears(model, record)
         if not report.patched():
             raise ValueError(
                 f"mmkernels.patch found nothing to patch in {type(model).__name__} "
@@ -322,3 +330,40 @@ def _patch_linears(model: nn.Module, options: dict, calib_data, backend, record:
             row = status.get(name)
             why = row.status if row is not None else "excluded by include/exclude"
             record.report.rows.append(Row(name, "linear", "left", why))
+
+
+def _dense_refusal(module: nn.Linear) -> str:
+    """Why ``patch(linear=True)`` leaves an ``nn.Linear`` alone ("" when it takes it)."""
+    if type(module) is not nn.Linear:
+        return f"a subclass of nn.Linear ({type(module).__name__}) keeps its own forward"
+    w = module.weight
+    if w.dtype != torch.float32:
+        return f"{str(w.dtype).replace('torch.', '')} weight: torch's GEMM serves it (our CPU kernel is float32)"
+    if w.device.type != "cpu":
+        return f"weight on {w.device.type}: torch's GEMM serves it (our kernel is for CPUs)"
+    return ""
+
+
+def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
+    """``linear=True``: plain float32 CPU nn.Linear modules become mmkernels.nn.Linear."""
+    from ..nn.linear import Linear
+
+    rows = {r.path: r for r in record.report.rows if r.kind == "linear"}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, Linear):
+            continue
+        row = rows.get(name)
+        if row is not None and row.action != "left":
+            continue  # quantized
+        why = _dense_refusal(module)
+        if why:
+            if row is None:
+                record.report.rows.append(Row(name, "linear", "left", why))
+            continue
+        model.set_submodule(name, Linear.from_linear(module))
+        record.modules.append((name, module))
+        detail = "float32 GEMM (mmkernels.linear)" + (f"; not quantized: {row.detail}" if row is not None else "")
+        if row is None:
+            record.report.rows.append(Row(name, "linear", "mmkernels", detail))
+        else:
+            row.action, row.detail = "mmkernels", detail

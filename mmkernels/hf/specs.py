@@ -34,6 +34,7 @@ class PatchSettings:
     reduce: Optional[Tuple] = None  # frozen items of the reduce dict
     quantize: Optional[Tuple] = None  # frozen items of the quantize dict
     backend: Optional[str] = None
+    linear: bool = False
 
     @property
     def reduce_dict(self) -> Optional[dict]:
@@ -47,6 +48,8 @@ class PatchSettings:
             parts.append(f"quantize={dict(self.quantize)}")
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
+        if self.linear:
+            parts.append("linear=True")
         return ", ".join(parts)
 
 
@@ -88,9 +91,11 @@ def _check_quantize(quantize) -> Dict[str, Any]:
     return dict(quantize)
 
 
-def parse_settings(attention, reduce, quantize, backend) -> PatchSettings:
+def parse_settings(attention, reduce, quantize, backend, linear=False) -> PatchSettings:
     if not isinstance(attention, bool):
         raise TypeError(f"attention must be a bool, got {attention!r}")
+    if not isinstance(linear, bool):
+        raise TypeError(f"linear must be a bool, got {linear!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     reduce_spec = None if reduce is None else _check_reduce(reduce)
@@ -99,4 +104,4 @@ def parse_settings(attention, reduce, quantize, backend) -> PatchSettings:
         raise ValueError(
             "reduce needs attention=True: the reduction methods read per-key scores from mmkernels' fused attention"
         )
-    return PatchSettings(attention, _freeze(reduce_spec), _freeze(quant_spec), backend)
+    return PatchSettings(attention, _freeze(reduce_spec), _freeze(quant_spec), backend, linear)

@@ -2,7 +2,8 @@
 never :mod:`mmkernels.compress`)."""
 
 from .attention import Attention
+from .linear import Linear
 from .quant_linear import QuantLinear
 from .split_linear import OutlierSplitLinear
 
-__all__ = ["Attention", "QuantLinear", "OutlierSplitLinear"]
+__all__ = ["Attention", "Linear", "QuantLinear", "OutlierSplitLinear"]

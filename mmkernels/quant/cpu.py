@@ -24,25 +24,22 @@ chosen from CPUID on every call and ``MMKERNELS_CPU_ISA`` lowers it.
   bit). ``K > 66000`` could overflow int32 and is left to the reference.
 
 Prepacked-weight cache: the custom op receives the canonical buffers on every call, so the packed
-layouts are cached here, keyed weakly on the ``qweight`` tensor object (an entry dies with its
-weight). An entry remembers the version counters (and identities) of ``qweight``, ``scales`` and
-``zeros``; an in-place change of any of them (``copy_``, ``load_state_dict``, ...) rebuilds it on
-the next call. Writes that bypass the version counter are not seen: through ``.numpy()`` (or an
-array it came from via ``torch.from_numpy``), DLPack, raw pointers, shared memory written by
-another process, and any in-place change of a tensor created under ``torch.inference_mode()``
-(no version counter). Call :func:`clear_caches` (``mmkernels.clear_caches()``) after such a write.
+layouts are cached (mmkernels._packed_cache), keyed weakly on the ``qweight`` tensor object with
+``scales`` and ``zeros`` as its companions: an in-place change of any of them (``copy_``,
+``load_state_dict``, ...) rebuilds the entry on the next call; writes that bypass the version
+counter need :func:`clear_caches` (``mmkernels.clear_caches()``).
 """
+
 
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _packed_cache
 from .._extension import CPU as _EXT
 from . import reference
 
@@ -60,109 +57,25 @@ DTYPES = ("float32", "bfloat16", "float16")
 is_available, __getattr__, cpu_isa = _EXT.family_accessors(__name__, REQUIRED_OP, "qmatmul_cpu_isa")
 
 
-# --- prepacked-weight cache -------------------------------------------------------------------
+# --- prepacked-weight cache (mmkernels._packed_cache) --------------------------------------------
 
-# id(qweight) -> (weak reference to qweight, {kind: entry}). A plain dict read without the lock
-# (a dict lookup is atomic): torch's WeakIdKeyDictionary built a reference object per lookup,
-# ~1 us of a ~25 us small W8A8 call. The reference's callback drops the slot when its weight dies;
-# the identity check on hit guards against a new tensor reusing a dead one's id before that.
-_CACHE: Dict[int, tuple] = {}
-_LOCK = threading.Lock()
-
-
-def _version(t: Optional[Tensor]):
-    if t is None:
-        return None
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-def _stamp(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> tuple:
-    """What must be unchanged for a cache entry to stay valid."""
-    return (_version(qweight), _version(scales), _version(zeros), qweight.data_ptr(), tuple(qweight.shape))
-
-
-def _entries(qweight: Tensor) -> Optional[dict]:
-    slot = _CACHE.get(id(qweight))
-    return slot[1] if slot is not None and slot[0]() is qweight else None
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    # No lock: a weight can die (and this run) anywhere, even inside a `with _LOCK` block. A race
-    # with a new slot for a reused id can only drop that slot: a cache miss, never a wrong hit.
-    slot = _CACHE.get(key)
-    if slot is not None and slot[0] is ref:
-        _CACHE.pop(key, None)
+_CACHE = _packed_cache._CACHE  # for tests
+_entries = _packed_cache._entries
+is_cached = _packed_cache.is_cached
+clear_cache = _packed_cache.clear
+cache_size = _packed_cache.size
+clear_caches = _packed_cache.clear_caches
 
 
 def _packed(ops, kind: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int) -> Tuple[Tensor, ...]:
-    stamp = _stamp(qweight, scales, zeros)
-    entries = _entries(qweight)
-    hit = entries.get(kind) if entries is not None else None
-    if hit is not None:
-        scales_ref, zeros_ref, old_stamp, tensors = hit
-        if (
-            old_stamp == stamp
-            and scales_ref() is scales
-            and (zeros_ref() is zeros if zeros is not None else zeros_ref is None)
-        ):
-            return tensors
-    q, s = qweight.contiguous(), scales.contiguous()
-    z = zeros.contiguous() if zeros is not None else None
-    if kind == "wo":
-        tensors = tuple(ops.qmatmul_prepack_wo(q, s, z, bits))
-    else:
-        tensors = tuple(ops.qmatmul_prepack_a8(q, s, z))
-    entry = (weakref.ref(scales), weakref.ref(zeros) if zeros is not None else None, stamp, tensors)
-    key = id(qweight)
-    with _LOCK:
-        entries = _entries(qweight)
-        if entries is None:
-            entries = {}
-            _CACHE[key] = (weakref.ref(qweight, lambda ref, key=key: _forget(key, ref)), entries)
-        entries[kind] = entry
-    return tensors
+    def build() -> Tuple[Tensor, ...]:
+        q, s = qweight.contiguous(), scales.contiguous()
+        z = zeros.contiguous() if zeros is not None else None
+        if kind == "wo":
+            return tuple(ops.qmatmul_prepack_wo(q, s, z, bits))
+        return tuple(ops.qmatmul_prepack_a8(q, s, z))
 
-
-def is_cached(qweight: Tensor) -> bool:
-    """Whether ``qweight`` has a prepacked layout in the cache now."""
-    return _entries(qweight) is not None
-
-
-def clear_cache() -> None:
-    """Drop every cached prepacked weight (rebuilt on the next call)."""
-    with _LOCK:
-        _CACHE.clear()
-
-
-def clear_caches() -> None:
-    """Drop every cache mmkernels keeps of data derived from your tensors; exported as
-    ``mmkernels.clear_caches()``. Today that is the CPU qmatmul backend's prepacked weights
-    (rebuilt on the next call, a one-off cost per weight).
-
-    Why it exists: a cached entry is reused while its weight tensors keep their identity, data
-    pointer and autograd version counter (``tensor._version``), which every in-place torch op
-    (``copy_``, ``mul_``, ``load_state_dict``, ...) bumps. Writes that bypass the version counter
-    are invisible to the cache, and the next call would compute with the old weight:
-
-    * through ``.numpy()`` (``qweight.numpy()[...] = ...``), or a NumPy array the tensor shares
-      memory with (``torch.from_numpy``), DLPack, ``data_ptr()`` / ctypes, or shared memory
-      written by another process;
-    * any in-place change of a tensor created under ``torch.inference_mode()`` (it has no
-      version counter).
-
-    Call ``mmkernels.clear_caches()`` after such a write. Thread-safe; never needed after torch
-    in-place ops or ``load_state_dict``.
-    """
-    clear_cache()
-
-
-def cache_size() -> int:
-    """Number of weights with a cached prepacked layout (for tests)."""
-    with _LOCK:
-        return len(_CACHE)
+    return _packed_cache.packed(qweight, kind, (scales, zeros), build)
 
 
 # --- the backend ------------------------------------------------------------------------------

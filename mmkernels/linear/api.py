@@ -1,0 +1,132 @@
+"""``linear``: argument checks, the ``mmkernels::linear`` custom op (fake implementation and
+autograd formula, so ``torch.compile(fullgraph=True)`` and training go through it), dispatch.
+
+```
+y = mmkernels.linear(x, layer.weight, layer.bias)   # = torch.nn.functional.linear, faster where measured
+```
+In plain eager mode (no autograd to record, not tracing or compiling, plain tensors: mmkernels._eager)
+a call skips the custom op's dispatcher round trip and runs the selected backend directly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .._calibration import size_bucket
+from .._eager import plain_eager
+
+OP = "linear"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class LinearCall(NamedTuple):
+    device_type: str
+    dtype_name: str
+    # (M rounded up to a power of two, K, N): the size class calibrated auto-selection times
+    # (mmkernels._calibration); None while tracing (no sizes).
+    bucket: Optional[Tuple[int, int, int]] = None
+
+    def __str__(self):
+        size = "" if self.bucket is None else f", M~{self.bucket[0]}, K={self.bucket[1]}, N={self.bucket[2]}"
+        return f"linear({self.dtype_name} on {self.device_type}{size})"
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _describe(t: Tensor) -> str:
+    return f"{_name(t.dtype)}{list(t.shape)} on {t.device}"
+
+
+_CALLS = _dispatch.CallMemo()
+
+
+def _select(x: Tensor, weight: Tensor, backend: str):
+    device = x.device.type
+    n, k = weight.shape
+
+    def build() -> LinearCall:
+        traced = type(x) is not Tensor or torch.compiler.is_compiling()
+        bucket = None if traced else (size_bucket(x.numel() // k if k else 0), k, n)
+        return LinearCall(device, _name(x.dtype), bucket)
+
+    call = _CALLS.get((type(x), device, x.dtype, x.shape, weight.shape), build)
+    return _dispatch.select(OP, call, device, backend or None)
+
+
+def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    return _select(x, weight, backend).run(x, weight, bias)
+
+
+@torch.library.custom_op("mmkernels::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    return _linear_impl(x, weight, bias, backend)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    n, k = weight.shape
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ weight
+    if ctx.needs_input_grad[1]:
+        grad_w = grad.reshape(-1, n).T @ x.reshape(-1, k)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad.reshape(-1, n).sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): ``x (..., K)``, ``weight (N, K)``,
+    ``bias (N,)`` or None, all of one dtype (float32 / bfloat16 / float16; float64 is the
+    reference's) on one device; returns ``(..., N)``.
+
+    The CPU backend serves float32 (the weight-only GEMM's micro-kernels on the weight prepacked once
+    and cached per weight tensor: ``mmkernels.clear_caches()`` after writing a weight through
+    ``.numpy()``); every other call, and any call where auto-selection keeps torch on this CPU,
+    runs ``torch.nn.functional.linear`` (``backend="torch"``). Differentiable (the backward is
+    torch's matmuls). NaN / inf: IEEE arithmetic, as the reference (docs/nan_semantics.md).
+    ``backend``: see ``mmkernels._dispatch`` (``mmkernels info`` shows the choice and why).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16 (float64 for the reference), got {_describe(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K) like nn.Linear.weight, got {_describe(weight)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight must be {_name(x.dtype)} on {x.device} like x, got {_describe(weight)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must be (..., K) with K = weight.shape[1] = {k}, got {_describe(x)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != x.dtype or tuple(bias.shape) != (n,) or bias.device != x.device:
+            raise ValueError(f"bias must be {_name(x.dtype)} (N,) = ({n},) on {x.device}, got {_describe(bias)}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {backend!r}")
+    if plain_eager(x, weight, bias):
+        return _linear_impl(x, weight, bias, backend or "")
+    return _linear_op(x, weight, bias, backend or "")

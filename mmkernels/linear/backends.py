@@ -1,0 +1,130 @@
+"""Backends of ``linear``, declared as data (mmkernels._dispatch.Backend), in priority order.
+
+* torch: ``torch.nn.functional.linear`` (MKL / oneDNN on CPUs, cuBLAS on GPUs); its auto rule
+  decides between it and ours for the calls both can serve.
+* cpu: float32 on CPU tensors, the C++ kernel (cpu.py).
+* reference: the spec (float64: the test oracle).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from .. import _calibration, _dispatch
+from .._extension import CPU as _EXT
+from .._extension import cpu_class, cpu_vendor
+
+OP = "linear"
+
+_dispatch.define_op(OP, dtype_label="dtype")
+
+CPU = _dispatch.Backend(
+    "cpu",
+    "mmkernels.linear.cpu:linear",
+    devices=("cpu",),
+    dtypes=("float32",),
+    dtype_notes={
+        "float64": "float64 is served by the reference (the test oracle; the kernel computes in float32)",
+        "bfloat16": "bfloat16 is served by torch (oneDNN's bf16 GEMM; our CPU kernel is float32)",
+        "float16": "float16 is served by torch (our CPU kernel is float32)",
+    },
+    availability=lambda: _EXT.availability("linear_f32"),
+    notes="float32 only: the weight-only GEMM's micro-kernels (AVX-512: 6 rows x 64 channels, "
+    "AVX2: 6 x 16, fp32 FMA) on the weight prepacked once as their panels (cached per weight "
+    "tensor), OpenMP over row blocks x 64-channel strips; plain loops on the scalar path",
+)
+
+
+# Measured with `mmkernels bench` and the models bench (README): AMD EPYC Zen 5, 2 threads, our
+# kernel against torch's float32 F.linear (MKL SGEMM at ~37% of the FMA peak there): 2.1-2.4x at
+# M >= 64 (ViT / BERT / LM prefill shapes), 1.7-6x for M = 1-16 (GEMV). Not measured on other CPUs:
+# calibration decides there (on by default outside AMD AVX-512), else torch keeps the call.
+def _measured_class() -> bool:
+    if cpu_class() != "avx512" or cpu_vendor() != "amd" or not _EXT.availability("qmatmul_cpu_isa")[0]:
+        return False
+    return _EXT.require("qmatmul_cpu_isa").qmatmul_cpu_isa().startswith("avx512")  # MMKERNELS_CPU_ISA
+
+
+def _torch_auto_rule(call):
+    """torch's F.linear unless our float32 kernel was measured (or calibrated) faster on this CPU"""
+    if CPU.reasons(call):
+        return True, "our cpu kernel cannot take it"
+    if call.bucket is not None:
+        decision = _calibration.decide(OP, _calibration_bucket(call), lambda: _calibration_contenders(call))
+        if decision is not None:
+            return decision.winner == "torch", decision.why
+    if _measured_class():
+        return False, (
+            "our float32 GEMM is faster on this AMD AVX-512 CPU (Zen 5: 2.1-2.4x torch's MKL SGEMM "
+            "at M >= 64, 1.7-6x for GEMVs)"
+        )
+    return True, (
+        f"torch's GEMM is the measured-safe choice on this {cpu_class()} CPU (ours was measured "
+        "faster on AMD AVX-512 only; MMKERNELS_CALIBRATE=1 times both here)"
+    )
+
+
+# Calibration times both backends on a synthetic problem of the call's bucket: N (down to about
+# 256), then M (down to 16 when it is >= 16) halve until one run is about CALIBRATION_MACS
+# multiply-adds per thread (a few ms).
+CALIBRATION_MACS = 1 << 25
+
+
+def _calibration_bucket(call) -> str:
+    m, k, n = call.bucket
+    return f"{call.dtype_name}, M~{m}, K={k}, N={n}"
+
+
+def _calibration_sizes(call):
+    m, k, n = call.bucket
+    budget = CALIBRATION_MACS * _calibration.threads()
+    while n > 256 and m * k * n > budget:
+        n = (n + 1) // 2
+    while m > 16 and m * k * n > budget:
+        m //= 2
+    return max(m, 1), k, n
+
+
+def _calibration_contenders(call):
+    import torch
+
+    from .api import linear
+
+    m, k, n = _calibration_sizes(call)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+
+    def contender(name):
+        return lambda: linear(x, w, b, backend=name)
+
+    return {"cpu": contender("cpu"), "torch": contender("torch")}
+
+
+def _torch_linear(x, weight, bias=None):
+    import torch
+
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _torch_check(call) -> List[str]:
+    return ["float64 is the reference's (the test oracle)"] if call.dtype_name == "float64" else []
+
+
+TORCH = _dispatch.Backend(
+    "torch",
+    _torch_linear,
+    devices=None,
+    check=_torch_check,
+    auto_rule=_torch_auto_rule,
+    notes="torch.nn.functional.linear (MKL / oneDNN on CPUs, cuBLAS on GPUs)",
+)
+
+REFERENCE = _dispatch.Backend(
+    "reference",
+    "mmkernels.linear.reference:linear_reference",
+    devices=None,
+    notes="plain PyTorch (the spec): torch.nn.functional.linear in the inputs' dtype",
+)
+
+for _backend in (TORCH, CPU, REFERENCE):
+    _dispatch.register(OP, _backend)

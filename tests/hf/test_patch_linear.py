@@ -1,0 +1,80 @@
+"""mmkernels.patch(model, linear=True): float32 CPU nn.Linear layers become mmkernels.nn.Linear
+(same Parameters, mmkernels.linear's product), alone or beside quantize=; reported row by row;
+unpatch restores the very module objects."""
+
+import pytest
+import torch
+from torch import nn
+
+import mmkernels
+import tiny_models
+
+
+def _linears(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("case", [tiny_models.bert, tiny_models.dinov2, tiny_models.llama], ids=["bert", "dinov2", "llama"])
+def test_linear_patch_is_exact_enough_reported_and_reversible(case):
+    torch.manual_seed(0)
+    c = case()
+    model = c.build().eval()
+    inputs = c.make_inputs()
+    before = _linears(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = c.outputs(model(**inputs))
+    report = mmkernels.patch(model, attention=False, linear=True)
+    assert "linear=True" in str(report.settings)
+    rows = {r.path: r for r in report.rows if r.kind == "linear"}
+    assert set(rows) == set(before)  # lm_head included
+    assert all(r.action == "mmkernels" and "mmkernels.linear" in r.detail for r in rows.values())
+    for name, original in before.items():
+        new = model.get_submodule(name)
+        assert type(new) is mmkernels.nn.Linear and new.weight is original.weight and new.bias is original.bias
+    with torch.no_grad():
+        got = c.outputs(model(**inputs))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    mmkernels.unpatch(model)
+    assert all(model.get_submodule(n) is m for n, m in before.items())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_linear_beside_quantize_takes_the_layers_quantize_left():
+    torch.manual_seed(0)
+    model = tiny_models.bert().build().eval()
+    report = mmkernels.patch(model, attention=True, quantize={"bits": 8, "exclude": ["*.output.dense"]}, linear=True)
+    rows = {r.path: r for r in report.rows if r.kind == "linear"}
+    quantized = [p for p, r in rows.items() if r.action == "quantized"]
+    dense = [p for p, r in rows.items() if r.action == "mmkernels"]
+    assert quantized and dense and not report.left("linear")
+    assert all(p.endswith("output.dense") for p in dense)
+    assert all("not quantized" in rows[p].detail for p in dense)
+    assert all(type(model.get_submodule(p)) is mmkernels.nn.QuantLinear for p in quantized)
+    mmkernels.unpatch(model)
+    assert all(type(m) is nn.Linear for m in _linears(model).values())
+
+
+def test_non_float32_and_subclassed_linears_are_left_with_a_reason():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), MyLinear(8, 8), nn.Linear(8, 8))
+    report = mmkernels.patch(model, attention=False, linear=True)
+    left = {r.path: r.detail for r in report.left("linear")}
+    assert "bfloat16 weight" in left["0"] and "subclass of nn.Linear (MyLinear)" in left["1"]
+    assert [r.path for r in report.patched("linear")] == ["2"]
+    mmkernels.unpatch(model)
+
+
+def test_linear_flag_must_be_a_bool_and_settings_compare():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="linear must be a bool"):
+        mmkernels.patch(model, attention=False, linear="yes")
+    first = mmkernels.patch(model, attention=False, linear=True)
+    assert mmkernels.patch(model, attention=False, linear=True) is first
+    with pytest.raises(ValueError, match="already patched"):
+        mmkernels.patch(model, attention=False, linear=False)
+    mmkernels.unpatch(model)

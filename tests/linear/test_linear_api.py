@@ -1,0 +1,146 @@
+"""mmkernels.linear's API: argument errors, dispatch (auto-selection per CPU class and by
+calibration), autograd, torch.compile, and the drop-in module mmkernels.nn.Linear."""
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import _calibration, _dispatch
+from mmkernels._extension import CPU as _EXT
+from mmkernels.linear import backends
+from mmkernels.linear.api import _select
+
+HAS_KERNEL = _EXT.availability("linear_f32")[0]
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="mmkernels._C has no linear kernel")
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        (([1.0], torch.randn(3, 1)), {}, TypeError, "x must be a torch.Tensor"),
+        ((torch.randn(2, 3), "w"), {}, TypeError, "weight must be a torch.Tensor"),
+        ((torch.randn(2, 3).int(), torch.randn(4, 3)), {}, TypeError, "x must be float32"),
+        ((torch.randn(2, 3), torch.randn(4, 3, 1)), {}, ValueError, "weight must be 2-D"),
+        ((torch.randn(2, 3), torch.randn(4, 3).double()), {}, ValueError, "weight must be float32"),
+        ((torch.randn(2, 3), torch.randn(4, 5)), {}, ValueError, r"x must be \(\.\.\., K\) with K = weight.shape\[1\] = 5"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": torch.randn(5)}, ValueError, r"bias must be float32 \(N,\) = \(4,\)"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": torch.randn(4).double()}, ValueError, "bias must be float32"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": [0.0] * 4}, TypeError, "bias must be a torch.Tensor"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"backend": 3}, TypeError, "backend must be a str"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"backend": "triton"}, ValueError, "triton"),
+    ],
+)
+def test_bad_arguments_name_what_is_wrong(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        mmkernels.linear(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_are_served_and_the_cpu_backend_says_why_not(dtype):
+    x, w, b = torch.randn(9, 20, dtype=dtype), torch.randn(7, 20, dtype=dtype), torch.randn(7, dtype=dtype)
+    torch.testing.assert_close(mmkernels.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    chosen = _select(x, w, "")
+    assert chosen.name == ("reference" if dtype == torch.float64 else "torch")
+    with pytest.raises(_dispatch.NoBackendError, match="served by"):
+        mmkernels.linear(x, w, b, backend="cpu")
+
+
+def _auto(monkeypatch, klass, vendor, calibrate="0"):
+    monkeypatch.setenv("MMKERNELS_CALIBRATE", calibrate)
+    monkeypatch.setattr(backends, "cpu_class", lambda: klass)
+    monkeypatch.setattr(backends, "cpu_vendor", lambda: vendor)
+    _dispatch.clear_selection_cache()
+    try:
+        return _select(torch.randn(64, 32), torch.randn(48, 32), "").name
+    finally:
+        _dispatch.clear_selection_cache()
+
+
+@needs_kernel
+def test_auto_selection_follows_the_measured_class(monkeypatch):
+    monkeypatch.delenv("MMKERNELS_CPU_ISA", raising=False)
+    ours = torch.ops.mmkernels_C.qmatmul_cpu_isa().startswith("avx512")
+    assert _auto(monkeypatch, "avx512", "amd") == ("cpu" if ours else "torch")
+    for klass, vendor in (("amx", "intel"), ("avx512", "intel"), ("avx2", "amd"), ("scalar", "")):
+        assert _auto(monkeypatch, klass, vendor) == "torch", (klass, vendor)
+
+
+@needs_kernel
+def test_forcing_a_lower_isa_keeps_torch(monkeypatch):
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", "scalar")
+    assert _auto(monkeypatch, "avx512", "amd") == "torch"
+
+
+@needs_kernel
+@pytest.mark.parametrize("winner", ["cpu", "torch"])
+def test_calibration_decides_where_it_is_on(monkeypatch, tmp_path, winner):
+    monkeypatch.setenv("MMKERNELS_CACHE_DIR", str(tmp_path))
+    _calibration.clear()
+    timed = []
+
+    def fake_measure(contenders):
+        timed.append(sorted(contenders))
+        for f in contenders.values():
+            f()  # both contenders really run
+        return {"cpu": 1.0 if winner == "cpu" else 3.0, "torch": 2.0}, {}
+
+    monkeypatch.setattr(_calibration, "_measure", fake_measure)
+    try:
+        assert _auto(monkeypatch, "amx", "intel", calibrate="1") == winner
+        assert timed == [["cpu", "torch"]]
+    finally:
+        _calibration.clear()
+
+
+def test_info_table_lists_the_op():
+    rows = [r for r in _dispatch.capability_table() if r.get("op") == "linear"]
+    assert {r["backend"] for r in rows} >= {"torch", "cpu", "reference"}
+
+
+@needs_kernel
+@pytest.mark.parametrize("backend", ["cpu", None])
+def test_autograd_matches_torch(backend):
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(2, 19, 24, generator=g), torch.randn(33, 24, generator=g), torch.randn(33, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    twins = [t.clone().requires_grad_() for t in (x, w, b)]
+    up = torch.randn(2, 19, 33, generator=g)
+    (mmkernels.linear(*leaves, backend=backend) * up).sum().backward()
+    (torch.nn.functional.linear(*twins) * up).sum().backward()
+    for a, t in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, t.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_gradcheck_in_float64_through_the_op():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: mmkernels.linear(*t), (x, w, b))
+
+
+@needs_kernel
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    f = torch.compile(lambda x: torch.relu(mmkernels.linear(x, w, b, backend="cpu")), fullgraph=True, backend="eager")
+    x = torch.randn(3, 11, 40, generator=g)
+    torch.testing.assert_close(f(x), torch.relu(torch.nn.functional.linear(x, w, b)), rtol=1e-5, atol=1e-5)
+
+
+def test_module_shares_parameters_and_state_dict():
+    layer = torch.nn.Linear(24, 40)
+    m = mmkernels.nn.Linear.from_linear(layer)
+    assert isinstance(m, torch.nn.Linear)
+    assert m.weight is layer.weight and m.bias is layer.bias
+    assert m.state_dict().keys() == layer.state_dict().keys()
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(m(x), layer(x), rtol=1e-5, atol=1e-5)
+    m(x).sum().backward()
+    assert layer.weight.grad is not None
+    fresh = mmkernels.nn.Linear(24, 40, bias=False, backend="torch")
+    assert fresh.bias is None and "backend='torch'" in repr(fresh)
+    fresh.load_state_dict({"weight": layer.weight.detach()})
+    torch.testing.assert_close(fresh(x), x @ layer.weight.detach().T)
+    with pytest.raises(TypeError, match="layer must be a torch.nn.Linear"):
+        mmkernels.nn.Linear.from_linear(torch.nn.Conv1d(2, 2, 1))
