@@ -72,6 +72,7 @@ def _representative_calls() -> list:
     calibration needs a size."""
     from ._calibration import size_bucket
     from .attention.api import AttentionCall
+    from .linear.api import LinearCall
     from .quant.api import QMatmulCall
 
     def attn(dtype, causal=False):
@@ -107,6 +108,7 @@ def _representative_calls() -> list:
 
     calls += [("qmatmul", qmm(d, 8, 0, True, 8)) for d in ("float32", "float16")]
     calls.append(("qmatmul", qmm("bfloat16", 4, 128, False, 0)))
+    calls += [("linear", LinearCall("cpu", d, (size_bucket(8 * 197), 768, 3072))) for d in ("float32", "bfloat16")]
     return calls
 
 

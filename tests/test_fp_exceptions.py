@@ -137,6 +137,18 @@ def test_qmatmul_raises_no_underflow(isa, dtype, bits, group, act_bits, monkeypa
         assert raised(lambda: mmkernels.qmatmul(x, qw, act_bits=act_bits, backend="cpu")) == [], f"{isa} M={m}"
 
 
+@pytest.mark.parametrize("isa", _isas("quant"))
+def test_linear_raises_no_underflow(isa, monkeypatch):
+    from mmkernels.linear import cpu as linear_cpu
+
+    monkeypatch.setattr(linear_cpu, "_POISON", False)
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
+    w, b = rnd(96, 300, seed=1), rnd(96, seed=2)
+    for m in (1, 5, 33):
+        x = rnd(m, 300, seed=m)
+        assert raised(lambda: mmkernels.linear(x, w, b, backend="cpu")) == [], f"{isa} M={m}"
+
+
 @pytest.mark.parametrize("isa", _isas("reduce"))
 def test_token_reduction_raises_no_underflow(isa, monkeypatch):
     monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)

@@ -548,8 +548,8 @@ at::Tensor linear_prepack(const at::Tensor& weight) {
 
 // out (M, N) = x2 (M, K) @ W.T (+ bias), fp32, with W prepacked by linear_prepack. x2 / out:
 // float32 with stride(1) == 1; bias float32 contiguous (N) or none.
-void linear_f32(const at::Tensor& x2, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                const at::Tensor& out) {
+void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
+                const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   TORCH_CHECK(x2.device().is_cpu() && x2.scalar_type() == at::kFloat && x2.dim() == 2 &&
                   (x2.size(1) <= 1 || x2.stride(1) == 1),
               "linear (CPU): x2 must be a float32 (M, K) CPU tensor with stride(1) == 1, got ",
@@ -557,8 +557,9 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed, const std::optio
   const int64_t M = x2.size(0), K = x2.size(1);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 &&
                   out.size(0) == M && (out.size(1) <= 1 || out.stride(1) == 1),
-              "linear (CPU): out must be a float32 (", M, ", N) CPU tensor with stride(1) == 1, got ",
-              out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+              "linear (CPU): out must be a float32 (", M,
+              ", N) CPU tensor with stride(1) == 1, got ", out.scalar_type(), " ", out.sizes(),
+              " strides ", out.strides());
   const int64_t N = out.size(1), S = ceil_div(N, kStrip);
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat &&
                   packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == S &&

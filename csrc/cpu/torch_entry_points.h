@@ -34,8 +34,8 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
                   const std::optional<at::Tensor>& colsum, const std::optional<at::Tensor>& zp,
                   const std::optional<at::Tensor>& sw, const at::Tensor& out);
 
-void linear_f32(const at::Tensor& x2, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                const at::Tensor& out);
+void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
+                const std::optional<at::Tensor>& bias, const at::Tensor& out);
 
 }  // namespace qmm
 }  // namespace cpu

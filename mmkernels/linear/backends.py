@@ -35,10 +35,11 @@ CPU = _dispatch.Backend(
 )
 
 
-# Measured with `mmkernels bench` and the models bench (README): AMD EPYC Zen 5, 2 threads, our
-# kernel against torch's float32 F.linear (MKL SGEMM at ~37% of the FMA peak there): 2.1-2.4x at
-# M >= 64 (ViT / BERT / LM prefill shapes), 1.7-6x for M = 1-16 (GEMV). Not measured on other CPUs:
-# calibration decides there (on by default outside AMD AVX-512), else torch keeps the call.
+# Measured with `mmkernels bench --family quant --only linear` (README): AMD EPYC Zen 5, 2 threads,
+# our kernel against torch's float32 F.linear (MKL SGEMM at ~37-40% of the FMA peak there):
+# 2.1-2.5x at M = 8-4096 (LLM decode batch, ViT / BERT / prefill shapes), 1.5-1.6x for M = 1
+# GEMVs. Not measured on other CPUs: calibration decides there (on by default outside AMD AVX-512),
+# else torch keeps the call.
 def _measured_class() -> bool:
     if cpu_class() != "avx512" or cpu_vendor() != "amd" or not _EXT.availability("qmatmul_cpu_isa")[0]:
         return False
@@ -47,16 +48,17 @@ def _measured_class() -> bool:
 
 def _torch_auto_rule(call):
     """torch's F.linear unless our float32 kernel was measured (or calibrated) faster on this CPU"""
-    if CPU.reasons(call):
-        return True, "our cpu kernel cannot take it"
+    reasons = CPU.reasons(call)
+    if reasons:
+        return True, f"our cpu kernel cannot take it ({'; '.join(reasons)})"
     if call.bucket is not None:
         decision = _calibration.decide(OP, _calibration_bucket(call), lambda: _calibration_contenders(call))
         if decision is not None:
             return decision.winner == "torch", decision.why
     if _measured_class():
         return False, (
-            "our float32 GEMM is faster on this AMD AVX-512 CPU (Zen 5: 2.1-2.4x torch's MKL SGEMM "
-            "at M >= 64, 1.7-6x for GEMVs)"
+            "our float32 GEMM is faster on this AMD AVX-512 CPU (Zen 5, `mmkernels bench`: 2.1-2.5x "
+            "torch's MKL SGEMM at M >= 8, 1.5-1.6x for GEMVs)"
         )
     return True, (
         f"torch's GEMM is the measured-safe choice on this {cpu_class()} CPU (ours was measured "

@@ -21,7 +21,16 @@ class Linear(nn.Linear):
     """``y = x @ weight.T + bias`` through :func:`mmkernels.linear`; ``backend`` forces one of its
     backends (None: automatic selection)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, backend: Optional[str] = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend = backend
 

@@ -30,7 +30,6 @@ layouts are cached (mmkernels._packed_cache), keyed weakly on the ``qweight`` te
 counter need :func:`clear_caches` (``mmkernels.clear_caches()``).
 """
 
-
 from __future__ import annotations
 
 import os

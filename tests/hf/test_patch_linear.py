@@ -14,7 +14,9 @@ def _linears(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-@pytest.mark.parametrize("case", [tiny_models.bert, tiny_models.dinov2, tiny_models.llama], ids=["bert", "dinov2", "llama"])
+@pytest.mark.parametrize(
+    "case", [tiny_models.bert, tiny_models.dinov2, tiny_models.llama], ids=["bert", "dinov2", "llama"]
+)
 def test_linear_patch_is_exact_enough_reported_and_reversible(case):
     torch.manual_seed(0)
     c = case()

@@ -22,8 +22,18 @@ needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="mmkernels._C has no li
         ((torch.randn(2, 3).int(), torch.randn(4, 3)), {}, TypeError, "x must be float32"),
         ((torch.randn(2, 3), torch.randn(4, 3, 1)), {}, ValueError, "weight must be 2-D"),
         ((torch.randn(2, 3), torch.randn(4, 3).double()), {}, ValueError, "weight must be float32"),
-        ((torch.randn(2, 3), torch.randn(4, 5)), {}, ValueError, r"x must be \(\.\.\., K\) with K = weight.shape\[1\] = 5"),
-        ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": torch.randn(5)}, ValueError, r"bias must be float32 \(N,\) = \(4,\)"),
+        (
+            (torch.randn(2, 3), torch.randn(4, 5)),
+            {},
+            ValueError,
+            r"x must be \(\.\.\., K\) with K = weight.shape\[1\] = 5",
+        ),
+        (
+            (torch.randn(2, 3), torch.randn(4, 3)),
+            {"bias": torch.randn(5)},
+            ValueError,
+            r"bias must be float32 \(N,\) = \(4,\)",
+        ),
         ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": torch.randn(4).double()}, ValueError, "bias must be float32"),
         ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": [0.0] * 4}, TypeError, "bias must be a torch.Tensor"),
         ((torch.randn(2, 3), torch.randn(4, 3)), {"backend": 3}, TypeError, "backend must be a str"),
@@ -144,3 +154,12 @@ def test_module_shares_parameters_and_state_dict():
     torch.testing.assert_close(fresh(x), x @ layer.weight.detach().T)
     with pytest.raises(TypeError, match="layer must be a torch.nn.Linear"):
         mmkernels.nn.Linear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck_schema_fake_and_autograd_registration(with_bias):
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    w = torch.randn(33, 24, requires_grad=True)
+    b = torch.randn(33, requires_grad=True) if with_bias else None
+    torch.library.opcheck(torch.ops.mmkernels.linear.default, (x, w, b, "cpu"))
