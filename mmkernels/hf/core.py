@@ -336,6 +336,8 @@ def _dense_refusal(module: nn.Linear) -> str:
     """Why ``patch(linear=True)`` leaves an ``nn.Linear`` alone ("" when it takes it)."""
     if type(module) is not nn.Linear:
         return f"a subclass of nn.Linear ({type(module).__name__}) keeps its own forward"
+    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+        return "has forward hooks (e.g. accelerate's device_map offloading) that a new module would drop"
     w = module.weight
     if w.dtype != torch.float32:
         return f"{str(w.dtype).replace('torch.', '')} weight: torch's GEMM serves it (our CPU kernel is float32)"

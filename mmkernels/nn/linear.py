@@ -42,8 +42,8 @@ class Linear(nn.Linear):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layer.in_features, layer.out_features
-        new.weight = layer.weight
-        new.bias = layer.bias
+        new.register_parameter("weight", layer.weight)
+        new.register_parameter("bias", layer.bias)
         new.backend = backend
         new.train(layer.training)
         return new

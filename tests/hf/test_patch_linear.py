@@ -63,10 +63,13 @@ def test_non_float32_and_subclassed_linears_are_left_with_a_reason():
     class MyLinear(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), MyLinear(8, 8), nn.Linear(8, 8))
+    hooked = nn.Linear(8, 8)
+    hooked.register_forward_hook(lambda module, args, out: out)
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), MyLinear(8, 8), nn.Linear(8, 8), hooked)
     report = mmkernels.patch(model, attention=False, linear=True)
     left = {r.path: r.detail for r in report.left("linear")}
     assert "bfloat16 weight" in left["0"] and "subclass of nn.Linear (MyLinear)" in left["1"]
+    assert "forward hooks" in left["3"]
     assert [r.path for r in report.patched("linear")] == ["2"]
     mmkernels.unpatch(model)
 

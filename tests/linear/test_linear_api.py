@@ -148,6 +148,9 @@ def test_module_shares_parameters_and_state_dict():
     torch.testing.assert_close(m(x), layer(x), rtol=1e-5, atol=1e-5)
     m(x).sum().backward()
     assert layer.weight.grad is not None
+    no_bias = mmkernels.nn.Linear.from_linear(torch.nn.Linear(24, 40, bias=False))
+    assert no_bias.bias is None and no_bias.state_dict().keys() == {"weight"}
+    torch.testing.assert_close(no_bias(x), x @ no_bias.weight.detach().T, rtol=1e-5, atol=1e-5)
     fresh = mmkernels.nn.Linear(24, 40, bias=False, backend="torch")
     assert fresh.bias is None and "backend='torch'" in repr(fresh)
     fresh.load_state_dict({"weight": layer.weight.detach()})
