@@ -96,6 +96,18 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def gemm_problem(m: int, k: int, n: int, macs_per_thread: int) -> Tuple[int, int, int]:
+    """(M, K, N) of the synthetic GEMM timed for a size bucket ``(m, k, n)``: N (down to about 256),
+    then M (down to 16 when it is >= 16: the GEMM regime stays) halve until one run is about
+    ``macs_per_thread`` multiply-adds per thread; K stays."""
+    budget = macs_per_thread * threads()
+    while n > 256 and m * k * n > budget:
+        n = (n + 1) // 2
+    while m > 16 and m * k * n > budget:
+        m //= 2
+    return m, k, n
+
+
 def setting() -> Tuple[bool, str]:
     """Whether calibration is on, and why (``MMKERNELS_CALIBRATE``, else the CPU class: on wherever
     the class rules rest on no measurement of this kind of CPU, i.e. everywhere but AMD AVX-512)."""

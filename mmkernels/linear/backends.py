@@ -66,9 +66,8 @@ def _torch_auto_rule(call):
     )
 
 
-# Calibration times both backends on a synthetic problem of the call's bucket: N (down to about
-# 256), then M (down to 16 when it is >= 16) halve until one run is about CALIBRATION_MACS
-# multiply-adds per thread (a few ms).
+# Calibration times both backends on a synthetic problem of the call's bucket
+# (_calibration.gemm_problem: about CALIBRATION_MACS multiply-adds per thread, a few ms).
 CALIBRATION_MACS = 1 << 25
 
 
@@ -77,22 +76,12 @@ def _calibration_bucket(call) -> str:
     return f"{call.dtype_name}, M~{m}, K={k}, N={n}"
 
 
-def _calibration_sizes(call):
-    m, k, n = call.bucket
-    budget = CALIBRATION_MACS * _calibration.threads()
-    while n > 256 and m * k * n > budget:
-        n = (n + 1) // 2
-    while m > 16 and m * k * n > budget:
-        m //= 2
-    return max(m, 1), k, n
-
-
 def _calibration_contenders(call):
     import torch
 
     from .api import linear
 
-    m, k, n = _calibration_sizes(call)
+    m, k, n = _calibration.gemm_problem(*call.bucket, CALIBRATION_MACS)
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
 

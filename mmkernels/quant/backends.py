@@ -166,13 +166,7 @@ def _calibration_bucket(call) -> str:
 
 def _calibration_sizes(call):
     """(M, K, N) of the synthetic problem for ``call``'s bucket."""
-    m, k, n = call.bucket
-    budget = CALIBRATION_MACS * _calibration.threads()
-    while n > 256 and m * k * n > budget:
-        n = (n + 1) // 2
-    while m > 16 and m * k * n > budget:
-        m //= 2
-    return m, k, n
+    return _calibration.gemm_problem(*call.bucket, CALIBRATION_MACS)
 
 
 def _calibration_contenders(call):
