@@ -20,12 +20,15 @@ _functorch_level = torch._C._functorch.maybe_current_level
 _function_modes = torch._C._len_torch_function_stack
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _profiling = torch._C._autograd._profiler_enabled
+_Parameter = torch.nn.Parameter
 
 
 def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """True when no part of PyTorch needs to see the custom op for a call on ``tensors`` (None
     entries are skipped): not compiling or tracing (torch.compile, torch.export, torch.jit.trace),
-    every tensor a plain ``torch.Tensor`` (no FakeTensor, DTensor or other subclass), no gradient
+    every tensor a plain ``torch.Tensor`` or exactly ``nn.Parameter`` (whose ``__torch_function__``
+    is disabled, so every op sees a plain tensor: a layer's weight; no FakeTensor, DTensor, other
+    subclass or subclass of Parameter), no gradient
     to record, no TorchFunctionMode or TorchDispatchMode active (``with torch.device(...)``, fake
     or meta modes, FlopCounterMode), no functorch transform (vmap, grad) and no profiler (which
     records the op's event)."""
@@ -33,6 +36,6 @@ def plain_eager(*tensors: Optional[Tensor]) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+        if t is not None and ((type(t) is not Tensor and type(t) is not _Parameter) or (grad and t.requires_grad)):
             return False
     return not (_function_modes() or _dispatch_modes() or _functorch_level() is not None or _profiling())

@@ -35,7 +35,17 @@ def test_predicate_plain_tensors_only():
         assert plain_eager(x, leaf)
     with torch.inference_mode():
         assert plain_eager(x)
-    assert not plain_eager(torch.nn.Parameter(torch.randn(2), requires_grad=False))  # a subclass
+    # a layer's weight: its torch function is disabled, ops see a plain tensor
+    assert plain_eager(torch.nn.Parameter(torch.randn(2), requires_grad=False))
+    assert not plain_eager(torch.nn.Parameter(torch.randn(2)))  # a gradient to record
+    with torch.no_grad():
+        assert plain_eager(torch.nn.Parameter(torch.randn(2)))
+
+    class MyParameter(torch.nn.Parameter):
+        pass
+
+    assert not plain_eager(MyParameter(torch.randn(2), requires_grad=False))  # other subclasses
+    assert not plain_eager(torch.nn.parameter.UninitializedParameter(requires_grad=False))
 
 
 @pytest.mark.parametrize(

@@ -41,5 +41,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     m = x2.shape[0]
     out = torch.full((m, n), float("nan")) if _POISON else torch.empty((m, n))
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    _EXT.kernel(REQUIRED_OP)(x2.detach(), _packed(ops, weight), None if b is None else b.detach(), out)
+    # no autograd here (plain eager without gradients, or the op's body): the kernel writes into out
+    _EXT.kernel(REQUIRED_OP)(x2, _packed(ops, weight), b, out)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
