@@ -167,8 +167,8 @@ def patch(
     * ``backend``: force an mmkernels attention backend (None: automatic selection).
     * ``linear``: every float32 CPU ``nn.Linear`` that ``quantize`` did not take (``lm_head``
       included) becomes :class:`mmkernels.nn.Linear`, sharing its Parameters: the same float32
-      product through :func:`mmkernels.linear`, our GEMM where it was measured (or calibrated)
-      faster than torch's on this CPU, torch's elsewhere.
+      product through :func:`mmkernels.linear`, where auto-selection takes our GEMM for the layer's
+      size on this CPU (measured class rule, else calibration); other layers are left, with why.
 
     Returns a :class:`PatchReport`. Patching twice with the same settings returns the first
     report; with different settings raises ``ValueError`` (call :func:`unpatch` first). Raises
@@ -346,11 +346,20 @@ def _dense_refusal(module: nn.Linear) -> str:
     return ""
 
 
+# Rows of x assumed when patch(linear=True) asks which backend serves a layer (a size class with
+# the GEMM regime; each call is still dispatched by its own size).
+DENSE_PROBE_ROWS = 256
+
+
 def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
-    """``linear=True``: plain float32 CPU nn.Linear modules become mmkernels.nn.Linear."""
+    """``linear=True``: plain float32 CPU nn.Linear modules become mmkernels.nn.Linear, where
+    auto-selection takes our kernel at their size on this CPU (elsewhere torch's GEMM would serve
+    every call anyway, and the new module would only add its overhead)."""
+    from ..linear.api import auto_backend
     from ..nn.linear import Linear
 
     rows = {r.path: r for r in record.report.rows if r.kind == "linear"}
+    choices = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, Linear):
             continue
@@ -358,9 +367,18 @@ def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
         if row is not None and row.action != "left":
             continue  # quantized
         why = _dense_refusal(module)
+        if not why:
+            shape = (module.in_features, module.out_features)
+            if shape not in choices:
+                choices[shape] = auto_backend(*shape, m=DENSE_PROBE_ROWS)
+            backend, verdict = choices[shape]
+            if backend != "cpu":
+                why = f"{backend} serves float32 GEMMs of this size here: {verdict}"
         if why:
             if row is None:
                 record.report.rows.append(Row(name, "linear", "left", why))
+            else:
+                row.detail = f"{row.detail}; linear=True: {why}" if row.detail else why
             continue
         model.set_submodule(name, Linear.from_linear(module))
         record.modules.append((name, module))

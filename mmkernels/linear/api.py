@@ -59,6 +59,15 @@ def _select(x: Tensor, weight: Tensor, backend: str):
     return _dispatch.select(OP, call, device, backend or None)
 
 
+def auto_backend(k: int, n: int, m: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Tuple[str, str]:
+    """The backend auto-selection takes here for an ``(m, k) x (n, k)^T`` call of ``dtype`` on
+    ``device``, and why (its auto rule's verdict; calibration may time both on first use): what
+    ``mmkernels.patch(model, linear=True)`` asks before it replaces a layer."""
+    call = LinearCall(device, _name(dtype), (size_bucket(m), k, n))
+    chosen = _dispatch.select(OP, call, device, None)
+    return chosen.name, chosen.auto_verdict(call)[1] if chosen.auto_rule is not None else ""
+
+
 def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     return _select(x, weight, backend).run(x, weight, bias)
 

@@ -8,6 +8,26 @@ from torch import nn
 
 import mmkernels
 import tiny_models
+from mmkernels import _dispatch
+from mmkernels._extension import CPU as _EXT
+from mmkernels.linear import backends
+
+pytestmark = pytest.mark.skipif(not _EXT.availability("linear_f32")[0], reason="mmkernels._C has no linear kernel")
+
+
+def _force_rule(monkeypatch, ours_faster: bool):
+    """Auto-selection as on a CPU where our float32 GEMM was measured faster (or not), whatever
+    this machine's class: no calibration."""
+    monkeypatch.setenv("MMKERNELS_CALIBRATE", "0")
+    monkeypatch.setattr(backends, "_measured_class", lambda: ours_faster)
+    _dispatch.clear_selection_cache()
+
+
+@pytest.fixture(autouse=True)
+def ours_measured_faster(monkeypatch):
+    _force_rule(monkeypatch, True)
+    yield
+    _dispatch.clear_selection_cache()
 
 
 def _linears(model):
@@ -82,4 +102,18 @@ def test_linear_flag_must_be_a_bool_and_settings_compare():
     assert mmkernels.patch(model, attention=False, linear=True) is first
     with pytest.raises(ValueError, match="already patched"):
         mmkernels.patch(model, attention=False, linear=False)
+    mmkernels.unpatch(model)
+
+
+def test_layers_where_torch_serves_their_size_are_left_with_the_reason(monkeypatch):
+    _force_rule(monkeypatch, False)
+    torch.manual_seed(0)
+    model = tiny_models.bert().build().eval()
+    with pytest.raises(ValueError, match="torch serves float32 GEMMs of this size here"):
+        mmkernels.patch(model, attention=False, linear=True)  # nothing left to patch
+    report = mmkernels.patch(model, attention=True, linear=True)
+    left = report.left("linear")
+    assert left and not report.patched("linear")
+    assert all("torch serves float32 GEMMs of this size here" in r.detail for r in left)
+    assert all(type(m) is nn.Linear for m in _linears(model).values())
     mmkernels.unpatch(model)
