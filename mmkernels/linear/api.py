@@ -59,7 +59,9 @@ def _select(x: Tensor, weight: Tensor, backend: str):
     return _dispatch.select(OP, call, device, backend or None)
 
 
-def auto_backend(k: int, n: int, m: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Tuple[str, str]:
+def auto_backend(
+    k: int, n: int, m: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Tuple[str, str]:
     """The backend auto-selection takes here for an ``(m, k) x (n, k)^T`` call of ``dtype`` on
     ``device``, and why (its auto rule's verdict; calibration may time both on first use): what
     ``mmkernels.patch(model, linear=True)`` asks before it replaces a layer."""
