@@ -7,10 +7,11 @@ object (an entry dies with its weight), one entry per ``kind`` of layout. An ent
 version counters, data pointer, shape and strides of the weight and the identities and version
 counters of its companions (qmatmul's scales / zeros); an in-place change of any of them
 (``copy_``, ``load_state_dict``, ...) rebuilds it on the next call. Writes that bypass the version
-counter are not seen: through ``.numpy()`` (or an array it came from via ``torch.from_numpy``),
-DLPack, raw pointers, shared memory written by another process, and any in-place change of a tensor
-created under ``torch.inference_mode()`` (no version counter). ``mmkernels.clear_caches()`` drops
-everything after such a write.
+counter are not seen: through ``.data`` (``p.data.mul_(2)``, ``weight.data += delta`` as LoRA merges
+do: ``.data`` is a tensor with its own counter), ``.numpy()`` (or an array it came from via
+``torch.from_numpy``), DLPack, raw pointers, shared memory written by another process, and any
+in-place change of a tensor created under ``torch.inference_mode()`` (no version counter).
+``mmkernels.clear_caches()`` drops everything after such a write.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def packed(
     return tensors
 
 
+def forget(weight: Tensor) -> None:
+    """Drop ``weight``'s entries (``mmkernels.unpatch``: the restored layers need no packed copy)."""
+    with _LOCK:
+        if _entries(weight) is not None:
+            _CACHE.pop(id(weight), None)
+
+
 def is_cached(weight: Tensor) -> bool:
     """Whether ``weight`` has a prepacked layout in the cache now."""
     return _entries(weight) is not None
@@ -121,6 +129,8 @@ def clear_caches() -> None:
     (``copy_``, ``mul_``, ``load_state_dict``, ...) bumps. Writes that bypass the version counter
     are invisible to the cache, and the next call would compute with the old weight:
 
+    * through ``.data`` (``layer.weight.data.mul_(2)``, ``weight.data += delta``: ``.data`` has
+      its own version counter), which is how some libraries merge adapters (LoRA) into a weight;
     * through ``.numpy()`` (``qweight.numpy()[...] = ...``), or a NumPy array the tensor shares
       memory with (``torch.from_numpy``), DLPack, ``data_ptr()`` / ctypes, or shared memory
       written by another process;

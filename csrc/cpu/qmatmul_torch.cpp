@@ -573,9 +573,14 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   const float* x = x2.data_ptr<float>();
   float* y = out.data_ptr<float>();
   const int64_t ldx = x2.stride(0), ldo = out.stride(0);
+  if (K == 0) {  // the empty sum: the bias, or zeros (packed holds no data to point into)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * ldo + n] = b ? b[n] : 0.f;
+    return;
+  }
   const QmmImpl* impl = select_impl();
-  if (K == 0 || impl->gemm_item == nullptr) {
-    // K = 0 (the sum is empty), or no GEMM kernel on this path (scalar): plain loops.
+  if (impl->gemm_item == nullptr) {
+    // no GEMM kernel on this path (scalar): plain loops.
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t n = 0; n < N; ++n) {

@@ -234,8 +234,14 @@ def patched(model: nn.Module, **kwargs: Any) -> Iterator[PatchReport]:
 
 
 def _undo(model: nn.Module, record: _Undo) -> None:
+    from .. import _packed_cache
+    from ..nn.linear import Linear
+
     for path, original in reversed(record.modules):
+        replaced = model.get_submodule(path)
         model.set_submodule(path, original)
+        if isinstance(replaced, Linear) and replaced is not original:  # linear=True's layer
+            _packed_cache.forget(original.weight)  # the restored layer runs torch's GEMM
     for module, name in reversed(record.bound):
         module.__dict__.pop(name, None)
     for module in record.attention:
@@ -336,8 +342,9 @@ def _dense_refusal(module: nn.Linear) -> str:
     """Why ``patch(linear=True)`` leaves an ``nn.Linear`` alone ("" when it takes it)."""
     if type(module) is not nn.Linear:
         return f"a subclass of nn.Linear ({type(module).__name__}) keeps its own forward"
-    if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
-        return "has forward hooks (e.g. accelerate's device_map offloading) that a new module would drop"
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if any(hooks) or hasattr(module, "_hf_hook"):
+        return "has hooks (e.g. accelerate's device_map offloading) that a new module would drop"
     w = module.weight
     if w.dtype != torch.float32:
         return f"{str(w.dtype).replace('torch.', '')} weight: torch's GEMM serves it (our CPU kernel is float32)"
@@ -359,8 +366,8 @@ def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
     from ..nn.linear import Linear
 
     rows = {r.path: r for r in record.report.rows if r.kind == "linear"}
-    choices = {}
-    for name, module in list(model.named_modules()):
+    choices, replacements = {}, {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Linear) or isinstance(module, Linear):
             continue
         row = rows.get(name)
@@ -380,7 +387,9 @@ def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
             else:
                 row.detail = f"{row.detail}; linear=True: {why}" if row.detail else why
             continue
-        model.set_submodule(name, Linear.from_linear(module))
+        if id(module) not in replacements:  # one layer reachable by two paths: one replacement
+            replacements[id(module)] = Linear.from_linear(module)
+        model.set_submodule(name, replacements[id(module)])
         record.modules.append((name, module))
         detail = "float32 GEMM (mmkernels.linear)" + (f"; not quantized: {row.detail}" if row is not None else "")
         if row is None:

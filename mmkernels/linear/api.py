@@ -10,6 +10,7 @@ a call skips the custom op's dispatcher round trip and runs the selected backend
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -67,6 +68,9 @@ def auto_backend(
     ``mmkernels.patch(model, linear=True)`` asks before it replaces a layer."""
     call = LinearCall(device, _name(dtype), (size_bucket(m), k, n))
     chosen = _dispatch.select(OP, call, device, None)
+    forced, source = _dispatch._requested(OP, None)
+    if forced is not None:
+        return chosen.name, f"{source}={forced} forces it"
     return chosen.name, chosen.auto_verdict(call)[1] if chosen.auto_rule is not None else ""
 
 
@@ -90,16 +94,20 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-D matrix of its last dim (any size may be 0, so not ``reshape(-1, ...)``)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    n, k = weight.shape
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = grad @ weight
     if ctx.needs_input_grad[1]:
-        grad_w = grad.reshape(-1, n).T @ x.reshape(-1, k)
+        grad_w = _rows(grad).T @ _rows(x)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad.reshape(-1, n).sum(0)
+        grad_b = _rows(grad).sum(0)
     return grad_x, grad_w, grad_b, None
 
 
@@ -114,8 +122,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Op
     The CPU backend serves float32 (the weight-only GEMM's micro-kernels on the weight prepacked once
     and cached per weight tensor: ``mmkernels.clear_caches()`` after writing a weight through
     ``.numpy()``); every other call, and any call where auto-selection keeps torch on this CPU,
-    runs ``torch.nn.functional.linear`` (``backend="torch"``). Differentiable (the backward is
-    torch's matmuls). NaN / inf: IEEE arithmetic, as the reference (docs/nan_semantics.md).
+    runs ``torch.nn.functional.linear`` (``backend="torch"``). Inside ``torch.autocast`` the call is
+    ``torch.nn.functional.linear`` itself (autocast picks its compute dtype). Differentiable (the
+    backward is torch's matmuls). NaN / inf: IEEE arithmetic, as the reference
+    (docs/nan_semantics.md).
     ``backend``: see ``mmkernels._dispatch`` (``mmkernels info`` shows the choice and why).
     """
     if not isinstance(x, Tensor):
@@ -138,6 +148,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Op
             raise ValueError(f"bias must be {_name(x.dtype)} (N,) = ({n},) on {x.device}, got {_describe(bias)}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast decides the compute dtype of a linear layer (bf16 / fp16): torch's op carries it
+        return torch.nn.functional.linear(x, weight, bias)
     if plain_eager(x, weight, bias):
         return _linear_impl(x, weight, bias, backend or "")
     return _linear_op(x, weight, bias, backend or "")

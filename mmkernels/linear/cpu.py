@@ -12,6 +12,7 @@ plain loops (correct, slow: auto-selection keeps torch there).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -35,11 +36,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Same contract as ``reference.linear_reference`` for float32 CPU tensors (checked by api.py)."""
     ops = _EXT.require(REQUIRED_OP)
     k, n = x.shape[-1], weight.shape[0]
-    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # (not -1: K may be 0)
     if k > 1 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.full((m, n), float("nan")) if _POISON else torch.empty((m, n))
+    if _POISON:
+        out = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     # no autograd here (plain eager without gradients, or the op's body): the kernel writes into out
     _EXT.kernel(REQUIRED_OP)(x2, _packed(ops, weight), b, out)

@@ -89,7 +89,7 @@ def test_non_float32_and_subclassed_linears_are_left_with_a_reason():
     report = mmkernels.patch(model, attention=False, linear=True)
     left = {r.path: r.detail for r in report.left("linear")}
     assert "bfloat16 weight" in left["0"] and "subclass of nn.Linear (MyLinear)" in left["1"]
-    assert "forward hooks" in left["3"]
+    assert "has hooks" in left["3"]
     assert [r.path for r in report.patched("linear")] == ["2"]
     mmkernels.unpatch(model)
 
@@ -117,3 +117,31 @@ def test_layers_where_torch_serves_their_size_are_left_with_the_reason(monkeypat
     assert all("torch serves float32 GEMMs of this size here" in r.detail for r in left)
     assert all(type(m) is nn.Linear for m in _linears(model).values())
     mmkernels.unpatch(model)
+
+
+def test_unpatch_drops_the_packed_copies():
+    from mmkernels import _packed_cache
+
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    mmkernels.patch(model, attention=False, linear=True)
+    model(torch.randn(32, 16))
+    assert _packed_cache.is_cached(model[0].weight) and _packed_cache.is_cached(model[2].weight)
+    mmkernels.unpatch(model)
+    assert not _packed_cache.is_cached(model[0].weight) and not _packed_cache.is_cached(model[2].weight)
+
+
+def test_a_layer_reachable_by_two_paths_is_replaced_once_and_restored_at_both():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    mmkernels.patch(model, attention=False, linear=True)
+    assert type(model[0]) is mmkernels.nn.Linear and model[0] is model[2]
+    mmkernels.unpatch(model)
+    assert model[0] is shared and model[2] is shared
+
+
+def test_a_forced_backend_is_named_as_the_reason(monkeypatch):
+    monkeypatch.setenv("MMKERNELS_LINEAR_BACKEND", "torch")
+    _dispatch.clear_selection_cache()
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="MMKERNELS_LINEAR_BACKEND=torch forces it"):
+        mmkernels.patch(model, attention=False, linear=True)

@@ -166,3 +166,22 @@ def test_opcheck_schema_fake_and_autograd_registration(with_bias):
     w = torch.randn(33, 24, requires_grad=True)
     b = torch.randn(33, requires_grad=True) if with_bias else None
     torch.library.opcheck(torch.ops.mmkernels.linear.default, (x, w, b, "cpu"))
+
+
+@needs_kernel
+def test_torch_compile_inductor():
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    f = torch.compile(lambda x: torch.relu(mmkernels.linear(x, w, b, backend="cpu")) * 2, fullgraph=True)
+    x = torch.randn(3, 11, 40, generator=g)
+    torch.testing.assert_close(f(x), torch.relu(torch.nn.functional.linear(x, w, b)) * 2, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_decides_the_compute_dtype_as_for_nn_linear():
+    layer = torch.nn.Linear(24, 40)
+    m = mmkernels.nn.Linear.from_linear(layer)
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), layer(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)

@@ -161,3 +161,39 @@ def test_op_refuses_bad_arguments():
         ops.linear_f32(x, packed, torch.randn(69), out)
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear_prepack(w.double())
+
+
+def test_empty_sizes_with_leading_dims_and_their_gradients():
+    got = mmkernels.linear(torch.randn(2, 3, 0), torch.randn(5, 0), torch.ones(5), backend="cpu")
+    assert torch.equal(got, torch.ones(2, 3, 5))
+    assert mmkernels.linear(torch.randn(2, 0, 4), torch.randn(5, 4), backend="cpu").shape == (2, 0, 5)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(0, 4, requires_grad=True)
+    mmkernels.linear(x, w, backend="cpu").sum().backward()
+    assert torch.equal(x.grad, torch.zeros(2, 3, 4)) and w.grad.shape == (0, 4)
+
+
+def test_output_follows_x_not_the_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, w = torch.randn(20, 33, dtype=torch.float32), torch.randn(40, 33, dtype=torch.float32)
+        check(x, w)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_data_writes_need_clear_caches():
+    layer = torch.nn.Linear(33, 40)
+    x = torch.randn(20, 33)
+    before = mmkernels.linear(x, layer.weight, layer.bias, backend="cpu")
+    layer.weight.data.mul_(-1.0)  # `.data` has its own version counter: not seen ...
+    assert torch.equal(mmkernels.linear(x, layer.weight, layer.bias, backend="cpu"), before)
+    mmkernels.clear_caches()  # ... until the caches are cleared (documented: mmkernels.clear_caches)
+    torch.testing.assert_close(
+        mmkernels.linear(x, layer.weight, layer.bias, backend="cpu"),
+        torch.nn.functional.linear(x, layer.weight, layer.bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert ".data" in mmkernels.clear_caches.__doc__
