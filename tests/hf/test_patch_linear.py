@@ -83,9 +83,9 @@ def test_non_float32_and_subclassed_linears_are_left_with_a_reason():
     class MyLinear(nn.Linear):
         pass
 
-    hooked = nn.Linear(8, 8)
+    hooked = nn.Linear(64, 64)
     hooked.register_forward_hook(lambda module, args, out: out)
-    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), MyLinear(8, 8), nn.Linear(8, 8), hooked)
+    model = nn.Sequential(nn.Linear(64, 64).to(torch.bfloat16), MyLinear(64, 64), nn.Linear(64, 64), hooked)
     report = mmkernels.patch(model, attention=False, linear=True)
     left = {r.path: r.detail for r in report.left("linear")}
     assert "bfloat16 weight" in left["0"] and "subclass of nn.Linear (MyLinear)" in left["1"]
@@ -95,7 +95,7 @@ def test_non_float32_and_subclassed_linears_are_left_with_a_reason():
 
 
 def test_linear_flag_must_be_a_bool_and_settings_compare():
-    model = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(TypeError, match="linear must be a bool"):
         mmkernels.patch(model, attention=False, linear="yes")
     first = mmkernels.patch(model, attention=False, linear=True)
@@ -122,16 +122,16 @@ def test_layers_where_torch_serves_their_size_are_left_with_the_reason(monkeypat
 def test_unpatch_drops_the_packed_copies():
     from mmkernels import _packed_cache
 
-    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
     mmkernels.patch(model, attention=False, linear=True)
-    model(torch.randn(32, 16))
+    model(torch.randn(32, 64))
     assert _packed_cache.is_cached(model[0].weight) and _packed_cache.is_cached(model[2].weight)
     mmkernels.unpatch(model)
     assert not _packed_cache.is_cached(model[0].weight) and not _packed_cache.is_cached(model[2].weight)
 
 
 def test_a_layer_reachable_by_two_paths_is_replaced_once_and_restored_at_both():
-    shared = nn.Linear(8, 8)
+    shared = nn.Linear(64, 64)
     model = nn.Sequential(shared, nn.ReLU(), shared)
     mmkernels.patch(model, attention=False, linear=True)
     assert type(model[0]) is mmkernels.nn.Linear and model[0] is model[2]
@@ -142,6 +142,14 @@ def test_a_layer_reachable_by_two_paths_is_replaced_once_and_restored_at_both():
 def test_a_forced_backend_is_named_as_the_reason(monkeypatch):
     monkeypatch.setenv("MMKERNELS_LINEAR_BACKEND", "torch")
     _dispatch.clear_selection_cache()
-    model = nn.Sequential(nn.Linear(8, 8))
+    model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match="MMKERNELS_LINEAR_BACKEND=torch forces it"):
         mmkernels.patch(model, attention=False, linear=True)
+
+
+def test_layers_too_small_for_our_kernel_are_left():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 32), nn.Linear(64, 64))
+    report = mmkernels.patch(model, attention=False, linear=True)
+    assert [r.path for r in report.patched("linear")] == ["2"]
+    assert all("per-call costs decide" in r.detail for r in report.left("linear"))
+    mmkernels.unpatch(model)

@@ -61,7 +61,7 @@ def _auto(monkeypatch, klass, vendor, calibrate="0"):
     monkeypatch.setattr(backends, "cpu_vendor", lambda: vendor)
     _dispatch.clear_selection_cache()
     try:
-        return _select(torch.randn(64, 32), torch.randn(48, 32), "").name
+        return _select(torch.randn(256, 64), torch.randn(96, 64), "").name  # above TINY_MACS
     finally:
         _dispatch.clear_selection_cache()
 
@@ -185,3 +185,15 @@ def test_autocast_decides_the_compute_dtype_as_for_nn_linear():
         got, want = m(x), layer(x)
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_tiny_calls_stay_with_torch_on_the_measured_class(monkeypatch):
+    monkeypatch.setenv("MMKERNELS_CALIBRATE", "0")
+    monkeypatch.setattr(backends, "_measured_class", lambda: True)
+    _dispatch.clear_selection_cache()
+    try:
+        assert _select(torch.randn(1, 64), torch.randn(64, 64), "").name == "torch"
+        assert _select(torch.randn(1, 384), torch.randn(384, 384), "").name == "cpu"
+    finally:
+        _dispatch.clear_selection_cache()
