@@ -147,6 +147,12 @@ def cpu_vendor() -> str:
     return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, "")
 
 
+def cpu_family() -> int:
+    """/proc/cpuinfo's "cpu family" (AMD: 25 = Zen 3 / 4, 26 = Zen 5), 0 when unknown."""
+    value = _cpuinfo_field("cpu family")
+    return int(value) if value.isdigit() else 0
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo, else platform.processor()), for calibration caches."""
     import platform

@@ -13,7 +13,7 @@ from typing import List
 
 from .. import _calibration, _dispatch
 from .._extension import CPU as _EXT
-from .._extension import cpu_class, cpu_vendor
+from .._extension import cpu_class, cpu_family, cpu_vendor
 
 OP = "linear"
 
@@ -37,12 +37,18 @@ CPU = _dispatch.Backend(
 
 
 # Measured with `mmkernels bench --family quant --only linear` (README): AMD EPYC Zen 5, 2 threads,
-# our kernel against torch's float32 F.linear (MKL SGEMM at ~37-40% of the FMA peak there):
-# 2.1-2.5x at M = 8-4096 (LLM decode batch, ViT / BERT / prefill shapes), 1.5-1.6x for M = 1
-# GEMVs. Not measured on other CPUs: calibration decides there (on by default outside AMD AVX-512),
-# else torch keeps the call.
+# our kernel against torch's float32 F.linear (MKL SGEMM at ~37-40% of the FMA peak there, likely
+# its AVX2 code: half of Zen 5's 512-bit FMA width): 2.1-2.5x at M = 8-4096 (LLM decode batch,
+# ViT / BERT / prefill shapes), 1.5-1.6x for M = 1 GEMVs. Not measured on other CPUs, Zen 4
+# included (its AVX-512 is double-pumped 256-bit, so MKL's AVX2 code may run at its full FMA
+# rate): calibration decides there where it is on, else torch keeps the call.
+ZEN5_FAMILY = 26
+
+
 def _measured_class() -> bool:
-    if cpu_class() != "avx512" or cpu_vendor() != "amd" or not _EXT.availability("qmatmul_cpu_isa")[0]:
+    if cpu_class() != "avx512" or cpu_vendor() != "amd" or cpu_family() < ZEN5_FAMILY:
+        return False
+    if not _EXT.availability("qmatmul_cpu_isa")[0]:
         return False
     return _EXT.require("qmatmul_cpu_isa").qmatmul_cpu_isa().startswith("avx512")  # MMKERNELS_CPU_ISA
 
@@ -69,12 +75,12 @@ def _torch_auto_rule(call):
                 "(AMD Zen 5: 5.6-8.5 against 8.7-9.7 us through mmkernels.linear)"
             )
         return False, (
-            "our float32 GEMM is faster on this AMD AVX-512 CPU (Zen 5, `mmkernels bench`: 2.1-2.5x "
+            "our float32 GEMM is faster on this AMD Zen 5 CPU (`mmkernels bench`: 2.1-2.5x "
             "torch's MKL SGEMM at M >= 8, 1.5-1.6x for GEMVs)"
         )
     return True, (
         f"torch's GEMM is the measured-safe choice on this {cpu_class()} CPU (ours was measured "
-        "faster on AMD AVX-512 only; MMKERNELS_CALIBRATE=1 times both here)"
+        "faster on AMD Zen 5 only; MMKERNELS_CALIBRATE=1 times both here)"
     )
 
 

@@ -55,10 +55,11 @@ def test_other_dtypes_are_served_and_the_cpu_backend_says_why_not(dtype):
         mmkernels.linear(x, w, b, backend="cpu")
 
 
-def _auto(monkeypatch, klass, vendor, calibrate="0"):
+def _auto(monkeypatch, klass, vendor, calibrate="0", family=26):
     monkeypatch.setenv("MMKERNELS_CALIBRATE", calibrate)
     monkeypatch.setattr(backends, "cpu_class", lambda: klass)
     monkeypatch.setattr(backends, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(backends, "cpu_family", lambda: family)
     _dispatch.clear_selection_cache()
     try:
         return _select(torch.randn(256, 64), torch.randn(96, 64), "").name  # above TINY_MACS
@@ -73,6 +74,7 @@ def test_auto_selection_follows_the_measured_class(monkeypatch):
     assert _auto(monkeypatch, "avx512", "amd") == ("cpu" if ours else "torch")
     for klass, vendor in (("amx", "intel"), ("avx512", "intel"), ("avx2", "amd"), ("scalar", "")):
         assert _auto(monkeypatch, klass, vendor) == "torch", (klass, vendor)
+    assert _auto(monkeypatch, "avx512", "amd", family=25) == "torch"  # Zen 4: not measured
 
 
 @needs_kernel
