@@ -109,19 +109,13 @@ def _calibration_contenders(call):
     return {"cpu": contender("cpu"), "torch": contender("torch")}
 
 
-def _torch_linear(x, weight, bias=None):
-    import torch
-
-    return torch.nn.functional.linear(x, weight, bias)
-
-
 def _torch_check(call) -> List[str]:
     return ["float64 is the reference's (the test oracle)"] if call.dtype_name == "float64" else []
 
 
 TORCH = _dispatch.Backend(
     "torch",
-    _torch_linear,
+    "torch.nn.functional:linear",
     devices=None,
     check=_torch_check,
     auto_rule=_torch_auto_rule,

@@ -28,13 +28,16 @@ REQUIRED_OP = "linear_f32"
 _POISON = os.environ.get("MMKERNELS_DEBUG_POISON", "") == "1"
 
 
-def _packed(ops, weight: Tensor) -> Tensor:
-    return _packed_cache.packed(weight, "dense_f32", (), lambda: (ops.linear_prepack(weight.detach()),))[0]
+def _packed(weight: Tensor) -> Tensor:
+    def build():
+        return (_EXT.require(REQUIRED_OP).linear_prepack(weight.detach()),)
+
+    return _packed_cache.packed(weight, "dense_f32", (), build)[0]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Same contract as ``reference.linear_reference`` for float32 CPU tensors (checked by api.py)."""
-    ops = _EXT.require(REQUIRED_OP)
+    kernel = _EXT.kernel(REQUIRED_OP)  # raises when the extension lacks it
     k, n = x.shape[-1], weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # (not -1: K may be 0)
     if k > 1 and x2.stride(-1) != 1:
@@ -46,5 +49,5 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     # no autograd here (plain eager without gradients, or the op's body): the kernel writes into out
-    _EXT.kernel(REQUIRED_OP)(x2, _packed(ops, weight), b, out)
+    kernel(x2, _packed(weight), b, out)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

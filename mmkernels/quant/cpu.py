@@ -58,8 +58,6 @@ is_available, __getattr__, cpu_isa = _EXT.family_accessors(__name__, REQUIRED_OP
 
 # --- prepacked-weight cache (mmkernels._packed_cache) --------------------------------------------
 
-_CACHE = _packed_cache._CACHE  # for tests
-_entries = _packed_cache._entries
 is_cached = _packed_cache.is_cached
 clear_cache = _packed_cache.clear
 cache_size = _packed_cache.size
