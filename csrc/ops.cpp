@@ -10,7 +10,8 @@
 //                               products into out
 //   mmkernels_C::linear_*       dense fp32 Linear on the same GEMM micro-kernels (mmkernels.linear,
 //                               csrc/cpu/qmatmul_torch.cpp): linear_prepack lays the weight out as
-//                               the kernels' panels, linear_f32 runs the product into out
+//                               the kernels' panels, linear_f32 runs the product (+ bias, then
+//                               an activation: qmm::Act) into out
 //   mmkernels_C::*cpu_isa       name of the CPU code path each family uses now (MMKERNELS_CPU_ISA
 //                               lowers it)
 //   mmkernels_C::fma_peak_gflops  the machine's float32 FMA peak, measured (csrc/cpu/peak*.cpp)
@@ -106,7 +107,7 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
   m.def("linear_prepack(Tensor weight) -> Tensor");
-  m.def("linear_f32(Tensor x2, Tensor packed, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("linear_f32(Tensor x2, Tensor packed, Tensor? bias, Tensor(a!) out, int act) -> ()");
   m.def("fma_peak_gflops(int iterations, int repeats) -> float", &fma_peak_op);
   m.def("dot_peak_gops(int kind, int iterations, int repeats) -> float", &dot_peak_op);
   m.def("cpu_features() -> str", &cpu_features_op);

@@ -3,6 +3,7 @@
 // torch glue (checks, prepacking, work split) in qmatmul_torch.cpp.
 #include "cpu/qmatmul.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "cpu/cpu_features.h"
@@ -31,6 +32,27 @@ float half_to_f32(uint16_t h) { return f16_to_f32(h); }
 
 uint16_t f32_to_16bit(float f, int dtype) {
   return dtype == kBF16 ? f32_to_bf16(f) : f32_to_f16(f);
+}
+
+float act_f32(float v, int act) {
+  const double x = v;
+  switch (act) {
+    case kActRelu:      return v < 0.f ? 0.f : v;  // NaN and -0 kept
+    case kActGelu:      return (float)(0.5 * x * std::erfc(-x * 0.70710678118654752440));
+    case kActGeluTanh:  // sigmoid form of the tanh: 1 + tanh(u) = 2 / (1 + exp(-2u))
+      return (float)(x / (1.0 + std::exp(-1.5957691216057307 * (x + 0.044715 * x * x * x))));
+    case kActQuickGelu: return (float)(x / (1.0 + std::exp(-1.702 * x)));
+    case kActSilu:      return (float)(x / (1.0 + std::exp(-x)));
+    default:            return v;
+  }
+}
+
+void store_general(const Out& o, int64_t m, int64_t n, float v) {
+  v = act_f32(v, o.act);
+  if (o.dtype == kF32)
+    ((float*)o.y)[m * o.ldo + n] = v;
+  else
+    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_16bit(v, o.dtype);
 }
 
 namespace {

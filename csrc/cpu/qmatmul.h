@@ -79,13 +79,31 @@ struct A8Packed {
   int64_t Npad, T;  // T = ceil(K / 4) quads
 };
 
+// Activation applied to each output after the bias (mmkernels.linear's ``activation``; semantics:
+// mmkernels/linear/reference.py, docs/nan_semantics.md), in fp32 before the output's rounding:
+//   kActRelu       max(v, 0) (NaN kept)
+//   kActGelu       v / 2 * (1 + erf(v / sqrt 2))
+//   kActGeluTanh   v / 2 * (1 + tanh(sqrt(2 / pi) * (v + 0.044715 v^3)))  (= v * sigmoid(2 * that))
+//   kActQuickGelu  v * sigmoid(1.702 v)
+//   kActSilu       v * sigmoid(v)
+enum Act : int {
+  kActNone = 0,
+  kActRelu = 1,
+  kActGelu = 2,
+  kActGeluTanh = 3,
+  kActQuickGelu = 4,
+  kActSilu = 5
+};
+constexpr int kActCount = 6;
+
 // Output: rows of out (M, N), row stride ldo elements, dtype kF32 / kBF16 / kF16; bias fp32 (N) or
-// null.
+// null; act: an Act, applied after the bias.
 struct Out {
   void* y;
   int64_t ldo;
   int dtype;
   const float* bias;
+  int act = kActNone;
 };
 
 // rowdot: x as fp32, prepared by the driver. int4: xe / xo = the even / odd columns of each row
@@ -211,6 +229,12 @@ float half_to_f32(uint16_t h);  // binary16, exact (fp16.h)
 // f32_to_bf16 (kBF16), or binary16 rounded to nearest even, overflow to inf, NaN kept (kF16,
 // fp16.h)
 uint16_t f32_to_16bit(float f, int dtype);
+// The activation act (an Act) of v, computed in double with libm (erfc, exp) and rounded to fp32:
+// the scalar paths' epilogue and the SIMD paths' scalar stores. NaN gives NaN.
+float act_f32(float v, int act);
+// out[m, n] = act(v) in the output dtype (v: bias already added): the out-of-line half of
+// store_scalar (qmatmul_kernel.h) for 16-bit outputs and activations.
+void store_general(const Out& o, int64_t m, int64_t n, float v);
 
 // Element off of x (dtype kF32 / kBF16 / kF16) as fp32 (exact).
 inline float x_elem_f32(const void* x, int dtype, int64_t off) {

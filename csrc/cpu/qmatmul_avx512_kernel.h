@@ -8,6 +8,7 @@
 #pragma once
 
 #include "cpu/qmatmul_kernel.h"
+#include "cpu/vec_avx512.h"
 
 namespace mmk {
 namespace cpu {
@@ -44,9 +45,68 @@ inline __m512 load_x(const void* x, int dtype, int64_t off, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t*)x + off));
 }
 
-// y[0 .. n) = v (+ bias) in the output dtype.
+// ---- activations (Act in qmatmul.h), 16 lanes -------------------------------------------------
+// Every exponential has a non-positive argument (V512::exp2's domain, max relative error 1.7e-7;
+// 0 below 2^-125). NaN lanes stay NaN; +inf lanes give +inf; -inf lanes give NaN except relu's 0
+// (torch's activations do the same, but its gelu gives NaN at +inf).
+
+inline __m512 neg_abs(__m512 a) {  // -|a| (NaN stays NaN)
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));
+}
+
+inline __m512 exp_nonpos(__m512 y) {  // e^y for y <= 0
+  return V512::exp2(_mm512_mul_ps(y, _mm512_set1_ps(1.4426950408889634f)));
+}
+
+// x * sigmoid(a) = x / (1 + e) for a >= 0, x e / (1 + e) for a < 0, with e = exp(-|a|).
+inline __m512 times_sigmoid(__m512 x, __m512 a) {
+  const __m512 e = exp_nonpos(neg_abs(a));
+  const __mmask16 neg = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_div_ps(_mm512_mask_mul_ps(x, neg, x, e), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// x / 2 * (1 + erf(x / sqrt 2)) = x (1 - q / 2) for x >= 0 and x q / 2 for x < 0, q = erfc(|x| /
+// sqrt 2) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7: the approximation torch's
+// vectorised erf uses), so no cancellation for negative x.
+inline __m512 gelu_erf(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  const __m512 half_q =
+      _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(p, t), exp_nonpos(neg_abs(_mm512_mul_ps(z, z)))),
+                    _mm512_set1_ps(0.5f));
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mul_ps(x, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half_q), half_q));
+}
+
+// Out of line: the epilogues that call it stay small in the common case (no activation).
+__attribute__((noinline)) __m512 activate(__m512 v, int act) {
+  switch (act) {
+    case kActRelu:
+      return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v,
+                                  _mm512_setzero_ps());
+    case kActGelu:     return gelu_erf(v);
+    case kActGeluTanh: {  // a = 2 sqrt(2 / pi) (v + 0.044715 v^3)
+      const __m512 v2 = _mm512_mul_ps(v, v);
+      const __m512 c = _mm512_fmadd_ps(v2, _mm512_set1_ps(0.07135481627159207f),
+                                       _mm512_set1_ps(1.5957691216057307f));
+      return times_sigmoid(v, _mm512_mul_ps(v, c));
+    }
+    case kActQuickGelu: return times_sigmoid(v, _mm512_mul_ps(v, _mm512_set1_ps(1.702f)));
+    case kActSilu:      return times_sigmoid(v, v);
+    default:            return v;
+  }
+}
+
+// y[0 .. n) = act(v (+ bias)) in the output dtype.
 inline void store_out(const Out& o, int64_t m, int64_t n0, __m512 v, __mmask16 mask) {
   if (o.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o.bias + n0));
+  if (o.act != kActNone) v = activate(v, o.act);
   if (o.dtype == kF32) {
     _mm512_mask_storeu_ps((float*)o.y + m * o.ldo + n0, mask, v);
   } else {

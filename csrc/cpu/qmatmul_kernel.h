@@ -17,15 +17,16 @@ namespace cpu {
 namespace qmm {
 namespace {
 
-// out[m, n] = v (+ bias[n]) in the output dtype.
+// out[m, n] = act(v (+ bias[n])) in the output dtype.
 inline void store_scalar(const Out& o, int64_t m, int64_t n, float v) {
   if (o.bias) v += o.bias[n];
-  if (o.dtype == kF32) {
+  if (o.dtype == kF32 && o.act == kActNone) {
     ((float*)o.y)[m * o.ldo + n] = v;
   } else {
-    // One out-of-line call for both 16-bit dtypes: a second call site here changed the register
-    // allocation of the row-dot blocks that inline this and slowed the int8 GEMV by ~7%.
-    ((uint16_t*)o.y)[m * o.ldo + n] = f32_to_16bit(v, o.dtype);
+    // One out-of-line call for the 16-bit dtypes and the activations: a second call site here
+    // changed the register allocation of the row-dot blocks that inline this and slowed the int8
+    // GEMV by ~7%.
+    store_general(o, m, n, v);
   }
 }
 

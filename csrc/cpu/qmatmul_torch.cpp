@@ -546,10 +546,12 @@ at::Tensor linear_prepack(const at::Tensor& weight) {
   return packed;
 }
 
-// out (M, N) = x2 (M, K) @ W.T (+ bias), fp32, with W prepacked by linear_prepack. x2 / out:
-// float32 with stride(1) == 1; bias float32 contiguous (N) or none.
+// out (M, N) = act(x2 (M, K) @ W.T (+ bias)), fp32, with W prepacked by linear_prepack. x2 / out:
+// float32 with stride(1) == 1; bias float32 contiguous (N) or none; act an Act (qmatmul.h).
 void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
-                const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+                const std::optional<at::Tensor>& bias, const at::Tensor& out, int64_t act) {
+  TORCH_CHECK(act >= 0 && act < kActCount, "linear (CPU): act must be in [0, ", kActCount,
+              "), got ", act);
   TORCH_CHECK(x2.device().is_cpu() && x2.scalar_type() == at::kFloat && x2.dim() == 2 &&
                   (x2.size(1) <= 1 || x2.stride(1) == 1),
               "linear (CPU): x2 must be a float32 (M, K) CPU tensor with stride(1) == 1, got ",
@@ -575,7 +577,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   const int64_t ldx = x2.stride(0), ldo = out.stride(0);
   if (K == 0) {  // the empty sum: the bias, or zeros (packed holds no data to point into)
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * ldo + n] = b ? b[n] : 0.f;
+      for (int64_t n = 0; n < N; ++n) y[m * ldo + n] = act_f32(b ? b[n] : 0.f, (int)act);
     return;
   }
   const QmmImpl* impl = select_impl();
@@ -587,7 +589,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
           const float* col = w + (n / kStrip) * K * kStrip + n % kStrip;
           float acc = 0.f;
           for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * col[k * kStrip];
-          y[m * ldo + n] = b ? acc + b[n] : acc;
+          y[m * ldo + n] = act_f32(b ? acc + b[n] : acc, (int)act);
         }
     });
     return;
@@ -605,6 +607,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   j.a_dtype = kF32;
   j.M = M;
   j.out = make_out(out, b);
+  j.out.act = (int)act;
   const GemmSplit g = split_gemm(impl, j);
   run_gemm(impl, j, g, tl_scratch.get(g.per_thread * g.nt));
 }

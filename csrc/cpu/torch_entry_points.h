@@ -35,7 +35,7 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
                   const std::optional<at::Tensor>& sw, const at::Tensor& out);
 
 void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
-                const std::optional<at::Tensor>& bias, const at::Tensor& out);
+                const std::optional<at::Tensor>& bias, const at::Tensor& out, int64_t act);
 
 }  // namespace qmm
 }  // namespace cpu

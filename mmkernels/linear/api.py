@@ -3,6 +3,7 @@ autograd formula, so ``torch.compile(fullgraph=True)`` and training go through i
 
 ```
 y = mmkernels.linear(x, layer.weight, layer.bias)   # = torch.nn.functional.linear, faster where measured
+h = mmkernels.linear(x, fc1.weight, fc1.bias, activation="gelu")   # = F.gelu(fc1(x)), fused
 ```
 In plain eager mode (no autograd to record, not tracing or compiling, plain tensors: mmkernels._eager)
 a call skips the custom op's dispatcher round trip and runs the selected backend directly.
@@ -19,6 +20,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._calibration import size_bucket
 from .._eager import plain_eager
+from .reference import ACTIVATIONS
 
 OP = "linear"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -74,24 +76,25 @@ def auto_backend(
     return chosen.name, chosen.auto_verdict(call)[1] if chosen.auto_rule is not None else ""
 
 
-def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    return _select(x, weight, backend).run(x, weight, bias)
+def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, activation: str) -> Tensor:
+    return _select(x, weight, backend).run(x, weight, bias, activation or None)
 
 
 @torch.library.custom_op("mmkernels::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    return _linear_impl(x, weight, bias, backend)
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, activation: str) -> Tensor:
+    return _linear_impl(x, weight, bias, backend, activation)
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, backend):
+def _(x, weight, bias, backend, activation):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, _, activation = inputs
+    ctx.save_for_backward(x, weight, bias if activation else None)
     ctx.has_bias = bias is not None
+    ctx.activation = activation
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -99,8 +102,21 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def _activation_backward(ctx, grad: Tensor) -> Tensor:
+    """The gradient at the pre-activation: the product is recomputed (torch's F.linear) and the
+    activation differentiated by torch's autograd, so the forward keeps no (M, N) tensor."""
+    x, weight, bias = ctx.saved_tensors
+    with torch.enable_grad():
+        pre = torch.nn.functional.linear(x.detach(), weight.detach(), None if bias is None else bias.detach())
+        pre.requires_grad_(True)
+        (grad_pre,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](pre), pre, grad)
+    return grad_pre
+
+
 def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight = ctx.saved_tensors[:2]
+    if ctx.activation:
+        grad = _activation_backward(ctx, grad)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_x = grad @ weight
@@ -108,24 +124,38 @@ def _backward(ctx, grad):
         grad_w = _rows(grad).T @ _rows(x)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = _rows(grad).sum(0)
-    return grad_x, grad_w, grad_b, None
+    return grad_x, grad_w, grad_b, None, None
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    """``y = x @ weight.T + bias`` (``torch.nn.functional.linear``): ``x (..., K)``, ``weight (N, K)``,
-    ``bias (N,)`` or None, all of one dtype (float32 / bfloat16 / float16; float64 is the
-    reference's) on one device; returns ``(..., N)``.
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    *,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """``y = act(x @ weight.T + bias)`` (``torch.nn.functional.linear``, then the activation):
+    ``x (..., K)``, ``weight (N, K)``, ``bias (N,)`` or None, all of one dtype (float32 / bfloat16 /
+    float16; float64 is the reference's) on one device; returns ``(..., N)``.
+
+    ``activation``: None, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"quick_gelu"`` or
+    ``"silu"`` (formulas: ``mmkernels.linear.reference``). Our CPU kernel applies it in the epilogue
+    that stores the output (no second pass over ``(..., N)``); torch's backend runs torch's
+    activation after ``F.linear``.
 
     The CPU backend serves float32 (the weight-only GEMM's micro-kernels on the weight prepacked once
     and cached per weight tensor: ``mmkernels.clear_caches()`` after writing a weight through
     ``.numpy()``); every other call, and any call where auto-selection keeps torch on this CPU,
     runs ``torch.nn.functional.linear`` (``backend="torch"``). Inside ``torch.autocast`` the call is
     ``torch.nn.functional.linear`` itself (autocast picks its compute dtype). Differentiable (the
-    backward is torch's matmuls). NaN / inf: IEEE arithmetic, as the reference
-    (docs/nan_semantics.md).
+    backward is torch's matmuls; with an activation the product is recomputed in the backward).
+    NaN / inf: IEEE arithmetic, as the reference (docs/nan_semantics.md).
+    Raises ``TypeError`` / ``ValueError`` naming the argument for a wrong type, shape, dtype,
+    device or activation name.
     ``backend``: see ``mmkernels._dispatch`` (``mmkernels info`` shows the choice and why).
     """
     if not isinstance(x, Tensor):
@@ -148,9 +178,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Op
             raise ValueError(f"bias must be {_name(x.dtype)} (N,) = ({n},) on {x.device}, got {_describe(bias)}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if torch.is_autocast_enabled(x.device.type):
         # autocast decides the compute dtype of a linear layer (bf16 / fp16): torch's op carries it
-        return torch.nn.functional.linear(x, weight, bias)
+        y = torch.nn.functional.linear(x, weight, bias)
+        return y if activation is None else ACTIVATIONS[activation](y)
     if plain_eager(x, weight, bias):
-        return _linear_impl(x, weight, bias, backend or "")
-    return _linear_op(x, weight, bias, backend or "")
+        return _linear_impl(x, weight, bias, backend or "", activation or "")
+    return _linear_op(x, weight, bias, backend or "", activation or "")

@@ -1,7 +1,7 @@
 """Backends of ``linear``, declared as data (mmkernels._dispatch.Backend), in priority order.
 
-* torch: ``torch.nn.functional.linear`` (MKL / oneDNN on CPUs, cuBLAS on GPUs); its auto rule
-  decides between it and ours for the calls both can serve.
+* torch: ``torch.nn.functional.linear`` (MKL / oneDNN on CPUs, cuBLAS on GPUs), then torch's
+  activation; its auto rule decides between it and ours for the calls both can serve.
 * cpu: float32 on CPU tensors, the C++ kernel (cpu.py).
 * reference: the spec (float64: the test oracle).
 """
@@ -9,11 +9,15 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
+
+from torch import Tensor
+from torch.nn import functional as F
 
 from .. import _calibration, _dispatch
 from .._extension import CPU as _EXT
 from .._extension import cpu_class, cpu_family, cpu_vendor
+from .reference import ACTIVATIONS
 
 OP = "linear"
 
@@ -32,7 +36,8 @@ CPU = _dispatch.Backend(
     availability=lambda: _EXT.availability("linear_f32"),
     notes="float32 only: the weight-only GEMM's micro-kernels (AVX-512: 6 rows x 64 channels, "
     "AVX2: 6 x 16, fp32 FMA) on the weight prepacked once as their panels (cached per weight "
-    "tensor), OpenMP over row blocks x 64-channel strips; plain loops on the scalar path",
+    "tensor), OpenMP over row blocks x 64-channel strips, bias and activation in the epilogue; "
+    "plain loops on the scalar path",
 )
 
 
@@ -109,24 +114,35 @@ def _calibration_contenders(call):
     return {"cpu": contender("cpu"), "torch": contender("torch")}
 
 
+# In place on F.linear's fresh output where torch has an in-place form (no autograd here: the
+# custom op's formula or plain eager without gradients).
+_IN_PLACE = {"relu": F.relu_, "silu": lambda y: F.silu(y, inplace=True)}
+
+
+def torch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """``torch.nn.functional.linear``, then torch's activation (reference.ACTIVATIONS)."""
+    y = F.linear(x, weight, bias)
+    return y if activation is None else _IN_PLACE.get(activation, ACTIVATIONS[activation])(y)
+
+
 def _torch_check(call) -> List[str]:
     return ["float64 is the reference's (the test oracle)"] if call.dtype_name == "float64" else []
 
 
 TORCH = _dispatch.Backend(
     "torch",
-    "torch.nn.functional:linear",
+    torch_linear,
     devices=None,
     check=_torch_check,
     auto_rule=_torch_auto_rule,
-    notes="torch.nn.functional.linear (MKL / oneDNN on CPUs, cuBLAS on GPUs)",
+    notes="torch.nn.functional.linear (MKL / oneDNN on CPUs, cuBLAS on GPUs), then torch's activation",
 )
 
 REFERENCE = _dispatch.Backend(
     "reference",
     "mmkernels.linear.reference:linear_reference",
     devices=None,
-    notes="plain PyTorch (the spec): torch.nn.functional.linear in the inputs' dtype",
+    notes="plain PyTorch (the spec): torch.nn.functional.linear and torch's activation in the inputs' dtype",
 )
 
 for _backend in (TORCH, CPU, REFERENCE):

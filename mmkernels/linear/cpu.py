@@ -6,8 +6,10 @@ The weight is prepacked once (``linear_prepack``: strips of 64 output channels, 
 AVX2 6 x 16, fp32 FMA) and cached per weight tensor (mmkernels._packed_cache: rebuilt after an
 in-place change, dropped with the weight; ``mmkernels.clear_caches()`` after writes that bypass the
 version counter). No decode, no scaling: the products are the float32 products of ``x`` and the
-weight, summed in float32 in blocks of 256 features. On the scalar path (no SIMD) the kernel is
-plain loops (correct, slow: auto-selection keeps torch there).
+weight, summed in float32 in blocks of 256 features; the bias and the activation are applied in the
+epilogue that stores the output (AVX-512: vectorised erf / exp; other paths: libm in double). On
+the scalar path (no SIMD) the kernel is plain loops (correct, slow: auto-selection keeps torch
+there).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from .. import _packed_cache
 from .._extension import CPU as _EXT
+from .reference import ACTIVATION_CODES
 
 REQUIRED_OP = "linear_f32"
 
@@ -35,8 +38,9 @@ def _packed(weight: Tensor) -> Tensor:
     return _packed_cache.packed(weight, "dense_f32", (), build)[0]
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """Same contract as ``reference.linear_reference`` for float32 CPU tensors (checked by api.py)."""
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """Same contract as ``reference.linear_reference`` for float32 CPU tensors (checked by api.py);
+    the activation runs in the kernel's epilogue, on the float32 sums in registers."""
     kernel = _EXT.kernel(REQUIRED_OP)  # raises when the extension lacks it
     k, n = x.shape[-1], weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), k)  # (not -1: K may be 0)
@@ -49,5 +53,5 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     # no autograd here (plain eager without gradients, or the op's body): the kernel writes into out
-    kernel(x2, _packed(weight), b, out)
+    kernel(x2, _packed(weight), b, out, ACTIVATION_CODES[activation])
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

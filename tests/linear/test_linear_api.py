@@ -9,6 +9,7 @@ from mmkernels import _calibration, _dispatch
 from mmkernels._extension import CPU as _EXT
 from mmkernels.linear import backends
 from mmkernels.linear.api import _select
+from mmkernels.linear.reference import linear_reference
 
 HAS_KERNEL = _EXT.availability("linear_f32")[0]
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="mmkernels._C has no linear kernel")
@@ -38,6 +39,13 @@ needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="mmkernels._C has no li
         ((torch.randn(2, 3), torch.randn(4, 3)), {"bias": [0.0] * 4}, TypeError, "bias must be a torch.Tensor"),
         ((torch.randn(2, 3), torch.randn(4, 3)), {"backend": 3}, TypeError, "backend must be a str"),
         ((torch.randn(2, 3), torch.randn(4, 3)), {"backend": "triton"}, ValueError, "triton"),
+        ((torch.randn(2, 3), torch.randn(4, 3)), {"activation": 1}, TypeError, "activation must be a str or None"),
+        (
+            (torch.randn(2, 3), torch.randn(4, 3)),
+            {"activation": "tanh"},
+            ValueError,
+            r"activation must be None or one of \['gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu'\], got 'tanh'",
+        ),
     ],
 )
 def test_bad_arguments_name_what_is_wrong(args, kwargs, exc, match):
@@ -124,6 +132,37 @@ def test_autograd_matches_torch(backend):
 
 
 @needs_kernel
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_autograd_with_an_activation_matches_torch(backend, activation):
+    g = torch.Generator().manual_seed(8)
+    x, w, b = torch.randn(2, 9, 24, generator=g), torch.randn(33, 24, generator=g) / 3, torch.randn(33, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    twins = [t.clone().requires_grad_() for t in (x, w, b)]
+    up = torch.randn(2, 9, 33, generator=g)
+    (mmkernels.linear(*leaves, backend=backend, activation=activation) * up).sum().backward()
+    (linear_reference(*twins, activation) * up).sum().backward()
+    for a, t in zip(leaves, twins):
+        torch.testing.assert_close(a.grad, t.grad, rtol=1e-5, atol=1e-5)
+    # no bias, and a gradient asked for x only
+    xs = x.clone().requires_grad_()
+    y = mmkernels.linear(xs, w, backend=backend, activation=activation)
+    (gx,) = torch.autograd.grad((y * up).sum(), xs)
+    xt = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad((linear_reference(xt, w, None, activation) * up).sum(), xt)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_gradcheck_in_float64_through_the_op_with_an_activation():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for activation in ("gelu", "silu"):
+        assert torch.autograd.gradcheck(lambda *t: mmkernels.linear(*t, activation=activation), (x, w, b))
+
+
+@needs_kernel
 def test_gradcheck_in_float64_through_the_op():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -167,7 +206,8 @@ def test_opcheck_schema_fake_and_autograd_registration(with_bias):
     x = torch.randn(2, 5, 24, requires_grad=True)
     w = torch.randn(33, 24, requires_grad=True)
     b = torch.randn(33, requires_grad=True) if with_bias else None
-    torch.library.opcheck(torch.ops.mmkernels.linear.default, (x, w, b, "cpu"))
+    for activation in ("", "gelu"):
+        torch.library.opcheck(torch.ops.mmkernels.linear.default, (x, w, b, "cpu", activation))
 
 
 @needs_kernel
@@ -177,6 +217,50 @@ def test_torch_compile_inductor():
     f = torch.compile(lambda x: torch.relu(mmkernels.linear(x, w, b, backend="cpu")) * 2, fullgraph=True)
     x = torch.randn(3, 11, 40, generator=g)
     torch.testing.assert_close(f(x), torch.relu(torch.nn.functional.linear(x, w, b)) * 2, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_torch_compile_with_an_activation(compiler):
+    g = torch.Generator().manual_seed(9)
+    w, b = torch.randn(70, 40, generator=g) / 6, torch.randn(70, generator=g)
+    f = torch.compile(
+        lambda x: mmkernels.linear(x, w, b, backend="cpu", activation="gelu"), fullgraph=True, backend=compiler
+    )
+    x = torch.randn(3, 11, 40, generator=g)
+    torch.testing.assert_close(f(x), linear_reference(x, w, b, "gelu"), rtol=1e-5, atol=1e-5)
+
+
+def test_module_with_an_activation():
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(5, 24)
+    fused = mmkernels.nn.Linear.from_linear(layer, activation="quick_gelu")
+    assert fused.weight is layer.weight and "activation='quick_gelu'" in repr(fused)
+    torch.testing.assert_close(fused(x), layer(x) * torch.sigmoid(1.702 * layer(x)), rtol=1e-5, atol=1e-5)
+    fresh = mmkernels.nn.Linear(24, 40, activation="relu")
+    assert torch.equal(fresh(x), torch.relu(torch.nn.functional.linear(x, fresh.weight, fresh.bias)))
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        mmkernels.nn.Linear(24, 40, activation="gelu_new")
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        mmkernels.nn.Linear.from_linear(layer, activation="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_activation_in_other_dtypes(dtype):
+    x, w = torch.randn(9, 20, dtype=dtype), torch.randn(7, 20, dtype=dtype)
+    got = mmkernels.linear(x, w, activation="silu")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.nn.functional.silu(torch.nn.functional.linear(x, w)))
+
+
+def test_autocast_with_an_activation_runs_torch():
+    layer = torch.nn.Linear(24, 40)
+    m = mmkernels.nn.Linear.from_linear(layer, activation="gelu")
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), torch.nn.functional.gelu(layer(x))
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
 
 
 def test_autocast_decides_the_compute_dtype_as_for_nn_linear():

@@ -32,12 +32,12 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def check(x, w, bias=None):
-    got = mmkernels.linear(x, w, bias, backend="cpu")
+def check(x, w, bias=None, activation=None):
+    got = mmkernels.linear(x, w, bias, backend="cpu", activation=activation)
     assert got.dtype == torch.float32 and got.shape == (*x.shape[:-1], w.shape[0])
     assert not torch.isnan(got).any(), "NaN in the output (an element was not written)"
-    exact = linear_reference(x.double(), w.double(), None if bias is None else bias.double())
-    same = linear_reference(x, w, bias)
+    exact = linear_reference(x.double(), w.double(), None if bias is None else bias.double(), activation)
+    same = linear_reference(x, w, bias, activation)
     err, base = max_err(got, exact), max_err(same, exact)
     floor = FLOOR[torch.float32] * max(1.0, exact.abs().max().item())
     assert err <= 2 * base + floor, f"max error {err:.3g} > 2 x {base:.3g} (torch float32) + {floor:.3g}"
@@ -107,6 +107,50 @@ def test_nan_and_inf_follow_ieee(isa):
     assert torch.isnan(got[2]).all() and torch.isnan(got[:, 3]).all()
 
 
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("m,k,n", [(1, 37, 70), (7, 513, 65), (13, 300, 129), (193, 130, 131)])
+def test_activation_matches_oracle(isa, activation, m, k, n):
+    g = torch.Generator().manual_seed(m + k + n)
+    # pre-activations of a few units either side of 0, where the activations bend
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * (3 / k**0.5)
+    check(x, w, torch.randn(n, generator=g), activation)
+    check(x, w, None, activation)
+
+
+# pre-activation -> output; sigmoid-type activations and gelu: +inf -> +inf, -inf -> NaN (the
+# formulas' inf * 0; torch's gelu gives NaN at +inf too, ours its limit +inf); relu: -inf -> 0.
+SPECIAL = [float("-inf"), float("inf"), float("nan"), -100.0, -20.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 1e30]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_special_values(isa, activation):
+    v = torch.tensor(SPECIAL)
+    # K = 1, weight 1: each row's pre-activation is exactly v (16 channels: one vector, lanes equal)
+    got = mmkernels.linear(v[:, None], torch.ones(16, 1), backend="cpu", activation=activation)
+    torch.testing.assert_close(got, got[:, :1].expand(-1, 16), rtol=0, atol=0, equal_nan=True)
+    got = got[:, 0]
+    exact = linear_reference(v[:, None].double(), torch.ones(1, 1, dtype=torch.float64), None, activation)[:, 0]
+    nan_in = torch.isnan(v) | ((v == float("-inf")) & (activation != "relu"))
+    assert torch.equal(torch.isnan(got), nan_in), got
+    assert got[1] == float("inf") and (got[0] == 0 if activation == "relu" else True)
+    finite = torch.isfinite(v)
+    # atol: the erf approximation's absolute error (torch's float32 gelu is off by 2.4e-7 at -5)
+    torch.testing.assert_close(got[finite].double(), exact[finite], rtol=2e-6, atol=3e-8)
+
+
+def test_activation_of_the_empty_sum_is_the_activated_bias():
+    b = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
+    for activation in ACTIVATIONS:
+        got = mmkernels.linear(torch.randn(3, 0), torch.randn(5, 0), b, backend="cpu", activation=activation)
+        want = linear_reference(
+            torch.zeros(3, 0, dtype=torch.float64), torch.zeros(5, 0, dtype=torch.float64), b.double(), activation
+        )
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_in_place_weight_change_is_seen():
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(20, 33, generator=g), torch.randn(40, 33, generator=g)
@@ -148,17 +192,19 @@ def test_op_refuses_bad_arguments():
     assert torch.equal(packed[1, :, 6:], torch.zeros(45, 58))  # padding channels
     x, out = torch.randn(5, 45), torch.empty(5, 70)
     with pytest.raises(RuntimeError, match="packed must be"):
-        ops.linear_f32(x, packed[:1], None, out)  # too few strips for N
+        ops.linear_f32(x, packed[:1], None, out, 0)  # too few strips for N
     with pytest.raises(RuntimeError, match="packed must be"):
-        ops.linear_f32(torch.randn(5, 44), packed, None, out)  # K differs from the packed weight
+        ops.linear_f32(torch.randn(5, 44), packed, None, out, 0)  # K differs from the packed weight
     with pytest.raises(RuntimeError, match="x2 must be"):
-        ops.linear_f32(x.double(), packed, None, out)
+        ops.linear_f32(x.double(), packed, None, out, 0)
     with pytest.raises(RuntimeError, match="x2 must be"):
-        ops.linear_f32(torch.randn(45, 5).T, packed, None, out)
+        ops.linear_f32(torch.randn(45, 5).T, packed, None, out, 0)
     with pytest.raises(RuntimeError, match="out must be"):
-        ops.linear_f32(x, packed, None, torch.empty(70, 5).T)
+        ops.linear_f32(x, packed, None, torch.empty(70, 5).T, 0)
     with pytest.raises(RuntimeError, match="bias must be"):
-        ops.linear_f32(x, packed, torch.randn(69), out)
+        ops.linear_f32(x, packed, torch.randn(69), out, 0)
+    with pytest.raises(RuntimeError, match="act must be"):
+        ops.linear_f32(x, packed, None, out, 6)
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear_prepack(w.double())
 
