@@ -169,6 +169,10 @@ def patch(
       included) becomes :class:`mmkernels.nn.Linear`, sharing its Parameters: the same float32
       product through :func:`mmkernels.linear`, where auto-selection takes our GEMM for the layer's
       size on this CPU (measured class rule, else calibration); other layers are left, with why.
+      Where the parent module applies its activation (GELU, tanh-GELU, QuickGELU, SiLU, ReLU)
+      straight to such a layer's output (an MLP's ``fc1``, Llama's ``gate_proj``), the activation
+      runs in the GEMM's epilogue and the activation module becomes ``nn.Identity``
+      (:mod:`mmkernels.hf.fusion` says when; the report's row says so).
 
     Returns a :class:`PatchReport`. Patching twice with the same settings returns the first
     report; with different settings raises ``ValueError`` (call :func:`unpatch` first). Raises
@@ -358,15 +362,38 @@ def _dense_refusal(module: nn.Linear) -> str:
 DENSE_PROBE_ROWS = 256
 
 
+def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Undo, fused: dict):
+    """The fused replacement of the Linear at ``name`` when its parent applies an activation
+    straight to its output (hf/fusion.py): the activation module becomes ``nn.Identity`` (undone
+    by unpatch). Returns ``(replacement, detail)``, or None where nothing is fused."""
+    from ..nn.linear import Linear
+    from .fusion import fusable_activation
+
+    parent_path, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    key = (id(parent), attr)
+    if key not in fused:  # a parent reachable by two paths is fused once
+        found = fusable_activation(parent, attr)
+        if found is None:
+            return None
+        act_attr, kind = found
+        act_path = f"{parent_path}.{act_attr}" if parent_path else act_attr
+        record.modules.append((act_path, parent._modules[act_attr]))
+        model.set_submodule(act_path, nn.Identity())
+        fused[key] = (Linear.from_linear(module, activation=kind), f"{kind} fused ({act_path} -> Identity)")
+    return fused[key]
+
+
 def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
     """``linear=True``: plain float32 CPU nn.Linear modules become mmkernels.nn.Linear, where
     auto-selection takes our kernel at their size on this CPU (elsewhere torch's GEMM would serve
-    every call anyway, and the new module would only add its overhead)."""
+    every call anyway, and the new module would only add its overhead); an activation that the
+    parent applies straight to the layer's output is fused into it (hf/fusion.py)."""
     from ..linear.api import auto_backend
     from ..nn.linear import Linear
 
     rows = {r.path: r for r in record.report.rows if r.kind == "linear"}
-    choices, replacements = {}, {}
+    choices, replacements, fused = {}, {}, {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Linear) or isinstance(module, Linear):
             continue
@@ -387,11 +414,17 @@ def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
             else:
                 row.detail = f"{row.detail}; linear=True: {why}" if row.detail else why
             continue
-        if id(module) not in replacements:  # one layer reachable by two paths: one replacement
-            replacements[id(module)] = Linear.from_linear(module)
-        model.set_submodule(name, replacements[id(module)])
+        fusion = _fuse_activation(model, name, module, record, fused)
+        if fusion is not None:
+            replacement, fused_detail = fusion
+        else:
+            if id(module) not in replacements:  # one layer reachable by two paths: one replacement
+                replacements[id(module)] = Linear.from_linear(module)
+            replacement, fused_detail = replacements[id(module)], ""
+        model.set_submodule(name, replacement)
         record.modules.append((name, module))
-        detail = "float32 GEMM (mmkernels.linear)" + (f"; not quantized: {row.detail}" if row is not None else "")
+        detail = "float32 GEMM (mmkernels.linear)" + (f" + {fused_detail}" if fused_detail else "")
+        detail += f"; not quantized: {row.detail}" if row is not None else ""
         if row is None:
             record.report.rows.append(Row(name, "linear", "mmkernels", detail))
         else:
