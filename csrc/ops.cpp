@@ -101,10 +101,12 @@ TORCH_LIBRARY(mmkernels_C, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "qmatmul_wo(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
-      "Tensor? bias, Tensor? smooth, Tensor? pw, Tensor? psT, Tensor? pzT, Tensor(a!) out) -> ()");
+      "Tensor? bias, Tensor? smooth, Tensor? pw, Tensor? psT, Tensor? pzT, Tensor(a!) out, "
+      "int act) -> ()");
   m.def(
       "qmatmul_w8a8(Tensor x2, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, "
-      "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out) -> ()");
+      "Tensor? smooth, Tensor? pw, Tensor? colsum, Tensor? zp, Tensor? sw, Tensor(a!) out, "
+      "int act) -> ()");
   m.def("qmatmul_cpu_isa() -> str", &isa_op<mmk::cpu::qmm::qmatmul_cpu_isa>);
   m.def("linear_prepack(Tensor weight) -> Tensor");
   m.def("linear_f32(Tensor x2, Tensor packed, Tensor? bias, Tensor(a!) out, int act) -> ()");

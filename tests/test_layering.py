@@ -23,6 +23,7 @@ RANKS = {
     "_eager": 0,
     "_calibration": 0,
     "_packed_cache": 0,
+    "_activations": 0,
     "attention": 1,
     "reduce": 1,
     "quant": 1,  # ops: api, reference, backends, kernels

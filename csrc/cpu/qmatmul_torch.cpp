@@ -188,12 +188,19 @@ const float* vec_f32(const std::optional<at::Tensor>& t, int64_t n, const char* 
   return t->data_ptr<float>();
 }
 
-Out make_out(const at::Tensor& out, const float* bias) {
+void check_act(int64_t act) {
+  TORCH_CHECK(act >= 0 && act < kActCount, "qmatmul / linear (CPU): act must be in [0, ", kActCount,
+              ") (qmm::Act), got ", act);
+}
+
+// act: checked by check_act.
+Out make_out(const at::Tensor& out, const float* bias, int64_t act) {
   Out o;
   o.y = out.data_ptr();
   o.ldo = out.stride(0);
   o.dtype = dtype_code(out);
   o.bias = bias;
+  o.act = (int)act;
   return o;
 }
 
@@ -348,14 +355,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qmatmul_prepack_a8(
 
 }  // namespace
 
-// out (M, N) = x2 (M, K) @ w_hat.T (+ bias), weight-only. x2: float32 / bfloat16 / float16 with
-// stride(1) == 1; out: x2's dtype, stride(1) == 1; bias / smooth float32 contiguous. With the
-// prepacked (pw, psT, pzT) the larger-M GEMM kernel may run; without, the row-dot kernel does.
+// out (M, N) = act(x2 (M, K) @ w_hat.T (+ bias)), weight-only (act: qmm::Act). x2: float32 /
+// bfloat16 / float16 with stride(1) == 1; out: x2's dtype, stride(1) == 1; bias / smooth float32
+// contiguous. With the prepacked (pw, psT, pzT) the larger-M GEMM kernel may run; without, the
+// row-dot kernel does.
 void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                 const std::optional<at::Tensor>& zeros, int64_t bits,
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
                 const std::optional<at::Tensor>& pw, const std::optional<at::Tensor>& psT,
-                const std::optional<at::Tensor>& pzT, const at::Tensor& out) {
+                const std::optional<at::Tensor>& pzT, const at::Tensor& out, int64_t act) {
+  check_act(act);
   const QWeight w = check_weight(qweight, scales, zeros, bits);
   check_x_out(x2, out, w.N, w.K);
   const float* b = vec_f32(bias, w.N, "bias");
@@ -364,7 +373,7 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
   if (M == 0 || N == 0) return;
   const QmmImpl* impl = select_impl();
   const int dt = dtype_code(x2);
-  const Out o = make_out(out, b);
+  const Out o = make_out(out, b, act);
 
   if (pw.has_value() && impl->gemm_item != nullptr) {
     TORCH_CHECK(psT.has_value() && pzT.has_value(), "qmatmul (CPU): pw needs psT and pzT");
@@ -444,13 +453,15 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
 // W8A8
 // ---------------------------------------------------------------------------------------------
 
-// out (M, N) = W8A8 product of x2 with an 8-bit per-channel weight (reference.py's definition).
+// out (M, N) = act(W8A8 product of x2 with an 8-bit per-channel weight (+ bias)) (reference.py's
+// definition; act: qmm::Act).
 // The SIMD paths need the prepacked (pw, colsum, zp, sw); the scalar path reads qweight.
 void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                   const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& pw,
                   const std::optional<at::Tensor>& colsum, const std::optional<at::Tensor>& zp,
-                  const std::optional<at::Tensor>& sw, const at::Tensor& out) {
+                  const std::optional<at::Tensor>& sw, const at::Tensor& out, int64_t act) {
+  check_act(act);
   const QWeight w = check_weight(qweight, scales, zeros, 8);
   TORCH_CHECK(w.G == 1, "qmatmul (CPU): W8A8 needs per-channel weight scales, got G=", w.G);
   TORCH_CHECK(w.K <= 66000, "qmatmul (CPU): W8A8 accumulates in int32, K must be <= 66000, got ",
@@ -472,7 +483,7 @@ void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Ten
   j.N = N;
   j.w = w;
   j.symmetric = w.zeros == nullptr;
-  j.out = make_out(out, b);
+  j.out = make_out(out, b, act);
   j.p.Npad = ceil_div(N, kStrip) * kStrip;
   j.p.T = ceil_div(K, 4);
   if (impl != qmm_impl_scalar()) {
@@ -550,8 +561,7 @@ at::Tensor linear_prepack(const at::Tensor& weight) {
 // float32 with stride(1) == 1; bias float32 contiguous (N) or none; act an Act (qmatmul.h).
 void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
                 const std::optional<at::Tensor>& bias, const at::Tensor& out, int64_t act) {
-  TORCH_CHECK(act >= 0 && act < kActCount, "linear (CPU): act must be in [0, ", kActCount,
-              "), got ", act);
+  check_act(act);
   TORCH_CHECK(x2.device().is_cpu() && x2.scalar_type() == at::kFloat && x2.dim() == 2 &&
                   (x2.size(1) <= 1 || x2.stride(1) == 1),
               "linear (CPU): x2 must be a float32 (M, K) CPU tensor with stride(1) == 1, got ",
@@ -606,8 +616,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   j.lda = ldx;
   j.a_dtype = kF32;
   j.M = M;
-  j.out = make_out(out, b);
-  j.out.act = (int)act;
+  j.out = make_out(out, b, act);
   const GemmSplit g = split_gemm(impl, j);
   run_gemm(impl, j, g, tl_scratch.get(g.per_thread * g.nt));
 }

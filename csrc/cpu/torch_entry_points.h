@@ -26,13 +26,13 @@ void qmatmul_wo(const at::Tensor& x2, const at::Tensor& qweight, const at::Tenso
                 const std::optional<at::Tensor>& zeros, int64_t bits,
                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
                 const std::optional<at::Tensor>& pw, const std::optional<at::Tensor>& psT,
-                const std::optional<at::Tensor>& pzT, const at::Tensor& out);
+                const std::optional<at::Tensor>& pzT, const at::Tensor& out, int64_t act);
 
 void qmatmul_w8a8(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                   const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& pw,
                   const std::optional<at::Tensor>& colsum, const std::optional<at::Tensor>& zp,
-                  const std::optional<at::Tensor>& sw, const at::Tensor& out);
+                  const std::optional<at::Tensor>& sw, const at::Tensor& out, int64_t act);
 
 void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
                 const std::optional<at::Tensor>& bias, const at::Tensor& out, int64_t act);

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import mmkernels
+from mmkernels._activations import apply_activation
 from mmkernels.quant import quantize_weight, unpack_int4
 
 from .case import Case
@@ -49,6 +50,9 @@ SHAPES = [
     ("vit_b_qkv", 1576, 768, 2304),
 ]
 QUICK_SHAPES = [("tiny_gemv", 1, 256, 512), ("tiny_gemm", 32, 256, 512)]
+# The float32 Linear with a GELU fused into its epilogue: an MLP's fc1 (MiniLM / DINOv2-S width).
+GELU_SHAPE = ("minilm_ffn_up", 4096, 384, 1536)
+QUICK_GELU_SHAPE = ("tiny_gemm", 32, 256, 512)
 FORMATS = ("int4g128", "int8wo", "w8a8")
 # Shapes on which torch.compile'd torchao peers run (the gates compare with them).
 COMPILED_PEER_SHAPES = {("int8wo", 1, 4096, 4096), ("w8a8", 128, 4096, 4096)}
@@ -178,29 +182,38 @@ def qmatmul_case(fmt: str, name: str, m: int, k: int, n: int) -> Case:
     )
 
 
-def linear_case(name: str, m: int, k: int, n: int) -> Case:
+def linear_case(name: str, m: int, k: int, n: int, activation: Optional[str] = None) -> Case:
     """``mmkernels.linear`` (our float32 GEMM, ``backend="cpu"``) against torch's float32 matmul
-    (``F.linear``: MKL / oneDNN) on the same weight; torch's bfloat16 matmul for context."""
+    (``F.linear``: MKL / oneDNN) on the same weight; torch's bfloat16 matmul for context. With an
+    ``activation``: ours fused into the epilogue, against torch's activation after torch's GEMM
+    (``torch_fp32``) and after ours (``mmkernels_unfused``)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g)
     x = torch.randn(m, k, generator=g)
     xb, w_bf16, b_bf16 = x.to(torch.bfloat16), w.to(torch.bfloat16), b.to(torch.bfloat16)
+
+    def act(y):
+        return apply_activation(y, activation)
+
     contenders: Dict[str, Callable[[], object]] = {
-        "mmkernels": lambda: mmkernels.linear(x, w, b, backend="cpu"),
-        "torch_fp32": lambda: torch.nn.functional.linear(x, w, b),
-        "torch_bf16": lambda: torch.nn.functional.linear(xb, w_bf16, b_bf16),
+        "mmkernels": lambda: mmkernels.linear(x, w, b, backend="cpu", activation=activation),
+        "torch_fp32": lambda: act(torch.nn.functional.linear(x, w, b)),
+        "torch_bf16": lambda: act(torch.nn.functional.linear(xb, w_bf16, b_bf16)),
     }
+    if activation is not None:
+        contenders["mmkernels_unfused"] = lambda: act(mmkernels.linear(x, w, b, backend="cpu"))
 
     def error() -> float:
         """Max |ours - float64| relative to max |float64|."""
-        want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        want = act(torch.nn.functional.linear(x.double(), w.double(), b.double()))
         got = contenders["mmkernels"]().double()
         return ((got - want).abs().max() / want.abs().max()).item()
 
+    fused = f" + {activation} in the epilogue" if activation else ""
     return Case(
-        _linear_id(name, m, k, n),
-        f"float32 Linear (mmkernels.linear), {name} (M={m}, K={k}, N={n})",
+        _linear_id(name, m, k, n, activation),
+        f"float32 Linear (mmkernels.linear){fused}, {name} (M={m}, K={k}, N={n})",
         contenders,
         error,
         flops=2.0 * m * k * n,
@@ -208,8 +221,8 @@ def linear_case(name: str, m: int, k: int, n: int) -> Case:
     )
 
 
-def _linear_id(name: str, m: int, k: int, n: int) -> str:
-    return f"linear-fp32-m{m}-k{k}-n{n}"
+def _linear_id(name: str, m: int, k: int, n: int, activation: Optional[str] = None) -> str:
+    return f"linear-fp32{'-' + activation if activation else ''}-m{m}-k{k}-n{n}"
 
 
 def _weight_bytes(qw) -> int:
@@ -312,6 +325,7 @@ def case_ids(quick: bool = False) -> List[str]:
     return (
         [_case_id(fmt, *shape) for shape in shapes for fmt in FORMATS]
         + [_linear_id(*shape) for shape in shapes]
+        + [_linear_id(*(QUICK_GELU_SHAPE if quick else GELU_SHAPE), "gelu")]
         + ([] if quick else [MINILM_CASE_ID])
     )
 
@@ -324,6 +338,9 @@ def all_cases(quick: bool = False, only: Optional[str] = None) -> List[Case]:
     # Built lazily, one at a time: each case holds float copies of a (up to 4096 x 11008) weight.
     makers = [lambda s=s: qmatmul_case(*s) for s in specs]
     makers += [lambda s=shape: linear_case(*s) for shape in shapes if not only or only in _linear_id(*shape)]
+    gelu_shape = QUICK_GELU_SHAPE if quick else GELU_SHAPE
+    if not only or only in _linear_id(*gelu_shape, "gelu"):
+        makers.append(lambda: linear_case(*gelu_shape, "gelu"))
     if not quick and (not only or only in MINILM_CASE_ID) and _has_minilm():
         makers.append(minilm_case)
     return _LazyCases(makers)

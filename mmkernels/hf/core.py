@@ -152,6 +152,7 @@ def patch(
     calib_data: Optional[Iterable] = None,
     backend: Optional[str] = None,
     linear: bool = False,
+    fuse_activations: bool = True,
 ) -> PatchReport:
     """Accelerate a Hugging Face transformers model **instance** with mmkernels.
 
@@ -173,6 +174,9 @@ def patch(
       straight to such a layer's output (an MLP's ``fc1``, Llama's ``gate_proj``), the activation
       runs in the GEMM's epilogue and the activation module becomes ``nn.Identity``
       (:mod:`mmkernels.hf.fusion` says when; the report's row says so).
+    * ``fuse_activations``: that fusion, for ``linear=True``'s layers and for ``quantize``'s
+      ``QuantLinear`` layers alike (``False``: every activation module stays and runs torch's
+      function, as unpatched).
 
     Returns a :class:`PatchReport`. Patching twice with the same settings returns the first
     report; with different settings raises ``ValueError`` (call :func:`unpatch` first). Raises
@@ -180,7 +184,7 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    settings = parse_settings(attention, reduce, quantize, backend, linear)
+    settings = parse_settings(attention, reduce, quantize, backend, linear, fuse_activations)
     if model in _RECORDS:
         record = _RECORDS[model]
         if record.report.settings == settings:
@@ -200,8 +204,10 @@ def patch(
             apply_reduction(model, settings.reduce, record)
         if settings.quantize is not None:
             _patch_linears(model, dict(settings.quantize), calib_data, backend, record)
+            if settings.fuse_activations:
+                _fuse_quantized(model, record)
         if settings.linear:
-            _patch_dense_linears(model, record)
+            _patch_dense_linears(model, record, settings.fuse_activations)
         if not report.patched():
             raise ValueError(
                 f"mmkernels.patch found nothing to patch in {type(model).__name__} "
@@ -362,29 +368,65 @@ def _dense_refusal(module: nn.Linear) -> str:
 DENSE_PROBE_ROWS = 256
 
 
-def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Undo, fused: dict):
-    """The fused replacement of the Linear at ``name`` when its parent applies an activation
-    straight to its output (hf/fusion.py): the activation module becomes ``nn.Identity`` (undone
-    by unpatch). Returns ``(replacement, detail)``, or None where nothing is fused."""
-    from ..nn.linear import Linear
+def _take_activation(model: nn.Module, name: str, record: _Undo) -> Optional[Tuple[str, str]]:
+    """When the parent of the layer at ``name`` applies an activation straight to its output
+    (hf/fusion.py): that activation module becomes ``nn.Identity`` (undone by unpatch) and the
+    result is ``(kind, report detail)``; None where nothing can be fused."""
     from .fusion import fusable_activation
 
     parent_path, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_path)
-    key = (id(parent), attr)
+    found = fusable_activation(parent, attr)
+    if found is None:
+        return None
+    act_attr, kind = found
+    act_path = f"{parent_path}.{act_attr}" if parent_path else act_attr
+    record.modules.append((act_path, parent._modules[act_attr]))
+    model.set_submodule(act_path, nn.Identity())
+    return kind, f"{kind} fused ({act_path} -> Identity)"
+
+
+def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Undo, fused: dict):
+    """The fused replacement of the Linear at ``name`` (a new mmkernels.nn.Linear with the
+    parent's activation) and its report detail, or None where nothing is fused."""
+    from ..nn.linear import Linear
+
+    key = (id(model.get_submodule(name.rpartition(".")[0])), name.rpartition(".")[2])
     if key not in fused:  # a parent reachable by two paths is fused once
-        found = fusable_activation(parent, attr)
-        if found is None:
+        taken = _take_activation(model, name, record)
+        if taken is None:
             return None
-        act_attr, kind = found
-        act_path = f"{parent_path}.{act_attr}" if parent_path else act_attr
-        record.modules.append((act_path, parent._modules[act_attr]))
-        model.set_submodule(act_path, nn.Identity())
-        fused[key] = (Linear.from_linear(module, activation=kind), f"{kind} fused ({act_path} -> Identity)")
+        kind, detail = taken
+        fused[key] = (Linear.from_linear(module, activation=kind), detail)
     return fused[key]
 
 
-def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
+def _fuse_quantized(model: nn.Module, record: _Undo) -> None:
+    """``quantize``'s QuantLinear layers take their parent's activation (hf/fusion.py) where the
+    layer has that one parent (a layer shared by several modules keeps its output as it is)."""
+    from ..nn.quant_linear import QuantLinear
+
+    parents: Dict[int, set] = {}
+    for parent in model.modules():
+        for child in parent._modules.values():
+            if child is not None:
+                parents.setdefault(id(child), set()).add(id(parent))
+    done: Dict[int, str] = {}
+    for row in record.report.rows:
+        if row.kind != "linear" or row.action != "quantized":
+            continue
+        layer = model.get_submodule(row.path)
+        if type(layer) is not QuantLinear or len(parents.get(id(layer), ())) != 1:
+            continue
+        if id(layer) not in done:  # one parent reachable by two paths: fused once
+            taken = _take_activation(model, row.path, record)
+            if taken is None:
+                continue
+            layer.activation, done[id(layer)] = taken
+        row.detail = f"{row.detail} + {done[id(layer)]}" if row.detail else done[id(layer)]
+
+
+def _patch_dense_linears(model: nn.Module, record: _Undo, fuse: bool = True) -> None:
     """``linear=True``: plain float32 CPU nn.Linear modules become mmkernels.nn.Linear, where
     auto-selection takes our kernel at their size on this CPU (elsewhere torch's GEMM would serve
     every call anyway, and the new module would only add its overhead); an activation that the
@@ -414,7 +456,7 @@ def _patch_dense_linears(model: nn.Module, record: _Undo) -> None:
             else:
                 row.detail = f"{row.detail}; linear=True: {why}" if row.detail else why
             continue
-        fusion = _fuse_activation(model, name, module, record, fused)
+        fusion = _fuse_activation(model, name, module, record, fused) if fuse else None
         if fusion is not None:
             replacement, fused_detail = fusion
         else:

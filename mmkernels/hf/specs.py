@@ -35,6 +35,7 @@ class PatchSettings:
     quantize: Optional[Tuple] = None  # frozen items of the quantize dict
     backend: Optional[str] = None
     linear: bool = False
+    fuse_activations: bool = True
 
     @property
     def reduce_dict(self) -> Optional[dict]:
@@ -50,6 +51,8 @@ class PatchSettings:
             parts.append(f"backend={self.backend!r}")
         if self.linear:
             parts.append("linear=True")
+        if not self.fuse_activations:
+            parts.append("fuse_activations=False")
         return ", ".join(parts)
 
 
@@ -91,11 +94,13 @@ def _check_quantize(quantize) -> Dict[str, Any]:
     return dict(quantize)
 
 
-def parse_settings(attention, reduce, quantize, backend, linear=False) -> PatchSettings:
+def parse_settings(attention, reduce, quantize, backend, linear=False, fuse_activations=True) -> PatchSettings:
     if not isinstance(attention, bool):
         raise TypeError(f"attention must be a bool, got {attention!r}")
     if not isinstance(linear, bool):
         raise TypeError(f"linear must be a bool, got {linear!r}")
+    if not isinstance(fuse_activations, bool):
+        raise TypeError(f"fuse_activations must be a bool, got {fuse_activations!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     reduce_spec = None if reduce is None else _check_reduce(reduce)
@@ -104,4 +109,4 @@ def parse_settings(attention, reduce, quantize, backend, linear=False) -> PatchS
         raise ValueError(
             "reduce needs attention=True: the reduction methods read per-key scores from mmkernels' fused attention"
         )
-    return PatchSettings(attention, _freeze(reduce_spec), _freeze(quant_spec), backend, linear)
+    return PatchSettings(attention, _freeze(reduce_spec), _freeze(quant_spec), backend, linear, fuse_activations)

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._calibration import size_bucket
 from .._eager import plain_eager
-from .reference import ACTIVATIONS
+from .._activations import ACTIVATIONS, apply_activation, check_activation
 
 OP = "linear"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -143,7 +143,7 @@ def linear(
     float16; float64 is the reference's) on one device; returns ``(..., N)``.
 
     ``activation``: None, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"quick_gelu"`` or
-    ``"silu"`` (formulas: ``mmkernels.linear.reference``). Our CPU kernel applies it in the epilogue
+    ``"silu"`` (formulas: ``mmkernels._activations``). Our CPU kernel applies it in the epilogue
     that stores the output (no second pass over ``(..., N)``); torch's backend runs torch's
     activation after ``F.linear``.
 
@@ -178,14 +178,10 @@ def linear(
             raise ValueError(f"bias must be {_name(x.dtype)} (N,) = ({n},) on {x.device}, got {_describe(bias)}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    if activation is not None and not isinstance(activation, str):
-        raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     if torch.is_autocast_enabled(x.device.type):
         # autocast decides the compute dtype of a linear layer (bf16 / fp16): torch's op carries it
-        y = torch.nn.functional.linear(x, weight, bias)
-        return y if activation is None else ACTIVATIONS[activation](y)
+        return apply_activation(torch.nn.functional.linear(x, weight, bias), activation)
     if plain_eager(x, weight, bias):
         return _linear_impl(x, weight, bias, backend or "", activation or "")
     return _linear_op(x, weight, bias, backend or "", activation or "")

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .. import _calibration, _dispatch
 from .._extension import CPU as _EXT
 from .._extension import cpu_class, cpu_family, cpu_vendor
-from .reference import ACTIVATIONS
+from .._activations import ACTIVATIONS
 
 OP = "linear"
 
@@ -120,7 +120,7 @@ _IN_PLACE = {"relu": F.relu_, "silu": lambda y: F.silu(y, inplace=True)}
 
 
 def torch_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
-    """``torch.nn.functional.linear``, then torch's activation (reference.ACTIVATIONS)."""
+    """``torch.nn.functional.linear``, then torch's activation (mmkernels._activations)."""
     y = F.linear(x, weight, bias)
     return y if activation is None else _IN_PLACE.get(activation, ACTIVATIONS[activation])(y)
 

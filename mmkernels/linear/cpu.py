@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import _packed_cache
 from .._extension import CPU as _EXT
-from .reference import ACTIVATION_CODES
+from .._activations import CODES
 
 REQUIRED_OP = "linear_f32"
 
@@ -53,5 +53,5 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     # no autograd here (plain eager without gradients, or the op's body): the kernel writes into out
-    kernel(x2, _packed(weight), b, out, ACTIVATION_CODES[activation])
+    kernel(x2, _packed(weight), b, out, CODES[activation])
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

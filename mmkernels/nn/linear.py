@@ -18,13 +18,13 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..linear.api import linear
-from ..linear.reference import ACTIVATIONS
+from .._activations import check_activation
 
 
 class Linear(nn.Linear):
     """``y = act(x @ weight.T + bias)`` through :func:`mmkernels.linear`; ``backend`` forces one of
     its backends (None: automatic selection); ``activation``: None or a name of
-    ``mmkernels.linear.reference.ACTIVATIONS`` (``ValueError`` otherwise)."""
+    ``mmkernels._activations.ACTIVATIONS`` (``ValueError`` otherwise)."""
 
     def __init__(
         self,
@@ -37,7 +37,7 @@ class Linear(nn.Linear):
         backend: Optional[str] = None,
         activation: Optional[str] = None,
     ):
-        _check_activation(activation)
+        check_activation(activation)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend = backend
         self.activation = activation
@@ -47,7 +47,7 @@ class Linear(nn.Linear):
         """A ``Linear`` sharing ``layer``'s weight and bias Parameters (no copy), then ``activation``."""
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"layer must be a torch.nn.Linear, got {type(layer).__name__}")
-        _check_activation(activation)
+        check_activation(activation)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = layer.in_features, layer.out_features
@@ -64,8 +64,3 @@ class Linear(nn.Linear):
     def extra_repr(self) -> str:
         extra = f", backend={self.backend!r}" if self.backend else ""
         return super().extra_repr() + extra + (f", activation={self.activation!r}" if self.activation else "")
-
-
-def _check_activation(activation) -> None:
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")

@@ -1,7 +1,9 @@
 """``mmkernels.nn.QuantLinear``: a drop-in ``nn.Linear`` whose weight is quantized.
 
 ``forward(x) = qmatmul(x[..., input_perm] if input_perm is set else x, quantized, bias, act_bits,
-smooth=smooth)``.
+smooth=smooth, activation=activation)``; ``activation`` (an attribute, not state: None unless set,
+e.g. by ``mmkernels.patch`` fusing the MLP's activation into the layer) is applied to the output in
+the kernels' epilogue.
 
 State dict (all buffers; nothing is trainable)::
 
@@ -41,7 +43,10 @@ class QuantLinear(nn.Module):
     Build one with :meth:`from_linear` (round-to-nearest from an ``nn.Linear``), with
     :meth:`from_quantized` (a weight quantized elsewhere, e.g. by GPTQ), or with the constructor
     (an empty layer of the given configuration, to ``load_state_dict`` into).
+    ``activation``: None, or a name of ``mmkernels._activations.ACTIVATIONS`` applied to ``y``.
     """
+
+    activation: Optional[str] = None
 
     def __init__(
         self,
@@ -148,7 +153,15 @@ class QuantLinear(nn.Module):
         if perm is not None:
             x = x.index_select(-1, perm)
         quantized = self._modules["quantized"]
-        return qmatmul(x, quantized, buffers["bias"], self.act_bits, self.backend, smooth=buffers["smooth"])
+        return qmatmul(
+            x,
+            quantized,
+            buffers["bias"],
+            self.act_bits,
+            self.backend,
+            smooth=buffers["smooth"],
+            activation=self.activation,
+        )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The effective ``(N, K)`` weight in the original column order (smoothing undone)."""
@@ -172,6 +185,8 @@ class QuantLinear(nn.Module):
             parts.append("smooth")
         if self.input_perm is not None:
             parts.append("input_perm")
+        if self.activation:
+            parts.append(f"activation={self.activation!r}")
         return ", ".join(parts)
 
 

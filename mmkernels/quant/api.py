@@ -19,9 +19,15 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._activations import apply_activation, check_activation
 from .._eager import plain_eager
 from .._calibration import size_bucket
 from .packing import QuantizedWeight, is_fp8
+
+# Backends that take ``activation`` and apply it in their own epilogue, in the compute dtype before
+# the output's rounding (reference.qmatmul_tensors' order); the others' output gets torch's
+# activation after the call (the GPU backends: not fused yet).
+EPILOGUE_ACTIVATION = frozenset({"cpu", "torch", "reference"})
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -116,9 +122,15 @@ def _qmatmul_impl(
     bits: int,
     act_bits: int,
     backend: str,
+    activation: str,
 ) -> Tensor:
     b = _select(x, qweight, scales, zeros, bits, act_bits, smooth is not None, backend)
-    return b.run(x, qweight, scales, zeros, bits, bias, act_bits or None, smooth).contiguous()
+    args = (x, qweight, scales, zeros, bits, bias, act_bits or None, smooth)
+    if not activation:
+        return b.run(*args).contiguous()
+    if b.name in EPILOGUE_ACTIVATION:
+        return b.run(*args, activation).contiguous()
+    return apply_activation(b.run(*args), activation).contiguous()
 
 
 @torch.library.custom_op("mmkernels::qmatmul", mutates_args=())
@@ -132,12 +144,13 @@ def _qmatmul_op(
     bits: int,
     act_bits: int,
     backend: str,
+    activation: str,
 ) -> Tensor:
-    return _qmatmul_impl(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend)
+    return _qmatmul_impl(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend, activation)
 
 
 @_qmatmul_op.register_fake
-def _(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend):
+def _(x, qweight, scales, zeros, bias, smooth, bits, act_bits, backend, activation):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -149,16 +162,20 @@ def qmatmul(
     backend: Optional[str] = None,
     *,
     smooth: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
-    """``y = x @ W_hat.T + bias`` for a quantized weight ``qw (N, K)``; ``x (..., K) -> (..., N)``.
+    """``y = act(x @ W_hat.T + bias)`` for a quantized weight ``qw (N, K)``; ``x (..., K) -> (..., N)``.
 
     ``x``: float32 / bfloat16 / float16 (float64 too: served by the reference, used as the test
     oracle). ``bias``: floating ``(N,)`` on ``x``'s device (cast to the compute dtype).
     ``act_bits``: ``None`` (weight-only) or ``8`` (W8A8: dynamic per-token int8 activations, or
     float8 e4m3 activations for an fp8 ``qw``; needs an 8-bit per-channel ``qw``). ``smooth``:
     SmoothQuant factors ``(K,)`` that ``x`` is divided by
-    (``qw`` must be ``quantize_weight(W * smooth)``). ``backend``: see ``mmkernels._dispatch``.
-    No autograd formula yet (inference only).
+    (``qw`` must be ``quantize_weight(W * smooth)``). ``activation``: None, ``"relu"``,
+    ``"gelu"``, ``"gelu_tanh"``, ``"quick_gelu"`` or ``"silu"`` (``mmkernels._activations``),
+    applied in the compute dtype before the output's rounding; the CPU kernels run it in their
+    output epilogue, the GPU backends (triton, cuda) apply torch's activation to their output.
+    ``backend``: see ``mmkernels._dispatch``. No autograd formula yet (inference only).
 
     NaN / inf (every backend, docs/nan_semantics.md): with ``act_bits=8`` a row of ``x / smooth``
     holding a NaN or ``±inf`` gets a NaN per-token scale, so its output row is NaN; weight-only
@@ -198,7 +215,8 @@ def qmatmul(
             )
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {backend!r}")
-    args = (x, qweight, scales, zeros, bias, smooth, qw.bits, act_bits or 0, backend or "")
+    check_activation(activation)
+    args = (x, qweight, scales, zeros, bias, smooth, qw.bits, act_bits or 0, backend or "", activation or "")
     if plain_eager(x, bias, smooth):
         return _qmatmul_impl(*args)
     return _qmatmul_op(*args)

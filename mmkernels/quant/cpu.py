@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _packed_cache
+from .._activations import CODES
 from .._extension import CPU as _EXT
 from . import reference
 
@@ -98,13 +99,15 @@ def qmatmul(
     bias: Optional[Tensor] = None,
     act_bits: Optional[int] = None,
     smooth: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
-    """Same contract as ``reference.qmatmul_tensors`` (argument checks are done by api.py)."""
+    """Same contract as ``reference.qmatmul_tensors`` (argument checks are done by api.py); the
+    activation runs in the kernels' output epilogue, in float32 before the output's rounding."""
     ops = _EXT.require(REQUIRED_OP)
     k = x.shape[-1]
     n = qweight.shape[0]
     if qweight.dtype not in (torch.int8, torch.uint8) or (act_bits is not None and k > W8A8_MAX_K):
-        return reference.qmatmul_tensors(x, qweight, scales, zeros, bits, bias, act_bits, smooth)
+        return reference.qmatmul_tensors(x, qweight, scales, zeros, bits, bias, act_bits, smooth, activation)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if k > 1 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -118,8 +121,8 @@ def qmatmul(
     z = zeros if zeros is None or zeros.is_contiguous() else zeros.contiguous()
     if act_bits is not None:
         packed = _packed(ops, "a8", qweight, scales, zeros, bits)
-        _EXT.kernel("qmatmul_w8a8")(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out)
+        _EXT.kernel("qmatmul_w8a8")(x2, q, s, z, _f32(bias), _f32(smooth), *packed, out, CODES[activation])
     else:
         packed = _packed(ops, "wo", qweight, scales, zeros, bits) if m >= GEMM_MIN_M else (None,) * 3
-        _EXT.kernel("qmatmul_wo")(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out)
+        _EXT.kernel("qmatmul_wo")(x2, q, s, z, bits, _f32(bias), _f32(smooth), *packed, out, CODES[activation])
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)

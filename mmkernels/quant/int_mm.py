@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._activations import apply_activation
 from . import reference
 from .cpu import W8A8_MAX_K  # the int32 accumulation bound, one definition for both backends
 
@@ -42,11 +43,12 @@ def qmatmul(
     bias: Optional[Tensor] = None,
     act_bits: Optional[int] = None,
     smooth: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Same contract as ``reference.qmatmul_tensors``, for W8A8 int8 calls (dispatch checks)."""
     k = x.shape[-1]
     if act_bits is None or qweight.dtype not in (torch.int8, torch.uint8) or k > W8A8_MAX_K:
-        return reference.qmatmul_tensors(x, qweight, scales, zeros, bits, bias, act_bits, smooth)
+        return reference.qmatmul_tensors(x, qweight, scales, zeros, bits, bias, act_bits, smooth, activation)
     c = reference.compute_dtype(x.dtype)
     n = qweight.shape[0]
     lead = x.shape[:-1]
@@ -61,4 +63,4 @@ def qmatmul(
     y = acc.to(c) * sx[:, None] * scales.to(c)[:, 0][None, :]
     if bias is not None:
         y = y + bias.to(c)
-    return y.to(x.dtype).reshape(*lead, n)
+    return apply_activation(y, activation).to(x.dtype).reshape(*lead, n)

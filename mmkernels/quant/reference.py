@@ -1,7 +1,9 @@
 """Reference quantized matmul (plain PyTorch): the spec that compiled kernels must match.
 
-``qmatmul_reference(x, qw, bias=None, act_bits=None, smooth=None)`` with ``x (..., K)`` and a
-:class:`QuantizedWeight` ``qw`` of shape ``(N, K)`` returns ``(..., N)`` in ``x.dtype``.
+``qmatmul_reference(x, qw, bias=None, act_bits=None, smooth=None, activation=None)`` with
+``x (..., K)`` and a :class:`QuantizedWeight` ``qw`` of shape ``(N, K)`` returns ``(..., N)`` in
+``x.dtype``. ``activation`` (None or a name of ``mmkernels._activations.ACTIVATIONS``) is applied
+to ``y`` below in ``c``, before the cast to ``x.dtype``.
 
 Compute dtype ``c``: float32 for float16 / bfloat16 / float32 inputs, float64 for float64 inputs.
 ``x`` is first divided by ``smooth`` (``(K,)`` SmoothQuant factors; the weight must have been
@@ -39,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._activations import apply_activation
 from .packing import FP8_DTYPE, FP8_MAX, QuantizedWeight, centered_weight, dequantize_tensors, is_fp8
 
 
@@ -83,6 +86,7 @@ def qmatmul_tensors(
     bias: Optional[Tensor] = None,
     act_bits: Optional[int] = None,
     smooth: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Tensor-level form of :func:`qmatmul_reference` (what the custom op and backends receive)."""
     c = compute_dtype(x.dtype)
@@ -104,7 +108,7 @@ def qmatmul_tensors(
         y = acc.to(c) * sx[:, None] * scales.to(c)[:, 0][None, :]
     if bias is not None:
         y = y + bias.to(c)
-    return y.to(x.dtype).reshape(*lead, n)
+    return apply_activation(y, activation).to(x.dtype).reshape(*lead, n)
 
 
 def qmatmul_reference(
@@ -113,7 +117,8 @@ def qmatmul_reference(
     bias: Optional[Tensor] = None,
     act_bits: Optional[int] = None,
     smooth: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
-    """``x (..., K) @ W_hat.T + bias -> (..., N)``; see the module docstring. No argument checks
-    (``mmkernels.qmatmul`` does them)."""
-    return qmatmul_tensors(x, qw.qweight, qw.scales, qw.zeros, qw.bits, bias, act_bits, smooth)
+    """``act(x (..., K) @ W_hat.T + bias) -> (..., N)``; see the module docstring. No argument
+    checks (``mmkernels.qmatmul`` does them)."""
+    return qmatmul_tensors(x, qw.qweight, qw.scales, qw.zeros, qw.bits, bias, act_bits, smooth, activation)

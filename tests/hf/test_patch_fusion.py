@@ -180,3 +180,40 @@ def test_a_module_reachable_by_two_paths_is_fused_once():
         torch.testing.assert_close(model["b"](x), want, rtol=1e-5, atol=1e-5)
     mmkernels.unpatch(model)
     assert type(mlp.fc1) is nn.Linear and type(mlp.act) is nn.GELU
+
+
+@pytest.mark.parametrize("quantize", [{"bits": 8, "act_bits": 8}, {"bits": 4, "group_size": 32}], ids=["w8a8", "int4"])
+def test_quantized_layers_take_the_activation_too(quantize):
+    torch.manual_seed(3)
+    c = tiny_models.dinov2()
+    fused_model, plain_model = c.build().eval(), c.build().eval()
+    plain_model.load_state_dict(fused_model.state_dict())
+    inputs = c.make_inputs()
+    modules = dict(fused_model.named_modules())
+    report = mmkernels.patch(fused_model, attention=False, quantize=quantize)
+    mmkernels.patch(plain_model, attention=False, quantize=quantize, fuse_activations=False)
+    row = next(r for r in report.rows if r.path == "encoder.layer.0.mlp.fc1")
+    assert row.action == "quantized" and "gelu fused (encoder.layer.0.mlp.activation_fn -> Identity)" in row.detail
+    layer = fused_model.get_submodule("encoder.layer.0.mlp.fc1")
+    assert type(layer) is mmkernels.nn.QuantLinear and layer.activation == "gelu"
+    assert "activation='gelu'" in repr(layer)
+    assert type(plain_model.get_submodule("encoder.layer.0.mlp.fc1")).activation is None
+    with torch.no_grad():
+        got, want = c.outputs(fused_model(**inputs)), c.outputs(plain_model(**inputs))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+    mmkernels.unpatch(fused_model)
+    assert all(fused_model.get_submodule(name) is m for name, m in modules.items() if name)
+
+
+def test_fuse_activations_false_leaves_every_activation():
+    torch.manual_seed(4)
+    model = tiny_models.dinov2().build().eval()
+    report = mmkernels.patch(model, attention=False, linear=True, fuse_activations=False)
+    assert "fuse_activations=False" in str(report.settings)
+    assert not [r for r in report.rows if "fused" in r.detail]
+    assert type(model.get_submodule("encoder.layer.0.mlp.activation_fn")).__name__ == "GELUActivation"
+    assert all(m.activation is None for m in model.modules() if isinstance(m, mmkernels.nn.Linear))
+    mmkernels.unpatch(model)
+    with pytest.raises(TypeError, match="fuse_activations must be a bool"):
+        mmkernels.patch(model, linear=True, fuse_activations="no")

@@ -143,7 +143,7 @@ def test_weight_only_raw_group_sizes(use_isa, isa, path, k, gs):
     for m in (16, 19, 32):
         x = torch.randn(m, k, generator=g).bfloat16()
         out = torch.full((m, n), NAN, dtype=torch.bfloat16)
-        ops.qmatmul_wo(x, q, s, z, 8, None, None, *packed, out)
+        ops.qmatmul_wo(x, q, s, z, 8, None, None, *packed, out, 0)
         exact = x.double() @ w_hat.T
         base = max_err(exact.bfloat16(), exact)  # the output's rounding to bf16
         err, floor = max_err(out, exact), FLOOR[torch.bfloat16] * exact.abs().max().item()

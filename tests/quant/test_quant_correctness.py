@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import mmkernels
 from mmkernels.quant import qmatmul, qmatmul_reference, quantize_weight
+from mmkernels._activations import apply_activation
 from mmkernels.quant.packing import is_fp8
 
 from oracle import FLOOR, max_err
@@ -65,9 +66,9 @@ def _out_of_declared_scope(backend, x, qw, act_bits) -> bool:
     return backend.name not in ("reference", "triton")  # peers with a narrower scope (torch)
 
 
-def _run(backend, x, qw, bias=None, smooth=None, act_bits=None):
+def _run(backend, x, qw, bias=None, smooth=None, act_bits=None, activation=None):
     try:
-        y = qmatmul(x, qw, bias, act_bits=act_bits, backend=backend.name, smooth=smooth)
+        y = qmatmul(x, qw, bias, act_bits=act_bits, backend=backend.name, smooth=smooth, activation=activation)
     except mmkernels.NoBackendError as e:
         if not _out_of_declared_scope(backend, x, qw, act_bits):
             raise
@@ -77,24 +78,25 @@ def _run(backend, x, qw, bias=None, smooth=None, act_bits=None):
     return y
 
 
-def check_weight_only(backend, x, qw, bias=None, smooth=None):
-    y = _run(backend, x, qw, bias, smooth)
-    y64 = qmatmul_reference(x.double(), qw, _up(bias), smooth=_up(smooth))
+def check_weight_only(backend, x, qw, bias=None, smooth=None, activation=None):
+    y = _run(backend, x, qw, bias, smooth, activation=activation)
+    y64 = qmatmul_reference(x.double(), qw, _up(bias), smooth=_up(smooth), activation=activation)
     xs = x if smooth is None else (x.float() / smooth.float()).to(x.dtype)
     same = F.linear(xs, qw.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    same = apply_activation(same, activation)
     err, base = max_err(y, y64), max_err(same, y64)
     floor = FLOOR[x.dtype] * max(1.0, y64.abs().max().item())
     assert err <= 2 * base + floor, f"max error {err:.3g} > 2 x {base:.3g} (PyTorch {x.dtype}) + {floor:.3g}"
 
 
-def check_w8a8(backend, x, qw, bias=None, smooth=None):
-    y = _run(backend, x, qw, bias, smooth, act_bits=8)
-    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth)  # reference in x's dtype
+def check_w8a8(backend, x, qw, bias=None, smooth=None, activation=None):
+    y = _run(backend, x, qw, bias, smooth, act_bits=8, activation=activation)
+    same = qmatmul_reference(x, qw, bias, act_bits=8, smooth=smooth, activation=activation)  # in x's dtype
     eps = torch.finfo(x.dtype).eps
     assert max_err(y, same) <= 2 * eps * same.double().abs().max().item() + 1e-30, (
         f"W8A8 differs from the reference in {x.dtype} by {max_err(y, same):.3g}"
     )
-    y64 = qmatmul_reference(x.double(), qw, _up(bias), act_bits=8, smooth=_up(smooth))
+    y64 = qmatmul_reference(x.double(), qw, _up(bias), act_bits=8, smooth=_up(smooth), activation=activation)
     err, base = max_err(y, y64), max_err(same, y64)
     assert err <= 2 * base + FLOOR[x.dtype], f"max error {err:.3g} > 2 x {base:.3g} + floor"
 
@@ -158,6 +160,37 @@ def test_w8a8_layouts(backend):
         view = torch.randn(k, 3 * m).to(dev).t()[1::3]
         check_w8a8(backend, view, qw, torch.randn(n, device=dev))
         check_w8a8(backend, torch.randn(2, m, k).to(dev), qw)
+
+
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_activation_weight_only(backend, activation, dtype):
+    """The activation in the epilogue (or after the call), on the row-dot and GEMM paths, against
+    the float64 oracle with the activation."""
+    n, k = 67, 256
+    dev = backend.device
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(n, generator=g).to(dev)
+    for kw in (dict(bits=8, group_size=None), dict(bits=4, group_size=32)):
+        qw = _weight(n, k, kw, dev)
+        for i, m in enumerate(M_VALUES):
+            x = (torch.randn(m, k, generator=g) * 0.3).to(dtype).to(dev)  # outputs of a few units
+            check_weight_only(backend, x, qw, bias if i % 2 == 0 else None, activation=activation)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_activation_w8a8(backend, activation, dtype):
+    n, k = 67, 256
+    dev = backend.device
+    g = torch.Generator().manual_seed(5)
+    qw = _weight(n, k, dict(bits=8, symmetric=True), dev)
+    for m in (1, 33):
+        x = (torch.randn(m, k, generator=g) * 0.3).to(dtype).to(dev)
+        check_w8a8(backend, x, qw, torch.randn(n, generator=g).to(dev), activation=activation)
 
 
 @pytest.mark.parametrize("act_bits", [None, 8], ids=["weight-only", "w8a8"])

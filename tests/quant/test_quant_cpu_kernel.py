@@ -236,3 +236,32 @@ def test_forced_isa_unknown(monkeypatch):
     qw = quantize_weight(torch.randn(8, 64), 8)
     with pytest.raises(RuntimeError, match="MMKERNELS_CPU_ISA"):
         qmatmul(torch.randn(2, 64), qw, backend="cpu")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_activation_in_the_epilogue(isa, activation, dtype):
+    """Every output store path (row-dot, GEMM, W8A8; AVX-512 vector stores, scalar stores) applies
+    the activation: weight-only by the 2x rule against float64, W8A8 within a few roundings of
+    the reference in x's dtype (its pre-activation is bit-exact; the activation's formula is ours)."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 67, 160
+    bias = torch.randn(n, generator=g)
+    for bits, group_size in ((4, 32), (8, None)):
+        qw = quantize_weight(torch.randn(n, k, generator=g) / 4, bits, group_size, True)
+        for m in (1, 5, 16, 37):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            got = qmatmul(x, qw, bias, backend="cpu", activation=activation)
+            assert not torch.isnan(got).any()
+            exact = qmatmul_reference(x.double(), qw, bias.double(), activation=activation)
+            same = qmatmul_reference(x, qw, bias, activation=activation)
+            err, base = max_err(got, exact), max_err(same, exact)
+            floor = FLOOR[x.dtype] * max(1.0, exact.abs().max().item())
+            assert err <= 2 * base + floor, f"{bits}-bit m={m}: {err:.3g} > 2 x {base:.3g} + {floor:.3g}"
+    qw = quantize_weight(torch.randn(n, k, generator=g) / 4, 8, None, True)
+    for m in (1, 37):
+        x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+        got = qmatmul(x, qw, bias, 8, backend="cpu", activation=activation)
+        same = qmatmul_reference(x, qw, bias, 8, activation=activation)
+        bound = 4 * torch.finfo(dtype).eps * same.double().abs().max().item() + 1e-6
+        assert max_err(got, same) <= bound, f"W8A8 m={m}: {max_err(got, same):.3g} > {bound:.3g}"

@@ -271,7 +271,7 @@ def test_torch_compile_fullgraph():
     fn = torch.compile(lambda x: qmatmul(x, qw, bias), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), qmatmul(x, qw, bias))
     torch.library.opcheck(
-        torch.ops.mmkernels.qmatmul.default, (x, qw.qweight, qw.scales, qw.zeros, bias, None, 4, 0, "")
+        torch.ops.mmkernels.qmatmul.default, (x, qw.qweight, qw.scales, qw.zeros, bias, None, 4, 0, "", "gelu")
     )
 
 
