@@ -162,3 +162,26 @@ def test_token_reduction_raises_no_underflow(isa, monkeypatch):
 
     assert raised(tome) == [], isa
     assert raised(lambda: mmkernels.select_tokens(rnd(2, 197, seed=4), 64, backend="cpu")) == [], isa
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu", "silu"])
+@pytest.mark.parametrize("isa", _isas("quant"))
+def test_activations_raise_no_underflow(isa, activation, monkeypatch):
+    """The epilogue's activations on pre-activations from -40 to 40 (gelu's and the sigmoids'
+    tails fall far below float's normal range there: they must come out as 0, not denormal)."""
+    from mmkernels.linear import cpu as linear_cpu
+
+    monkeypatch.setattr(linear_cpu, "_POISON", False)
+    monkeypatch.setenv("MMKERNELS_CPU_ISA", isa)
+    k = 64
+    x = torch.linspace(-40, 40, 7 * 33).reshape(33, 7)
+    w = torch.zeros(96, k)
+    w[:, :7] = torch.randn(96, 7, generator=torch.Generator().manual_seed(3)).sign()  # +-x
+    x = torch.cat([x, torch.zeros(33, k - 7)], 1)
+    for m in (1, 5, 33):
+        xm = x[:m].contiguous()
+        assert raised(lambda: mmkernels.linear(xm, w, backend="cpu", activation=activation)) == [], f"{isa} M={m}"
+        qw = mmkernels.quantize_weight(w, 8, None)
+        for act_bits in (None, 8):
+            call = lambda: mmkernels.qmatmul(xm, qw, act_bits=act_bits, backend="cpu", activation=activation)  # noqa: E731
+            assert raised(call) == [], f"{isa} M={m} act_bits={act_bits}"

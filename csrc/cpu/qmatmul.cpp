@@ -34,17 +34,37 @@ uint16_t f32_to_16bit(float f, int dtype) {
   return dtype == kBF16 ? f32_to_bf16(f) : f32_to_f16(f);
 }
 
+namespace {
+
+// x * sigmoid(a) with the exponential of a non-positive argument only (none below e^-700: no
+// underflow in double).
+double times_sigmoid(double x, double a) {
+  const double e = std::fabs(a) > 700.0 ? 0.0 : std::exp(-std::fabs(a));
+  return a >= 0.0 ? x / (1.0 + e) : x * e / (1.0 + e);
+}
+
+}  // namespace
+
 float act_f32(float v, int act) {
   const double x = v;
+  double r = x;
   switch (act) {
-    case kActRelu:      return v < 0.f ? 0.f : v;  // NaN and -0 kept
-    case kActGelu:      return (float)(0.5 * x * std::erfc(-x * 0.70710678118654752440));
-    case kActGeluTanh:  // sigmoid form of the tanh: 1 + tanh(u) = 2 / (1 + exp(-2u))
-      return (float)(x / (1.0 + std::exp(-1.5957691216057307 * (x + 0.044715 * x * x * x))));
-    case kActQuickGelu: return (float)(x / (1.0 + std::exp(-1.702 * x)));
-    case kActSilu:      return (float)(x / (1.0 + std::exp(-x)));
+    case kActRelu: return v < 0.f ? 0.f : v;  // NaN and -0 kept
+    case kActGelu: {
+      // |x| / sqrt 2 > 9: gelu(x) is x or (-x below 1e-35) 0, as in the SIMD epilogue
+      const double z = std::fabs(x) * 0.70710678118654752440;
+      r = z > 9.0 ? x * (x >= 0.0 ? 1.0 : 0.0) : 0.5 * x * std::erfc(-x * 0.70710678118654752440);
+      break;
+    }
+    case kActGeluTanh:  // 1 + tanh(u) = 2 sigmoid(2u)
+      r = times_sigmoid(x, 1.5957691216057307 * (x + 0.044715 * x * x * x));
+      break;
+    case kActQuickGelu: r = times_sigmoid(x, 1.702 * x); break;
+    case kActSilu:      r = times_sigmoid(x, x); break;
     default:            return v;
   }
+  // a result below float's normal range is 0 (no underflow, as the SIMD epilogue)
+  return (float)(std::fabs(r) < 1.1754943508222875e-38 ? std::copysign(0.0, r) : r);
 }
 
 void store_general(const Out& o, int64_t m, int64_t n, float v) {

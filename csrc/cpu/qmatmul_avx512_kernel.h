@@ -67,19 +67,22 @@ inline __m512 times_sigmoid(__m512 x, __m512 a) {
 
 // x / 2 * (1 + erf(x / sqrt 2)) = x (1 - q / 2) for x >= 0 and x q / 2 for x < 0, q = erfc(|x| /
 // sqrt 2) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7: the approximation torch's
-// vectorised erf uses), so no cancellation for negative x.
+// vectorised erf uses), so no cancellation for negative x. Lanes with |x| / sqrt 2 > 9 take q = 0
+// (gelu(x) = x, or 0 for x below -12.7 where it is under 1e-35), computed masked: no denormal.
 inline __m512 gelu_erf(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
-  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+  const __mmask16 near = _mm512_cmp_ps_mask(z, _mm512_set1_ps(9.f), _CMP_LE_OQ);
+  const __m512 t =
+      _mm512_maskz_div_ps(near, one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
   __m512 p = _mm512_set1_ps(1.061405429f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-  const __m512 half_q =
-      _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(p, t), exp_nonpos(neg_abs(_mm512_mul_ps(z, z)))),
-                    _mm512_set1_ps(0.5f));
+  const __m512 half_e =
+      _mm512_mul_ps(exp_nonpos(neg_abs(_mm512_mul_ps(z, z))), _mm512_set1_ps(0.5f));
+  const __m512 half_q = _mm512_maskz_mul_ps(near, _mm512_mul_ps(p, t), half_e);
   const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   return _mm512_mul_ps(x, _mm512_mask_blend_ps(neg, _mm512_sub_ps(one, half_q), half_q));
 }
