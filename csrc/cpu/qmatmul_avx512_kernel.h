@@ -48,7 +48,7 @@ inline __m512 load_x(const void* x, int dtype, int64_t off, __mmask16 m) {
 // ---- activations (Act in qmatmul.h), 16 lanes -------------------------------------------------
 // Every exponential has a non-positive argument (V512::exp2's domain, max relative error 1.7e-7;
 // 0 below 2^-125). NaN lanes stay NaN; +inf lanes give +inf; -inf lanes give NaN except relu's 0
-// (torch's activations do the same, but its gelu gives NaN at +inf).
+// (torch's activations do the same, but its vectorised float32 gelu gives NaN at +inf).
 
 inline __m512 neg_abs(__m512 a) {  // -|a| (NaN stays NaN)
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(INT32_MIN)));

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._activations import apply_activation
 from ..nn.quant_linear import QuantLinear
 from ..quant.packing import pack_int4, unpack_weight
 from .checkpoint.common import quant_layers
@@ -144,12 +145,18 @@ def _unpack_blocks(packed: Tensor, bits: int) -> Tensor:
 
 
 class _Prologue(nn.Module):
-    """``x[..., input_perm] / smooth``, as QuantLinear and qmatmul do."""
+    """``x[..., input_perm] / smooth`` before the product and the layer's fused activation after
+    it (``QuantLinear.activation``, set by ``mmkernels.patch``: torch's function, exported as ONNX
+    ops), as QuantLinear and qmatmul do."""
 
     def __init__(self, layer: QuantLinear):
         super().__init__()
         self.register_buffer("input_perm", layer.input_perm)
         self.register_buffer("smooth", None if layer.smooth is None else layer.smooth.detach().float())
+        self.activation = layer.activation
+
+    def epilogue(self, y: Tensor) -> Tensor:
+        return apply_activation(y, self.activation)
 
     def prologue(self, x: Tensor) -> Tensor:
         if self.input_perm is not None:
@@ -187,7 +194,7 @@ class _MatMulNBitsLinear(_Prologue):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
-        return _matmul_nbits(
+        y = _matmul_nbits(
             self.prologue(x),
             self.b,
             self.scales,
@@ -199,6 +206,7 @@ class _MatMulNBitsLinear(_Prologue):
             self.block,
             self.accuracy_level,
         )
+        return self.epilogue(y)
 
 
 def _pack_rows(values: Tensor, bits: int) -> Tensor:
@@ -221,7 +229,7 @@ class _W8A8Linear(_Prologue):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
-        return _w8a8(self.prologue(x), self.w_t, self.w_zero, self.w_scale, self.bias)
+        return self.epilogue(_w8a8(self.prologue(x), self.w_t, self.w_zero, self.w_scale, self.bias))
 
 
 class _Fp8Linear(_Prologue):
@@ -234,7 +242,7 @@ class _Fp8Linear(_Prologue):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
-        return _fp8_matmul(self.prologue(x), self.w, self.scales, self.bias, self.act_bits)
+        return self.epilogue(_fp8_matmul(self.prologue(x), self.w, self.scales, self.bias, self.act_bits))
 
 
 def onnx_stand_in(layer: QuantLinear, accuracy_level: int = 0) -> nn.Module:

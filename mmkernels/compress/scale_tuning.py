@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._activations import apply_activation
 from ..nn.quant_linear import QuantLinear
 from .calibration import call_model, drop_padding, token_mask
 from ..quant.packing import QuantizedWeight, is_fp8
@@ -75,7 +76,7 @@ class ScaleTuner(nn.Module):
             x = x.index_select(-1, layer.input_perm)
         w = (self.centered * self.scales()[..., None]).reshape(self.centered.shape[0], -1)
         b = self.current_bias()
-        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        return apply_activation(F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)), layer.activation)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -95,6 +96,7 @@ class ScaleTuner(nn.Module):
         )
         bias = None if layer.bias is None else self.current_bias().to(layer.bias.dtype)
         out = QuantLinear.from_quantized(tuned, bias, input_perm=layer.input_perm, backend=layer.backend)
+        out.activation = layer.activation
         out.train(layer.training)
         return out
 

@@ -376,7 +376,7 @@ def _take_activation(model: nn.Module, name: str, record: _Undo) -> Optional[Tup
 
     parent_path, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_path)
-    found = fusable_activation(parent, attr)
+    found = fusable_activation(parent, attr, model)
     if found is None:
         return None
     act_attr, kind = found
@@ -403,20 +403,21 @@ def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Un
 
 def _fuse_quantized(model: nn.Module, record: _Undo) -> None:
     """``quantize``'s QuantLinear layers take their parent's activation (hf/fusion.py) where the
-    layer has that one parent (a layer shared by several modules keeps its output as it is)."""
+    layer is registered once, under one name of one parent (a layer registered twice would apply
+    the activation at its other call site too)."""
     from ..nn.quant_linear import QuantLinear
 
-    parents: Dict[int, set] = {}
+    registrations: Dict[int, set] = {}
     for parent in model.modules():
-        for child in parent._modules.values():
+        for attr, child in parent._modules.items():
             if child is not None:
-                parents.setdefault(id(child), set()).add(id(parent))
+                registrations.setdefault(id(child), set()).add((id(parent), attr))
     done: Dict[int, str] = {}
     for row in record.report.rows:
         if row.kind != "linear" or row.action != "quantized":
             continue
         layer = model.get_submodule(row.path)
-        if type(layer) is not QuantLinear or len(parents.get(id(layer), ())) != 1:
+        if type(layer) is not QuantLinear or len(registrations.get(id(layer), ())) != 1:
             continue
         if id(layer) not in done:  # one parent reachable by two paths: fused once
             taken = _take_activation(model, row.path, record)

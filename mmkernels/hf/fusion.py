@@ -9,10 +9,13 @@ applies ``self.<act>`` to ``self.<fc>``'s output and to nothing else, in one of 
 * sequential:  ``h = self.fc(expr)`` then at once ``h = self.act(h)``
   (DINOv2, CLIP, SigLIP, ViT MLPs, BERT's intermediate layer)
 
-with ``self.fc`` and ``self.act`` each named exactly once in that forward, no forward of the
-instance's own, and an activation module of a kind the kernel computes (:func:`activation_kind`).
-Anything else stays unfused: a forward that reuses the activation or the pre-activation, a
-wrapped or decorated forward whose source does not show the call, an unknown activation class.
+with ``self.fc`` and ``self.act`` each read exactly once in that forward and in no other method of
+the class or its bases (``__init__`` aside), a forward that calls no ``super()`` and no method of
+its own (only submodules), no forward of the instance's own, no method of any module class in the
+model calling ``<something>.fc(...)`` or ``<something>.act(...)`` on another object, and an
+activation module of a kind the kernel computes (:func:`activation_kind`). Anything else stays
+unfused: a forward that reuses the activation or the pre-activation, a helper method, a wrapped or
+decorated forward whose source does not show the call, an unknown activation class.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from typing import Dict, Optional, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 from torch import nn
 
@@ -55,7 +58,15 @@ def activation_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-_PATTERNS: Dict[type, Dict[str, str]] = {}
+class _ClassFacts(NamedTuple):
+    pairs: Dict[str, str]  # {fc attribute: activation attribute} fusable in forward
+    forward_calls: FrozenSet[str]  # self.<name>(...) called in forward
+    calls_super: bool  # forward calls super()
+    reads: Dict[str, int]  # self.<name> reads over every method but __init__ (MRO below nn.Module)
+    foreign_calls: FrozenSet[str]  # <not self>.<name>(...) called in any method
+
+
+_FACTS: Dict[Tuple[type, object], Optional[_ClassFacts]] = {}
 
 
 def _self_attribute(node: ast.AST, self_name: str) -> Optional[str]:
@@ -79,21 +90,32 @@ def _assigned_name(stmt: ast.AST) -> Optional[str]:
     return None
 
 
-def _forward_pattern(cls: type) -> Dict[str, str]:
-    """``{fc attribute: activation attribute}`` for the fusable pairs of ``cls.forward``."""
+def _parse(fn) -> Optional[ast.FunctionDef]:
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    fn = tree.body[0] if tree.body else None
-    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not fn.args.args:
-        return {}
-    me = fn.args.args[0].arg
-    uses: Dict[str, int] = {}
-    for node in ast.walk(fn):
-        name = _self_attribute(node, me)
-        if name is not None:
-            uses[name] = uses.get(name, 0) + 1
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.args.args:
+        return None
+    return node
+
+
+def _methods(cls: type):
+    """``(name, function)`` of every method of ``cls`` defined below nn.Module (the one its
+    instances run: a method overridden in a subclass is not its base's)."""
+    seen = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for name, value in vars(klass).items():
+            fn = getattr(value, "__func__", value)
+            if inspect.isfunction(fn) and name not in seen:
+                seen.add(name)
+                yield name, fn
+
+
+def _pairs(fn: ast.FunctionDef, me: str) -> List[Tuple[str, str]]:
     pairs = []
     for node in ast.walk(fn):
         act = _called_attribute(node, me)
@@ -111,18 +133,73 @@ def _forward_pattern(cls: type) -> Dict[str, str]:
                 arg = _single_arg(second.value) if act is not None else None
                 if fc is not None and isinstance(arg, ast.Name) and arg.id == h:
                     pairs.append((fc, act))
-    return {fc: act for fc, act in pairs if fc != act and uses.get(fc) == 1 and uses.get(act) == 1}
+    return pairs
 
 
-def fusable_activation(parent: nn.Module, fc_name: str) -> Optional[Tuple[str, str]]:
+def _class_facts(cls: type) -> Optional[_ClassFacts]:
+    """What fusion needs to know of ``cls``'s methods (read once per class and forward); None when
+    its forward's source cannot be read."""
+    key = (cls, cls.forward)
+    if key in _FACTS:
+        return _FACTS[key]
+    forward = _parse(cls.forward)
+    facts = None
+    if forward is not None:
+        me = forward.args.args[0].arg
+        reads: Dict[str, int] = {}
+        foreign: set = set()
+        for name, fn in _methods(cls):
+            tree = forward if fn is cls.forward else _parse(fn)
+            if tree is None:
+                continue
+            self_name = tree.args.args[0].arg
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    if _self_attribute(node.func, self_name) is None:
+                        foreign.add(node.func.attr)
+                attr = _self_attribute(node, self_name)
+                if attr is not None and isinstance(node.ctx, ast.Load) and name != "__init__":
+                    reads[attr] = reads.get(attr, 0) + 1
+        calls = frozenset(a for n in ast.walk(forward) if (a := _called_attribute(n, me)) is not None)
+        calls_super = any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "super" for n in ast.walk(forward)
+        )
+        facts = _ClassFacts(dict(_pairs(forward, me)), calls, calls_super, reads, frozenset(foreign))
+    _FACTS[key] = facts
+    return facts
+
+
+def _foreign_calls(model: Optional[nn.Module]) -> FrozenSet[str]:
+    """Names called as ``<not self>.<name>(...)`` in any method of any module class of ``model``."""
+    if model is None:
+        return frozenset()
+    names: set = set()
+    for cls in {type(m) for m in model.modules()}:
+        facts = _class_facts(cls)
+        if facts is not None:
+            names |= facts.foreign_calls
+    return frozenset(names)
+
+
+def fusable_activation(parent: nn.Module, fc_name: str, model: Optional[nn.Module] = None) -> Optional[Tuple[str, str]]:
     """``(activation attribute, kind)`` when ``parent``'s forward applies an activation module of
-    a known kind straight to ``parent.<fc_name>``'s output and nowhere else; None otherwise."""
+    a known kind straight to ``parent.<fc_name>``'s output and nowhere else (module docstring;
+    ``model``: the whole model, whose module classes must not call either attribute of another
+    object); None otherwise."""
     if "forward" in parent.__dict__:
         return None  # an instance-bound forward: the class's source is not what runs
-    cls = type(parent)
-    if cls not in _PATTERNS:
-        _PATTERNS[cls] = _forward_pattern(cls)
-    act_name = _PATTERNS[cls].get(fc_name)
-    act = parent._modules.get(act_name) if act_name is not None else None
+    facts = _class_facts(type(parent))
+    if facts is None or facts.calls_super:
+        return None
+    act_name = facts.pairs.get(fc_name)
+    if act_name is None or act_name == fc_name:
+        return None
+    if facts.reads.get(fc_name) != 1 or facts.reads.get(act_name) != 1:
+        return None
+    if any(name not in parent._modules for name in facts.forward_calls):
+        return None  # a method of its own (or a non-module callable) could use either attribute
+    if {fc_name, act_name} & _foreign_calls(model):
+        return None
+    act = parent._modules.get(act_name)
     kind = activation_kind(act) if act is not None else None
     return (act_name, kind) if kind is not None else None

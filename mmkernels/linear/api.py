@@ -104,12 +104,19 @@ def _rows(t: Tensor) -> Tensor:
 
 def _activation_backward(ctx, grad: Tensor) -> Tensor:
     """The gradient at the pre-activation: the product is recomputed (torch's F.linear) and the
-    activation differentiated by torch's autograd, so the forward keeps no (M, N) tensor."""
+    activation differentiated by torch's autograd, so the forward keeps no (M, N) tensor. Under
+    ``create_graph`` (grad mode on here) the recomputation stays in the graph: double backward
+    sees the activation's curvature and the product's dependence on x, weight and bias."""
     x, weight, bias = ctx.saved_tensors
+    create = torch.is_grad_enabled()
     with torch.enable_grad():
-        pre = torch.nn.functional.linear(x.detach(), weight.detach(), None if bias is None else bias.detach())
-        pre.requires_grad_(True)
-        (grad_pre,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](pre), pre, grad)
+        if not create:
+            x, weight = x.detach(), weight.detach()
+            bias = None if bias is None else bias.detach()
+        pre = torch.nn.functional.linear(x, weight, bias)
+        if not pre.requires_grad:
+            pre.requires_grad_(True)
+        (grad_pre,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](pre), pre, grad, create_graph=create)
     return grad_pre
 
 

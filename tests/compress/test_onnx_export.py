@@ -200,6 +200,23 @@ def test_stand_in_decodes_the_onnx_layout(case):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["int4-sym-g32", "w8a8"])
+def test_a_fused_activation_is_exported(case):
+    """A QuantLinear that mmkernels.patch gave its MLP's activation exports it after the product."""
+    model = make_model(**CASES[case])
+    model.fc1.activation = "gelu"
+    x = torch.randn(2, 7, 128)
+    proto = mmkernels.export_onnx(model, (x,))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(onnx_stand_in(model.fc1)(x), model.fc1(x), rtol=1e-5, atol=1e-5)
+    got = run_onnx(proto, x)
+    if CASES[case].get("act_bits"):
+        assert (got - want).abs().max() < 1e-3
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_export_errors():
     model = make_model(bits=8, fp8=True)
     with pytest.raises(ValueError, match="need opset >= 19"):

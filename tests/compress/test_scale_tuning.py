@@ -93,6 +93,20 @@ def test_export_computes_what_the_tuner_computed(tiny):
     assert torch.equal(exported.quantized.scales, (tuner.s0 * tuner.a).detach())
 
 
+def test_a_fused_activation_is_kept(tiny):
+    """A QuantLinear given its MLP's activation by mmkernels.patch tunes and exports with it."""
+    model, _, _ = tiny
+    layer = _layers(_rtn(model))["layers.0.intermediate.dense"]
+    layer.activation = "gelu"
+    tuner = ScaleTuner(layer)
+    x = torch.randn(5, 3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(tuner(x), layer(x), rtol=1e-4, atol=1e-4)
+        exported = tuner.export()
+        assert exported.activation == "gelu"
+        torch.testing.assert_close(exported(x), tuner(x), rtol=1e-5, atol=1e-5)
+
+
 def test_act_order_permutation_is_kept(tiny):
     model, calib, x_test = tiny
     start = copy.deepcopy(model)

@@ -163,6 +163,29 @@ def test_gradcheck_in_float64_through_the_op_with_an_activation():
 
 
 @needs_kernel
+def test_double_backward_with_an_activation():
+    """create_graph keeps the recomputed product and the activation in the graph."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for activation in (None, "gelu", "silu"):
+        assert torch.autograd.gradgradcheck(lambda *t: mmkernels.linear(*t, activation=activation), (x, w, b))
+
+
+@needs_kernel
+def test_torch_compile_forward_and_backward_with_an_activation():
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(70, 40, generator=g).div(6).requires_grad_()
+    x = torch.randn(3, 11, 40, generator=g, requires_grad=True)
+    f = torch.compile(lambda x, w: mmkernels.linear(x, w, backend="cpu", activation="gelu").sum(), backend="aot_eager")
+    f(x, w).backward()
+    xt, wt = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    linear_reference(xt, wt, None, "gelu").sum().backward()
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, wt.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_gradcheck_in_float64_through_the_op():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)

@@ -121,7 +121,7 @@ def test_activation_matches_oracle(isa, activation, m, k, n):
 
 
 # pre-activation -> output; sigmoid-type activations and gelu: +inf -> +inf, -inf -> NaN (the
-# formulas' inf * 0; torch's gelu gives NaN at +inf too, ours its limit +inf); relu: -inf -> 0.
+# formulas' inf * 0; torch's vectorised float32 gelu gives NaN at +inf, ours its limit +inf); relu: -inf -> 0.
 SPECIAL = [float("-inf"), float("inf"), float("nan"), -100.0, -20.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 1e30]
 
 
