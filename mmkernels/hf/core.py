@@ -83,6 +83,9 @@ class PatchReport:
             "summary: "
             + "; ".join(f"{k}: {p} patched, {n_left} left" for k, (p, n_left) in counts.items() if p or n_left)
         )
+        fused = sum(" fused (" in r.detail for r in self.rows)
+        if fused:
+            lines.append(f"activations fused into their layer: {fused} (fuse_activations=False keeps them apart)")
         fallbacks: Dict[str, int] = {}
         for _, (_, reasons) in self.runtime().items():
             for reason, n in reasons.items():
@@ -391,7 +394,8 @@ def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Un
     parent's activation) and its report detail, or None where nothing is fused."""
     from ..nn.linear import Linear
 
-    key = (id(model.get_submodule(name.rpartition(".")[0])), name.rpartition(".")[2])
+    parent_path, _, attr = name.rpartition(".")
+    key = (id(model.get_submodule(parent_path)), attr)
     if key not in fused:  # a parent reachable by two paths is fused once
         taken = _take_activation(model, name, record)
         if taken is None:

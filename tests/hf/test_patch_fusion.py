@@ -56,6 +56,7 @@ def test_mlp_activations_are_fused_exact_enough_and_restored(family):
     report = mmkernels.patch(model, attention=False, linear=True)
     fused = {r.path: r for r in report.rows if "fused" in r.detail}
     assert fc_path in fused and f"{kind} fused ({act_path} -> Identity)" in fused[fc_path].detail
+    assert f"activations fused into their layer: {len(fused)}" in str(report)
     layer = model.get_submodule(fc_path)
     assert type(layer) is mmkernels.nn.Linear and layer.activation == kind
     assert layer.weight is modules[fc_path].weight
