@@ -30,8 +30,9 @@ _CACHE: Dict[int, tuple] = {}
 _LOCK = threading.Lock()
 
 
-def _version(t: Optional[Tensor]):
-    # inference tensors have no version counter (reading it raises: ~5 us a call, so asked first)
+def version(t: Optional[Tensor]):
+    """``t``'s autograd version counter; None for None and for inference tensors (they have none:
+    reading it raises, ~5 us a call, so this asks first)."""
     if t is None or t.is_inference():
         return None
     return t._version
@@ -40,8 +41,8 @@ def _version(t: Optional[Tensor]):
 def _stamp(weight: Tensor, companions: Sequence[Optional[Tensor]]) -> tuple:
     """What must be unchanged for a cache entry to stay valid."""
     return (
-        _version(weight),
-        tuple(_version(t) for t in companions),
+        version(weight),
+        tuple(version(t) for t in companions),
         weight.data_ptr(),
         tuple(weight.shape),
         tuple(weight.stride()),

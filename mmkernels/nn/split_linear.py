@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import _packed_cache
 from ..quant import reference as _qref
 from .quant_linear import QuantLinear
 
@@ -111,7 +112,7 @@ class OutlierSplitLinear(nn.Module):
             self.outliers.smooth,
             self.outliers.input_perm,
         ):
-            parts.append(None if t is None else (id(t), t.data_ptr(), _version(t)))
+            parts.append(None if t is None else (id(t), t.data_ptr(), _packed_cache.version(t)))
         return tuple(parts)
 
     def _fast_ok(self, x: Tensor) -> bool:
@@ -197,26 +198,14 @@ class OutlierSplitLinear(nn.Module):
         )
 
 
-def _version(t: Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
 def _note_prepacked(qweight: Tensor) -> None:
-    if not getattr(qweight, "_mmk_prepacked", False):
-        from ..quant import cpu
-
-        if cpu.is_cached(qweight):
-            qweight._mmk_prepacked = True
+    if not getattr(qweight, "_mmk_prepacked", False) and _packed_cache.is_cached(qweight):
+        qweight._mmk_prepacked = True
 
 
 def _prepack_alive(fused: Tuple) -> bool:
     """False once ``mmkernels.clear_caches()`` dropped the CPU backend's prepacked copy of the
     derived weight after its first use (so that a write which bypassed the version counters is
     seen here too)."""
-    from ..quant import cpu
-
     qweight = fused[0].qweight
-    return not getattr(qweight, "_mmk_prepacked", False) or cpu.is_cached(qweight)
+    return not getattr(qweight, "_mmk_prepacked", False) or _packed_cache.is_cached(qweight)
