@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu/qmatmul.h"
+#include "cpu/qmatmul_kernel.h"  // store_scalar: the scalar output epilogue (bias, activation)
 #include "cpu/torch_entry_points.h"
 
 namespace mmk {
@@ -583,11 +584,11 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   if (M == 0 || N == 0) return;
   const float* w = packed.data_ptr<float>();
   const float* x = x2.data_ptr<float>();
-  float* y = out.data_ptr<float>();
-  const int64_t ldx = x2.stride(0), ldo = out.stride(0);
-  if (K == 0) {  // the empty sum: the bias, or zeros (packed holds no data to point into)
+  const int64_t ldx = x2.stride(0);
+  const Out o = make_out(out, b, act);
+  if (K == 0) {  // the empty sum: act(bias), or act(0) (packed holds no data to point into)
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * ldo + n] = act_f32(b ? b[n] : 0.f, (int)act);
+      for (int64_t n = 0; n < N; ++n) store_scalar(o, m, n, 0.f);
     return;
   }
   const QmmImpl* impl = select_impl();
@@ -599,7 +600,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
           const float* col = w + (n / kStrip) * K * kStrip + n % kStrip;
           float acc = 0.f;
           for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * col[k * kStrip];
-          y[m * ldo + n] = act_f32(b ? acc + b[n] : acc, (int)act);
+          store_scalar(o, m, n, acc);
         }
     });
     return;
@@ -616,7 +617,7 @@ void linear_f32(const at::Tensor& x2, const at::Tensor& packed,
   j.lda = ldx;
   j.a_dtype = kF32;
   j.M = M;
-  j.out = make_out(out, b, act);
+  j.out = o;
   const GemmSplit g = split_gemm(impl, j);
   run_gemm(impl, j, g, tl_scratch.get(g.per_thread * g.nt));
 }
