@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -371,15 +371,16 @@ def _dense_refusal(module: nn.Linear) -> str:
 DENSE_PROBE_ROWS = 256
 
 
-def _take_activation(model: nn.Module, name: str, record: _Undo) -> Optional[Tuple[str, str]]:
+def _take_activation(model: nn.Module, name: str, record: _Undo, foreign: FrozenSet[str]) -> Optional[Tuple[str, str]]:
     """When the parent of the layer at ``name`` applies an activation straight to its output
-    (hf/fusion.py): that activation module becomes ``nn.Identity`` (undone by unpatch) and the
-    result is ``(kind, report detail)``; None where nothing can be fused."""
+    (hf/fusion.py; ``foreign``: its ``foreign_calls(model)``): that activation module becomes
+    ``nn.Identity`` (undone by unpatch) and the result is ``(kind, report detail)``; None where
+    nothing can be fused."""
     from .fusion import fusable_activation
 
     parent_path, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_path)
-    found = fusable_activation(parent, attr, model)
+    found = fusable_activation(parent, attr, foreign)
     if found is None:
         return None
     act_attr, kind = found
@@ -389,7 +390,9 @@ def _take_activation(model: nn.Module, name: str, record: _Undo) -> Optional[Tup
     return kind, f"{kind} fused ({act_path} -> Identity)"
 
 
-def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Undo, fused: dict):
+def _fuse_activation(
+    model: nn.Module, name: str, module: nn.Linear, record: _Undo, fused: dict, foreign: FrozenSet[str]
+):
     """The fused replacement of the Linear at ``name`` (a new mmkernels.nn.Linear with the
     parent's activation) and its report detail, or None where nothing is fused."""
     from ..nn.linear import Linear
@@ -397,7 +400,7 @@ def _fuse_activation(model: nn.Module, name: str, module: nn.Linear, record: _Un
     parent_path, _, attr = name.rpartition(".")
     key = (id(model.get_submodule(parent_path)), attr)
     if key not in fused:  # a parent reachable by two paths is fused once
-        taken = _take_activation(model, name, record)
+        taken = _take_activation(model, name, record, foreign)
         if taken is None:
             return None
         kind, detail = taken
@@ -410,7 +413,9 @@ def _fuse_quantized(model: nn.Module, record: _Undo) -> None:
     layer is registered once, under one name of one parent (a layer registered twice would apply
     the activation at its other call site too)."""
     from ..nn.quant_linear import QuantLinear
+    from .fusion import foreign_calls
 
+    foreign = foreign_calls(model)
     registrations: Dict[int, set] = {}
     for parent in model.modules():
         for attr, child in parent._modules.items():
@@ -424,7 +429,7 @@ def _fuse_quantized(model: nn.Module, record: _Undo) -> None:
         if type(layer) is not QuantLinear or len(registrations.get(id(layer), ())) != 1:
             continue
         if id(layer) not in done:  # one parent reachable by two paths: fused once
-            taken = _take_activation(model, row.path, record)
+            taken = _take_activation(model, row.path, record, foreign)
             if taken is None:
                 continue
             layer.activation, done[id(layer)] = taken
@@ -438,9 +443,11 @@ def _patch_dense_linears(model: nn.Module, record: _Undo, fuse: bool = True) -> 
     parent applies straight to the layer's output is fused into it (hf/fusion.py)."""
     from ..linear.api import auto_backend
     from ..nn.linear import Linear
+    from .fusion import foreign_calls
 
     rows = {r.path: r for r in record.report.rows if r.kind == "linear"}
     choices, replacements, fused = {}, {}, {}
+    foreign = foreign_calls(model) if fuse else frozenset()
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Linear) or isinstance(module, Linear):
             continue
@@ -461,7 +468,7 @@ def _patch_dense_linears(model: nn.Module, record: _Undo, fuse: bool = True) -> 
             else:
                 row.detail = f"{row.detail}; linear=True: {why}" if row.detail else why
             continue
-        fusion = _fuse_activation(model, name, module, record, fused) if fuse else None
+        fusion = _fuse_activation(model, name, module, record, fused, foreign) if fuse else None
         if fusion is not None:
             replacement, fused_detail = fusion
         else:

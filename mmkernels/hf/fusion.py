@@ -169,10 +169,9 @@ def _class_facts(cls: type) -> Optional[_ClassFacts]:
     return facts
 
 
-def _foreign_calls(model: Optional[nn.Module]) -> FrozenSet[str]:
-    """Names called as ``<not self>.<name>(...)`` in any method of any module class of ``model``."""
-    if model is None:
-        return frozenset()
+def foreign_calls(model: nn.Module) -> FrozenSet[str]:
+    """Names called as ``<not self>.<name>(...)`` in any method of any module class of ``model``
+    (once per patch: :func:`fusable_activation` refuses a layer or activation called by such a name)."""
     names: set = set()
     for cls in {type(m) for m in model.modules()}:
         facts = _class_facts(cls)
@@ -181,11 +180,13 @@ def _foreign_calls(model: Optional[nn.Module]) -> FrozenSet[str]:
     return frozenset(names)
 
 
-def fusable_activation(parent: nn.Module, fc_name: str, model: Optional[nn.Module] = None) -> Optional[Tuple[str, str]]:
+def fusable_activation(
+    parent: nn.Module, fc_name: str, foreign: FrozenSet[str] = frozenset()
+) -> Optional[Tuple[str, str]]:
     """``(activation attribute, kind)`` when ``parent``'s forward applies an activation module of
     a known kind straight to ``parent.<fc_name>``'s output and nowhere else (module docstring;
-    ``model``: the whole model, whose module classes must not call either attribute of another
-    object); None otherwise."""
+    ``foreign``: :func:`foreign_calls` of the whole model, whose module classes must not call
+    either attribute of another object); None otherwise."""
     if "forward" in parent.__dict__:
         return None  # an instance-bound forward: the class's source is not what runs
     facts = _class_facts(type(parent))
@@ -198,7 +199,7 @@ def fusable_activation(parent: nn.Module, fc_name: str, model: Optional[nn.Modul
         return None
     if any(name not in parent._modules for name in facts.forward_calls):
         return None  # a method of its own (or a non-module callable) could use either attribute
-    if {fc_name, act_name} & _foreign_calls(model):
+    if {fc_name, act_name} & foreign:
         return None
     act = parent._modules.get(act_name)
     kind = activation_kind(act) if act is not None else None

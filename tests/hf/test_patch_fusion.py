@@ -11,7 +11,7 @@ import mmkernels
 import tiny_models
 from mmkernels import _dispatch
 from mmkernels._extension import CPU as _EXT
-from mmkernels.hf.fusion import activation_kind, fusable_activation
+from mmkernels.hf.fusion import activation_kind, foreign_calls, fusable_activation
 from mmkernels.linear import backends
 
 pytestmark = pytest.mark.skipif(not _EXT.availability("linear_f32")[0], reason="mmkernels._C has no linear kernel")
@@ -178,7 +178,7 @@ def test_forwards_with_hidden_uses_are_not_fused(cls):
 def test_a_call_from_another_module_blocks_the_fusion():
     model = Grandparent().eval()
     assert fusable_activation(model.mlp, "fc1") == ("act", "gelu")  # alone it qualifies
-    assert fusable_activation(model.mlp, "fc1", model) is None
+    assert fusable_activation(model.mlp, "fc1", foreign_calls(model)) is None
     x = torch.randn(3, 16)
     with torch.no_grad():
         want = model(x)
