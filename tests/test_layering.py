@@ -24,6 +24,7 @@ RANKS = {
     "_calibration": 0,
     "_packed_cache": 0,
     "_activations": 0,
+    "_describe": 0,
     "attention": 1,
     "reduce": 1,
     "quant": 1,  # ops: api, reference, backends, kernels

@@ -19,6 +19,8 @@ from torch import Tensor
 from .. import _dispatch
 from .._eager import plain_eager
 from .._calibration import size_bucket
+from .._describe import describe as _describe
+from .._describe import dtype_name
 from . import reference
 
 OP = "attention"
@@ -76,10 +78,6 @@ class AttentionCall:
 # ----------------------------------------------------------------------------------------------
 # Argument checks (once, before dispatch)
 # ----------------------------------------------------------------------------------------------
-
-
-def _describe(t: Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} on {t.device}"
 
 
 def _require_tensor(name, t):
@@ -276,7 +274,7 @@ def describe_call(q, k, v, causal, key_bias, varlen, scores, return_lse) -> Atte
     h_axis = 1
     return AttentionCall(
         device_type=q.device.type,
-        dtype_name=str(q.dtype).replace("torch.", ""),
+        dtype_name=dtype_name(q.dtype),
         head_dim=q.shape[-1],
         head_dim_v=v.shape[-1],
         num_heads_q=q.shape[h_axis],

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Opt
 import torch
 from torch import nn
 
+from .._describe import dtype_name
 from . import hf_attention
 from .specs import PatchSettings, parse_settings
 
@@ -360,7 +361,7 @@ def _dense_refusal(module: nn.Linear) -> str:
         return "has hooks (e.g. accelerate's device_map offloading) that a new module would drop"
     w = module.weight
     if w.dtype != torch.float32:
-        return f"{str(w.dtype).replace('torch.', '')} weight: torch's GEMM serves it (our CPU kernel is float32)"
+        return f"{dtype_name(w.dtype)} weight: torch's GEMM serves it (our CPU kernel is float32)"
     if w.device.type != "cpu":
         return f"weight on {w.device.type}: torch's GEMM serves it (our kernel is for CPUs)"
     return ""

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .. import _dispatch
 from .._calibration import size_bucket
+from .._describe import describe as _describe
+from .._describe import dtype_name as _name
 from .._eager import plain_eager
 from .._activations import ACTIVATIONS, apply_activation, check_activation
 
@@ -36,14 +38,6 @@ class LinearCall(NamedTuple):
     def __str__(self):
         size = "" if self.bucket is None else f", M~{self.bucket[0]}, K={self.bucket[1]}, N={self.bucket[2]}"
         return f"linear({self.dtype_name} on {self.device_type}{size})"
-
-
-def _name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _describe(t: Tensor) -> str:
-    return f"{_name(t.dtype)}{list(t.shape)} on {t.device}"
 
 
 _CALLS = _dispatch.CallMemo()

@@ -22,6 +22,8 @@ from .. import _dispatch
 from .._activations import apply_activation, check_activation
 from .._eager import plain_eager
 from .._calibration import size_bucket
+from .._describe import describe as _describe
+from .._describe import dtype_name as _name
 from .packing import QuantizedWeight, is_fp8
 
 # Backends that take ``activation`` and apply it in their own epilogue, in the compute dtype before
@@ -53,14 +55,6 @@ class QMatmulCall(NamedTuple):
             f"qmatmul({self.dtype_name} on {self.device_type}, {w} {g} "
             f"{'sym' if self.symmetric else 'asym'}, {a}{', smooth' if self.smooth else ''})"
         )
-
-
-def _name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _describe(t: Tensor) -> str:
-    return f"{_name(t.dtype)}{list(t.shape)} on {t.device}"
 
 
 def _group_size(qweight: Tensor, scales: Tensor, bits: int) -> int:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._describe import describe as _describe
+from .._describe import dtype_name
 from .._eager import plain_eager
 from . import reference
 
@@ -48,10 +50,6 @@ class ReduceCall(NamedTuple):
 
     def __str__(self):
         return f"{self.op}({self.dtype_name} on {self.device_type})"
-
-
-def _describe(t: Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)} on {t.device}"
 
 
 def _check_int(name, value, low, high=None, what=""):
@@ -88,7 +86,7 @@ def _values_checkable(t: Tensor) -> bool:
 
 
 def _select(op: str, t: Tensor, backend: Optional[str]):
-    call = ReduceCall(op, t.device.type, str(t.dtype).replace("torch.", ""))
+    call = ReduceCall(op, t.device.type, dtype_name(t.dtype))
     return _dispatch.select(op, call, t.device.type, backend or None)
 
 

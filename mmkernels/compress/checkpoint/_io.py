@@ -22,8 +22,10 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import Tensor
 
+from ..._describe import dtype_name
+
 _DTYPES = {
-    str(d).replace("torch.", ""): d
+    dtype_name(d): d
     for d in (
         torch.float64,
         torch.float32,
@@ -59,10 +61,6 @@ _ST_ITEMSIZE = {
     "U64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def dtype_from_name(name: str, where: str) -> torch.dtype:
