@@ -150,23 +150,24 @@ def our_linear_chosen(monkeypatch):
     _dispatch.clear_selection_cache()
 
 
+def _float32_linears_within_2x(model, run, linears: int, fused: int):
+    """patch(linear=True) on real weights: every Linear patched, ``fused`` MLP activations fused,
+    within the 2x rule of SDPA against float64, and the unpatched model exact again."""
+    exact = run(copy.deepcopy(model).double(), True)
+    sdpa = run(model, False)
+    with mmkernels.patched(model, linear=True) as report:
+        assert len(report.patched("linear")) == linears and not report.left("linear"), str(report)
+        assert sum(" fused (" in r.detail for r in report.rows) == fused, str(report)
+        ours = run(model, False)
+    assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
+    assert torch.equal(run(model, False), sdpa)  # unpatched again
+
+
 def test_dinov2_float32_linears_within_2x_of_sdpa(dinov2, our_linear_chosen):
     model, pixels, _ = dinov2
-    exact = _cls(copy.deepcopy(model).double(), pixels.double())
-    sdpa = _cls(model, pixels)
-    with mmkernels.patched(model, linear=True) as report:
-        assert len(report.patched("linear")) == 72 and not report.left("linear"), str(report)
-        ours = _cls(model, pixels)
-    assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
-    assert torch.equal(_cls(model, pixels), sdpa)  # unpatched again
+    _float32_linears_within_2x(model, lambda m, f64: _cls(m, pixels.double() if f64 else pixels), 72, 12)
 
 
 def test_minilm_float32_linears_within_2x_of_sdpa(minilm, our_linear_chosen):
     model, batch, _ = minilm
-    exact = _embed(copy.deepcopy(model).double(), batch)
-    sdpa = _embed(model, batch)
-    with mmkernels.patched(model, linear=True) as report:
-        assert len(report.patched("linear")) == 37 and not report.left("linear"), str(report)
-        ours = _embed(model, batch)
-    assert _err(ours, exact) <= 2 * _err(sdpa, exact) + FLOOR
-    assert torch.equal(_embed(model, batch), sdpa)  # unpatched again
+    _float32_linears_within_2x(model, lambda m, f64: _embed(m, batch), 37, 6)
